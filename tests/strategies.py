@@ -1,0 +1,52 @@
+"""Hypothesis strategies for convolution configurations (small, finite, always valid)."""
+
+import numpy as np
+from hypothesis import assume
+from hypothesis import strategies as st
+
+from convcli import ConvSpec
+from convcli.errors import HyperparameterError
+
+small = st.integers(1, 3)
+
+
+@st.composite
+def paddings(draw):
+    kind = draw(st.sampled_from(["int", "pair", "asymmetric", "same", "valid"]))
+    if kind == "int":
+        return draw(st.integers(0, 2))
+    if kind == "pair":
+        return (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    if kind == "asymmetric":
+        return tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(2))
+    return kind
+
+
+@st.composite
+def conv_cases(draw, dtypes=(np.float64, np.float32), max_size=7):
+    """(x, w, b, spec) with x (n,H,W,Cin), w (kh,kw,Cin/g,Cout), b (Cout,) or (1,1,1,Cout) or None."""
+    groups = draw(st.integers(1, 3))
+    cin = groups * draw(small)
+    cout = groups * draw(small)
+    n = draw(st.integers(1, 3))
+    h, w_ = draw(st.integers(1, max_size)), draw(st.integers(1, max_size))
+    kh, kw = draw(small), draw(small)
+    spec = ConvSpec(
+        stride=(draw(small), draw(small)),
+        padding=draw(paddings()),
+        dilation=(draw(st.integers(1, 2)), draw(st.integers(1, 2))),
+        groups=groups,
+    )
+    try:
+        spec.geometry((n, h, w_, cin), (kh, kw, cin // groups, cout))
+    except HyperparameterError:
+        assume(False)
+    dtype = draw(st.sampled_from(dtypes))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.standard_normal((n, h, w_, cin)).astype(dtype)
+    w = rng.standard_normal((kh, kw, cin // groups, cout)).astype(dtype)
+    bias_form = draw(st.sampled_from(["none", "flat", "4d"]))
+    b = None if bias_form == "none" else rng.standard_normal(cout).astype(dtype)
+    if bias_form == "4d":
+        b = b.reshape(1, 1, 1, cout)
+    return x, w, b, spec

@@ -1,0 +1,206 @@
+"""The fast engine against golden values, the reference engine and the adjoint identity."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from convcli import (
+    ConvcliNotice,
+    ConvSpec,
+    DtypeError,
+    HyperparameterError,
+    ShapeError,
+    conv_backward,
+    conv_backward_reference,
+    conv_forward,
+    conv_forward_reference,
+)
+from tests.strategies import conv_cases
+
+ENGINES = [
+    pytest.param((conv_forward, conv_backward), id="fast"),
+    pytest.param((conv_forward_reference, conv_backward_reference), id="reference"),
+]
+Z_3_2_1 = [-0.61490741, -6.7439236, -2.55153897, 1.75698377, 3.56208902, 0.53036437, 5.18531798, 8.75898442]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_classic_exercise_golden_values(classic, engine):
+    forward, backward = engine
+    spec = ConvSpec(stride=classic["stride"], padding=classic["pad"])
+    z, cache = forward(classic["x"], classic["w"], classic["b"], spec)
+    assert z.shape == (10, 4, 4, 8)
+    assert z.mean() == pytest.approx(0.048995203528855794, rel=1e-12)
+    np.testing.assert_allclose(z[3, 2, 1], Z_3_2_1, rtol=1e-7)
+    dx, dw, db = backward(z, cache)
+    assert dx.mean() == pytest.approx(1.4524377775388075, rel=1e-12)
+    assert dw.mean() == pytest.approx(1.7269914583139097, rel=1e-12)
+    assert db.mean() == pytest.approx(7.839232564616838, rel=1e-12)
+    assert (dx.shape, dw.shape, db.shape) == ((10, 4, 4, 3), (2, 2, 3, 8), (1, 1, 1, 8))
+
+
+def _tolerance(dtype):
+    return {"rtol": 1e-4, "atol": 1e-4} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-10}
+
+
+@given(case=conv_cases(), workspace=st.sampled_from([1, 4096, 256 * 2**20]))
+def test_fast_engine_matches_reference(case, workspace):
+    x, w, b, spec = case
+    z, cache = conv_forward(x, w, b, spec, workspace=workspace)
+    z_ref, cache_ref = conv_forward_reference(x, w, b, spec)
+    assert z.dtype == x.dtype
+    assert z.shape == z_ref.shape
+    np.testing.assert_allclose(z, z_ref, **_tolerance(x.dtype))
+    dz = np.random.default_rng(0).standard_normal(z.shape).astype(x.dtype)
+    grads = conv_backward(dz, cache)
+    grads_ref = conv_backward_reference(dz, cache_ref)
+    for got, want in zip(grads, grads_ref):
+        if want is None:
+            assert got is None
+            continue
+        assert got.shape == want.shape
+        assert got.dtype == x.dtype
+        np.testing.assert_allclose(got, want, **_tolerance(x.dtype))
+    if b is not None:
+        assert grads[2].shape == b.shape
+
+
+@given(case=conv_cases(dtypes=(np.float64,)))
+def test_adjoint_identity(case):
+    """<conv(x, w), g> = <x, dx> = <w, dw> for bias-free conv, and db = sum of g."""
+    x, w, _, spec = case
+    z, cache = conv_forward(x, w, None, spec)
+    g = np.random.default_rng(1).standard_normal(z.shape)
+    dx, dw, db = conv_backward(g, cache)
+    assert db is None
+    inner = np.vdot(z, g)
+    scale = np.abs(z).sum() * np.abs(g).max() + 1.0
+    assert abs(inner - np.vdot(x, dx)) <= 1e-12 * scale
+    assert abs(inner - np.vdot(w, dw)) <= 1e-12 * scale
+    _, cache_b = conv_forward(x, w, np.zeros(w.shape[-1]), spec)
+    np.testing.assert_allclose(conv_backward(g, cache_b)[2], g.sum(axis=(0, 1, 2)), rtol=1e-12)
+
+
+def test_pad_zero_non_square_against_hand_computed_values():
+    x = np.arange(2 * 3 * 5 * 1, dtype=np.float64).reshape(2, 3, 5, 1)
+    w = np.ones((2, 3, 1, 1))
+    z, _ = conv_forward(x, w, None, ConvSpec(padding=0))
+    assert z.shape == (2, 2, 3, 1)
+    # top-left window of image 0 covers rows 0-1, cols 0-2: 0+1+2+5+6+7 = 21
+    assert z[0, 0, 0, 0] == 21.0
+    assert z[1, 1, 2, 0] == sum(x[1, 1:3, 2:5, 0].ravel())
+
+
+def test_same_padding_keeps_ceil_size_with_even_kernel_and_stride():
+    x = np.ones((1, 7, 6, 2))
+    w = np.ones((2, 4, 2, 3))
+    spec = ConvSpec(stride=(2, 3), padding="same")
+    z, cache = conv_forward(x, w, None, spec)
+    assert z.shape == (1, 4, 2, 3)
+    # odd extra pixel goes at the bottom/right (TensorFlow SAME)
+    assert cache.geometry.pads == ((0, 1), (0, 1))
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "expected"),
+    [
+        ((np.float32, np.float32), np.float32),
+        ((np.float64, np.float64), np.float64),
+        ((np.float32, np.float64), np.float64),
+    ],
+)
+def test_dtype_rules(dtypes, expected):
+    x = np.ones((1, 3, 3, 2), dtype=dtypes[0])
+    w = np.ones((2, 2, 2, 1), dtype=dtypes[1])
+    z, cache = conv_forward(x, w, None)
+    assert z.dtype == expected
+    dx, dw, _ = conv_backward(np.ones_like(z), cache)
+    assert dx.dtype == dw.dtype == expected
+
+
+def test_integer_input_becomes_float64_with_notice():
+    x = np.ones((1, 3, 3, 2), dtype=np.int32)
+    with pytest.warns(ConvcliNotice, match="int32"):
+        z, _ = conv_forward(x, np.ones((2, 2, 2, 1), dtype=np.float32), None)
+    assert z.dtype == np.float64
+
+
+@pytest.mark.parametrize("dtype", [np.complex128, np.bool_, np.float16, "U3", object])
+def test_other_dtypes_refused(dtype):
+    x = np.ones((1, 3, 3, 1)).astype(dtype)
+    with pytest.raises(DtypeError, match="x has dtype"):
+        conv_forward(x, np.ones((2, 2, 1, 1)), None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "x_shape", "w_shape", "error", "match"),
+    [
+        ({"stride": 0}, (1, 4, 4, 1), (2, 2, 1, 1), HyperparameterError, "stride must be >= 1, got 0"),
+        ({"dilation": (1, 0)}, (1, 4, 4, 1), (2, 2, 1, 1), HyperparameterError, r"dilation must be >= 1"),
+        ({"padding": -1}, (1, 4, 4, 1), (2, 2, 1, 1), HyperparameterError, "padding must be >= 0"),
+        ({"groups": 2}, (1, 4, 4, 3), (2, 2, 1, 4), HyperparameterError, "groups=2 must divide both Cin=3"),
+        ({}, (1, 4, 4, 3), (2, 2, 2, 4), ShapeError, "Cin of x is 3"),
+        ({}, (1, 2, 4, 1), (3, 2, 1, 1), HyperparameterError, "kernel along h spans 3"),
+        ({"dilation": 3}, (1, 5, 5, 1), (3, 3, 1, 1), HyperparameterError, r"spans 7 \(k=3, dilation=3\)"),
+        ({"padding": "full"}, (1, 4, 4, 1), (2, 2, 1, 1), HyperparameterError, "'full'"),
+        ({"stride": 1.5}, (1, 4, 4, 1), (2, 2, 1, 1), HyperparameterError, "1.5"),
+        ({}, (4, 4, 1), (2, 2, 1, 1), ShapeError, "x must be 4-D"),
+    ],
+)
+def test_bad_hyperparameters_raise_typed_errors(kwargs, x_shape, w_shape, error, match):
+    with pytest.raises(error, match=match):
+        conv_forward(np.ones(x_shape), np.ones(w_shape), None, ConvSpec(**kwargs))
+
+
+def test_bias_shape_checked():
+    with pytest.raises(ShapeError, match="b has shape"):
+        conv_forward(np.ones((1, 3, 3, 1)), np.ones((2, 2, 1, 4)), np.ones(3))
+
+
+def test_dz_shape_checked():
+    z, cache = conv_forward(np.ones((1, 3, 3, 1)), np.ones((2, 2, 1, 4)), None)
+    with pytest.raises(ShapeError, match="dz has shape"):
+        conv_backward(np.ones((1, 3, 3, 4)), cache)
+
+
+def test_single_image_larger_than_workspace_is_tiled_by_rows(classic):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 40, 33, 4))
+    w = rng.standard_normal((3, 3, 4, 5))
+    spec = ConvSpec(stride=(2, 1), padding=((1, 2), (0, 1)), dilation=(1, 2))
+    z_small, cache_small = conv_forward(x, w, None, spec, workspace=2048)
+    z_big, cache_big = conv_forward(x, w, None, spec)
+    np.testing.assert_allclose(z_small, z_big, rtol=1e-12, atol=1e-12)
+    for a, b in zip(conv_backward(z_small, cache_small)[:2], conv_backward(z_big, cache_big)[:2]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_depthwise_groups_equal_cin():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 6, 6, 4))
+    w = rng.standard_normal((3, 3, 1, 8))
+    spec = ConvSpec(padding=1, groups=4)
+    z, _ = conv_forward(x, w, None, spec)
+    # output channel 3 belongs to group 1 (channels 2,3 of z use input channel 1)
+    z1, _ = conv_forward(x[..., 1:2], w[..., 2:4], None, ConvSpec(padding=1))
+    np.testing.assert_allclose(z[..., 2:4], z1, rtol=1e-12)
+
+
+def test_engine_has_no_python_loop_over_batch_or_pixels():
+    """Doubling n and H x W must not multiply the number of Python-level copies."""
+    import convcli.engine as engine
+
+    calls = []
+    original = engine._Plan.im2col
+
+    def counting(self, x, tile):
+        calls.append(tile)
+        return original(self, x, tile)
+
+    engine._Plan.im2col = counting
+    try:
+        conv_forward(np.ones((8, 16, 16, 3)), np.ones((3, 3, 3, 4)), None, ConvSpec(padding=1))
+    finally:
+        engine._Plan.im2col = original
+    assert len(calls) == 1
