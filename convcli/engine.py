@@ -58,7 +58,12 @@ def conv_forward(x, w, b=None, spec: ConvSpec | None = None, *, workspace: int =
     if b is not None:
         z += b
     cache = ConvCache(
-        x=x, w=w, b_shape=b_shape, spec=spec if spec is not None else ConvSpec(), geometry=geometry, workspace=workspace
+        x=x,
+        w=w,
+        b_shape=b_shape,
+        spec=spec if spec is not None else ConvSpec(),
+        geometry=geometry,
+        workspace=workspace,
     )
     return z, cache
 
@@ -114,7 +119,7 @@ def _weights_by_group(w: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 def _weights_from_groups(w_groups: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Inverse of :func:`_weights_by_group`."""
-    g, k_group, cout_group = w_groups.shape
+    g, _k_group, _cout_group = w_groups.shape
     shape = (*geometry.kernel, geometry.cin // g, geometry.cout)
     return np.ascontiguousarray(w_groups.transpose(1, 0, 2)).reshape(shape)
 
@@ -125,7 +130,9 @@ def _grouped_matmul(cols: np.ndarray, w_groups: np.ndarray, out: np.ndarray) -> 
         np.matmul(cols[0], w_groups[0], out=out)
     else:
         pixels = out.shape[0]
-        out.reshape(pixels, w_groups.shape[0], -1)[...] = np.matmul(cols, w_groups).transpose(1, 0, 2)
+        out.reshape(pixels, w_groups.shape[0], -1)[...] = np.matmul(cols, w_groups).transpose(
+            1, 0, 2
+        )
 
 
 def _valid_outputs(lo: int, hi: int, offset: int, stride: int, size: int) -> tuple[int, int]:
@@ -138,7 +145,7 @@ def _valid_outputs(lo: int, hi: int, offset: int, stride: int, size: int) -> tup
 class _Tile:
     """A block of images (all output rows) or a block of output rows of one image."""
 
-    __slots__ = ("images", "rows", "n_images", "n_rows")
+    __slots__ = ("images", "n_images", "n_rows", "rows")
 
     def __init__(self, n0: int, n1: int, r0: int, r1: int):
         self.images = slice(n0, n1)
@@ -211,13 +218,21 @@ class _Plan:
         bounds = [(tile.rows.start, tile.rows.stop)] + [(0, o) for o in geometry.out_sizes[1:]]
         ranges, sources = [], []
         for (lo, hi), k, s, d, (before, _), size in zip(
-            bounds, offset, geometry.stride, geometry.dilation, geometry.pads, geometry.in_sizes
+            bounds,
+            offset,
+            geometry.stride,
+            geometry.dilation,
+            geometry.pads,
+            geometry.in_sizes,
+            strict=True,
         ):
             shift = k * d - before
             first, last = _valid_outputs(lo, hi, shift, s, size)
             ranges.append((first, last, lo, hi))
             start = first * s + shift
-            sources.append(slice(start, start + (last - first - 1) * s + 1, s) if last > first else slice(0, 0))
+            sources.append(
+                slice(start, start + (last - first - 1) * s + 1, s) if last > first else slice(0, 0)
+            )
         return ranges, sources
 
     def im2col(self, x: np.ndarray, tile: _Tile) -> np.ndarray:

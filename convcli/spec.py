@@ -15,14 +15,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Union
 
 from convcli.errors import HyperparameterError, ShapeError
 
 SPATIAL_DIMS = 2
 AXIS_NAMES = ("h", "w")
 
-PaddingLike = Union[int, str, tuple, list]
+PaddingLike = int | str | tuple | list
 
 
 def output_size(size: int, kernel: int, stride: int, dilation: int, before: int, after: int) -> int:
@@ -38,8 +37,10 @@ def _per_axis(name: str, value, minimum: int) -> tuple[int, ...]:
     """Normalise an int or a per-axis sequence of ints to a tuple of SPATIAL_DIMS ints."""
     if _is_int(value):
         values = (int(value),) * SPATIAL_DIMS
-    elif isinstance(value, (tuple, list)) and len(value) == SPATIAL_DIMS and all(
-        _is_int(v) for v in value
+    elif (
+        isinstance(value, (tuple, list))
+        and len(value) == SPATIAL_DIMS
+        and all(_is_int(v) for v in value)
     ):
         values = tuple(int(v) for v in value)
     else:
@@ -71,7 +72,9 @@ def _normalise_padding(padding: PaddingLike):
         for item in padding:
             if _is_int(item):
                 pairs.append((int(item), int(item)))
-            elif isinstance(item, (tuple, list)) and len(item) == 2 and all(_is_int(v) for v in item):
+            elif (
+                isinstance(item, (tuple, list)) and len(item) == 2 and all(_is_int(v) for v in item)
+            ):
                 pairs.append((int(item[0]), int(item[1])))
             else:
                 raise HyperparameterError(_padding_form_message(padding))
@@ -128,7 +131,7 @@ class ConvSpec:
         if self.padding != "same":
             return self.padding
         pairs = []
-        for size, k, s, d in zip(in_sizes, kernel, self.stride, self.dilation):
+        for size, k, s, d in zip(in_sizes, kernel, self.stride, self.dilation, strict=True):
             out = math.ceil(size / s)
             total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
             pairs.append((total // 2, total - total // 2))
@@ -147,16 +150,16 @@ class ConvSpec:
         if len(x_shape) != SPATIAL_DIMS + 2:
             raise ShapeError(f"x must be 4-D (n, H, W, Cin), got shape {tuple(x_shape)}")
         if len(w_shape) != SPATIAL_DIMS + 2:
-            raise ShapeError(f"w must be 4-D (kh, kw, Cin/groups, Cout), got shape {tuple(w_shape)}")
+            raise ShapeError(
+                f"w must be 4-D (kh, kw, Cin/groups, Cout), got shape {tuple(w_shape)}"
+            )
         if 0 in tuple(x_shape):
             raise ShapeError(f"x has an empty dimension: shape {tuple(x_shape)}")
         n, *in_sizes, cin = (int(v) for v in x_shape)
         *kernel, cin_per_group, cout = (int(v) for v in w_shape)
         g = self.groups
         if cin % g or cout % g:
-            raise HyperparameterError(
-                f"groups={g} must divide both Cin={cin} and Cout={cout}"
-            )
+            raise HyperparameterError(f"groups={g} must divide both Cin={cin} and Cout={cout}")
         if cin_per_group * g != cin:
             raise ShapeError(
                 f"Cin of x is {cin} but w {tuple(w_shape)} expects Cin/groups = {cin_per_group}"
@@ -167,7 +170,7 @@ class ConvSpec:
         pads = self.resolve_padding(in_sizes, kernel)
         out_sizes = []
         for axis, size, k, s, d, (lo, hi) in zip(
-            AXIS_NAMES, in_sizes, kernel, self.stride, self.dilation, pads
+            AXIS_NAMES, in_sizes, kernel, self.stride, self.dilation, pads, strict=True
         ):
             span = d * (k - 1) + 1
             if span > size + lo + hi:

@@ -32,4 +32,10 @@ def classic():
     import numpy as np
 
     with np.load(SAMPLE_NPZ, allow_pickle=False) as f:
-        return {"x": f["A_prev"], "w": f["W"], "b": f["b"], "pad": int(f["pad"]), "stride": int(f["stride"])}
+        return {
+            "x": f["A_prev"],
+            "w": f["W"],
+            "b": f["b"],
+            "pad": int(f["pad"]),
+            "stride": int(f["stride"]),
+        }

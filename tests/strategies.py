@@ -24,7 +24,7 @@ def paddings(draw):
 
 @st.composite
 def conv_cases(draw, dtypes=(np.float64, np.float32), max_size=7):
-    """(x, w, b, spec) with x (n,H,W,Cin), w (kh,kw,Cin/g,Cout), b (Cout,) or (1,1,1,Cout) or None."""
+    """(x, w, b, spec): x (n,H,W,Cin), w (kh,kw,Cin/g,Cout), b (Cout,), (1,1,1,Cout) or None."""
     groups = draw(st.integers(1, 3))
     cin = groups * draw(small)
     cout = groups * draw(small)

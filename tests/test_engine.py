@@ -22,7 +22,16 @@ ENGINES = [
     pytest.param((conv_forward, conv_backward), id="fast"),
     pytest.param((conv_forward_reference, conv_backward_reference), id="reference"),
 ]
-Z_3_2_1 = [-0.61490741, -6.7439236, -2.55153897, 1.75698377, 3.56208902, 0.53036437, 5.18531798, 8.75898442]
+Z_3_2_1 = [
+    -0.61490741,
+    -6.7439236,
+    -2.55153897,
+    1.75698377,
+    3.56208902,
+    0.53036437,
+    5.18531798,
+    8.75898442,
+]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -55,7 +64,7 @@ def test_fast_engine_matches_reference(case, workspace):
     dz = np.random.default_rng(0).standard_normal(z.shape).astype(x.dtype)
     grads = conv_backward(dz, cache)
     grads_ref = conv_backward_reference(dz, cache_ref)
-    for got, want in zip(grads, grads_ref):
+    for got, want in zip(grads, grads_ref, strict=True):
         if want is None:
             assert got is None
             continue
@@ -136,13 +145,37 @@ def test_other_dtypes_refused(dtype):
 @pytest.mark.parametrize(
     ("kwargs", "x_shape", "w_shape", "error", "match"),
     [
-        ({"stride": 0}, (1, 4, 4, 1), (2, 2, 1, 1), HyperparameterError, "stride must be >= 1, got 0"),
-        ({"dilation": (1, 0)}, (1, 4, 4, 1), (2, 2, 1, 1), HyperparameterError, r"dilation must be >= 1"),
+        (
+            {"stride": 0},
+            (1, 4, 4, 1),
+            (2, 2, 1, 1),
+            HyperparameterError,
+            "stride must be >= 1, got 0",
+        ),
+        (
+            {"dilation": (1, 0)},
+            (1, 4, 4, 1),
+            (2, 2, 1, 1),
+            HyperparameterError,
+            r"dilation must be >= 1",
+        ),
         ({"padding": -1}, (1, 4, 4, 1), (2, 2, 1, 1), HyperparameterError, "padding must be >= 0"),
-        ({"groups": 2}, (1, 4, 4, 3), (2, 2, 1, 4), HyperparameterError, "groups=2 must divide both Cin=3"),
+        (
+            {"groups": 2},
+            (1, 4, 4, 3),
+            (2, 2, 1, 4),
+            HyperparameterError,
+            "groups=2 must divide both Cin=3",
+        ),
         ({}, (1, 4, 4, 3), (2, 2, 2, 4), ShapeError, "Cin of x is 3"),
         ({}, (1, 2, 4, 1), (3, 2, 1, 1), HyperparameterError, "kernel along h spans 3"),
-        ({"dilation": 3}, (1, 5, 5, 1), (3, 3, 1, 1), HyperparameterError, r"spans 7 \(k=3, dilation=3\)"),
+        (
+            {"dilation": 3},
+            (1, 5, 5, 1),
+            (3, 3, 1, 1),
+            HyperparameterError,
+            r"spans 7 \(k=3, dilation=3\)",
+        ),
         ({"padding": "full"}, (1, 4, 4, 1), (2, 2, 1, 1), HyperparameterError, "'full'"),
         ({"stride": 1.5}, (1, 4, 4, 1), (2, 2, 1, 1), HyperparameterError, "1.5"),
         ({}, (4, 4, 1), (2, 2, 1, 1), ShapeError, "x must be 4-D"),
@@ -159,7 +192,7 @@ def test_bias_shape_checked():
 
 
 def test_dz_shape_checked():
-    z, cache = conv_forward(np.ones((1, 3, 3, 1)), np.ones((2, 2, 1, 4)), None)
+    _z, cache = conv_forward(np.ones((1, 3, 3, 1)), np.ones((2, 2, 1, 4)), None)
     with pytest.raises(ShapeError, match="dz has shape"):
         conv_backward(np.ones((1, 3, 3, 4)), cache)
 
@@ -172,7 +205,9 @@ def test_single_image_larger_than_workspace_is_tiled_by_rows(classic):
     z_small, cache_small = conv_forward(x, w, None, spec, workspace=2048)
     z_big, cache_big = conv_forward(x, w, None, spec)
     np.testing.assert_allclose(z_small, z_big, rtol=1e-12, atol=1e-12)
-    for a, b in zip(conv_backward(z_small, cache_small)[:2], conv_backward(z_big, cache_big)[:2]):
+    for a, b in zip(
+        conv_backward(z_small, cache_small)[:2], conv_backward(z_big, cache_big)[:2], strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 

@@ -1,0 +1,116 @@
+"""Hyperparameters from files and command-line flags, merged into a :class:`ConvSpec`.
+
+File values (HDF5 attributes, NPZ entries) arrive as plain Python values with a text
+saying where they came from; flag values arrive as strings. Flags win over the file.
+A bad value names itself and its origin: a flag is a usage error (exit 2), a file value
+a data error (exit 65).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from convcli.errors import ConvcliError, HyperparameterError, UsageError
+from convcli.spec import ConvSpec
+
+NAMES = ("stride", "padding", "dilation", "groups")
+DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def parse_flag(name: str, text: str):
+    """Parse ``--stride``/``--dilation`` (``2`` or ``1,2``), ``--groups`` (``2``) or ``--pad``
+    (``2``, ``1,2``, ``1,2,0,1`` = top,bottom,left,right, ``same``, ``valid``).
+
+    Raises
+    ------
+    UsageError
+        Naming the flag and the text.
+    """
+    flag = "--pad" if name == "padding" else f"--{name}"
+    cleaned = text.strip().lower()
+    if name == "padding" and cleaned in ("same", "valid"):
+        return cleaned
+    try:
+        values = [int(part) for part in cleaned.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: {_expected(name)}") from None
+    return _from_ints(name, values, f"{flag} {text!r}", UsageError)
+
+
+def from_file_value(name: str, raw, origin: str):
+    """Convert a raw file value (int, float, str, list, nested list) for ``name``.
+
+    Integral floats (2.0) are accepted; 1.5, booleans and other types are refused with a
+    HyperparameterError naming ``origin``.
+    """
+    where = f"{name} = {raw!r} from {origin}"
+    if isinstance(raw, str):
+        if name == "padding" and raw.strip().lower() in ("same", "valid"):
+            return raw.strip().lower()
+        raise HyperparameterError(f"{where}: {_expected(name)}")
+    if name == "padding" and isinstance(raw, list) and all(isinstance(v, list) for v in raw):
+        if len(raw) == 2 and all(len(v) == 2 for v in raw):
+            pairs = [[_file_int(name, v, where) for v in pair] for pair in raw]
+            return _from_ints(name, [*pairs[0], *pairs[1]], where, HyperparameterError)
+        raise HyperparameterError(f"{where}: {_expected(name)}")
+    values = raw if isinstance(raw, list) else [raw]
+    ints = [_file_int(name, v, where) for v in values]
+    return _from_ints(name, ints, where, HyperparameterError)
+
+
+def _file_int(name: str, value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise HyperparameterError(f"{where}: {_expected(name)}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if float(value).is_integer():
+        return int(value)
+    raise HyperparameterError(f"{where}: must be a whole number")
+
+
+def _from_ints(name: str, values: list[int], where: str, error: type[ConvcliError]):
+    counts = (1, 2, 4) if name == "padding" else (1,) if name == "groups" else (1, 2)
+    if len(values) not in counts:
+        raise error(f"{where}: {_expected(name)}")
+    minimum = 0 if name == "padding" else 1
+    if any(v < minimum for v in values):
+        raise error(f"{where}: must be >= {minimum}")
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2:
+        return tuple(values)
+    top, bottom, left, right = values
+    return ((top, bottom), (left, right))
+
+
+def _expected(name: str) -> str:
+    return {
+        "stride": "expected an integer >= 1 or two (h,w) like 2 or 1,2",
+        "dilation": "expected an integer >= 1 or two (h,w) like 2 or 1,2",
+        "groups": "expected an integer >= 1",
+        "padding": "expected N, PH,PW, TOP,BOTTOM,LEFT,RIGHT, 'same' or 'valid'",
+    }[name]
+
+
+def build_spec(file_values: dict, flags: dict) -> tuple[ConvSpec, dict[str, str]]:
+    """Merge file hyperparameters and flags into a ConvSpec.
+
+    Parameters
+    ----------
+    file_values : dict name -> (raw value, origin text), names from :data:`NAMES`
+    flags : dict name -> flag text or None
+
+    Returns
+    -------
+    spec : ConvSpec
+    origins : dict name -> "flag", the file origin text, or "default"
+    """
+    values, origins = dict(DEFAULTS), dict.fromkeys(NAMES, "default")
+    for name, (raw, origin) in file_values.items():
+        values[name] = from_file_value(name, raw, origin)
+        origins[name] = origin
+    for name, text in flags.items():
+        if text is not None:
+            values[name] = parse_flag(name, text)
+            origins[name] = "flag"
+    return ConvSpec(**values), origins

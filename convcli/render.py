@@ -1,0 +1,113 @@
+"""Rendering a :class:`~convcli.runs.RunResult`: a Rich table for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from convcli.runs import RunResult
+from convcli.stats import summarize
+
+
+def result_json(result: RunResult, slices: dict[str, np.ndarray]) -> str:
+    """The ``--json`` document (keys: command, hparams, engine, tensors, slices, seconds)."""
+    tensors = {}
+    for name, tensor in result.tensors.items():
+        tensors[name] = {"role": tensor.role, "origin": tensor.origin, **summarize(tensor.array)}
+    document = {
+        "command": result.command,
+        "hparams": result.hparams,
+        "engine": result.engine,
+        "tensors": tensors,
+        "slices": {label: _jsonable(value) for label, value in slices.items()},
+        "seconds": result.seconds,
+    }
+    return json.dumps(document, allow_nan=False)
+
+
+def _jsonable(value: np.ndarray):
+    value = np.asarray(value, dtype=np.float64)
+    if np.isfinite(value).all():
+        return value.tolist()
+    return np.where(np.isfinite(value), value, None).tolist()
+
+
+def _number(value) -> str:
+    return "—" if value is None else f"{value:.5g}"
+
+
+def result_table(result: RunResult) -> Table:
+    """One row per tensor: name, shape, dtype, mean (full precision), std, min, max.
+
+    Inputs come first, then a rule, then outputs.
+
+    The caption gives the resolved hyperparameters, the engine, the time, and where each
+    input tensor came from.
+    """
+    h = result.hparams
+    pads = h["padding"]
+    sources = ", ".join(
+        f"{name} ← {tensor.origin}"
+        for name, tensor in result.tensors.items()
+        if tensor.role == "input"
+    )
+    caption = (
+        f"stride={_pair(h['stride'])} padding={_padding(pads)} dilation={_pair(h['dilation'])} "
+        f"groups={h['groups']} · engine={result.engine} · {result.seconds * 1e3:.1f} ms\n{sources}"
+    )
+    table = Table(
+        title=f"convcli {result.command}",
+        caption=Text(caption),
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("tensor", no_wrap=True)
+    table.add_column("shape", no_wrap=True)
+    table.add_column("dtype", no_wrap=True)
+    for column in ("mean", "std", "min", "max"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for role in ("input", "output"):
+        for name, tensor in result.tensors.items():
+            if tensor.role != role:
+                continue
+            s = summarize(tensor.array)
+            table.add_row(
+                name,
+                str(tuple(s["shape"])),
+                s["dtype"],
+                "—" if s["mean"] is None else repr(s["mean"]),
+                _number(s["std"]),
+                _number(s["min"]),
+                _number(s["max"]),
+            )
+        table.add_section()
+    return table
+
+
+def _pair(values) -> str:
+    return str(values[0]) if len(set(values)) == 1 else ",".join(map(str, values))
+
+
+def _padding(pads) -> str:
+    flat = [v for pair in pads for v in pair]
+    if len(set(flat)) == 1:
+        return str(flat[0])
+    if all(a == b for a, b in pads):
+        return ",".join(str(a) for a, _ in pads)
+    return ",".join(map(str, flat))
+
+
+def print_result(console: Console, result: RunResult, slices: dict[str, np.ndarray]) -> None:
+    """Print the table, then each requested slice."""
+    console.print(result_table(result))
+    for label, value in slices.items():
+        console.print(Text(f"{label} ="))
+        console.print(Text(np.array2string(np.asarray(value), max_line_width=console.width)))

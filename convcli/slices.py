@@ -1,0 +1,103 @@
+"""``--slice`` expressions: ``z[3,2,1]``, ``dw[:,:,0,1]``, ``x[0,...,-1]``, a bare ``3,2,1``
+(indexing the first output) or a bare name ``db`` (the whole tensor).
+
+Only basic NumPy indexing is accepted — integers, ``start:stop:step`` and ``...`` — parsed
+with :mod:`ast` and never evaluated.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from convcli.errors import UsageError
+
+_EXPR = re.compile(r"^\s*(?:([A-Za-z_]\w*)\s*\[(.*)\]|([^\[\]]*))\s*$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class SliceExpr:
+    """A parsed slice: tensor name (None = the first output) and the index tuple."""
+
+    name: str | None
+    index: tuple
+    text: str
+
+    def label(self, default_name: str) -> str:
+        """Canonical text, e.g. ``z[3,2,1]``."""
+        return f"{self.name or default_name}[{self.text}]"
+
+
+def parse_slice(expr: str) -> SliceExpr:
+    """Parse a ``--slice`` expression.
+
+    Raises
+    ------
+    UsageError
+        When the text is not ``NAME[INDEX]`` or ``INDEX`` with basic indexing only.
+    """
+    if re.fullmatch(r"\s*[A-Za-z_]\w*\s*", expr):  # a bare name: the whole tensor
+        return SliceExpr(name=expr.strip(), index=(), text="...")
+    match = _EXPR.match(expr)
+    if not match or not (match.group(2) or match.group(3) or "").strip():
+        raise UsageError(f"--slice {expr!r}: expected NAME[INDEX] like z[3,2,1], or INDEX")
+    name = match.group(1)
+    text = (match.group(2) if name else match.group(3)).strip()
+    try:
+        node = ast.parse(f"_[{text}]", mode="eval").body
+    except SyntaxError:
+        raise UsageError(f"--slice {expr!r}: cannot parse the index {text!r}") from None
+    index = _index(node.slice, expr)
+    index = index if isinstance(index, tuple) else (index,)
+    return SliceExpr(name=name, index=index, text=re.sub(r"\s+", "", text))
+
+
+def _index(node, expr):
+    if isinstance(node, ast.Tuple):
+        return tuple(_index(element, expr) for element in node.elts)
+    if isinstance(node, ast.Slice):
+        return slice(
+            *(
+                None if part is None else _int(part, expr)
+                for part in (node.lower, node.upper, node.step)
+            )
+        )
+    if isinstance(node, ast.Constant) and node.value is Ellipsis:
+        return Ellipsis
+    return _int(node, expr)
+
+
+def _int(node, expr) -> int:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_int(node.operand, expr)
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    raise UsageError(
+        f"--slice {expr!r}: only integers, start:stop:step and ... are allowed in an index"
+    )
+
+
+def take(expr: SliceExpr, tensors: dict[str, np.ndarray], default_name: str) -> np.ndarray:
+    """Apply the slice to the named tensor (or ``default_name``) and return the result.
+
+    Raises
+    ------
+    UsageError
+        For an unknown tensor name or an index that does not fit its shape.
+    """
+    name = expr.name or default_name
+    if name not in tensors:
+        raise UsageError(
+            f"--slice {expr.label(default_name)}: no tensor {name!r}; "
+            f"available: {', '.join(tensors)}"
+        )
+    array = tensors[name]
+    try:
+        return np.asarray(array[expr.index])
+    except IndexError as error:
+        raise UsageError(
+            f"--slice {expr.label(default_name)}: {error} (shape of {name} is {array.shape})"
+        ) from None

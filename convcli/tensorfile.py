@@ -1,0 +1,937 @@
+"""Read tensors and hyperparameters from ``.npy``, ``.npz`` and HDF5 files, and write results.
+
+A *tensor reference* is ``PATH`` or ``PATH:KEY`` (``run.h5:/layer1/W``; the leading ``/`` of
+an HDF5 path is optional). Files are recognised by their content, never by their extension.
+
+Roles name the tensors of a convolution layer (activations NHWC, weights HWIO):
+
+==== ========================== ==========================================
+role shape                      names looked for (:data:`ALIASES`)
+==== ========================== ==========================================
+x    ``(n, H, W, Cin)``         ``x``, ``X``, ``A_prev``, ``input``
+w    ``(kh, kw, Cin/g, Cout)``  ``w``, ``W``, ``weight``, ``weights``
+b    ``(Cout,)`` or broadcast   ``b``, ``bias``
+dz   ``(n, Ho, Wo, Cout)``      ``dz``, ``dZ``, ``grad_output``
+==== ========================== ==========================================
+
+This module never prints: problems are raised as :mod:`convcli.errors` types
+(:class:`~convcli.errors.InputFileError` for a missing or unreadable path,
+:class:`~convcli.errors.DataError` for content that cannot be used,
+:class:`~convcli.errors.OutputError` and :class:`~convcli.errors.UsageError` when writing).
+Arrays are always loaded with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import stat
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from convcli.errors import DataError, InputFileError, OutputError, UsageError
+
+ALIASES = {
+    "x": ("x", "X", "A_prev", "input"),
+    "w": ("w", "W", "weight", "weights"),
+    "b": ("b", "bias"),
+    "dz": ("dz", "dZ", "grad_output"),
+}
+HPARAM_ALIASES = {
+    "stride": ("stride",),
+    "padding": ("pad", "padding"),
+    "dilation": ("dilation",),
+    "groups": ("groups",),
+}
+
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+MAX_HPARAM_SIZE = 16
+MAX_LISTED = 20
+TEMP_PREFIX = ".convcli-"
+WRITE_FORMATS = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5"}
+
+# What numpy, zipfile and h5py raise on truncated, corrupt or unsupported content.
+_CONTENT_ERRORS = (
+    ValueError,
+    OSError,
+    EOFError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    zipfile.BadZipFile,
+    zlib.error,
+)
+
+_HPARAM_NAMES = {alias: canon for canon, names in HPARAM_ALIASES.items() for alias in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Format detection and references
+# ---------------------------------------------------------------------------------------------
+
+
+def detect_format(path) -> str:
+    """Tell a tensor file's format from its first bytes.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        File to inspect. Only regular files are opened, so a FIFO or device never blocks.
+
+    Returns
+    -------
+    str
+        ``"npy"``, ``"npz"`` or ``"hdf5"``.
+
+    Raises
+    ------
+    InputFileError
+        If the path is missing, a directory, not a regular file, or not readable.
+    DataError
+        If the file is empty or its content is none of the three formats.
+    """
+    path = Path(path)
+    size = _regular_file_size(path)
+    if size == 0:
+        raise DataError(f"{path}: empty file (expected .npy, .npz or HDF5 content)")
+    head = _read_head(path, len(HDF5_MAGIC))
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    if head.startswith(ZIP_MAGICS):
+        return "npz"
+    if head.startswith(HDF5_MAGIC) or _is_hdf5_with_user_block(path):
+        return "hdf5"
+    raise DataError(f"{path}: not a .npy, .npz or HDF5 file (first bytes {head!r})")
+
+
+def _regular_file_size(path: Path) -> int:
+    """Size in bytes of ``path``, after checking (without opening) that it is a regular file."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: no such file") from None
+    except NotADirectoryError:
+        raise InputFileError(f"{path}: no such file (a parent is not a folder)") from None
+    except PermissionError:
+        raise InputFileError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot access ({exc.strerror or exc})") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise InputFileError(f"{path}: is a directory, not a tensor file")
+    if not stat.S_ISREG(info.st_mode):
+        raise InputFileError(f"{path}: not a regular file (FIFO, socket or device)")
+    return info.st_size
+
+
+def _read_head(path: Path, count: int) -> bytes:
+    """First ``count`` bytes of a regular file."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(count)
+    except PermissionError:
+        raise InputFileError(f"{path}: no read permission") from None
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _is_hdf5_with_user_block(path: Path) -> bool:
+    """True if h5py finds an HDF5 signature after a user block (offset 512, 1024, ...)."""
+    try:
+        return bool(h5py.is_hdf5(str(path)))
+    except (OSError, ValueError):
+        return False
+
+
+def parse_ref(ref: str) -> tuple[Path, str | None]:
+    """Split a tensor reference ``PATH`` or ``PATH:KEY``.
+
+    If the whole string names an existing path it has no key; otherwise it is split at the
+    last ``:``. An empty key (``"run.npz:"``) counts as no key.
+
+    Parameters
+    ----------
+    ref : str
+        The reference, e.g. ``"run.h5:/layer1/W"`` or ``"w.npy"``.
+
+    Returns
+    -------
+    (pathlib.Path, str or None)
+        The file and the key inside it, as written (HDF5 keys may keep a leading ``/``).
+    """
+    if os.path.lexists(ref) or ":" not in ref:
+        return Path(ref), None
+    path, _, key = ref.rpartition(":")
+    return Path(path), (key or None)
+
+
+def _basename(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one file
+# ---------------------------------------------------------------------------------------------
+
+
+def open_tensor_file(path) -> TensorFile:
+    """Open a ``.npy``, ``.npz`` or HDF5 file (format found by content).
+
+    Returns
+    -------
+    TensorFile
+        Use it as a context manager, or call :meth:`TensorFile.close`.
+
+    Raises
+    ------
+    InputFileError
+        Missing path, directory, special file or no read permission.
+    DataError
+        Empty, unrecognised, truncated or corrupt content.
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "npy":
+        return TensorFile(path, fmt)
+    try:
+        if fmt == "npz":
+            return TensorFile(path, fmt, *_open_npz(path))
+        return TensorFile(path, fmt, h5py.File(path, "r"))
+    except _CONTENT_ERRORS as exc:
+        raise DataError(f"{path}: cannot read {fmt} file ({_reason(exc)})") from exc
+
+
+def _open_npz(path: Path):
+    """``(NpzFile, stream)``; the stream is ours so that it is closed even if numpy fails."""
+    stream = open(path, "rb")  # noqa: SIM115 - closed by TensorFile.close or below
+    try:
+        return np.load(stream, allow_pickle=False), stream
+    except BaseException:
+        stream.close()
+        raise
+
+
+def _reason(exc: BaseException) -> str:
+    """One line describing ``exc`` for an error message."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class TensorFile:
+    """An open tensor file: the arrays it holds and the hyperparameters stored with them.
+
+    Keys name the arrays: npz member names (without ``.npy``), HDF5 dataset paths without the
+    leading ``/`` (``"layer1/W"``), and ``""`` for the single unnamed array of a ``.npy``.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The file, as it was given.
+    format : str
+        ``"npy"``, ``"npz"`` or ``"hdf5"``.
+    """
+
+    def __init__(self, path: Path, fmt: str, handle=None, stream=None):
+        self.path = Path(path)
+        self.format = fmt
+        self._handle = handle
+        self._stream = stream
+        self._keys: list[str] | None = None
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the npz zip and its file, or the HDF5 file (safe to call twice)."""
+        handle, stream = self._handle, self._stream
+        self._handle = self._stream = None
+        try:
+            if handle is not None:
+                handle.close()
+        finally:
+            if stream is not None:
+                stream.close()
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TensorFile({str(self.path)!r}, format={self.format!r})"
+
+    # -- listing ----------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        """Every array in the file, sorted.
+
+        Returns
+        -------
+        list of str
+            For npz this includes hyperparameter entries such as ``stride``; for HDF5 it
+            holds only datasets reached through hard links (soft and external links are not
+            followed); for npy it is ``[""]``.
+        """
+        if self._keys is None:
+            if self.format == "npy":
+                self._keys = [""]
+            elif self.format == "npz":
+                self._keys = sorted(_npz_members(self._open_handle()))
+            else:
+                self._keys = sorted(_hdf5_datasets(self._open_handle()))
+        return list(self._keys)
+
+    def tensor_keys(self) -> list[str]:
+        """:meth:`keys` without the npz entries that store hyperparameters (``stride``, ...)."""
+        if self.format != "npz":
+            return self.keys()
+        return [key for key in self.keys() if key not in _HPARAM_NAMES]
+
+    def describe(self) -> str:
+        """Short listing for error messages.
+
+        Returns
+        -------
+        str
+            E.g. ``"holds: A_prev (10, 4, 4, 3) float64, W (2, 2, 3, 8) float64, pad ()"``.
+        """
+        keys = self.keys()
+        if self.format == "npy":
+            return f"holds one unnamed array {self._info('')}"
+        if not keys:
+            return "holds no arrays"
+        items = [f"{key} {self._info(key)}" for key in keys[:MAX_LISTED]]
+        if len(keys) > MAX_LISTED:
+            items.append(f"... and {len(keys) - MAX_LISTED} more")
+        return "holds: " + ", ".join(items)
+
+    def _info(self, key: str) -> str:
+        """``"(shape) dtype"`` of one array, read from its header only."""
+        try:
+            shape, dtype = self._shape_dtype(key)
+        except _CONTENT_ERRORS:
+            return "(unreadable)"
+        return f"{shape} {dtype}"
+
+    def _shape_dtype(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        if self.format == "npy":
+            with open(self.path, "rb") as handle:
+                return _npy_header(handle)
+        if self.format == "npz":
+            with self._open_handle().zip.open(key + ".npy") as handle:
+                return _npy_header(handle)
+        dataset = self._dataset(key)
+        return tuple(dataset.shape or ()), dataset.dtype
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read(self, key: str) -> np.ndarray:
+        """Load one array into memory.
+
+        Parameters
+        ----------
+        key : str
+            A name from :meth:`keys` (HDF5: leading ``/`` optional; npy: ``""``).
+
+        Returns
+        -------
+        numpy.ndarray
+            The array, with the file's shape and dtype.
+
+        Raises
+        ------
+        DataError
+            Missing key (the message lists what the file holds), an HDF5 group or link,
+            object/string arrays, or truncated/corrupt content.
+        """
+        if self.format == "npy":
+            array = self._read_npy(key)
+        elif self.format == "npz":
+            array = self._read_npz(key)
+        else:
+            array = self._read_hdf5(key)
+        if array.dtype.hasobject:
+            raise DataError(f"{self._where(key)}: holds Python objects or strings, not numbers")
+        return array
+
+    def _read_npy(self, key: str) -> np.ndarray:
+        if key:
+            raise DataError(
+                f"{self.path}: a .npy file holds one unnamed array; refer to it as "
+                f"{self.path} without ':{key}'"
+            )
+        try:
+            return np.load(self.path, allow_pickle=False)
+        except _CONTENT_ERRORS as exc:
+            raise DataError(f"{self.path}: cannot read .npy array ({_reason(exc)})") from exc
+
+    def _read_npz(self, key: str) -> np.ndarray:
+        if key not in self.keys():
+            raise DataError(f"{self.path}: no entry '{key}'; it {self.describe()}")
+        try:
+            return self._open_handle()[key]
+        except _CONTENT_ERRORS as exc:
+            raise DataError(f"{self._where(key)}: cannot read ({_reason(exc)})") from exc
+
+    def _read_hdf5(self, key: str) -> np.ndarray:
+        dataset = self._dataset(key)
+        try:
+            value = dataset[()]
+        except _CONTENT_ERRORS as exc:
+            raise DataError(f"{self._where(key)}: cannot read ({_reason(exc)})") from exc
+        if isinstance(value, h5py.Empty):
+            raise DataError(f"{self._where(key)}: empty dataset (no data space)")
+        return np.asarray(value)
+
+    def _dataset(self, key: str) -> h5py.Dataset:
+        """The HDF5 dataset at ``key``, reached through hard links only."""
+        node = self._open_handle()
+        parts = [part for part in key.strip("/").split("/") if part]
+        for depth, part in enumerate(parts):
+            where = "/" + "/".join(parts[: depth + 1])
+            if not isinstance(node, h5py.Group):
+                raise DataError(f"{self.path}:{where}: no such dataset; it {self.describe()}")
+            link = node.get(part, getlink=True)
+            if link is None:
+                raise DataError(f"{self.path}:{where}: no such dataset; it {self.describe()}")
+            if not isinstance(link, h5py.HardLink):
+                raise DataError(
+                    f"{self.path}:{where}: is a soft or external link; name the dataset itself"
+                )
+            node = node[part]
+        if not isinstance(node, h5py.Dataset):
+            raise DataError(
+                f"{self.path}:/{'/'.join(parts)}: is a group, not a dataset; it {self.describe()}"
+            )
+        return node
+
+    def _where(self, key: str) -> str:
+        """``file.h5:/layer1/W``-style text for one array."""
+        return origin_text(self, key)
+
+    def _open_handle(self):
+        if self._handle is None:
+            raise DataError(f"{self.path}: file is closed")
+        return self._handle
+
+    # -- roles ------------------------------------------------------------------------------
+
+    def find(self, role: str) -> str | None:
+        """Key of the tensor for ``role``, matched on the last path component.
+
+        Parameters
+        ----------
+        role : {"x", "w", "b", "dz"}
+
+        Returns
+        -------
+        str or None
+            The one key whose basename is in ``ALIASES[role]`` (case-sensitive), or None.
+
+        Raises
+        ------
+        DataError
+            If several keys match.
+        """
+        names = ALIASES[role]
+        matches = [key for key in self.tensor_keys() if _basename(key) in names]
+        if len(matches) > 1:
+            raise DataError(
+                f"ambiguous: {self.path} holds several candidates for {role}: "
+                + ", ".join(sorted(matches))
+            )
+        return matches[0] if matches else None
+
+    # -- hyperparameters --------------------------------------------------------------------
+
+    def hparams(self, near_key: str | None = None) -> dict[str, tuple[object, str]]:
+        """Hyperparameters stored in the file, not validated.
+
+        HDF5: attributes of the root group, overridden by those of each group on the way to
+        ``near_key`` (the group holding x). NPZ: scalar or small (<= 16 elements) entries.
+
+        Parameters
+        ----------
+        near_key : str, optional
+            Key of the x dataset; only used for HDF5.
+
+        Returns
+        -------
+        dict
+            Canonical name (``"stride"``, ``"padding"``, ``"dilation"``, ``"groups"``) ->
+            ``(value, origin)``, the value as plain Python (int, float, str, nested lists)
+            and the origin as text such as ``"run.h5 attribute 'pad' on /layer1"``.
+
+        Raises
+        ------
+        DataError
+            If one place holds both ``pad`` and ``padding``, or an entry cannot be read.
+        """
+        if self.format == "npz":
+            return self._npz_hparams()
+        if self.format == "hdf5":
+            found: dict[str, tuple[object, str]] = {}
+            for group_path in _group_chain(near_key):
+                found.update(self._attr_hparams(group_path))
+            return found
+        return {}
+
+    def _npz_hparams(self) -> dict[str, tuple[object, str]]:
+        entries = {}
+        for key in self.keys():
+            if key not in _HPARAM_NAMES:
+                continue
+            origin = f"{self.path} entry '{key}'"
+            try:
+                shape, _ = self._shape_dtype(key)
+            except _CONTENT_ERRORS as exc:
+                raise DataError(f"{origin}: cannot read ({_reason(exc)})") from exc
+            if math.prod(shape) > MAX_HPARAM_SIZE:
+                raise DataError(
+                    f"{origin} has shape {shape}; a hyperparameter must be a scalar or hold "
+                    f"at most {MAX_HPARAM_SIZE} values"
+                )
+            entries[key] = (_plain(self.read(key)), origin)
+        return _canonical(entries, f"{self.path}")
+
+    def _attr_hparams(self, group_path: str) -> dict[str, tuple[object, str]]:
+        group = self._open_handle().get(group_path)
+        if not isinstance(group, h5py.Group):
+            return {}
+        entries = {}
+        for name in group.attrs:
+            if name not in _HPARAM_NAMES:
+                continue
+            origin = f"{self.path} attribute '{name}' on {group_path}"
+            try:
+                value = group.attrs[name]
+            except _CONTENT_ERRORS as exc:
+                raise DataError(f"{origin}: cannot read ({_reason(exc)})") from exc
+            entries[name] = (_plain(value), origin)
+        return _canonical(entries, f"{self.path} (on {group_path})")
+
+
+def origin_text(tensor_file: TensorFile, key: str) -> str:
+    """Where an array came from: ``"x.npy"``, ``"run.npz:W"`` or ``"run.h5:/layer1/W"``."""
+    if tensor_file.format == "npy":
+        return str(tensor_file.path)
+    if tensor_file.format == "hdf5":
+        return f"{tensor_file.path}:/{key.lstrip('/')}"
+    return f"{tensor_file.path}:{key}"
+
+
+def _npz_members(npz) -> list[str]:
+    """Names of the ``.npy`` members of an open npz, without the suffix."""
+    return [name[: -len(".npy")] for name in npz.zip.namelist() if name.endswith(".npy")]
+
+
+def _hdf5_datasets(root: h5py.Group) -> list[str]:
+    """Paths (no leading ``/``) of every dataset reachable from ``root`` through hard links."""
+    found: list[str] = []
+    seen = {root.id}
+    pending: list[tuple[str, h5py.Group]] = [("", root)]
+    while pending:
+        prefix, group = pending.pop()
+        for name in group:
+            if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+                continue
+            child = group[name]
+            path = prefix + name
+            if isinstance(child, h5py.Dataset):
+                found.append(path)
+            elif isinstance(child, h5py.Group) and child.id not in seen:
+                seen.add(child.id)
+                pending.append((path + "/", child))
+    return found
+
+
+def _npy_header(handle) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from an open ``.npy`` stream, without reading the data."""
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+    return tuple(shape), dtype
+
+
+def _group_chain(near_key: str | None) -> list[str]:
+    """HDF5 groups from the root down to the one holding ``near_key``: ``["/", "/a", "/a/b"]``."""
+    parts = [part for part in (near_key or "").strip("/").split("/") if part][:-1]
+    return ["/"] + ["/" + "/".join(parts[: depth + 1]) for depth in range(len(parts))]
+
+
+def _canonical(entries: Mapping[str, tuple[object, str]], where: str) -> dict:
+    """Map alias names to canonical ones, refusing two aliases of one name in one place."""
+    result: dict[str, tuple[object, str]] = {}
+    for canon, names in HPARAM_ALIASES.items():
+        present = [name for name in names if name in entries]
+        if len(present) > 1:
+            raise DataError(
+                f"{where}: both {' and '.join(repr(n) for n in present)} are given; keep one"
+            )
+        if present:
+            result[canon] = entries[present[0]]
+    return result
+
+
+def _plain(value):
+    """Convert numpy scalars/arrays and bytes to plain Python (int, float, str, lists)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, (np.ndarray, np.generic)):
+        return _plain(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, h5py.Empty):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the tensors of one command
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """Tensors and hyperparameters gathered from the command's files.
+
+    Attributes
+    ----------
+    arrays : dict of str to numpy.ndarray
+        Role (``"x"``, ``"w"``, ``"b"``, ``"dz"``) -> array, only for roles that were found.
+    origins : dict of str to str
+        Role -> where it came from, e.g. ``"run.h5:/A_prev"``.
+    hparams : dict of str to (object, str)
+        Canonical hyperparameter name -> (raw value, origin), see :meth:`TensorFile.hparams`.
+    sources : list of pathlib.Path
+        Resolved path of every file read (an output must not overwrite any of them).
+    """
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+    hparams: dict[str, tuple[object, str]] = field(default_factory=dict)
+    sources: list[Path] = field(default_factory=list)
+
+
+class _FileCache:
+    """Opens each distinct file once and closes them all at the end."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self._stack = stack
+        self._files: dict[Path, TensorFile] = {}
+
+    def open(self, path) -> TensorFile:
+        resolved = Path(path).resolve()
+        if resolved not in self._files:
+            self._files[resolved] = self._stack.enter_context(open_tensor_file(path))
+        return self._files[resolved]
+
+    @property
+    def sources(self) -> list[Path]:
+        return list(self._files)
+
+
+def load_tensors(
+    data,
+    refs: Mapping[str, str | None],
+    required: Iterable[str],
+    optional: Iterable[str] = (),
+) -> Loaded:
+    """Gather the tensors a command needs from a data file and/or explicit references.
+
+    Parameters
+    ----------
+    data : str or os.PathLike or None
+        Positional data file (``.npz`` or HDF5) searched by name with :meth:`TensorFile.find`.
+    refs : mapping of role to str or None
+        Explicit references from ``--x``, ``--w``, ``--b``, ``--dz`` (``PATH`` or
+        ``PATH:KEY``); an explicit reference wins over the data file.
+    required : iterable of str
+        Roles that must be found, e.g. ``("x", "w")``.
+    optional : iterable of str
+        Roles that may be absent, e.g. ``("b", "dz")``.
+
+    Returns
+    -------
+    Loaded
+        Arrays in memory, their origins, hyperparameters and the files read. Every file is
+        closed before this returns.
+
+    Raises
+    ------
+    InputFileError
+        A referenced file is missing or unreadable.
+    DataError
+        A required role is found nowhere, a name is ambiguous, a key is missing, the data
+        file is a ``.npy``, or content is unreadable.
+    """
+    required = tuple(required)
+    loaded = Loaded()
+    keys: dict[str, tuple[TensorFile, str]] = {}
+    with contextlib.ExitStack() as stack:
+        cache = _FileCache(stack)
+        data_file = _open_data_file(cache, data) if data is not None else None
+        for role in (*required, *(r for r in optional if r not in required)):
+            found = _locate(cache, data_file, role, refs.get(role), role in required)
+            if found is None:
+                continue
+            tensor_file, key = found
+            keys[role] = found
+            loaded.arrays[role] = tensor_file.read(key)
+            loaded.origins[role] = origin_text(tensor_file, key)
+        loaded.hparams = _hparams_for(data_file, keys.get("x"))
+        loaded.sources = cache.sources
+    return loaded
+
+
+def _open_data_file(cache: _FileCache, data) -> TensorFile:
+    data_file = cache.open(data)
+    if data_file.format == "npy":
+        raise DataError(
+            f"{data}: a .npy file holds one unnamed array, so it cannot supply tensors by "
+            f"name; pass it with --x {data} (or --w, --b, --dz)"
+        )
+    return data_file
+
+
+def _locate(
+    cache: _FileCache, data_file: TensorFile | None, role: str, ref: str | None, required: bool
+) -> tuple[TensorFile, str] | None:
+    """File and key holding ``role``, or None for an optional role found nowhere."""
+    if ref:
+        path, key = parse_ref(ref)
+        tensor_file = cache.open(path)
+        return tensor_file, (key if key is not None else _default_key(tensor_file, role))
+    if data_file is not None:
+        key = data_file.find(role)
+        if key is not None:
+            return data_file, key
+        if required:
+            raise DataError(
+                f"no {role} found in {data_file.path} (looked for {', '.join(ALIASES[role])}); "
+                f"it {data_file.describe()}; pass --{role} FILE:KEY"
+            )
+        return None
+    if required:
+        raise DataError(f"no {role} given: pass a data file or --{role} FILE[:KEY]")
+    return None
+
+
+def _default_key(tensor_file: TensorFile, role: str) -> str:
+    """Key to use for a reference without ``:KEY``: the only array, or the one named for role."""
+    if tensor_file.format == "npy":
+        return ""
+    tensors = tensor_file.tensor_keys()
+    if len(tensors) == 1:
+        return tensors[0]
+    key = tensor_file.find(role)
+    if key is None:
+        raise DataError(
+            f"--{role} {tensor_file.path}: the file holds {len(tensors)} arrays and none is "
+            f"named {', '.join(ALIASES[role])}; pass --{role} {tensor_file.path}:KEY; "
+            f"it {tensor_file.describe()}"
+        )
+    return key
+
+
+def _hparams_for(
+    data_file: TensorFile | None, x_found: tuple[TensorFile, str] | None
+) -> dict[str, tuple[object, str]]:
+    """Hyperparameters from the data file, else from the file x came from."""
+    if data_file is not None:
+        near = x_found[1] if x_found and x_found[0] is data_file else None
+        return data_file.hparams(near_key=near)
+    if x_found is not None:
+        return x_found[0].hparams(near_key=x_found[1])
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def write_tensors(
+    path,
+    tensors: Mapping[str, np.ndarray],
+    attrs: Mapping[str, object],
+    *,
+    force: bool = False,
+    protect: Iterable = (),
+) -> None:
+    """Write arrays and attributes atomically to ``.npz`` or HDF5 (format from the extension).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Target ending in ``.npz``, ``.h5`` or ``.hdf5``.
+    tensors : mapping of str to numpy.ndarray
+        Name -> array, any shape (e.g. ``z`` of shape ``(n, Ho, Wo, Cout)``). HDF5: datasets
+        at the root; npz: members.
+    attrs : mapping of str to object
+        Int, float, str or (nested) lists of them, e.g.
+        ``{"stride": [2, 2], "padding": [[2, 2], [2, 2]], "groups": 1}``. HDF5: root
+        attributes; npz: extra members. They read back through :meth:`TensorFile.hparams`.
+    force : bool
+        Overwrite an existing target.
+    protect : iterable of path
+        Input files that must never be overwritten.
+
+    Raises
+    ------
+    UsageError
+        Unknown extension.
+    OutputError
+        Target exists without ``force``, is an input file, is not a regular file, its folder
+        is missing or not writable, or writing fails with an OS error.
+    DataError
+        An array or attribute holds Python objects, or an npz name is used twice.
+
+    Notes
+    -----
+    The file is written to a ``.convcli-*`` temporary file in the same folder, flushed,
+    fsynced and renamed over the target, so an existing target is either replaced whole or
+    left byte-for-byte unchanged; the temporary file is removed on any failure.
+    """
+    path = Path(path)
+    fmt = _write_format(path)
+    _check_target(path, force=force, protect=protect)
+    members = _writable(path, fmt, tensors, attrs)
+    _atomic_write(path, fmt, members, attrs)
+
+
+def _write_format(path: Path) -> str:
+    fmt = WRITE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"--out must end in .npz, .h5 or .hdf5, got {path}")
+    return fmt
+
+
+def _check_target(path: Path, *, force: bool, protect: Iterable) -> None:
+    """Refuse inputs, existing files without ``force``, special files and bad folders."""
+    for source in protect:
+        if _same_file(path, Path(source)):
+            raise OutputError(f"{path}: refusing to write over input file {source}")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory")
+    if os.path.lexists(path):
+        if not force:
+            raise OutputError(f"{path} exists; pass --force to overwrite")
+        if not path.is_file():
+            raise OutputError(f"{path}: exists and is not a regular file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"{path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: folder {folder} is not writable")
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    with contextlib.suppress(OSError):
+        if os.path.samefile(first, second):
+            return True
+    return first.resolve() == second.resolve()
+
+
+def _writable(path: Path, fmt: str, tensors: Mapping, attrs: Mapping) -> dict[str, np.ndarray]:
+    """Tensors (and, for npz, attributes) as arrays, refusing objects and clashing names."""
+    members = {name: _numeric_array(path, name, value) for name, value in tensors.items()}
+    for name, value in attrs.items():
+        array = _numeric_array(path, name, value)
+        if fmt == "npz":
+            if name in members:
+                raise DataError(f"{path}: '{name}' is given both as a tensor and an attribute")
+            members[name] = array
+    return members
+
+
+def _numeric_array(path: Path, name: str, value) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.hasobject:
+        raise DataError(f"{path}: cannot store '{name}': it holds Python objects")
+    return array
+
+
+def _atomic_write(path: Path, fmt: str, members: Mapping, attrs: Mapping) -> None:
+    """Write to a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+    mode = _target_mode(path)
+    try:
+        fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create a file in {path.parent} ({exc})") from exc
+    temp = Path(temp_name)
+    try:
+        if fmt == "npz":
+            _write_npz(fd, members)
+        else:
+            os.close(fd)
+            _write_hdf5(temp, members, attrs)
+        os.chmod(temp, mode)
+        os.replace(temp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(f"{path}: cannot write ({_reason(exc)})") from exc
+        raise
+    _fsync_folder(path.parent)
+
+
+def _write_npz(fd: int, members: Mapping[str, np.ndarray]) -> None:
+    with os.fdopen(fd, "wb") as handle:
+        np.savez(handle, **members)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_hdf5(temp: Path, datasets: Mapping[str, np.ndarray], attrs: Mapping) -> None:
+    with h5py.File(temp, "w") as h5:
+        for name, array in datasets.items():
+            h5.create_dataset(name, data=array)
+        for name, value in attrs.items():
+            h5.attrs[name] = _hdf5_attr(value)
+    fd = os.open(temp, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hdf5_attr(value):
+    """An attribute value h5py can store (numpy unicode arrays become variable-length str)."""
+    if isinstance(value, str):
+        return value
+    array = np.asarray(value)
+    if array.dtype.kind == "U":
+        return array.astype(h5py.string_dtype())
+    return array
+
+
+def _target_mode(path: Path) -> int:
+    """Permission bits for the new file: the old file's, else what the umask allows."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable where the platform allows it (best effort)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
