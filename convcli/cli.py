@@ -39,12 +39,12 @@ class ConvcliGroup(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         _state["debug"] = False
         try:
-            code = super().main(
-                args, prog_name or "convcli", complete_var, standalone_mode=False, **extra
-            )
+            code = super().main(args, "convcli", complete_var, standalone_mode=False, **extra)
         except _UsageError as error:
-            hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
-            _error_line(error.format_message() + hint)
+            message = error.format_message()
+            if message:  # empty when Typer has just printed the help for a bare `convcli`
+                hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
+                _error_line(message + hint)
             code = EXIT_USAGE
         except typer.Abort:
             code = EXIT_INTERRUPTED
@@ -97,27 +97,38 @@ def _root(
 Data = Annotated[
     str | None,
     typer.Argument(
+        metavar="DATA",
         help="Data file (.npz, .npy, .h5) holding x, w, b (and dz) under their usual names.",
         show_default=False,
     ),
 ]
-XRef = Annotated[str | None, typer.Option("--x", help="x (n,H,W,Cin) as FILE or FILE:KEY.")]
-WRef = Annotated[
-    str | None, typer.Option("--w", help="w (kh,kw,Cin/groups,Cout) as FILE or FILE:KEY.")
+XRef = Annotated[
+    str | None, typer.Option("--x", metavar="REF", help="x (n,H,W,Cin) as FILE or FILE:KEY.")
 ]
-BRef = Annotated[str | None, typer.Option("--b", help="b (Cout,) or (1,1,1,Cout) as FILE[:KEY].")]
-Stride = Annotated[str | None, typer.Option("--stride", help="N or H,W. Default: file, else 1.")]
+WRef = Annotated[
+    str | None,
+    typer.Option("--w", metavar="REF", help="w (kh,kw,Cin/groups,Cout) as FILE or FILE:KEY."),
+]
+BRef = Annotated[
+    str | None, typer.Option("--b", metavar="REF", help="b (Cout,) or (1,1,1,Cout) as FILE[:KEY].")
+]
+Stride = Annotated[
+    str | None, typer.Option("--stride", metavar="S", help="N or H,W. Default: file, else 1.")
+]
 Pad = Annotated[
     str | None,
     typer.Option(
-        "--pad", help="N, H,W, TOP,BOTTOM,LEFT,RIGHT, same or valid. Default: file, else 0."
+        "--pad",
+        metavar="P",
+        help="N, H,W, TOP,BOTTOM,LEFT,RIGHT, same or valid. Default: file, else 0.",
     ),
 ]
 Dilation = Annotated[
-    str | None, typer.Option("--dilation", help="N or H,W (1 = none). Default: file, else 1.")
+    str | None,
+    typer.Option("--dilation", metavar="D", help="N or H,W (1 = none). Default: file, else 1."),
 ]
 Groups = Annotated[
-    str | None, typer.Option("--groups", help="Channel groups. Default: file, else 1.")
+    str | None, typer.Option("--groups", metavar="G", help="Channel groups. Default: file, else 1.")
 ]
 EngineName = Enum("EngineName", {name: name for name in ENGINES}, type=str)
 UpstreamName = Enum("UpstreamName", {name: name for name in UPSTREAMS}, type=str)
@@ -126,11 +137,16 @@ Engine = Annotated[
 ]
 Slices = Annotated[
     list[str] | None,
-    typer.Option("--slice", help="Print a slice, e.g. 'z[3,2,1]' or 'dw[:,:,0,1]'; repeatable."),
+    typer.Option(
+        "--slice",
+        metavar="EXPR",
+        help="Print a slice, e.g. 'z[3,2,1]' or 'dw[:,:,0,1]'; repeatable.",
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")]
 Out = Annotated[
-    Path | None, typer.Option("--out", help="Write the outputs to this .npz or .h5 file.")
+    Path | None,
+    typer.Option("--out", metavar="FILE", help="Write the outputs to this .npz or .h5 file."),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")]
 
@@ -205,13 +221,16 @@ def backward(
     w: WRef = None,
     b: BRef = None,
     dz: Annotated[
-        str | None, typer.Option("--dz", help="Upstream gradient (n,Ho,Wo,Cout) as FILE[:KEY].")
+        str | None,
+        typer.Option("--dz", metavar="REF", help="Upstream gradient (n,Ho,Wo,Cout) as FILE[:KEY]."),
     ] = None,
     upstream: Annotated[
         UpstreamName,
         typer.Option("--upstream", help="dz when none is given: z (loss ½‖z‖²), ones, or random."),
     ] = UpstreamName.z,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed for --upstream random.")] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", metavar="N", help="Seed for --upstream random.")
+    ] = None,
     stride: Stride = None,
     pad: Pad = None,
     dilation: Dilation = None,

@@ -51,7 +51,7 @@ def result_table(result: RunResult) -> Table:
     """
     h = result.hparams
     pads = h["padding"]
-    sources = ", ".join(
+    sources = "\n".join(
         f"{name} ← {tensor.origin}"
         for name, tensor in result.tensors.items()
         if tensor.role == "input"

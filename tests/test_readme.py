@@ -1,0 +1,48 @@
+"""The README stays true: its quick start, its printed output, and CI's test command."""
+
+import re
+import shlex
+
+import pytest
+from typer.testing import CliRunner
+
+from convcli.cli import app
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+TIMING = re.compile(r"\d+(\.\d+)? ms")
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
+
+
+def test_quick_start_is_two_commands_and_ci_runs_the_test_command():
+    first_section = README.split("\n## ", 2)[1]
+    commands = code_blocks(first_section, "sh")[0].strip().splitlines()
+    assert len(commands) == 2
+    assert "convcli forward sample_data/" in commands[0]
+    assert "pytest" in commands[1]
+    ci_script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert commands[1] in ci_script.splitlines()
+
+
+TRANSCRIPTS = [block for block in code_blocks(README, "text") if block.startswith("$ convcli ")]
+
+
+def test_readme_has_transcripts():
+    assert len(TRANSCRIPTS) >= 2
+
+
+@pytest.mark.parametrize("block", TRANSCRIPTS, ids=lambda b: b.splitlines()[0])
+def test_readme_transcripts_are_real_output(block, monkeypatch):
+    for variable in ("COLUMNS", "FORCE_COLOR", "TERM"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.chdir(ROOT)
+    command, *expected = block.rstrip("\n").splitlines()
+    result = CliRunner().invoke(app, shlex.split(command)[2:])
+    assert result.exit_code == 0, result.stderr
+    actual = [line.rstrip() for line in result.stdout.rstrip("\n").splitlines()]
+    assert [TIMING.sub("T ms", line) for line in actual] == [
+        TIMING.sub("T ms", line) for line in expected
+    ]
