@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 import traceback
 from enum import Enum
 from pathlib import Path
@@ -15,12 +17,39 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from convcli import __version__
-from convcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ConvcliError
+from convcli.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    ConvcliError,
+    UsageError,
+)
+from convcli.gradcheck import (
+    DEFAULT_ATOL,
+    DEFAULT_EPS,
+    DEFAULT_PROBES,
+    DEFAULT_RTOL,
+    DEFAULT_SAMPLES,
+    MODES,
+    Tolerance,
+)
 from convcli.hparams import build_spec
 from convcli.render import print_result, result_json
-from convcli.runs import ENGINES, UPSTREAMS, RunResult, run_backward, run_forward
+from convcli.report import gradcheck_json, print_gradcheck
+from convcli.runs import (
+    ENGINES,
+    UPSTREAMS,
+    RunResult,
+    random_inputs,
+    run_backward,
+    run_forward,
+    run_gradcheck,
+    run_impl_check,
+)
 from convcli.slices import parse_slice, take
 from convcli.tensorfile import load_tensors, write_tensors
+from convcli.userimpl import impl_config
 
 _state = {"debug": False}
 # Typer may use click or its own vendored copy: take the classes from Typer itself.
@@ -132,6 +161,7 @@ Groups = Annotated[
 ]
 EngineName = Enum("EngineName", {name: name for name in ENGINES}, type=str)
 UpstreamName = Enum("UpstreamName", {name: name for name in UPSTREAMS}, type=str)
+ModeName = Enum("ModeName", {name: name for name in MODES}, type=str)
 Engine = Annotated[
     EngineName, typer.Option("--engine", help="fast (vectorized) or reference (plain loops).")
 ]
@@ -151,11 +181,19 @@ Out = Annotated[
 Force = Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")]
 
 
-def _load(data, refs, required, optional, stride, pad, dilation, groups):
+def _load(data, refs, required, optional, **flags):
+    """Tensors from files, and the ConvSpec from the file's hyperparameters and the flags."""
     loaded = load_tensors(data, refs, required=required, optional=optional)
-    flags = {"stride": stride, "padding": pad, "dilation": dilation, "groups": groups}
     spec, _ = build_spec(loaded.hparams, flags)
     return loaded, spec
+
+
+def _data_console() -> Console:
+    """The stdout console for tables; piped output gets a width no number is cut at."""
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 120
+    return console
 
 
 def _finish(result: RunResult, loaded, slice_exprs, as_json: bool, out, force: bool) -> None:
@@ -179,10 +217,7 @@ def _finish(result: RunResult, loaded, slice_exprs, as_json: bool, out, force: b
     if as_json:
         print(result_json(result, slices))
         return
-    console = Console(highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console.width = 120  # piped output: wide enough that no number is cut
-    print_result(console, result, slices)
+    print_result(_data_console(), result, slices)
     if out is not None:
         messages.print(f"wrote {', '.join(result.outputs)} to {escape(str(out))}")
 
@@ -208,7 +243,14 @@ def forward(
     Example: convcli forward sample_data/conv_example.h5 --slice 'z[3,2,1]'
     """
     loaded, spec = _load(
-        data, {"x": x, "w": w, "b": b}, ("x", "w"), ("b",), stride, pad, dilation, groups
+        data,
+        {"x": x, "w": w, "b": b},
+        ("x", "w"),
+        ("b",),
+        stride=stride,
+        padding=pad,
+        dilation=dilation,
+        groups=groups,
     )
     result = run_forward(loaded.arrays, spec, engine=engine.value, origins=loaded.origins)
     _finish(result, loaded, slice_, as_json, out, force)
@@ -250,10 +292,10 @@ def backward(
         {"x": x, "w": w, "b": b, "dz": dz},
         ("x", "w"),
         ("b", "dz"),
-        stride,
-        pad,
-        dilation,
-        groups,
+        stride=stride,
+        padding=pad,
+        dilation=dilation,
+        groups=groups,
     )
     result = run_backward(
         loaded.arrays,
@@ -264,6 +306,170 @@ def backward(
         origins=loaded.origins,
     )
     _finish(result, loaded, slice_, as_json, out, force)
+
+
+def _int_list(flag: str, text: str | None, counts: tuple[int, ...]) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in counts or min(values) < 1:
+        wanted = " or ".join(str(c) for c in counts)
+        raise UsageError(f"{flag} {text!r}: expected {wanted} comma-separated integers >= 1")
+    return values
+
+
+@app.command()
+def gradcheck(
+    data: Data = None,
+    x: XRef = None,
+    w: WRef = None,
+    b: BRef = None,
+    dz: Annotated[
+        str | None,
+        typer.Option("--dz", metavar="REF", help="Upstream gradient g as FILE[:KEY]."),
+    ] = None,
+    shape: Annotated[
+        str | None,
+        typer.Option("--shape", metavar="N,H,W,CIN", help="Check random inputs of this shape."),
+    ] = None,
+    kernel: Annotated[
+        str | None, typer.Option("--kernel", metavar="KH[,KW]", help="Kernel size with --shape.")
+    ] = None,
+    cout: Annotated[
+        int | None,
+        typer.Option("--cout", metavar="C", min=1, help="Output channels with --shape."),
+    ] = None,
+    impl: Annotated[
+        Path | None,
+        typer.Option(
+            "--impl",
+            metavar="FILE.py",
+            help="Check your own conv_forward(A_prev, W, b, hparameters) and conv_backward.",
+        ),
+    ] = None,
+    mode: Annotated[
+        ModeName, typer.Option("--mode", help="auto, exhaustive, sample or fast.")
+    ] = ModeName.auto,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="Elements per tensor in sample mode.")
+    ] = DEFAULT_SAMPLES,
+    probes: Annotated[
+        int, typer.Option("--probes", min=1, help="Random directions per tensor in fast mode.")
+    ] = DEFAULT_PROBES,
+    eps: Annotated[
+        float, typer.Option("--eps", help="Finite-difference step (> 0).")
+    ] = DEFAULT_EPS,
+    rtol: Annotated[
+        float, typer.Option("--rtol", min=0.0, help="Relative tolerance.")
+    ] = DEFAULT_RTOL,
+    atol: Annotated[
+        float, typer.Option("--atol", min=0.0, help="Absolute tolerance.")
+    ] = DEFAULT_ATOL,
+    upstream: Annotated[
+        UpstreamName,
+        typer.Option("--upstream", help="g in L = Σ z⊙g when no dz is given: z, ones or random."),
+    ] = UpstreamName.random,
+    seed: Annotated[
+        int, typer.Option("--seed", metavar="N", help="Seed for inputs, g and samples.")
+    ] = 0,
+    stride: Stride = None,
+    pad: Pad = None,
+    dilation: Dilation = None,
+    groups: Groups = None,
+    as_json: Json = False,
+) -> None:
+    """Check dx, dw, db against numerical gradients; exit 1 if any element fails.
+
+    Example: convcli gradcheck sample_data/conv_example.h5 --mode exhaustive
+    """
+    if not eps > 0:
+        raise UsageError(f"--eps {eps}: must be > 0")
+    tolerance = Tolerance(eps=eps, rtol=rtol, atol=atol)
+    flags = {"stride": stride, "padding": pad, "dilation": dilation, "groups": groups}
+    shape_ = _int_list("--shape", shape, (4,))
+    kernel_ = _int_list("--kernel", kernel, (1, 2))
+    if shape_ is not None and (kernel_ is None or cout is None):
+        raise UsageError("--shape needs --kernel and --cout")
+    if shape_ is not None and (data or x or w):
+        raise UsageError("give either a data file (or --x/--w) or --shape, not both")
+    with _progress(as_json) as progress:
+        if impl is not None:
+            configs = None
+            if shape_ is not None:
+                spec, _ = build_spec({}, flags)
+                configs = [impl_config(shape_, kernel_, cout, spec)]
+            elif data or x or w:
+                raise UsageError(
+                    "--impl runs its own suite, or the one configuration given by --shape"
+                )
+            run = run_impl_check(impl, configs, seed=seed, tolerance=tolerance, progress=progress)
+        else:
+            if shape_ is not None:
+                spec, _ = build_spec({}, flags)
+                kernel_ = kernel_ * 2 if len(kernel_) == 1 else kernel_
+                arrays = random_inputs(shape_, kernel_, cout, spec, seed)
+            elif data or x or w:
+                loaded, spec = _load(
+                    data, {"x": x, "w": w, "b": b, "dz": dz}, ("x", "w"), ("b", "dz"), **flags
+                )
+                arrays = loaded.arrays
+            else:
+                raise UsageError(
+                    "give a data file, --x/--w, --shape with --kernel and --cout, or --impl"
+                )
+            run = run_gradcheck(
+                arrays,
+                spec,
+                upstream=upstream.value,
+                seed=seed,
+                mode=mode.value,
+                samples=samples,
+                probes=probes,
+                tolerance=tolerance,
+                progress=progress,
+            )
+    messages = Console(stderr=True, highlight=False, soft_wrap=True)
+    for notice in run.notices:
+        messages.print(f"convcli: note: {escape(notice)}")
+    if as_json:
+        print(gradcheck_json(run))
+    else:
+        print_gradcheck(_data_console(), run)
+    if not run.passed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@contextlib.contextmanager
+def _progress(as_json: bool):
+    """A progress callback that draws a bar on stderr once a check has taken half a second.
+
+    None with --json or when stdout is not a terminal.
+    """
+    if as_json or not sys.stdout.isatty():
+        yield None
+        return
+    from rich.progress import Progress
+
+    bar = {"progress": None, "task": None}
+    start = time.perf_counter()
+
+    def update(done: int, total: int) -> None:
+        if bar["progress"] is None:
+            if time.perf_counter() - start < 0.5:
+                return
+            bar["progress"] = Progress(console=Console(stderr=True), transient=True)
+            bar["progress"].start()
+            bar["task"] = bar["progress"].add_task("gradcheck", total=total)
+        bar["progress"].update(bar["task"], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if bar["progress"] is not None:
+            bar["progress"].stop()
 
 
 def main() -> None:

@@ -57,8 +57,8 @@ def result_table(result: RunResult) -> Table:
         if tensor.role == "input"
     )
     caption = (
-        f"stride={_pair(h['stride'])} padding={_padding(pads)} dilation={_pair(h['dilation'])} "
-        f"groups={h['groups']} · engine={result.engine} · {result.seconds * 1e3:.1f} ms\n{sources}"
+        f"stride={format_pair(h['stride'])} padding={format_padding(pads)} "
+        f"dilation={format_pair(h['dilation'])} groups={h['groups']} · engine={result.engine} · {result.seconds * 1e3:.1f} ms\n{sources}"
     )
     table = Table(
         title=f"convcli {result.command}",
@@ -92,11 +92,11 @@ def result_table(result: RunResult) -> Table:
     return table
 
 
-def _pair(values) -> str:
+def format_pair(values) -> str:
     return str(values[0]) if len(set(values)) == 1 else ",".join(map(str, values))
 
 
-def _padding(pads) -> str:
+def format_padding(pads) -> str:
     flat = [v for pair in pads for v in pair]
     if len(set(flat)) == 1:
         return str(flat[0])

@@ -151,3 +151,130 @@ def _inputs(arrays, names, origins) -> dict[str, Tensor]:
 
 def _notices(caught) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, ConvcliNotice)]
+
+
+@dataclass
+class GradcheckRun:
+    """One or more gradient checks, as the ``gradcheck`` command reports them.
+
+    ``results`` holds ``(config, GradcheckResult or None, error or None)`` per configuration.
+    """
+
+    mode: str
+    results: list
+    seconds: float
+    notices: list[str] = field(default_factory=list)
+    impl: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(
+            error is None and check is not None and check.passed for _, check, error in self.results
+        )
+
+    @property
+    def forward_passes(self) -> int:
+        return sum(check.forward_passes for _, check, _ in self.results if check is not None)
+
+
+def random_inputs(shape, kernel, cout: int, spec: ConvSpec, seed: int | None) -> dict:
+    """float64 x (n,H,W,Cin), w (kh,kw,Cin/groups,Cout), b (Cout,) drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    n, h, w, cin = shape
+    kh, kw = kernel
+    if cin % spec.groups:
+        from convcli.errors import HyperparameterError
+
+        raise HyperparameterError(
+            f"groups={spec.groups} must divide both Cin={cin} and Cout={cout}"
+        )
+    return {
+        "x": rng.standard_normal((n, h, w, cin)),
+        "w": rng.standard_normal((kh, kw, cin // spec.groups, cout)),
+        "b": rng.standard_normal(cout),
+    }
+
+
+def run_gradcheck(
+    arrays: dict[str, np.ndarray],
+    spec: ConvSpec,
+    *,
+    upstream: str = "random",
+    seed: int | None = None,
+    progress=None,
+    **options,
+) -> GradcheckRun:
+    """Gradient-check convcli's engine on x, w, b (and dz if given), in float64.
+
+    ``options`` go to :func:`convcli.gradcheck.gradcheck` (mode, samples, probes, tolerance).
+    """
+    from convcli.gradcheck import gradcheck
+
+    if upstream not in UPSTREAMS:
+        raise UsageError(f"--upstream {upstream!r}: choose from {', '.join(UPSTREAMS)}")
+    notices = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvcliNotice)
+        z, cache = conv_forward(arrays["x"], arrays["w"], arrays.get("b"), spec)
+    notices += _notices(caught)
+    if cache.dtype != np.float64:
+        notices.append(f"gradcheck runs in float64: inputs upcast from {cache.dtype}")
+    geometry = cache.geometry
+    g = arrays.get("dz")
+    if g is None:
+        g = _upstream(z.astype(np.float64), upstream, seed)
+    elif np.shape(g) != geometry.out_shape:
+        from convcli.errors import ShapeError
+
+        raise ShapeError(
+            f"dz has shape {np.shape(g)}; the forward output z has shape {geometry.out_shape}"
+        )
+    b = arrays.get("b")
+    start = time.perf_counter()
+    check = gradcheck(
+        cache.x,
+        cache.w,
+        None if b is None else np.asarray(b).reshape(-1),
+        spec,
+        upstream=np.asarray(g, dtype=np.float64),
+        seed=0 if seed is None else seed,
+        progress=progress,
+        **options,
+    )
+    config = {
+        "shape": [geometry.n, *geometry.in_sizes, geometry.cin],
+        "kernel": list(geometry.kernel),
+        "cout": geometry.cout,
+        **{k: v for k, v in geometry.hparams().items() if k != "padding"},
+        "pad": geometry.hparams()["padding"],
+    }
+    return GradcheckRun(
+        mode=check.mode,
+        results=[(config, check, None)],
+        seconds=time.perf_counter() - start,
+        notices=notices + check.notes,
+    )
+
+
+def run_impl_check(
+    path, configs=None, *, seed: int | None = None, progress=None, tolerance=None
+) -> GradcheckRun:
+    """Check the user's conv_forward/conv_backward in ``path`` on ``configs`` (default: SUITE)."""
+    from convcli.gradcheck import Tolerance
+    from convcli.userimpl import SUITE, check_impl, load_impl
+
+    impl = load_impl(path)
+    start = time.perf_counter()
+    results = check_impl(
+        impl,
+        SUITE if configs is None else configs,
+        seed=0 if seed is None else seed,
+        tolerance=tolerance or Tolerance(),
+        progress=progress,
+    )
+    return GradcheckRun(
+        mode="exhaustive",
+        results=[(r.config.to_json(), r.check, r.error) for r in results],
+        seconds=time.perf_counter() - start,
+        impl=str(path),
+    )

@@ -1,0 +1,490 @@
+"""Gradient checking: analytic dx, dw, db against central differences of forward passes.
+
+The scalar checked is ``L = Σ z ⊙ g`` for a fixed upstream gradient ``g`` (shape of z), so
+the analytic gradients are ``backward(g)``. Everything runs in float64. Layout as everywhere:
+x NHWC ``(n, H, W, Cin)``, w HWIO ``(kh, kw, Cin/groups, Cout)``, b ``(Cout,)``.
+
+Modes
+-----
+exhaustive
+    Every element of x, w and b. Elements whose effects on z cannot overlap are perturbed
+    together in one pair of forward passes and each one's difference is read back from its
+    own region of z: input pixels whose rows (columns) are a receptive-field span apart,
+    in every image and every channel group at once; the weights ``w[i, j, c, :]`` of all
+    output channels at once; all biases at once. The number of forward passes is
+    ``2 · (span_h · span_w · Cin/groups + kh · kw · Cin/groups + 1)``, independent of n, H, W.
+sample
+    ``samples`` random elements per tensor, each perturbed alone (2 passes each).
+fast
+    ``probes`` random directions per tensor: ``vᵀ J u`` from two forward passes against
+    ``⟨backward(v), u⟩``, with fresh random ``u`` and ``v`` per probe (as PyTorch's fast mode).
+auto
+    exhaustive when its estimated time is under ``AUTO_SECONDS``, otherwise sample + fast.
+
+Why central differences are so accurate here: z is linear in x, in w and in b separately,
+so the central difference has no truncation error at all; only rounding error remains,
+about ``u · |z| / eps``. That lets the default ``eps`` be large (1e-3) and the default
+tolerances tight (see :data:`DEFAULT_RTOL`, :data:`DEFAULT_ATOL`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from convcli.errors import UsageError
+from convcli.spec import ConvSpec, Geometry
+
+DEFAULT_EPS = 1e-3
+DEFAULT_RTOL = 1e-6
+DEFAULT_ATOL = 1e-8
+DEFAULT_SAMPLES = 64
+DEFAULT_PROBES = 8
+AUTO_SECONDS = 3.0
+MODES = ("auto", "exhaustive", "sample", "fast")
+WORST = 5
+
+# forward(x, w, b) -> z ; backward(g, x, w, b) -> (dx, dw, db), all float64 arrays.
+ForwardFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+BackwardFn = Callable[..., tuple]
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Per element: pass when ``|a - n| <= atol + rtol * max(|a|, |n|)``; eps is the step."""
+
+    eps: float = DEFAULT_EPS
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+
+
+@dataclass
+class TensorCheck:
+    """The verdict for one gradient (dx, dw or db).
+
+    ``abs_errors`` holds |analytic - numeric| in the tensor's shape when every element was
+    checked (NaN elsewhere in sample mode; None in fast mode, where probes are not elements).
+    """
+
+    name: str
+    shape: tuple
+    checked: int
+    total: int
+    max_abs_err: float
+    max_rel_err: float
+    passed: bool
+    unit: str = "elements"
+    worst: list[dict] = field(default_factory=list)
+    failures_per_channel: dict[int, int] = field(default_factory=dict)
+    abs_errors: np.ndarray | None = None
+    failed: np.ndarray | None = None
+    probes: TensorCheck | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "checked": self.checked,
+            "total": self.total,
+            "unit": self.unit,
+            "max_abs_err": _json_float(self.max_abs_err),
+            "max_rel_err": _json_float(self.max_rel_err),
+            "passed": self.passed,
+            "worst": [{k: _json_float(v) for k, v in row.items()} for row in self.worst],
+            "failures_per_channel": {str(k): v for k, v in self.failures_per_channel.items()},
+            "probes": None if self.probes is None else self.probes.to_json(),
+        }
+
+    def error_map(self) -> tuple[np.ndarray, str] | None:
+        """|error| over the two spatial axes for the channel with most failures (or the worst).
+
+        dx: max over the batch for input channel c -> (H, W). dw: max over input channels for
+        output channel c -> (kh, kw). None when no element-wise errors were computed.
+        """
+        if self.abs_errors is None or len(self.shape) != 4 or np.isnan(self.abs_errors).all():
+            return None
+        errors = np.nan_to_num(self.abs_errors, nan=0.0)
+        channel = self._worst_channel(errors)
+        if self.name == "dx":
+            return errors[..., channel].max(axis=0), f"|error| of dx over (H, W), channel {channel}"
+        return (
+            errors[..., channel].max(axis=2),
+            f"|error| of {self.name} over (kh, kw), output channel {channel}",
+        )
+
+    def _worst_channel(self, errors: np.ndarray) -> int:
+        if self.failures_per_channel:
+            return max(self.failures_per_channel, key=self.failures_per_channel.get)
+        per_channel = errors.reshape(-1, errors.shape[-1]).max(axis=0)
+        return int(np.argmax(per_channel))
+
+
+def _json_float(value):
+    """NaN and infinities become None (JSON has no NaN); other values pass through."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+@dataclass
+class GradcheckResult:
+    """All tensors' verdicts plus how the check was run."""
+
+    mode: str
+    forward_passes: int
+    tensors: dict[str, TensorCheck]
+    seconds: float
+    tolerance: Tolerance
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.tensors.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def gradcheck(
+    x,
+    w,
+    b,
+    spec: ConvSpec,
+    *,
+    upstream: np.ndarray | None = None,
+    mode: str = "auto",
+    samples: int = DEFAULT_SAMPLES,
+    probes: int = DEFAULT_PROBES,
+    seed: int = 0,
+    tolerance: Tolerance = Tolerance(),
+    forward: ForwardFn | None = None,
+    backward: BackwardFn | None = None,
+    progress: Progress | None = None,
+) -> GradcheckResult:
+    """Check ``backward`` against central differences of ``forward``.
+
+    Parameters
+    ----------
+    x : ndarray (n, H, W, Cin); w : ndarray (kh, kw, Cin/groups, Cout); b : None or (Cout,)
+        Converted to float64 (the caller says so to the user when that upcasts).
+    spec : ConvSpec
+        Gives the geometry used to group perturbations in exhaustive mode.
+    upstream : ndarray (n, Ho, Wo, Cout), optional
+        g in L = Σ z ⊙ g. Default: standard normal from ``seed``.
+    mode : "auto", "exhaustive", "sample" or "fast"
+    forward, backward : callables, optional
+        ``forward(x, w, b) -> z`` and ``backward(g, x, w, b) -> (dx, dw, db)``. Default:
+        convcli's fast engine. Used to check another implementation.
+    progress : callable(done, total), optional
+        Called after every forward pass.
+    """
+    from convcli.engine import conv_backward, conv_forward
+
+    if mode not in MODES:
+        raise UsageError(f"--mode {mode!r}: choose from {', '.join(MODES)}")
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    b = None if b is None else np.asarray(b, dtype=np.float64).reshape(-1)
+    geometry = spec.geometry(x.shape, w.shape)
+    if forward is None:
+
+        def forward(x_, w_, b_):
+            return conv_forward(x_, w_, b_, spec)[0]
+
+    if backward is None:
+
+        def backward(g_, x_, w_, b_):
+            return conv_backward(g_, conv_forward(x_, w_, b_, spec)[1])
+
+    rng = np.random.default_rng(seed)
+    g = (
+        rng.standard_normal(geometry.out_shape)
+        if upstream is None
+        else np.asarray(upstream, np.float64)
+    )
+    counter = _Counter(forward, progress)
+    start = time.perf_counter()
+    notes = []
+    resolved = mode
+    if mode == "auto":
+        resolved, note = _choose(counter, x, w, b, geometry)
+        notes.append(note)
+    names = ["dx", "dw"] + ([] if b is None else ["db"])
+    counter.total = counter.calls + _planned_passes(resolved, geometry, x, w, b, samples, probes)
+
+    checks: dict[str, TensorCheck] = {}
+    if resolved == "exhaustive":
+        analytic = _analytic(backward, g, x, w, b)
+        numeric = _exhaustive_numeric(counter, g, x, w, b, geometry, tolerance.eps)
+        for name in names:
+            checks[name] = _compare_elements(name, analytic[name], numeric[name], tolerance)
+    if resolved in ("sample", "sample+fast"):
+        analytic = _analytic(backward, g, x, w, b)
+        for name in names:
+            checks[name] = _sample_check(
+                counter, name, g, x, w, b, analytic[name], samples, rng, tolerance
+            )
+    if resolved in ("fast", "sample+fast"):
+        fast = _fast_checks(counter, backward, x, w, b, geometry, probes, rng, tolerance)
+        for name in names:
+            if name in checks:
+                checks[name].probes = fast[name]
+                checks[name].passed = checks[name].passed and fast[name].passed
+            else:
+                checks[name] = fast[name]
+    return GradcheckResult(
+        mode=resolved,
+        forward_passes=counter.calls,
+        tensors=checks,
+        seconds=time.perf_counter() - start,
+        tolerance=tolerance,
+        notes=notes,
+    )
+
+
+def _choose(counter, x, w, b, geometry: Geometry) -> tuple[str, str]:
+    """Auto mode: exhaustive when it is estimated to take under AUTO_SECONDS."""
+    start = time.perf_counter()
+    counter(x, w, b)
+    estimate = (time.perf_counter() - start) * exhaustive_passes(geometry, b is not None)
+    if estimate <= AUTO_SECONDS:
+        return "exhaustive", f"auto chose exhaustive (estimated {estimate:.2g} s)"
+    return "sample+fast", (
+        f"auto chose sample + fast: exhaustive would need "
+        f"{exhaustive_passes(geometry, b is not None)} forward passes, about {estimate:.2g} s"
+    )
+
+
+def _planned_passes(mode, geometry, x, w, b, samples, probes) -> int:
+    arrays = [x, w] + ([] if b is None else [b])
+    passes = 0
+    if mode == "exhaustive":
+        passes += exhaustive_passes(geometry, b is not None)
+    if mode in ("sample", "sample+fast"):
+        passes += sum(2 * min(samples, a.size) for a in arrays)
+    if mode in ("fast", "sample+fast"):
+        passes += 2 * probes * len(arrays)
+    return passes
+
+
+class _Counter:
+    """Wraps the forward function to count passes and report progress."""
+
+    def __init__(self, forward: ForwardFn, progress: Progress | None):
+        self.forward = forward
+        self.progress = progress
+        self.calls = 0
+        self.total = 0
+
+    def __call__(self, x, w, b) -> np.ndarray:
+        z = np.asarray(self.forward(x, w, b), dtype=np.float64)
+        self.calls += 1
+        if self.progress is not None:
+            self.progress(self.calls, max(self.total, self.calls))
+        return z
+
+
+def _analytic(backward, g, x, w, b) -> dict[str, np.ndarray]:
+    dx, dw, db = backward(g, x, w, b)
+    grads = {"dx": np.asarray(dx, np.float64), "dw": np.asarray(dw, np.float64)}
+    if b is not None:
+        grads["db"] = np.asarray(db, np.float64).reshape(-1)
+    return grads
+
+
+# ---------------------------------------------------------------------------------------------
+# Exhaustive mode: grouped perturbations, read back per region of z
+# ---------------------------------------------------------------------------------------------
+
+
+def _spans(geometry: Geometry) -> tuple[int, int]:
+    """Distance between input rows (columns) that can never share an output pixel."""
+    return tuple(
+        min(d * (k - 1) + 1, size)
+        for d, k, size in zip(geometry.dilation, geometry.kernel, geometry.in_sizes, strict=True)
+    )
+
+
+def exhaustive_passes(geometry: Geometry, has_bias: bool) -> int:
+    """Forward passes an exhaustive check of this geometry uses."""
+    span_h, span_w = _spans(geometry)
+    cin_group = geometry.cin // geometry.groups
+    kh, kw = geometry.kernel
+    return 2 * (span_h * span_w * cin_group + kh * kw * cin_group + int(has_bias))
+
+
+def _owner_matrices(axis: int, geometry: Geometry, period: int) -> list[np.ndarray]:
+    """For each residue r: A[r][i, o] = 1 when input i (i % period == r) feeds output o.
+
+    Within one output's receptive field the taps span less than ``period`` positions,
+    so at most one input of each residue feeds it.
+    """
+    size, k = geometry.in_sizes[axis], geometry.kernel[axis]
+    s, d = geometry.stride[axis], geometry.dilation[axis]
+    before = geometry.pads[axis][0]
+    out = geometry.out_sizes[axis]
+    matrices = [np.zeros((size, out)) for _ in range(period)]
+    for o in range(out):
+        for tap in range(k):
+            i = o * s + tap * d - before
+            if 0 <= i < size:
+                matrices[i % period][i, o] = 1.0
+    return matrices
+
+
+def _exhaustive_numeric(counter, g, x, w, b, geometry: Geometry, eps: float) -> dict:
+    n, (out_h, out_w), cout, groups = geometry.n, geometry.out_sizes, geometry.cout, geometry.groups
+    cin_group = geometry.cin // groups
+    span_h, span_w = _spans(geometry)
+    rows = _owner_matrices(0, geometry, span_h)
+    cols = _owner_matrices(1, geometry, span_w)
+
+    def difference(xp, xm, wp, wm, bp, bm):
+        return (counter(xp, wp, bp) - counter(xm, wm, bm)) / (2 * eps) * g
+
+    numeric = {"dx": np.zeros_like(x), "dw": np.zeros_like(w)}
+    step = np.zeros_like(x)
+    for r in range(span_h):
+        for c in range(span_w):
+            for channel in range(cin_group):
+                channels = slice(channel, None, cin_group)  # this channel of every group
+                step[...] = 0
+                step[:, r::span_h, c::span_w, channels] = eps
+                weighted = difference(x + step, x - step, w, w, b, b)
+                per_group = weighted.reshape(n, out_h, out_w, groups, cout // groups).sum(axis=-1)
+                spread = np.einsum("hH,nHWg,wW->nhwg", rows[r], per_group, cols[c])
+                numeric["dx"][:, r::span_h, c::span_w, channels] = spread[:, r::span_h, c::span_w]
+    kh, kw = geometry.kernel
+    w_step = np.zeros_like(w)
+    for i in range(kh):
+        for j in range(kw):
+            for channel in range(cin_group):
+                w_step[...] = 0
+                w_step[i, j, channel, :] = eps
+                weighted = difference(x, x, w + w_step, w - w_step, b, b)
+                numeric["dw"][i, j, channel, :] = weighted.sum(axis=(0, 1, 2))
+    if b is not None:
+        weighted = difference(x, x, w, w, b + eps, b - eps)
+        numeric["db"] = weighted.sum(axis=(0, 1, 2))
+    return numeric
+
+
+def _compare_elements(name, analytic, numeric, tolerance: Tolerance) -> TensorCheck:
+    if analytic.shape != numeric.shape:
+        raise ValueError(f"{name} has shape {analytic.shape}, expected {numeric.shape}")
+    abs_errors = np.abs(analytic - numeric)
+    scale = np.maximum(np.abs(analytic), np.abs(numeric))
+    allowed = tolerance.atol + tolerance.rtol * scale
+    failed = ~(abs_errors <= allowed)  # NaN fails
+    rel = np.divide(abs_errors, scale, out=np.zeros_like(abs_errors), where=scale > 0)
+    excess = np.where(np.isnan(abs_errors), np.inf, abs_errors / allowed)
+    order = np.argsort(excess, axis=None)[::-1][:WORST]
+    worst = [
+        {
+            "index": [int(i) for i in np.unravel_index(flat, analytic.shape)],
+            "analytic": float(analytic.flat[flat]),
+            "numeric": float(numeric.flat[flat]),
+            "abs_err": float(abs_errors.flat[flat]),
+        }
+        for flat in order
+    ]
+    per_channel = failed.reshape(-1, analytic.shape[-1]).sum(axis=0) if analytic.ndim else failed
+    return TensorCheck(
+        name=name,
+        shape=analytic.shape,
+        checked=int(analytic.size),
+        total=int(analytic.size),
+        max_abs_err=_finite_max(abs_errors),
+        max_rel_err=_finite_max(rel),
+        passed=not failed.any(),
+        worst=worst,
+        failures_per_channel={int(c): int(k) for c, k in enumerate(per_channel) if k},
+        abs_errors=abs_errors,
+        failed=failed,
+    )
+
+
+def _finite_max(values: np.ndarray) -> float:
+    if values.size == 0:
+        return 0.0
+    if np.isnan(values).any():
+        return float("nan")
+    return float(values.max())
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample mode
+# ---------------------------------------------------------------------------------------------
+
+
+def _sample_check(counter, name, g, x, w, b, analytic, samples, rng, tolerance) -> TensorCheck:
+    position = {"dx": 0, "dw": 1, "db": 2}[name]
+    target = (x, w, b)[position]
+    picked = rng.choice(target.size, size=min(samples, target.size), replace=False)
+    numeric = analytic.copy()  # unchecked elements compare equal, then are masked out
+    eps = tolerance.eps
+    for flat in picked:
+        step = np.zeros_like(target)
+        step.flat[flat] = eps
+        plus, minus = [x, w, b], [x, w, b]
+        plus[position], minus[position] = target + step, target - step
+        numeric.flat[flat] = np.vdot(counter(*plus) - counter(*minus), g) / (2 * eps)
+    check = _compare_elements(name, analytic, numeric, tolerance)
+    unchecked = np.ones(target.shape, dtype=bool)
+    unchecked.flat[picked] = False
+    check.abs_errors[unchecked] = np.nan
+    check.checked = int(picked.size)
+    return check
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast mode: random projections
+# ---------------------------------------------------------------------------------------------
+
+
+def _fast_checks(counter, backward, x, w, b, geometry, probes, rng, tolerance) -> dict:
+    arrays = {"dx": x, "dw": w} | ({} if b is None else {"db": b})
+    rows = {name: [] for name in arrays}  # (analytic, numeric, scale) per probe
+    eps = tolerance.eps
+    for _ in range(probes):
+        v = rng.standard_normal(geometry.out_shape)
+        analytic = _analytic(backward, v, x, w, b)
+        for position, (name, array) in enumerate(arrays.items()):
+            u = rng.standard_normal(array.shape)
+            plus, minus = [x, w, b], [x, w, b]
+            plus[position], minus[position] = array + eps * u, array - eps * u
+            numeric = np.vdot(counter(*plus) - counter(*minus), v) / (2 * eps)
+            products = analytic[name] * u
+            rows[name].append((products.sum(), numeric, np.abs(products).sum()))
+    checks = {}
+    for name, array in arrays.items():
+        a, n_, scale = np.array(rows[name], dtype=np.float64).T
+        abs_errors = np.abs(a - n_)
+        allowed = tolerance.atol + tolerance.rtol * scale
+        failed = ~(abs_errors <= allowed)
+        rel = np.divide(abs_errors, scale, out=np.zeros_like(abs_errors), where=scale > 0)
+        worst = [
+            {
+                "probe": int(i),
+                "analytic": float(a[i]),
+                "numeric": float(n_[i]),
+                "abs_err": float(abs_errors[i]),
+            }
+            for i in np.argsort(abs_errors / allowed)[::-1][:WORST]
+        ]
+        checks[name] = TensorCheck(
+            name=name,
+            shape=array.shape,
+            checked=probes,
+            total=probes,
+            unit="probes",
+            max_abs_err=_finite_max(abs_errors),
+            max_rel_err=_finite_max(rel),
+            passed=not failed.any(),
+            worst=worst,
+        )
+    return checks

@@ -1,0 +1,171 @@
+"""Rendering gradient checks (:class:`~convcli.runs.GradcheckRun`): Rich tables, heatmaps, JSON."""
+
+from __future__ import annotations
+
+import json
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from convcli.heatmap import print_heatmap
+from convcli.render import format_padding, format_pair
+from convcli.runs import GradcheckRun
+
+LABELS = {"dx": "dx", "dw": "dw", "db": "db"}
+
+
+def gradcheck_json(run: GradcheckRun) -> str:
+    """The ``--json`` document of a gradcheck run."""
+    tolerance = next((check.tolerance for _, check, _ in run.results if check is not None), None)
+    document = {
+        "command": "gradcheck",
+        "passed": run.passed,
+        "mode": run.mode,
+        "forward_passes": run.forward_passes,
+        "impl": run.impl,
+        "tolerance": None
+        if tolerance is None
+        else {"eps": tolerance.eps, "rtol": tolerance.rtol, "atol": tolerance.atol},
+        "seconds": run.seconds,
+        "results": [
+            {
+                "config": config,
+                "passed": error is None and check is not None and check.passed,
+                "error": error,
+                "tensors": {}
+                if check is None
+                else {name: t.to_json() for name, t in check.tensors.items()},
+            }
+            for config, check, error in run.results
+        ],
+    }
+    return json.dumps(document, allow_nan=False)
+
+
+def _verdict(passed: bool) -> Text:
+    return Text("PASS", style="bold green") if passed else Text("FAIL", style="bold red")
+
+
+def print_gradcheck(console: Console, run: GradcheckRun) -> None:
+    """Tables for people: per tensor for one check, per configuration for ``--impl``."""
+    if run.impl is not None:
+        _print_impl(console, run)
+        return
+    config, check, _ = run.results[0]
+    tol = check.tolerance
+    table = Table(
+        title=f"convcli gradcheck · {check.mode} · {check.forward_passes} forward passes · "
+        f"{run.seconds:.2f} s",
+        caption=Text(
+            f"x {tuple(config['shape'])} · kernel {'x'.join(map(str, config['kernel']))} · "
+            f"cout {config['cout']} · stride={format_pair(config['stride'])} "
+            f"padding={format_padding(config['pad'])} dilation={format_pair(config['dilation'])} "
+            f"groups={config['groups']}\n"
+            f"pass when |analytic - numeric| ≤ atol + rtol·max(|analytic|, |numeric|); "
+            f"eps={tol.eps:g}"
+        ),
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
+    for column in ("tensor", "checked", "max abs err", "max rel err", "tolerance", "result"):
+        table.add_column(column, justify="left" if column in ("tensor", "result") else "right")
+    tolerance = f"atol {tol.atol:g}, rtol {tol.rtol:g}"
+    for name, tensor in check.tensors.items():
+        for label, part in ((name, tensor), (f"{name} probes", tensor.probes)):
+            if part is None:
+                continue
+            table.add_row(
+                label,
+                f"{part.checked}/{part.total}"
+                if part.unit == "elements"
+                else f"{part.checked} probes",
+                f"{part.max_abs_err:.3g}",
+                f"{part.max_rel_err:.3g}",
+                tolerance,
+                _verdict(part.passed),
+            )
+    console.print(table)
+    for tensor in check.tensors.values():
+        for part in (tensor, tensor.probes):
+            if part is not None and not part.passed:
+                _print_failure(console, part)
+    console.print(
+        Text("PASS: every gradient matches", style="bold green")
+        if run.passed
+        else Text(
+            "FAIL: " + ", ".join(n for n, t in check.tensors.items() if not t.passed) + " wrong",
+            style="bold red",
+        )
+    )
+
+
+def _print_failure(console: Console, check) -> None:
+    worst = Table(title=f"{check.name}: worst {check.unit}", box=box.SIMPLE_HEAD, show_edge=False)
+    key = "index" if check.unit == "elements" else "probe"
+    for column in (key, "analytic", "numeric", "|error|"):
+        worst.add_column(column, justify="right")
+    for row in check.worst:
+        worst.add_row(
+            str(tuple(row[key])) if key == "index" else str(row[key]),
+            f"{row['analytic']:.10g}",
+            f"{row['numeric']:.10g}",
+            f"{row['abs_err']:.3g}",
+        )
+    console.print(worst)
+    if check.failures_per_channel:
+        counts = ", ".join(f"{c}: {k}" for c, k in sorted(check.failures_per_channel.items()))
+        axis = "input channel" if check.name == "dx" else "output channel"
+        failed = int(check.failed.sum()) if check.failed is not None else 0
+        console.print(
+            Text(
+                f"{check.name}: {failed} of {check.checked} checked elements fail; "
+                f"per {axis}: {counts}"
+            )
+        )
+    picture = check.error_map()
+    if picture is not None and check.checked == check.total:
+        values, title = picture
+        print_heatmap(console, values, title)
+
+
+def _print_impl(console: Console, run: GradcheckRun) -> None:
+    table = Table(
+        title=f"convcli gradcheck --impl {run.impl} · {len(run.results)} configurations · "
+        f"{run.seconds:.2f} s",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
+    for column in ("#", "shape", "kernel", "cout", "stride", "pad", "result", "reason"):
+        table.add_column(column, overflow="fold" if column == "reason" else "ellipsis")
+    for number, (config, check, error) in enumerate(run.results, start=1):
+        passed = error is None and check is not None and check.passed
+        table.add_row(
+            str(number),
+            "x".join(map(str, config["shape"])),
+            "x".join(map(str, config["kernel"])),
+            str(config["cout"]),
+            str(config["stride"]),
+            str(config["pad"]),
+            _verdict(passed),
+            Text(error or ""),
+        )
+    console.print(table)
+    failing = [
+        (number, check)
+        for number, (_, check, error) in enumerate(run.results, start=1)
+        if check is not None and not check.passed
+    ]
+    if failing:
+        number, check = failing[0]
+        console.print(Text(f"configuration {number}, where the gradients are wrong:", style="bold"))
+        for tensor in check.tensors.values():
+            if not tensor.passed:
+                _print_failure(console, tensor)
+    passed = sum(1 for c, k, e in run.results if e is None and k is not None and k.passed)
+    style = "bold green" if passed == len(run.results) else "bold red"
+    console.print(Text(f"{passed} of {len(run.results)} configurations pass", style=style))
