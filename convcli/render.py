@@ -58,7 +58,8 @@ def result_table(result: RunResult) -> Table:
     )
     caption = (
         f"stride={format_pair(h['stride'])} padding={format_padding(pads)} "
-        f"dilation={format_pair(h['dilation'])} groups={h['groups']} · engine={result.engine} · {result.seconds * 1e3:.1f} ms\n{sources}"
+        f"dilation={format_pair(h['dilation'])} groups={h['groups']} · "
+        f"engine={result.engine} · {result.seconds * 1e3:.1f} ms\n{sources}"
     )
     table = Table(
         title=f"convcli {result.command}",
