@@ -381,8 +381,9 @@ def _compare_elements(name, analytic, numeric, tolerance: Tolerance) -> TensorCh
     allowed = tolerance.atol + tolerance.rtol * scale
     failed = ~(abs_errors <= allowed)  # NaN fails
     rel = np.divide(abs_errors, scale, out=np.zeros_like(abs_errors), where=scale > 0)
-    excess = np.where(np.isnan(abs_errors), np.inf, abs_errors / allowed)
-    order = np.argsort(excess, axis=None)[::-1][:WORST]
+    # failing elements first, each group by |error|, largest first (NaN counts as largest)
+    magnitude = np.nan_to_num(abs_errors, nan=np.inf).ravel()
+    order = np.lexsort((magnitude, failed.ravel()))[::-1][:WORST]
     worst = [
         {
             "index": [int(i) for i in np.unravel_index(flat, analytic.shape)],
@@ -474,7 +475,7 @@ def _fast_checks(counter, backward, x, w, b, geometry, probes, rng, tolerance) -
                 "numeric": float(n_[i]),
                 "abs_err": float(abs_errors[i]),
             }
-            for i in np.argsort(abs_errors / allowed)[::-1][:WORST]
+            for i in np.lexsort((abs_errors, failed))[::-1][:WORST]
         ]
         checks[name] = TensorCheck(
             name=name,

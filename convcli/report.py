@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from rich import box
 from rich.console import Console
@@ -134,7 +135,7 @@ def _print_failure(console: Console, check) -> None:
 
 def _print_impl(console: Console, run: GradcheckRun) -> None:
     table = Table(
-        title=f"convcli gradcheck --impl {run.impl} · {len(run.results)} configurations · "
+        title=f"gradcheck --impl {Path(run.impl).name} · {len(run.results)} configurations · "
         f"{run.seconds:.2f} s",
         box=box.SIMPLE_HEAD,
         show_edge=False,

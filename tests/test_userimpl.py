@@ -11,7 +11,7 @@ from convcli.cli import app
 from convcli.userimpl import SUITE, check_config, load_impl
 from tests.conftest import ROOT
 
-CLASSIC = (ROOT / "tests" / "impls" / "classic_conv.py").read_text(encoding="utf-8")
+CLASSIC = (ROOT / "sample_data" / "classic_conv.py").read_text(encoding="utf-8")
 runner = CliRunner()
 
 
@@ -88,7 +88,7 @@ BROKEN = {
     "backward raises": (
         "    dW = np.zeros(W.shape)\n",
         "    dW = np.zeros(W.shape)\n    raise IndexError('oops')\n",
-        "conv_backward raised IndexError: oops (broken.py line 41)",
+        "conv_backward raised IndexError: oops (broken.py line {line})",
     ),
     "wrong dW shape": (
         "return dA_prev, dW, db",
@@ -107,7 +107,11 @@ BROKEN = {
 @pytest.mark.parametrize("bug", list(BROKEN))
 def test_broken_implementations_fail_with_the_cause(tmp_path, bug):
     old, new, cause = BROKEN[bug]
-    result, doc = run_impl(variant(tmp_path, "broken", old, new))
+    path = variant(tmp_path, "broken", old, new)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if "{line}" in cause:
+        cause = cause.format(line=lines.index("    raise IndexError('oops')") + 1)
+    result, doc = run_impl(path)
     assert result.exit_code == 1, (result.stdout, result.stderr)
     assert doc["passed"] is False
     errors = [r["error"] for r in doc["results"] if r["error"]]

@@ -1,6 +1,10 @@
-"""A correct loop implementation in the classic exercise's style, used to test --impl.
+"""A correct loop implementation of the classic NHWC exercise, to try ``gradcheck --impl`` on:
 
-tests/test_userimpl.py derives broken variants from this text by replacing marked lines.
+    convcli gradcheck --impl sample_data/classic_conv.py
+
+A_prev (m, n_H_prev, n_W_prev, n_C_prev), W (f, f, n_C_prev, n_C), b (1, 1, 1, n_C),
+hparameters {"stride": s, "pad": p}. Break a line and run it again to see how convcli reports
+the bug (tests/test_userimpl.py does exactly that with the lines marked by comments).
 """
 
 import numpy as np
