@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import convcli.gradcheck as gc
@@ -215,3 +215,28 @@ def test_progress_is_reported(layer):
         x, w, b, ConvSpec(padding=1), mode="exhaustive", progress=lambda d, t: calls.append((d, t))
     )
     assert calls[-1][0] == calls[-1][1] == len(calls)
+
+
+@settings(max_examples=40)
+@given(case=conv_cases(dtypes=(np.float64,)))
+def test_default_tolerances_catch_a_1e5_error_in_one_dw_channel(case):
+    x, w, b, spec = case
+    channel = w.shape[-1] - 1
+    _, cache = conv_forward(x, w, None, spec)
+    g = np.random.default_rng(0).standard_normal(cache.geometry.out_shape)
+    _, dw, _ = conv_backward(g, cache)
+    detectable = np.abs(dw[..., channel]) > 2e-3  # where 1e-5 relative exceeds atol + rtol·|dw|
+    result = gradcheck(
+        x,
+        w,
+        _flat_bias(b),
+        spec,
+        upstream=g,
+        mode="exhaustive",
+        backward=_broken(spec, _dw_channel_error(1e-5, channel)),
+    )
+    check = result.tensors["dw"]
+    assume(detectable.any())
+    assert check.failed[..., channel][detectable].all()
+    assert not check.failed[..., :channel].any()
+    assert result.passed == (not check.failed.any())
