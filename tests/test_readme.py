@@ -49,3 +49,15 @@ def test_readme_transcripts_are_real_output(block, monkeypatch):
 def _normalised(lines: list[str]) -> list[str]:
     """Mask varying numbers, then compare words (column widths follow the numbers)."""
     return [" ".join(VARYING.sub("#", line).split()) for line in lines]
+
+
+def test_every_command_has_help_with_an_example_and_a_readme_section():
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    assert set(commands) >= {"forward", "backward", "gradcheck"}
+    for name in commands:
+        result = CliRunner().invoke(app, [name, "--help"])
+        assert result.exit_code == 0
+        assert "Example: convcli " + name in result.stdout
+        assert f"### `convcli {name}`" in README
