@@ -3,32 +3,55 @@
 Layout: x NHWC ``(n, H, W, Cin)``, w HWIO ``(kh, kw, Cin / groups, Cout)``,
 z and dz ``(n, Ho, Wo, Cout)``; output sizes from :func:`convcli.spec.output_size`.
 
-How it works. A *tile* is a block of images, or, when one image is too big for the
-budget, a block of output rows of one image. For each tile the patch matrix ``cols``
-of shape ``(groups, tile_pixels, kh * kw * Cin/groups)`` is filled with one strided
-copy per kernel offset (padding is never materialised: out-of-range taps are zeroed),
-and a single (batched over groups) matrix product gives the tile's output. The backward
-pass rebuilds ``cols`` per tile, accumulates ``dw`` with one GEMM and scatters
-``dcols = dz @ wᵀ`` back into ``dx`` with one strided add per kernel offset.
+How it works. A *tile* is a block of images, or, when one image is too big, a block of
+output rows of one image. Tiles are sized to stay in the CPU cache (``TILE_BYTES``) and
+never above the ``workspace`` budget. For each tile:
 
-There is no Python loop over images, output pixels or channels; the loops are over
-kernel offsets and tiles. Scratch memory (``cols``, ``dcols``, group transposes) stays
-under ``workspace`` bytes, except that one output row of one image is the smallest tile.
+1. the input rows it needs are copied into a small zero-padded buffer (skipped when there is
+   no padding), so every kernel tap reads valid memory;
+2. a strided *view* of that buffer shows every receptive field, ``(images, rows, Wo, kh, kw,
+   Cin)``, and one ``np.copyto`` turns it into the patch matrix ``cols`` of shape
+   ``(groups, tile_pixels, kh·kw·Cin/groups)``;
+3. one matrix product (batched over groups) gives the tile's output.
+
+The backward pass rebuilds ``cols`` per tile, accumulates ``dw`` with one GEMM, and scatters
+``dcols = dz @ wᵀ`` back into a padded ``dx`` buffer with one strided add per kernel tap.
+Depthwise layers (one input channel per group), where a GEMM would have an inner dimension of
+1, use per-tap multiply-adds on the strided view instead.
+
+There is no Python loop over images, output pixels or channels: the loops are over tiles and
+kernel taps. Scratch memory (patch matrices, padded buffers, group transposes) stays under
+``workspace`` bytes, except that one output row of one image is the smallest tile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
+from convcli.errors import UsageError
 from convcli.operands import ConvCache, prepare, prepare_upstream, shape_bias_grad
 from convcli.spec import ConvSpec, Geometry
 
 DEFAULT_WORKSPACE = 256 * 2**20  # bytes
+TILE_BYTES = 4 * 2**20  # target scratch per tile: patch matrices that stay in L2/L3
 
 
-def conv_forward(x, w, b=None, spec: ConvSpec | None = None, *, workspace: int = DEFAULT_WORKSPACE):
+def conv_forward(
+    x,
+    w,
+    b=None,
+    spec: ConvSpec | None = None,
+    *,
+    workspace: int = DEFAULT_WORKSPACE,
+    threads: int | None = None,
+):
     """Convolve x with w and add b.
 
     Parameters
@@ -38,32 +61,39 @@ def conv_forward(x, w, b=None, spec: ConvSpec | None = None, *, workspace: int =
     b : None or ndarray of shape (Cout,) or (1, 1, 1, Cout)
     spec : ConvSpec, default ``ConvSpec()`` (stride 1, no padding)
     workspace : int
-        Budget in bytes for scratch buffers (default 256 MiB).
+        Budget in bytes for all scratch buffers together (default 256 MiB).
+    threads : int, optional
+        Tiles processed in parallel. Default: the number of threads NumPy's BLAS uses.
 
     Returns
     -------
     z : ndarray of shape (n, Ho, Wo, Cout), dtype float32 or float64 (the wider of the inputs)
     cache : ConvCache for :func:`conv_backward`
     """
+    spec = spec if spec is not None else ConvSpec()
     x, w, b, b_shape, geometry = prepare(x, w, b, spec)
-    workspace = _check_workspace(workspace)
+    workspace = check_workspace(workspace)
     z = np.empty(geometry.out_shape, dtype=x.dtype)
     w_groups = _weights_by_group(w, geometry)
-    plan = _Plan(geometry, x.dtype.itemsize, workspace, buffers=1)
-    z_rows = z.reshape(geometry.n, geometry.out_sizes[0], -1)
-    for tile in plan.tiles():
-        cols = plan.im2col(x, tile)
-        z_tile = z_rows[tile.images, tile.rows].reshape(-1, geometry.cout)
-        _grouped_matmul(cols, w_groups, z_tile)
+
+    def work(plan: _Plan, tile: _Tile) -> None:
+        z_tile = plan.output_rows(z, tile)
+        if plan.depthwise:
+            plan.depthwise_forward(x, w, tile, z_tile)
+        else:
+            _grouped_matmul(plan.im2col(x, tile), w_groups, z_tile)
+
+    _for_each_tile(geometry, x.dtype, workspace, threads, backward=False, work=work)
     if b is not None:
         z += b
     cache = ConvCache(
         x=x,
         w=w,
         b_shape=b_shape,
-        spec=spec if spec is not None else ConvSpec(),
+        spec=spec,
         geometry=geometry,
         workspace=workspace,
+        threads=threads,
     )
     return z, cache
 
@@ -85,26 +115,119 @@ def conv_backward(dz, cache: ConvCache):
     dz, dtype = prepare_upstream(dz, cache)
     geometry = cache.geometry
     x = cache.x.astype(dtype, copy=False)
-    w_groups = _weights_by_group(cache.w.astype(dtype, copy=False), geometry)
-    g, k_group, cout_group = w_groups.shape
+    w = cache.w.astype(dtype, copy=False)
     dx = np.zeros(x.shape, dtype=dtype)
-    dw_groups = np.zeros((g, k_group, cout_group), dtype=dtype)
-    plan = _Plan(geometry, dtype.itemsize, cache.workspace, buffers=2)
-    dz_rows = dz.reshape(geometry.n, geometry.out_sizes[0], -1)
-    for tile in plan.tiles():
+    w_groups = _weights_by_group(w, geometry)
+    g, _, cout_group = w_groups.shape
+    w_groups_t = np.ascontiguousarray(w_groups.transpose(0, 2, 1))
+
+    def work(plan: _Plan, tile: _Tile) -> None:
+        dz_tile = plan.output_rows(dz, tile)
+        if plan.depthwise:
+            plan.depthwise_backward(x, w, dz_tile, tile, dx, plan.dw)
+            return
         cols = plan.im2col(x, tile)
-        dz_tile = dz_rows[tile.images, tile.rows].reshape(-1, g, cout_group).transpose(1, 0, 2)
-        dw_groups += np.matmul(cols.transpose(0, 2, 1), dz_tile)
-        dcols = np.matmul(dz_tile, w_groups.transpose(0, 2, 1), out=plan.second_buffer(tile))
+        dz_groups = dz_tile.reshape(-1, g, cout_group).transpose(1, 0, 2)
+        plan.dw += np.matmul(cols.transpose(0, 2, 1), dz_groups)
+        dcols = np.matmul(dz_groups, w_groups_t, out=plan.dcols(tile))
         plan.col2im(dcols, dx, tile)
-    dw = _weights_from_groups(dw_groups, geometry)
+
+    plans = _for_each_tile(
+        geometry,
+        dtype,
+        cache.workspace,
+        cache.threads,
+        backward=True,
+        work=work,
+        dw_shape=w.shape if _is_depthwise(geometry) else w_groups.shape,
+    )
+    dw = plans[0].dw
+    for plan in plans[1:]:
+        dw += plan.dw
+    if not _is_depthwise(geometry):
+        dw = _weights_from_groups(dw, geometry)
     db = dz.sum(axis=tuple(range(dz.ndim - 1))) if cache.b_shape is not None else None
     return dx, dw, shape_bias_grad(db, cache.b_shape)
 
 
-def _check_workspace(workspace) -> int:
-    from convcli.errors import UsageError
+# -- tiles in parallel -----------------------------------------------------------------------
 
+_pool: dict = {}
+_dx_lock = threading.Lock()
+
+
+def _blas_controller():
+    """threadpoolctl's controller of NumPy's BLAS, or None without threadpoolctl."""
+    if "controller" not in _pool:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _pool["controller"] = ThreadpoolController()
+        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+            _pool["controller"] = None
+    return _pool["controller"]
+
+
+def blas_threads() -> int:
+    """How many threads NumPy's BLAS uses now (1 when that cannot be known)."""
+    controller = _blas_controller()
+    if controller is None:
+        return 1
+    counts = [lib.num_threads for lib in controller.lib_controllers if lib.user_api == "blas"]
+    return max(counts, default=1)
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    if _pool.get("workers") != workers:
+        if "executor" in _pool:
+            _pool["executor"].shutdown(wait=False)
+        _pool["executor"] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convcli")
+        _pool["workers"] = workers
+    return _pool["executor"]
+
+
+def _is_depthwise(geometry: Geometry) -> bool:
+    return geometry.cin == geometry.groups and geometry.groups > 1
+
+
+def _for_each_tile(geometry, dtype, workspace, threads, *, backward, work, dw_shape=None):
+    """Run ``work(plan, tile)`` for every tile, on ``threads`` workers (default: BLAS threads).
+
+    Each worker has its own plan (scratch buffers, and a dw accumulator for the backward
+    pass) and gets an equal share of the workspace. With several workers, BLAS runs one
+    thread per worker for the duration, so the cores are not oversubscribed.
+    """
+    workers = max(1, int(threads) if threads is not None else blas_threads())
+    plans = [
+        _Plan(geometry, dtype, max(1, workspace // workers), backward=backward)
+        for _ in range(workers)
+    ]
+    if dw_shape is not None:
+        for plan in plans:
+            plan.dw = np.zeros(dw_shape, dtype=dtype)
+    tiles = list(plans[0].tiles())
+    if workers == 1 or len(tiles) < 2:
+        for tile in tiles:
+            work(plans[0], tile)
+        return plans
+
+    def run(plan: _Plan, share) -> None:
+        for tile in share:
+            work(plan, tile)
+
+    controller = _blas_controller()
+    limit = controller.limit(limits=1, user_api="blas") if controller else contextlib.nullcontext()
+    with limit:
+        futures = [
+            _executor(workers).submit(run, plans[k], tiles[k::workers]) for k in range(workers)
+        ]
+        for future in futures:
+            future.result()
+    return plans
+
+
+def check_workspace(workspace) -> int:
+    """Validate a scratch budget in bytes."""
     if isinstance(workspace, bool) or not isinstance(workspace, (int, np.integer)) or workspace < 1:
         raise UsageError(f"workspace must be a positive number of bytes, got {workspace!r}")
     return int(workspace)
@@ -119,8 +242,7 @@ def _weights_by_group(w: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 def _weights_from_groups(w_groups: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Inverse of :func:`_weights_by_group`."""
-    g, _k_group, _cout_group = w_groups.shape
-    shape = (*geometry.kernel, geometry.cin // g, geometry.cout)
+    shape = (*geometry.kernel, geometry.cin // geometry.groups, geometry.cout)
     return np.ascontiguousarray(w_groups.transpose(1, 0, 2)).reshape(shape)
 
 
@@ -133,13 +255,6 @@ def _grouped_matmul(cols: np.ndarray, w_groups: np.ndarray, out: np.ndarray) -> 
         out.reshape(pixels, w_groups.shape[0], -1)[...] = np.matmul(cols, w_groups).transpose(
             1, 0, 2
         )
-
-
-def _valid_outputs(lo: int, hi: int, offset: int, stride: int, size: int) -> tuple[int, int]:
-    """Output positions o in [lo, hi) whose input position o*stride + offset is in [0, size)."""
-    first = max(lo, -(offset // stride))
-    last = min(hi, (size - 1 - offset) // stride + 1)
-    return first, max(first, last)
 
 
 class _Tile:
@@ -155,28 +270,82 @@ class _Tile:
 
 
 class _Plan:
-    """Tiling of one convolution under a scratch budget, with reusable buffers."""
+    """Tiling of one convolution under a scratch budget, with buffers reused across tiles.
 
-    def __init__(self, geometry: Geometry, itemsize: int, workspace: int, buffers: int):
+    Spatial axes are handled generically: the first one is split into row blocks, the
+    others are always whole.
+    """
+
+    def __init__(self, geometry: Geometry, dtype, workspace: int, *, backward: bool):
         self.geometry = geometry
+        self.dtype = np.dtype(dtype)
         g = geometry.groups
-        self.k_group = int(np.prod(geometry.kernel)) * geometry.cin // g
-        out_rows, *out_rest = geometry.out_sizes
-        self.row_pixels = int(np.prod(out_rest, dtype=np.int64))
-        # Scratch per output row: `buffers` patch matrices, plus a (pixels, Cout) temporary
-        # for the group transposes when groups > 1.
-        per_row = self.row_pixels * (buffers * g * self.k_group + (geometry.cout if g > 1 else 0))
-        rows_fit = max(1, workspace // max(1, per_row * itemsize))
-        if rows_fit >= out_rows:
-            self.images_per_tile = min(geometry.n, rows_fit // out_rows)
-            self.rows_per_tile = out_rows
-        else:
-            self.images_per_tile = 1
-            self.rows_per_tile = rows_fit
-        pixels = self.images_per_tile * self.rows_per_tile * self.row_pixels
-        size = g * pixels * self.k_group
-        self._buffers = [np.empty(size, dtype=np.dtype(f"f{itemsize}")) for _ in range(buffers)]
+        self.cin_group = geometry.cin // g
+        self.depthwise = self.cin_group == 1 and g > 1
+        self.taps = int(np.prod(geometry.kernel))
+        self.k_group = self.taps * self.cin_group
+        self.spans = [
+            d * (k - 1) + 1 for d, k in zip(geometry.dilation, geometry.kernel, strict=True)
+        ]
+        # padded extent needed along each spatial axis for the whole output
+        self.extent = [
+            (o - 1) * s + span
+            for o, s, span in zip(geometry.out_sizes, geometry.stride, self.spans, strict=True)
+        ]
+        self.padded = any(lo or hi for lo, hi in geometry.pads)
+        self.pointwise = (
+            self.taps == 1 and set(geometry.stride) == {1} and not self.padded and g == 1
+        )
+        self.backward = backward
+        self._choose_tiles(workspace)
         self._offsets = list(itertools.product(*(range(k) for k in geometry.kernel)))
+        self._buffers: dict[str, np.ndarray] = {}
+        self.dw: np.ndarray | None = None  # this worker's dw accumulator (backward)
+
+    # -- sizing ----------------------------------------------------------------------------
+
+    def _tile_bytes(self, images: int, rows: int) -> int:
+        """Scratch bytes for a tile of ``images`` x ``rows`` output rows."""
+        geometry = self.geometry
+        rest_out = math.prod(geometry.out_sizes[1:])
+        pixels = images * rows * rest_out
+        in_rows = (rows - 1) * geometry.stride[0] + self.spans[0]
+        padded_input = images * in_rows * math.prod(self.extent[1:]) * geometry.cin
+        elements = 0
+        if self.pointwise:
+            pass  # x is used in place
+        elif not self.depthwise:
+            elements += pixels * geometry.groups * self.k_group  # cols
+            if geometry.groups > 1:
+                elements += pixels * geometry.cout  # group transpose temporary
+        else:
+            elements += 2 * pixels * geometry.cout  # per-tap product and accumulator
+        if self.padded or self.depthwise:
+            elements += padded_input
+        if self.backward:
+            elements += elements  # dcols / dx buffer mirror the forward ones
+        return elements * self.dtype.itemsize
+
+    def _choose_tiles(self, workspace: int) -> None:
+        """Whole images per tile when one fits the cache target, else blocks of rows."""
+        geometry = self.geometry
+        out_rows = geometry.out_sizes[0]
+        budget = min(workspace, TILE_BYTES)
+        per_image = max(1, self._tile_bytes(1, out_rows))
+        if per_image <= budget:
+            self.rows_per_tile = out_rows
+            self.images_per_tile = max(1, min(geometry.n, budget // per_image))
+        else:
+            self.rows_per_tile = self._rows_fitting(budget)
+            self.images_per_tile = 1
+
+    def _rows_fitting(self, budget: int) -> int:
+        rows = self.geometry.out_sizes[0]
+        per_row = max(1, self._tile_bytes(1, 1))
+        guess = max(1, min(rows, budget // per_row))
+        while guess > 1 and self._tile_bytes(1, guess) > budget:
+            guess -= 1
+        return guess
 
     def tiles(self):
         geometry = self.geometry
@@ -189,92 +358,170 @@ class _Plan:
                 for r0 in range(0, out_rows, self.rows_per_tile):
                     yield _Tile(n0, n0 + 1, r0, min(r0 + self.rows_per_tile, out_rows))
 
-    def _patch_shape(self, tile: _Tile) -> tuple[int, ...]:
-        """(g, images, rows, *other output axes, *kernel, Cin/g) for this tile."""
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A scratch array of ``shape``, carved from a buffer kept for the whole plan."""
+        size = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.size < size:
+            buffer = np.empty(size, dtype=self.dtype)
+            self._buffers[name] = buffer
+        return buffer[:size].reshape(shape)
+
+    # -- tensors of a tile -----------------------------------------------------------------
+
+    def output_rows(self, z: np.ndarray, tile: _Tile) -> np.ndarray:
+        """z (n, Ho, ..., Cout) rows of this tile as a (pixels, Cout) view."""
+        return z[tile.images, tile.rows].reshape(-1, z.shape[-1])  # contiguous: a view
+
+    def _input_window(self, tile: _Tile):
+        """Input index range per spatial axis that this tile's receptive fields cover."""
         geometry = self.geometry
-        g = geometry.groups
-        return (
-            g,
-            tile.n_images,
-            tile.n_rows,
-            *geometry.out_sizes[1:],
-            *geometry.kernel,
-            geometry.cin // g,
+        first_row = tile.rows.start * geometry.stride[0] - geometry.pads[0][0]
+        starts = [first_row] + [-before for before, _ in geometry.pads[1:]]
+        lengths = [(tile.n_rows - 1) * geometry.stride[0] + self.spans[0], *self.extent[1:]]
+        return starts, lengths
+
+    def _padded_input(self, x: np.ndarray, tile: _Tile, name: str = "padded") -> np.ndarray:
+        """x values under this tile's receptive fields, zero where they fall in the padding.
+
+        Returns an array (images, rows_in, *rest_in, Cin) whose index 0 along each spatial
+        axis is input position ``start`` of :meth:`_input_window`. Without padding this is a
+        view of x; otherwise a buffer whose padding is zeroed.
+        """
+        starts, lengths = self._input_window(tile)
+        inside = _inside(starts, lengths, x.shape[1:-1])
+        if not self.padded:
+            return x[(tile.images, *inside)]
+        buffer = self._buffer(name, (tile.n_images, *lengths, x.shape[-1]))
+        target = tuple(
+            slice(sl.start - s, sl.stop - s) for sl, s in zip(inside, starts, strict=True)
         )
+        buffer[(slice(None), *target)] = x[(tile.images, *inside)]
+        for region in _outside(target, lengths):
+            buffer[(slice(None), *region)] = 0
+        return buffer
 
-    def _patch_view(self, buffer: np.ndarray, tile: _Tile) -> np.ndarray:
-        shape = self._patch_shape(tile)
-        return buffer[: int(np.prod(shape))].reshape(shape)
-
-    def _as_matrix(self, patches: np.ndarray) -> np.ndarray:
-        return patches.reshape(self.geometry.groups, -1, self.k_group)
-
-    def second_buffer(self, tile: _Tile) -> np.ndarray:
-        return self._as_matrix(self._patch_view(self._buffers[1], tile))
-
-    def _offset_regions(self, tile: _Tile, offset: tuple[int, ...]):
-        """For one kernel offset: (output ranges per spatial axis, matching input slices)."""
+    def _windows(self, padded: np.ndarray, tile: _Tile) -> np.ndarray:
+        """Strided view (images, *out_tile, *kernel, Cin) of every receptive field."""
         geometry = self.geometry
-        bounds = [(tile.rows.start, tile.rows.stop)] + [(0, o) for o in geometry.out_sizes[1:]]
-        ranges, sources = [], []
-        for (lo, hi), k, s, d, (before, _), size in zip(
-            bounds,
-            offset,
-            geometry.stride,
-            geometry.dilation,
-            geometry.pads,
-            geometry.in_sizes,
-            strict=True,
-        ):
-            shift = k * d - before
-            first, last = _valid_outputs(lo, hi, shift, s, size)
-            ranges.append((first, last, lo, hi))
-            start = first * s + shift
-            sources.append(
-                slice(start, start + (last - first - 1) * s + 1, s) if last > first else slice(0, 0)
-            )
-        return ranges, sources
+        strides = padded.strides
+        spatial = strides[1:-1]
+        out_tile = (tile.n_rows, *geometry.out_sizes[1:])
+        shape = (padded.shape[0], *out_tile, *geometry.kernel, padded.shape[-1])
+        view_strides = (
+            strides[0],
+            *(st * s for st, s in zip(spatial, geometry.stride, strict=True)),
+            *(st * d for st, d in zip(spatial, geometry.dilation, strict=True)),
+            strides[-1],
+        )
+        return as_strided(padded, shape=shape, strides=view_strides, writeable=False)
 
     def im2col(self, x: np.ndarray, tile: _Tile) -> np.ndarray:
         """Patch matrix (g, pixels, kh*kw*Cin/g) of x (n, H, W, Cin) for this tile."""
         geometry = self.geometry
         g = geometry.groups
-        patches = self._patch_view(self._buffers[0], tile)
-        x_groups = x.reshape(*x.shape[:-1], g, geometry.cin // g)
-        nd = len(geometry.kernel)
-        for offset in self._offsets:
-            ranges, sources = self._offset_regions(tile, offset)
-            target = patches[(slice(None), slice(None), *[slice(None)] * nd, *offset)]
-            inner = tuple(slice(first - lo, last - lo) for first, last, lo, _ in ranges)
-            source = x_groups[(tile.images, *sources)]  # (images, *valid, g, Cin/g)
-            target[(slice(None), slice(None), *inner)] = np.moveaxis(source, -2, 0)
-            for zero in _outside(ranges):
-                target[(slice(None), slice(None), *zero)] = 0
-        return self._as_matrix(patches)
+        if self.pointwise:  # 1x1, stride 1, no padding, one group: x itself is the matrix
+            return x[tile.images, tile.rows].reshape(1, -1, geometry.cin)
+        windows = self._windows(self._padded_input(x, tile), tile)
+        # (images, *out, *kernel, g, Cin/g) -> (g, images, *out, *kernel, Cin/g)
+        windows = windows.reshape(*windows.shape[:-1], g, self.cin_group)
+        windows = np.moveaxis(windows, -2, 0)
+        cols = self._buffer("cols", windows.shape)
+        np.copyto(cols, windows)
+        return cols.reshape(g, -1, self.k_group)
+
+    def dcols(self, tile: _Tile) -> np.ndarray:
+        """Scratch (g, pixels, K) for the patch gradients."""
+        pixels = tile.n_images * tile.n_rows * math.prod(self.geometry.out_sizes[1:])
+        return self._buffer("dcols", (self.geometry.groups, pixels, self.k_group))
 
     def col2im(self, dcols: np.ndarray, dx: np.ndarray, tile: _Tile) -> None:
         """Add the patch gradients dcols (g, pixels, K) into dx (n, H, W, Cin)."""
         geometry = self.geometry
         g = geometry.groups
-        patches = dcols.reshape(self._patch_shape(tile))
-        dx_groups = dx.reshape(*dx.shape[:-1], g, geometry.cin // g)
+        starts, lengths = self._input_window(tile)
+        dx_padded = self._buffer("dx_padded", (tile.n_images, *lengths, geometry.cin))
+        dx_padded[...] = 0
+        windows = self._writable_windows(dx_padded, tile)
+        windows = np.moveaxis(windows.reshape(*windows.shape[:-1], g, self.cin_group), -2, 0)
+        patches = dcols.reshape(windows.shape)
         for offset in self._offsets:
-            ranges, sources = self._offset_regions(tile, offset)
-            if any(last == first for first, last, _, _ in ranges):
-                continue
-            inner = tuple(slice(first - lo, last - lo) for first, last, lo, _ in ranges)
-            source = patches[(slice(None), slice(None), *inner, *offset)]
-            dx_groups[(tile.images, *sources)] += np.moveaxis(source, 0, -2)
+            index = (Ellipsis, *offset, slice(None))
+            windows[index] += patches[index]
+        self._add_interior(dx_padded, dx, tile, starts, lengths)
+
+    def _writable_windows(self, padded: np.ndarray, tile: _Tile) -> np.ndarray:
+        view = self._windows(padded, tile)
+        return as_strided(padded, shape=view.shape, strides=view.strides, writeable=True)
+
+    def _add_interior(self, padded, target, tile: _Tile, starts, lengths) -> None:
+        """target[images, inside] += padded[the part of it that lies inside the input]."""
+        inside = _inside(starts, lengths, target.shape[1:-1])
+        source = tuple(
+            slice(sl.start - s, sl.stop - s) for sl, s in zip(inside, starts, strict=True)
+        )
+        target[(tile.images, *inside)] += padded[(slice(None), *source)]
+
+    # -- depthwise (one input channel per group) --------------------------------------------
+
+    def _depthwise_weights(self, w: np.ndarray) -> np.ndarray:
+        """(kh, kw, 1, Cout) -> (taps, Cin, multiplier): output channel c*m + j reads input c."""
+        g = self.geometry.groups
+        return w.reshape(self.taps, g, self.geometry.cout // g)
+
+    def depthwise_forward(self, x, w, tile: _Tile, out: np.ndarray) -> None:
+        """out (pixels, Cout) = Σ over taps of window(tap) ⊙ w(tap), per channel."""
+        g = self.geometry.groups
+        windows = self._windows(self._padded_input(x, tile), tile)
+        weights = self._depthwise_weights(w)
+        acc = out.reshape(*windows.shape[: 1 + len(self.geometry.kernel)], g, -1)
+        product = self._buffer("product", acc.shape)
+        acc[...] = 0
+        for tap, offset in enumerate(self._offsets):
+            source = windows[(Ellipsis, *offset, slice(None))][..., None]
+            np.multiply(source, weights[tap], out=product)
+            acc += product
+
+    def depthwise_backward(self, x, w, dz_tile, tile: _Tile, dx, dw) -> None:
+        """Accumulate dw and dx for one tile of a depthwise layer."""
+        g = self.geometry.groups
+        windows = self._windows(self._padded_input(x, tile), tile)
+        weights = self._depthwise_weights(w)
+        dz_view = dz_tile.reshape(*windows.shape[: 1 + len(self.geometry.kernel)], g, -1)
+        starts, lengths = self._input_window(tile)
+        dx_padded = self._buffer("dx_padded", (tile.n_images, *lengths, self.geometry.cin))
+        dx_padded[...] = 0
+        dx_windows = self._writable_windows(dx_padded, tile)
+        dw_taps = dw.reshape(self.taps, g, -1)
+        product = self._buffer("product", dz_view.shape)
+        spatial = tuple(range(1 + len(self.geometry.kernel)))
+        for tap, offset in enumerate(self._offsets):
+            index = (Ellipsis, *offset, slice(None))
+            source = windows[index][..., None]
+            np.multiply(source, dz_view, out=product)
+            dw_taps[tap] += product.sum(axis=spatial)
+            np.multiply(dz_view, weights[tap], out=product)
+            dx_windows[index] += product.sum(axis=-1)
+        self._add_interior(dx_padded, dx, tile, starts, lengths)
 
 
-def _outside(ranges):
-    """Index tuples (relative to the tile) covering the outputs outside the valid box."""
+def _inside(starts, lengths, sizes) -> list[slice]:
+    """Per axis, the part of [start, start + length) that lies in [0, size) (may be empty)."""
+    slices = []
+    for start, length, size in zip(starts, lengths, sizes, strict=True):
+        lo = min(max(start, 0), size)
+        slices.append(slice(lo, max(lo, min(start + length, size))))
+    return slices
+
+
+def _outside(inner: tuple[slice, ...], lengths) -> list[tuple[slice, ...]]:
+    """Index tuples covering the parts of a box of ``lengths`` outside the ``inner`` box."""
     regions = []
-    for axis, (first, last, lo, hi) in enumerate(ranges):
-        before = [slice(f - l0, la - l0) for f, la, l0, _ in ranges[:axis]]
-        after = [slice(None)] * (len(ranges) - axis - 1)
-        if first > lo:
-            regions.append((*before, slice(0, first - lo), *after))
-        if last < hi:
-            regions.append((*before, slice(last - lo, hi - lo), *after))
+    for axis, (sl, length) in enumerate(zip(inner, lengths, strict=True)):
+        before = list(inner[:axis])
+        after = [slice(None)] * (len(lengths) - axis - 1)
+        if sl.start > 0:
+            regions.append((*before, slice(0, sl.start), *after))
+        if sl.stop < length:
+            regions.append((*before, slice(sl.stop, length), *after))
     return regions

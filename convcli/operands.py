@@ -57,6 +57,7 @@ class ConvCache:
     spec : the ConvSpec used
     geometry : resolved shapes and padding
     workspace : scratch-memory budget in bytes (the fast engine only)
+    threads : tiles processed in parallel (None: as many as BLAS threads; fast engine only)
     """
 
     x: np.ndarray
@@ -65,6 +66,7 @@ class ConvCache:
     spec: ConvSpec
     geometry: Geometry
     workspace: int
+    threads: int | None = None
 
     @property
     def dtype(self) -> np.dtype:

@@ -16,8 +16,10 @@ from convcli.operands import ConvCache, prepare, prepare_upstream, shape_bias_gr
 from convcli.spec import ConvSpec
 
 
-def conv_forward_reference(x, w, b=None, spec: ConvSpec | None = None, *, workspace: int = 0):
-    """Loop implementation of :func:`convcli.conv_forward` (``workspace`` is ignored).
+def conv_forward_reference(
+    x, w, b=None, spec: ConvSpec | None = None, *, workspace: int = 0, threads: int | None = None
+):
+    """Loop implementation of :func:`convcli.conv_forward` (``workspace``, ``threads`` ignored).
 
     x (n, H, W, Cin), w (kh, kw, Cin/groups, Cout), b None/(Cout,)/(1, 1, 1, Cout)
     -> z (n, Ho, Wo, Cout), cache.

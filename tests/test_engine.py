@@ -53,10 +53,14 @@ def _tolerance(dtype):
     return {"rtol": 1e-4, "atol": 1e-4} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-10}
 
 
-@given(case=conv_cases(), workspace=st.sampled_from([1, 4096, 256 * 2**20]))
-def test_fast_engine_matches_reference(case, workspace):
+@given(
+    case=conv_cases(),
+    workspace=st.sampled_from([1, 4096, 256 * 2**20]),
+    threads=st.sampled_from([None, 1, 3]),
+)
+def test_fast_engine_matches_reference(case, workspace, threads):
     x, w, b, spec = case
-    z, cache = conv_forward(x, w, b, spec, workspace=workspace)
+    z, cache = conv_forward(x, w, b, spec, workspace=workspace, threads=threads)
     z_ref, cache_ref = conv_forward_reference(x, w, b, spec)
     assert z.dtype == x.dtype
     assert z.shape == z_ref.shape
@@ -197,12 +201,14 @@ def test_dz_shape_checked():
         conv_backward(np.ones((1, 3, 3, 4)), cache)
 
 
-def test_single_image_larger_than_workspace_is_tiled_by_rows(classic):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_single_image_larger_than_workspace_is_tiled_by_rows(threads, groups):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 40, 33, 4))
-    w = rng.standard_normal((3, 3, 4, 5))
-    spec = ConvSpec(stride=(2, 1), padding=((1, 2), (0, 1)), dilation=(1, 2))
-    z_small, cache_small = conv_forward(x, w, None, spec, workspace=2048)
+    w = rng.standard_normal((3, 3, 4 // groups, 8))
+    spec = ConvSpec(stride=(2, 1), padding=((1, 2), (0, 1)), dilation=(1, 2), groups=groups)
+    z_small, cache_small = conv_forward(x, w, None, spec, workspace=2048, threads=threads)
     z_big, cache_big = conv_forward(x, w, None, spec)
     np.testing.assert_allclose(z_small, z_big, rtol=1e-12, atol=1e-12)
     for a, b in zip(

@@ -1,0 +1,286 @@
+"""Benchmark the conv engine against this machine's GEMM throughput.
+
+    python benchmarks/bench_engine.py [--repeats 5] [--dtype float32 float64] [--threads N]
+                                      [--layers cifar resnet ...] [--out FILE] [--smoke]
+
+In one run, on one machine and thread count, it measures
+- NumPy matrix-multiply throughput (2048 x 2048 operands) per dtype: the practical ceiling
+  of an im2col + GEMM engine;
+- convcli's forward, backward (dx + dw + db) and forward + backward on the layers below
+  (NHWC, 3x3 unless stated): GFLOP/s (forward 2·n·Ho·Wo·Cout·kh·kw·Cin/groups, backward
+  twice that), the ratio to GEMM of the same dtype, the median of the repeats, and the peak
+  memory NumPy allocated during one call (tracemalloc);
+- the reference engine on a small layer, for the speed-up.
+Results go to a JSON file and a Rich table. ``--smoke`` runs tiny sizes once (the test suite
+does, so the script cannot rot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+from convcli import ConvSpec, conv_backward, conv_forward
+from convcli.reference import conv_backward_reference, conv_forward_reference
+
+# name: (n, H, W, Cin, kh, kw, Cout, ConvSpec kwargs)
+LAYERS = {
+    "cifar": (32, 32, 32, 16, 3, 3, 32, {"padding": 1}),
+    "resnet": (8, 56, 56, 64, 3, 3, 64, {"padding": 1}),
+    "stride2": (16, 64, 64, 32, 3, 3, 64, {"stride": 2, "padding": 1}),
+    "depthwise": (16, 56, 56, 64, 3, 3, 64, {"padding": 1, "groups": 64}),
+    "dilated": (8, 64, 64, 32, 3, 3, 32, {"dilation": 2, "padding": 2}),
+    "pointwise": (16, 28, 28, 128, 1, 1, 256, {}),
+    "classic": (10, 4, 4, 3, 2, 2, 8, {"stride": 2, "padding": 2}),
+}
+SMOKE_LAYERS = {
+    "cifar": (2, 8, 8, 4, 3, 3, 4, {"padding": 1}),
+    "depthwise": (2, 8, 8, 4, 3, 3, 4, {"padding": 1, "groups": 4}),
+    "classic": LAYERS["classic"],
+}
+REFERENCE_LAYER = (2, 8, 8, 4, 3, 3, 8, {"padding": 1})
+
+
+def median_seconds(function, repeats: int) -> float:
+    function()  # warm-up: allocations, BLAS threads
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_bytes(function) -> int:
+    tracemalloc.start()
+    try:
+        function()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def gemm_gflops(dtype, size: int, repeats: int) -> float:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size)).astype(dtype)
+    b = rng.standard_normal((size, size)).astype(dtype)
+    out = np.empty((size, size), dtype=dtype)
+    seconds = median_seconds(lambda: np.matmul(a, b, out=out), repeats)
+    return 2 * size**3 / seconds / 1e9
+
+
+def make_layer(shape, dtype):
+    n, h, w, cin, kh, kw, cout, hparams = shape
+    spec = ConvSpec(**hparams)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, h, w, cin)).astype(dtype)
+    wt = rng.standard_normal((kh, kw, cin // spec.groups, cout)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
+    geometry = spec.geometry(x.shape, wt.shape)
+    flops = 2 * n * int(np.prod(geometry.out_sizes)) * cout * kh * kw * cin // spec.groups
+    return x, wt, b, spec, flops
+
+
+def bench_layer(name, shape, dtype, repeats, gemm) -> dict:
+    x, w, b, spec, flops = make_layer(shape, dtype)
+    z, cache = conv_forward(x, w, b, spec)
+    dz = np.random.default_rng(1).standard_normal(z.shape).astype(dtype)
+    forward = median_seconds(lambda: conv_forward(x, w, b, spec), repeats)
+    backward = median_seconds(lambda: conv_backward(dz, cache), repeats)
+    both = median_seconds(lambda: conv_backward(dz, conv_forward(x, w, b, spec)[1]), repeats)
+    row = {
+        "layer": name,
+        "dtype": np.dtype(dtype).name,
+        "shape": list(x.shape),
+        "kernel": list(w.shape[:2]),
+        "cout": w.shape[-1],
+        "hparams": shape[-1],
+        "forward_s": forward,
+        "backward_s": backward,
+        "fwd_bwd_s": both,
+        "forward_gflops": flops / forward / 1e9,
+        "backward_gflops": 2 * flops / backward / 1e9,
+        "fwd_bwd_gflops": 3 * flops / both / 1e9,
+        "forward_peak_mib": peak_bytes(lambda: conv_forward(x, w, b, spec)) / 2**20,
+        "backward_peak_mib": peak_bytes(lambda: conv_backward(dz, cache)) / 2**20,
+    }
+    for key in ("forward", "backward", "fwd_bwd"):
+        row[f"{key}_vs_gemm"] = row[f"{key}_gflops"] / gemm
+    if spec.groups > 1 or w.shape[:2] == (1, 1):
+        baseline = per_group_gemm(x, w, spec)
+        row["per_group_gemm_forward_s"] = median_seconds(baseline, repeats)
+        row["speedup_vs_per_group_gemm"] = row["per_group_gemm_forward_s"] / forward
+    return row
+
+
+def per_group_gemm(x, w, spec: ConvSpec):
+    """The plain alternative: one im2col + GEMM per group (a bare GEMM for 1x1, stride 1)."""
+    if spec.groups == 1:
+        x2, w2 = x.reshape(-1, x.shape[-1]), w.reshape(-1, w.shape[-1])
+        return lambda: x2 @ w2
+    cin_g, cout_g = x.shape[-1] // spec.groups, w.shape[-1] // spec.groups
+    single = ConvSpec(stride=spec.stride, padding=spec.padding, dilation=spec.dilation)
+    parts = [
+        (
+            np.ascontiguousarray(x[..., k * cin_g : (k + 1) * cin_g]),
+            w[..., k * cout_g : (k + 1) * cout_g],
+        )
+        for k in range(spec.groups)
+    ]
+    return lambda: [conv_forward(xg, wg, None, single)[0] for xg, wg in parts]
+
+
+def bench_reference(repeats: int) -> dict:
+    x, w, b, spec, _ = make_layer(REFERENCE_LAYER, np.float64)
+    z, cache = conv_forward(x, w, b, spec)
+    _, ref_cache = conv_forward_reference(x, w, b, spec)
+    reference = median_seconds(lambda: conv_forward_reference(x, w, b, spec), max(1, repeats // 2))
+    fast = median_seconds(lambda: conv_forward(x, w, b, spec), repeats)
+    reference_bwd = median_seconds(
+        lambda: conv_backward_reference(z, ref_cache), max(1, repeats // 2)
+    )
+    fast_bwd = median_seconds(lambda: conv_backward(z, cache), repeats)
+    return {
+        "layer": "reference " + "x".join(map(str, x.shape)) + f"->{w.shape[-1]}",
+        "reference_forward_s": reference,
+        "fast_forward_s": fast,
+        "forward_speedup": reference / fast,
+        "reference_backward_s": reference_bwd,
+        "fast_backward_s": fast_bwd,
+        "backward_speedup": reference_bwd / fast_bwd,
+    }
+
+
+def blas_info() -> dict:
+    try:
+        from threadpoolctl import threadpool_info
+
+        return {
+            "blas": [
+                {k: pool.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+                for pool in threadpool_info()
+                if pool.get("user_api") == "blas"
+            ]
+        }
+    except ImportError:
+        return {"blas": "threadpoolctl not installed"}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", nargs="+", default=["float32", "float64"])
+    parser.add_argument("--layers", nargs="+", default=None, help=f"any of {', '.join(LAYERS)}")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="pin BLAS threads (threadpoolctl)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine.json"))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat")
+    args = parser.parse_args(argv)
+    layers = SMOKE_LAYERS if args.smoke else LAYERS
+    if args.layers:
+        layers = {name: layers[name] for name in args.layers}
+    repeats = 1 if args.smoke else args.repeats
+    gemm_size = 256 if args.smoke else 2048
+
+    limiter = None
+    if args.threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        limiter = threadpool_limits(limits=args.threads, user_api="blas")
+    try:
+        gemm = {dtype: gemm_gflops(dtype, gemm_size, repeats) for dtype in args.dtype}
+        rows = [
+            bench_layer(name, shape, dtype, repeats, gemm[dtype])
+            for dtype in args.dtype
+            for name, shape in layers.items()
+        ]
+        reference = bench_reference(repeats)
+        info = blas_info()
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+    results = {
+        "machine": {
+            "python": sys.version.split()[0],
+            "numpy": np.__version__,
+            "platform": platform.platform(),
+            "threads": args.threads,
+            **info,
+        },
+        "repeats": repeats,
+        "gemm_size": gemm_size,
+        "gemm_gflops": gemm,
+        "layers": rows,
+        "reference": reference,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"wrote {args.out}")
+    return results
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    gemm = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in results["gemm_gflops"].items())
+    title = f"convcli engine, median of {results['repeats']} · GEMM {results['gemm_size']}²: {gemm}"
+    table = Table(title=title)
+    for column in (
+        "layer",
+        "dtype",
+        "fwd ms",
+        "fwd GF/s",
+        "xGEMM",
+        "bwd ms",
+        "bwd GF/s",
+        "xGEMM",
+        "f+b ms",
+        "xGEMM",
+        "peak MiB f/b",
+    ):
+        table.add_column(column, justify="left" if column in ("layer", "dtype") else "right")
+    for r in results["layers"]:
+        table.add_row(
+            r["layer"],
+            r["dtype"],
+            f"{r['forward_s'] * 1e3:.2f}",
+            f"{r['forward_gflops']:.1f}",
+            f"{r['forward_vs_gemm']:.2f}",
+            f"{r['backward_s'] * 1e3:.2f}",
+            f"{r['backward_gflops']:.1f}",
+            f"{r['backward_vs_gemm']:.2f}",
+            f"{r['fwd_bwd_s'] * 1e3:.2f}",
+            f"{r['fwd_bwd_vs_gemm']:.2f}",
+            f"{r['forward_peak_mib']:.0f}/{r['backward_peak_mib']:.0f}",
+        )
+    console = Console(width=140)
+    console.print(table)
+    for r in results["layers"]:
+        if "speedup_vs_per_group_gemm" in r:
+            ours, plain = r["forward_s"] * 1e3, r["per_group_gemm_forward_s"] * 1e3
+            console.print(
+                f"{r['layer']} {r['dtype']}: forward {ours:.2f} ms vs a plain per-group GEMM "
+                f"{plain:.2f} ms ({r['speedup_vs_per_group_gemm']:.2f}x)"
+            )
+    ref = results["reference"]
+    console.print(
+        f"reference engine on {ref['layer']}: forward {ref['reference_forward_s'] * 1e3:.1f} ms vs "
+        f"{ref['fast_forward_s'] * 1e3:.3f} ms ({ref['forward_speedup']:.0f}x), backward "
+        f"{ref['reference_backward_s'] * 1e3:.1f} ms vs {ref['fast_backward_s'] * 1e3:.3f} ms "
+        f"({ref['backward_speedup']:.0f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
