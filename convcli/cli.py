@@ -48,8 +48,9 @@ from convcli.runs import (
     run_impl_check,
 )
 from convcli.slices import parse_slice, take
-from convcli.tensorfile import load_tensors, write_tensors
+from convcli.tensorfile import load_tensors
 from convcli.userimpl import impl_config
+from convcli.writing import write_tensors
 
 _state = {"debug": False}
 # Typer may use click or its own vendored copy: take the classes from Typer itself.

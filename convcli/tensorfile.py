@@ -27,7 +27,6 @@ import contextlib
 import math
 import os
 import stat
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping
@@ -37,7 +36,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from convcli.errors import DataError, InputFileError, OutputError, UsageError
+from convcli.errors import DataError, InputFileError
 
 ALIASES = {
     "x": ("x", "X", "A_prev", "input"),
@@ -57,8 +56,6 @@ ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 MAX_HPARAM_SIZE = 16
 MAX_LISTED = 20
-TEMP_PREFIX = ".convcli-"
-WRITE_FORMATS = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5"}
 
 # What numpy, zipfile and h5py raise on truncated, corrupt or unsupported content.
 _CONTENT_ERRORS = (
@@ -755,183 +752,3 @@ def _hparams_for(
     if x_found is not None:
         return x_found[0].hparams(near_key=x_found[1])
     return {}
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------
-
-
-def write_tensors(
-    path,
-    tensors: Mapping[str, np.ndarray],
-    attrs: Mapping[str, object],
-    *,
-    force: bool = False,
-    protect: Iterable = (),
-) -> None:
-    """Write arrays and attributes atomically to ``.npz`` or HDF5 (format from the extension).
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Target ending in ``.npz``, ``.h5`` or ``.hdf5``.
-    tensors : mapping of str to numpy.ndarray
-        Name -> array, any shape (e.g. ``z`` of shape ``(n, Ho, Wo, Cout)``). HDF5: datasets
-        at the root; npz: members.
-    attrs : mapping of str to object
-        Int, float, str or (nested) lists of them, e.g.
-        ``{"stride": [2, 2], "padding": [[2, 2], [2, 2]], "groups": 1}``. HDF5: root
-        attributes; npz: extra members. They read back through :meth:`TensorFile.hparams`.
-    force : bool
-        Overwrite an existing target.
-    protect : iterable of path
-        Input files that must never be overwritten.
-
-    Raises
-    ------
-    UsageError
-        Unknown extension.
-    OutputError
-        Target exists without ``force``, is an input file, is not a regular file, its folder
-        is missing or not writable, or writing fails with an OS error.
-    DataError
-        An array or attribute holds Python objects, or an npz name is used twice.
-
-    Notes
-    -----
-    The file is written to a ``.convcli-*`` temporary file in the same folder, flushed,
-    fsynced and renamed over the target, so an existing target is either replaced whole or
-    left byte-for-byte unchanged; the temporary file is removed on any failure.
-    """
-    path = Path(path)
-    fmt = _write_format(path)
-    _check_target(path, force=force, protect=protect)
-    members = _writable(path, fmt, tensors, attrs)
-    _atomic_write(path, fmt, members, attrs)
-
-
-def _write_format(path: Path) -> str:
-    fmt = WRITE_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise UsageError(f"--out must end in .npz, .h5 or .hdf5, got {path}")
-    return fmt
-
-
-def _check_target(path: Path, *, force: bool, protect: Iterable) -> None:
-    """Refuse inputs, existing files without ``force``, special files and bad folders."""
-    for source in protect:
-        if _same_file(path, Path(source)):
-            raise OutputError(f"{path}: refusing to write over input file {source}")
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory")
-    if os.path.lexists(path):
-        if not force:
-            raise OutputError(f"{path} exists; pass --force to overwrite")
-        if not path.is_file():
-            raise OutputError(f"{path}: exists and is not a regular file")
-    folder = path.parent
-    if not folder.is_dir():
-        raise OutputError(f"{path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{path}: folder {folder} is not writable")
-
-
-def _same_file(first: Path, second: Path) -> bool:
-    with contextlib.suppress(OSError):
-        if os.path.samefile(first, second):
-            return True
-    return first.resolve() == second.resolve()
-
-
-def _writable(path: Path, fmt: str, tensors: Mapping, attrs: Mapping) -> dict[str, np.ndarray]:
-    """Tensors (and, for npz, attributes) as arrays, refusing objects and clashing names."""
-    members = {name: _numeric_array(path, name, value) for name, value in tensors.items()}
-    for name, value in attrs.items():
-        array = _numeric_array(path, name, value)
-        if fmt == "npz":
-            if name in members:
-                raise DataError(f"{path}: '{name}' is given both as a tensor and an attribute")
-            members[name] = array
-    return members
-
-
-def _numeric_array(path: Path, name: str, value) -> np.ndarray:
-    array = np.asarray(value)
-    if array.dtype.hasobject:
-        raise DataError(f"{path}: cannot store '{name}': it holds Python objects")
-    return array
-
-
-def _atomic_write(path: Path, fmt: str, members: Mapping, attrs: Mapping) -> None:
-    """Write to a temporary file next to ``path``, fsync it, then rename it over ``path``."""
-    mode = _target_mode(path)
-    try:
-        fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot create a file in {path.parent} ({exc})") from exc
-    temp = Path(temp_name)
-    try:
-        if fmt == "npz":
-            _write_npz(fd, members)
-        else:
-            os.close(fd)
-            _write_hdf5(temp, members, attrs)
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
-            raise OutputError(f"{path}: cannot write ({_reason(exc)})") from exc
-        raise
-    _fsync_folder(path.parent)
-
-
-def _write_npz(fd: int, members: Mapping[str, np.ndarray]) -> None:
-    with os.fdopen(fd, "wb") as handle:
-        np.savez(handle, **members)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _write_hdf5(temp: Path, datasets: Mapping[str, np.ndarray], attrs: Mapping) -> None:
-    with h5py.File(temp, "w") as h5:
-        for name, array in datasets.items():
-            h5.create_dataset(name, data=array)
-        for name, value in attrs.items():
-            h5.attrs[name] = _hdf5_attr(value)
-    fd = os.open(temp, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _hdf5_attr(value):
-    """An attribute value h5py can store (numpy unicode arrays become variable-length str)."""
-    if isinstance(value, str):
-        return value
-    array = np.asarray(value)
-    if array.dtype.kind == "U":
-        return array.astype(h5py.string_dtype())
-    return array
-
-
-def _target_mode(path: Path) -> int:
-    """Permission bits for the new file: the old file's, else what the umask allows."""
-    with contextlib.suppress(OSError):
-        return stat.S_IMODE(os.stat(path).st_mode)
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable where the platform allows it (best effort)."""
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

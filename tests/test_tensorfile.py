@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convcli import tensorfile
+from convcli import tensorfile, writing
 from convcli.errors import DataError, InputFileError, OutputError, UsageError
 from convcli.tensorfile import (
     Loaded,
@@ -22,8 +22,8 @@ from convcli.tensorfile import (
     load_tensors,
     open_tensor_file,
     parse_ref,
-    write_tensors,
 )
+from convcli.writing import write_tensors
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def truncate(path, keep):
 
 
 def temp_leftovers(folder):
-    return [p.name for p in folder.iterdir() if p.name.startswith(tensorfile.TEMP_PREFIX)]
+    return [p.name for p in folder.iterdir() if p.name.startswith(writing.TEMP_PREFIX)]
 
 
 # ---------------------------------------------------------------------------------------------
