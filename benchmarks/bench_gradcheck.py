@@ -56,11 +56,14 @@ def command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "convcli"]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gradcheck.json"))
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="one repeat of each case")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.repeats = 1
     rows = []
     for name, flags in CASES.items():
         times, document = [], None

@@ -49,8 +49,8 @@ from convcli.runs import (
 )
 from convcli.slices import parse_slice, take
 from convcli.tensorfile import load_tensors
+from convcli.units import parse_size
 from convcli.userimpl import impl_config
-from convcli.writing import write_tensors
 
 _state = {"debug": False}
 # Typer may use click or its own vendored copy: take the classes from Typer itself.
@@ -180,11 +180,28 @@ Out = Annotated[
     typer.Option("--out", metavar="FILE", help="Write the outputs to this .npz or .h5 file."),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")]
+Workspace = Annotated[
+    str,
+    typer.Option(
+        "--max-workspace",
+        metavar="SIZE",
+        help="Scratch-memory budget, e.g. 64M or 1G. HDF5 inputs bigger than it are streamed.",
+    ),
+]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads", metavar="N", min=1, help="BLAS threads / parallel tiles (default: NumPy's)."
+    ),
+]
 
 
-def _load(data, refs, required, optional, **flags):
-    """Tensors from files, and the ConvSpec from the file's hyperparameters and the flags."""
-    loaded = load_tensors(data, refs, required=required, optional=optional)
+def _load(data, refs, required, optional, lazy_above=None, **flags):
+    """Tensors from files, and the ConvSpec from the file's hyperparameters and the flags.
+
+    HDF5 tensors bigger than ``lazy_above`` bytes stay on disk, to be streamed.
+    """
+    loaded = load_tensors(data, refs, required=required, optional=optional, lazy_above=lazy_above)
     spec, _ = build_spec(loaded.hparams, flags)
     return loaded, spec
 
@@ -197,21 +214,12 @@ def _data_console() -> Console:
     return console
 
 
-def _finish(result: RunResult, loaded, slice_exprs, as_json: bool, out, force: bool) -> None:
-    """Evaluate slices, write --out, print notices and the table or JSON."""
-    parsed = [parse_slice(expr) for expr in slice_exprs or []]
+def _finish(result: RunResult, slice_exprs, as_json: bool, out) -> None:
+    """Evaluate slices, print notices and the table or JSON."""
     arrays = result.arrays()
     slices = {
-        expr.label(result.outputs[0]): take(expr, arrays, result.outputs[0]) for expr in parsed
+        expr.label(result.outputs[0]): take(expr, arrays, result.outputs[0]) for expr in slice_exprs
     }
-    if out is not None:
-        write_tensors(
-            out,
-            {name: arrays[name] for name in result.outputs},
-            result.hparams,
-            force=force,
-            protect=loaded.sources,
-        )
     messages = Console(stderr=True, highlight=False, soft_wrap=True)
     for notice in result.notices:
         messages.print(f"convcli: note: {escape(notice)}")
@@ -221,6 +229,18 @@ def _finish(result: RunResult, loaded, slice_exprs, as_json: bool, out, force: b
     print_result(_data_console(), result, slices)
     if out is not None:
         messages.print(f"wrote {', '.join(result.outputs)} to {escape(str(out))}")
+
+
+@contextlib.contextmanager
+def _blas_threads(threads: int | None):
+    """Pin NumPy's BLAS to ``threads`` threads for the command (no-op when None)."""
+    if threads is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        yield
 
 
 @app.command()
@@ -238,23 +258,40 @@ def forward(
     as_json: Json = False,
     out: Out = None,
     force: Force = False,
+    max_workspace: Workspace = "256M",
+    threads: Threads = None,
 ) -> None:
     """Compute z = conv(x, w) + b and summarise every tensor.
 
     Example: convcli forward sample_data/conv_example.h5 --slice 'z[3,2,1]'
     """
+    workspace = parse_size(max_workspace)
+    slices = [parse_slice(expr) for expr in slice_ or []]
     loaded, spec = _load(
         data,
         {"x": x, "w": w, "b": b},
         ("x", "w"),
         ("b",),
+        lazy_above=workspace,
         stride=stride,
         padding=pad,
         dilation=dilation,
         groups=groups,
     )
-    result = run_forward(loaded.arrays, spec, engine=engine.value, origins=loaded.origins)
-    _finish(result, loaded, slice_, as_json, out, force)
+    with _blas_threads(threads), _progress(as_json, "chunks") as progress:
+        result = run_forward(
+            loaded.arrays,
+            spec,
+            engine=engine.value,
+            origins=loaded.origins,
+            workspace=workspace,
+            threads=threads,
+            out=out,
+            force=force,
+            protect=loaded.sources,
+            progress=progress,
+        )
+    _finish(result, slices, as_json, out)
 
 
 @app.command()
@@ -283,30 +320,42 @@ def backward(
     as_json: Json = False,
     out: Out = None,
     force: Force = False,
+    max_workspace: Workspace = "256M",
+    threads: Threads = None,
 ) -> None:
     """Compute dx, dw, db for an upstream gradient dz and summarise every tensor.
 
     Example: convcli backward sample_data/conv_example.npz --slice 'dw[:,:,0,1]'
     """
+    workspace = parse_size(max_workspace)
+    slices = [parse_slice(expr) for expr in slice_ or []]
     loaded, spec = _load(
         data,
         {"x": x, "w": w, "b": b, "dz": dz},
         ("x", "w"),
         ("b", "dz"),
+        lazy_above=workspace,
         stride=stride,
         padding=pad,
         dilation=dilation,
         groups=groups,
     )
-    result = run_backward(
-        loaded.arrays,
-        spec,
-        engine=engine.value,
-        upstream=upstream.value,
-        seed=seed,
-        origins=loaded.origins,
-    )
-    _finish(result, loaded, slice_, as_json, out, force)
+    with _blas_threads(threads), _progress(as_json, "chunks") as progress:
+        result = run_backward(
+            loaded.arrays,
+            spec,
+            engine=engine.value,
+            upstream=upstream.value,
+            seed=seed,
+            origins=loaded.origins,
+            workspace=workspace,
+            threads=threads,
+            out=out,
+            force=force,
+            protect=loaded.sources,
+            progress=progress,
+        )
+    _finish(result, slices, as_json, out)
 
 
 def _int_list(flag: str, text: str | None, counts: tuple[int, ...]) -> list[int] | None:
@@ -381,6 +430,7 @@ def gradcheck(
     dilation: Dilation = None,
     groups: Groups = None,
     as_json: Json = False,
+    threads: Threads = None,
 ) -> None:
     """Check dx, dw, db against numerical gradients; exit 1 if any element fails.
 
@@ -396,7 +446,7 @@ def gradcheck(
         raise UsageError("--shape needs --kernel and --cout")
     if shape_ is not None and (data or x or w):
         raise UsageError("give either a data file (or --x/--w) or --shape, not both")
-    with _progress(as_json) as progress:
+    with _blas_threads(threads), _progress(as_json, "gradcheck") as progress:
         if impl is not None:
             configs = None
             if shape_ is not None:
@@ -444,8 +494,8 @@ def gradcheck(
 
 
 @contextlib.contextmanager
-def _progress(as_json: bool):
-    """A progress callback that draws a bar on stderr once a check has taken half a second.
+def _progress(as_json: bool, label: str):
+    """A progress callback that draws a bar on stderr once a task has taken half a second.
 
     None with --json or when stdout is not a terminal.
     """
@@ -463,7 +513,7 @@ def _progress(as_json: bool):
                 return
             bar["progress"] = Progress(console=Console(stderr=True), transient=True)
             bar["progress"].start()
-            bar["task"] = bar["progress"].add_task("gradcheck", total=total)
+            bar["task"] = bar["progress"].add_task(label, total=total)
         bar["progress"].update(bar["task"], completed=done, total=total)
 
     try:

@@ -11,14 +11,13 @@ from rich.table import Table
 from rich.text import Text
 
 from convcli.runs import RunResult
-from convcli.stats import summarize
 
 
 def result_json(result: RunResult, slices: dict[str, np.ndarray]) -> str:
     """The ``--json`` document (keys: command, hparams, engine, tensors, slices, seconds)."""
     tensors = {}
     for name, tensor in result.tensors.items():
-        tensors[name] = {"role": tensor.role, "origin": tensor.origin, **summarize(tensor.array)}
+        tensors[name] = {"role": tensor.role, "origin": tensor.origin, **tensor.summary()}
     document = {
         "command": result.command,
         "hparams": result.hparams,
@@ -26,6 +25,7 @@ def result_json(result: RunResult, slices: dict[str, np.ndarray]) -> str:
         "tensors": tensors,
         "slices": {label: _jsonable(value) for label, value in slices.items()},
         "seconds": result.seconds,
+        "streamed": result.streamed,
     }
     return json.dumps(document, allow_nan=False)
 
@@ -79,7 +79,7 @@ def result_table(result: RunResult) -> Table:
         for name, tensor in result.tensors.items():
             if tensor.role != role:
                 continue
-            s = summarize(tensor.array)
+            s = tensor.summary()
             table.add_row(
                 name,
                 str(tuple(s["shape"])),

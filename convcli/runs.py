@@ -1,7 +1,9 @@
 """One forward or backward run: the library behind ``convcli forward`` / ``convcli backward``.
 
-Takes arrays (NHWC x, HWIO w, b, optional dz) and a :class:`ConvSpec`, runs an engine and
-returns a :class:`RunResult` holding every tensor with its role and origin. No I/O here.
+Takes arrays (NHWC x, HWIO w, b, optional dz) and a :class:`ConvSpec`, runs an engine,
+writes the outputs when asked (``out``), and returns a :class:`RunResult` holding every
+tensor with its role, origin and summary statistics. When x is an HDF5 dataset left on disk
+(:class:`~convcli.tensorfile.DatasetRef`), the run streams it: see :mod:`convcli.streaming`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from convcli.engine import DEFAULT_WORKSPACE, conv_backward, conv_forward
 from convcli.errors import ConvcliNotice, UsageError
 from convcli.reference import conv_backward_reference, conv_forward_reference
 from convcli.spec import ConvSpec
+from convcli.stats import summarize
 
 ENGINES = {
     "fast": (conv_forward, conv_backward),
@@ -26,11 +29,22 @@ UPSTREAMS = ("z", "ones", "random")
 
 @dataclass
 class Tensor:
-    """A tensor in a run: its array, role ("input" or "output") and where it came from."""
+    """A tensor in a run: its data, role ("input" or "output") and where it came from.
 
-    array: np.ndarray
+    ``array`` is an ndarray, or for a streamed tensor something indexable that reads from
+    disk (or None when it was not kept); ``stats`` then holds its streamed summary.
+    """
+
+    array: object
     role: str
     origin: str
+    stats: dict | None = None
+
+    def summary(self) -> dict:
+        """shape, dtype, mean, std, min, max (see :func:`convcli.stats.summarize`)."""
+        if self.stats is None:
+            self.stats = summarize(self.array)
+        return self.stats
 
 
 @dataclass
@@ -44,48 +58,87 @@ class RunResult:
     seconds: float
     outputs: tuple[str, ...]
     notices: list[str] = field(default_factory=list)
+    streamed: bool = False
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {name: tensor.array for name, tensor in self.tensors.items()}
+    def arrays(self) -> dict:
+        """Name -> data for ``--slice``: arrays, or readers of streamed tensors on disk."""
+        return {name: t.array for name, t in self.tensors.items() if t.array is not None}
 
 
-def _engine(name: str):
+def engine_functions(name: str):
+    """(forward, backward) of the engine called ``name``."""
     if name not in ENGINES:
         raise UsageError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
     return ENGINES[name]
 
 
+def _is_streamed(arrays) -> bool:
+    from convcli.tensorfile import DatasetRef
+
+    return isinstance(arrays.get("x"), DatasetRef)
+
+
 def run_forward(
-    arrays: dict[str, np.ndarray],
+    arrays: dict,
     spec: ConvSpec,
     *,
     engine: str = "fast",
     origins: dict[str, str] | None = None,
     workspace: int = DEFAULT_WORKSPACE,
+    threads: int | None = None,
+    out=None,
+    force: bool = False,
+    protect=(),
+    progress=None,
 ) -> RunResult:
-    """Run ``z = conv(x, w) + b``; ``arrays`` holds x (n,H,W,Cin), w (kh,kw,Cin/g,Cout), b."""
-    forward, _ = _engine(engine)
+    """Run ``z = conv(x, w) + b``; ``arrays`` holds x (n,H,W,Cin), w (kh,kw,Cin/g,Cout), b.
+
+    ``out``: a ``.npz`` or ``.h5`` path to write z and the hyperparameters to (atomically;
+    an existing file only with ``force``; never one of ``protect``).
+    """
+    if _is_streamed(arrays):
+        from convcli.streaming import stream_run
+
+        return stream_run(
+            "forward",
+            arrays,
+            spec,
+            engine=engine,
+            origins=origins,
+            workspace=workspace,
+            threads=threads,
+            out=out,
+            force=force,
+            protect=protect,
+            progress=progress,
+        )
+    forward, _ = engine_functions(engine)
     origins = origins or {}
+    _check_out(out, force, protect)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvcliNotice)
         start = time.perf_counter()
-        z, cache = forward(arrays["x"], arrays["w"], arrays.get("b"), spec, workspace=workspace)
+        z, cache = forward(
+            arrays["x"], arrays["w"], arrays.get("b"), spec, workspace=workspace, threads=threads
+        )
         seconds = time.perf_counter() - start
     tensors = _inputs(arrays, ("x", "w", "b"), origins)
     tensors["z"] = Tensor(z, "output", "computed")
-    return RunResult(
+    result = RunResult(
         command="forward",
         engine=engine,
         hparams=cache.geometry.hparams(),
         tensors=tensors,
         seconds=seconds,
         outputs=("z",),
-        notices=_notices(caught),
+        notices=notices_of(caught),
     )
+    _write(result, out, force, protect)
+    return result
 
 
 def run_backward(
-    arrays: dict[str, np.ndarray],
+    arrays: dict,
     spec: ConvSpec,
     *,
     engine: str = "fast",
@@ -93,52 +146,105 @@ def run_backward(
     seed: int | None = None,
     origins: dict[str, str] | None = None,
     workspace: int = DEFAULT_WORKSPACE,
+    threads: int | None = None,
+    out=None,
+    force: bool = False,
+    protect=(),
+    progress=None,
 ) -> RunResult:
     """Run forward then backward; dz is ``arrays["dz"]`` when present, else from ``upstream``.
 
     ``upstream``: ``"z"`` (dz = z, the loss ½‖z‖²), ``"ones"`` (loss Σz) or ``"random"``
-    (standard normal, seeded by ``seed``).
+    (standard normal, seeded by ``seed``). ``out`` as in :func:`run_forward`, with dx, dw, db.
     """
-    forward, backward = _engine(engine)
     if upstream not in UPSTREAMS:
         raise UsageError(f"--upstream {upstream!r}: choose from {', '.join(UPSTREAMS)}")
+    if _is_streamed(arrays):
+        from convcli.streaming import stream_run
+
+        return stream_run(
+            "backward",
+            arrays,
+            spec,
+            engine=engine,
+            upstream=upstream,
+            seed=seed,
+            origins=origins,
+            workspace=workspace,
+            threads=threads,
+            out=out,
+            force=force,
+            protect=protect,
+            progress=progress,
+        )
+    forward, backward = engine_functions(engine)
     origins = dict(origins or {})
+    _check_out(out, force, protect)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvcliNotice)
         start = time.perf_counter()
-        z, cache = forward(arrays["x"], arrays["w"], arrays.get("b"), spec, workspace=workspace)
+        z, cache = forward(
+            arrays["x"], arrays["w"], arrays.get("b"), spec, workspace=workspace, threads=threads
+        )
         dz = arrays.get("dz")
         if dz is None:
-            dz = _upstream(z, upstream, seed)
-            origins["dz"] = f"--upstream {upstream}" + (
-                f" --seed {seed}" if upstream == "random" else ""
-            )
+            dz = upstream_gradient(z, upstream, np.random.default_rng(seed))
+            origins["dz"] = upstream_origin(upstream, seed)
         dx, dw, db = backward(dz, cache)
         seconds = time.perf_counter() - start
     tensors = _inputs(arrays, ("x", "w", "b"), origins)
     tensors["z"] = Tensor(z, "output", "computed")
     tensors["dz"] = Tensor(np.asarray(dz), "input", origins.get("dz", "given"))
-    outputs = ("dx", "dw") if db is None else ("dx", "dw", "db")
     for name, value in zip(("dx", "dw", "db"), (dx, dw, db), strict=True):
         if value is not None:
             tensors[name] = Tensor(value, "output", "computed")
-    return RunResult(
+    result = RunResult(
         command="backward",
         engine=engine,
         hparams=cache.geometry.hparams(),
         tensors=tensors,
         seconds=seconds,
-        outputs=outputs,
-        notices=_notices(caught),
+        outputs=("dx", "dw") if db is None else ("dx", "dw", "db"),
+        notices=notices_of(caught),
     )
+    _write(result, out, force, protect)
+    return result
 
 
-def _upstream(z: np.ndarray, mode: str, seed: int | None) -> np.ndarray:
+def _check_out(out, force: bool, protect) -> None:
+    """Refuse a bad --out before any work is done."""
+    if out is not None:
+        from pathlib import Path
+
+        from convcli.writing import check_target, output_format
+
+        output_format(Path(out))
+        check_target(Path(out), force=force, protect=protect)
+
+
+def _write(result: RunResult, out, force: bool, protect) -> None:
+    if out is not None:
+        from convcli.writing import write_tensors
+
+        outputs = {name: result.tensors[name].array for name in result.outputs}
+        write_tensors(out, outputs, result.hparams, force=force, protect=protect)
+
+
+def upstream_origin(mode: str, seed: int | None) -> str:
+    return f"--upstream {mode}" + (f" --seed {seed}" if mode == "random" else "")
+
+
+def upstream_gradient(z: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndarray:
+    """dz for ``--upstream``: z itself, ones, or standard normal from ``rng`` (dtype of z).
+
+    Streamed runs call this per chunk with one ``rng``, which draws the same numbers as one
+    call on the whole z.
+    """
     if mode == "z":
         return z.copy()
     if mode == "ones":
         return np.ones_like(z)
-    return np.random.default_rng(seed).standard_normal(z.shape).astype(z.dtype)
+    return rng.standard_normal(z.shape).astype(z.dtype)
 
 
 def _inputs(arrays, names, origins) -> dict[str, Tensor]:
@@ -149,8 +255,10 @@ def _inputs(arrays, names, origins) -> dict[str, Tensor]:
     }
 
 
-def _notices(caught) -> list[str]:
-    return [str(w.message) for w in caught if issubclass(w.category, ConvcliNotice)]
+def notices_of(caught) -> list[str]:
+    """Distinct ConvcliNotice messages among caught warnings, in order."""
+    messages = [str(w.message) for w in caught if issubclass(w.category, ConvcliNotice)]
+    return list(dict.fromkeys(messages))
 
 
 @dataclass
@@ -216,13 +324,13 @@ def run_gradcheck(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvcliNotice)
         z, cache = conv_forward(arrays["x"], arrays["w"], arrays.get("b"), spec)
-    notices += _notices(caught)
+    notices += notices_of(caught)
     if cache.dtype != np.float64:
         notices.append(f"gradcheck runs in float64: inputs upcast from {cache.dtype}")
     geometry = cache.geometry
     g = arrays.get("dz")
     if g is None:
-        g = _upstream(z.astype(np.float64), upstream, seed)
+        g = upstream_gradient(z.astype(np.float64), upstream, np.random.default_rng(seed))
     elif np.shape(g) != geometry.out_shape:
         from convcli.errors import ShapeError
 

@@ -599,14 +599,47 @@ def _plain(value):
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DatasetRef:
+    """An HDF5 dataset left on disk, read in blocks of its first axis (for streaming).
+
+    Attributes
+    ----------
+    path, key : where it is; shape, dtype : what it holds; origin : ``file.h5:/key`` text.
+    """
+
+    path: Path
+    key: str
+    shape: tuple
+    dtype: np.dtype
+    origin: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the first axis, in memory."""
+        return self[start:stop]
+
+    def __getitem__(self, index) -> np.ndarray:
+        with open_tensor_file(self.path) as tensor_file:
+            dataset = tensor_file._dataset(self.key)
+            try:
+                return np.asarray(dataset[index])
+            except _CONTENT_ERRORS as exc:
+                raise DataError(f"{self.origin}: cannot read ({_reason(exc)})") from exc
+
+
 @dataclass
 class Loaded:
     """Tensors and hyperparameters gathered from the command's files.
 
     Attributes
     ----------
-    arrays : dict of str to numpy.ndarray
-        Role (``"x"``, ``"w"``, ``"b"``, ``"dz"``) -> array, only for roles that were found.
+    arrays : dict of str to numpy.ndarray or DatasetRef
+        Role (``"x"``, ``"w"``, ``"b"``, ``"dz"``) -> array, only for roles that were found;
+        a :class:`DatasetRef` for HDF5 tensors left on disk (see ``lazy_above``).
     origins : dict of str to str
         Role -> where it came from, e.g. ``"run.h5:/A_prev"``.
     hparams : dict of str to (object, str)
@@ -644,6 +677,9 @@ def load_tensors(
     refs: Mapping[str, str | None],
     required: Iterable[str],
     optional: Iterable[str] = (),
+    *,
+    lazy_above: int | None = None,
+    lazy_roles: Iterable[str] = ("x", "dz"),
 ) -> Loaded:
     """Gather the tensors a command needs from a data file and/or explicit references.
 
@@ -658,6 +694,11 @@ def load_tensors(
         Roles that must be found, e.g. ``("x", "w")``.
     optional : iterable of str
         Roles that may be absent, e.g. ``("b", "dz")``.
+    lazy_above : int, optional
+        HDF5 tensors of ``lazy_roles`` larger than this many bytes are not read: they come
+        back as :class:`DatasetRef`, to be streamed.
+    lazy_roles : iterable of str
+        Roles that may be left on disk (the batch-sized ones).
 
     Returns
     -------
@@ -685,11 +726,29 @@ def load_tensors(
                 continue
             tensor_file, key = found
             keys[role] = found
-            loaded.arrays[role] = tensor_file.read(key)
+            loaded.arrays[role] = _read_or_refer(
+                tensor_file, key, lazy_above if role in tuple(lazy_roles) else None
+            )
             loaded.origins[role] = origin_text(tensor_file, key)
         loaded.hparams = _hparams_for(data_file, keys.get("x"))
         loaded.sources = cache.sources
     return loaded
+
+
+def _read_or_refer(tensor_file: TensorFile, key: str, lazy_above: int | None):
+    """The array, or a DatasetRef for an HDF5 dataset larger than ``lazy_above`` bytes."""
+    if lazy_above is not None and tensor_file.format == "hdf5":
+        dataset = tensor_file._dataset(key)
+        ref = DatasetRef(
+            path=tensor_file.path.resolve(),
+            key=dataset.name,
+            shape=tuple(dataset.shape or ()),
+            dtype=dataset.dtype,
+            origin=origin_text(tensor_file, key),
+        )
+        if ref.shape and ref.nbytes > lazy_above and ref.dtype.kind in "fiu":
+            return ref
+    return tensor_file.read(key)
 
 
 def _open_data_file(cache: _FileCache, data) -> TensorFile:

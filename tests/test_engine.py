@@ -245,3 +245,23 @@ def test_engine_has_no_python_loop_over_batch_or_pixels():
     finally:
         engine._Plan.im2col = original
     assert len(calls) == 1
+
+
+def test_summary_statistics_streamed_equal_in_memory():
+    from convcli.stats import RunningStats, summarize
+
+    rng = np.random.default_rng(9)
+    array = 3.0 + 1e-3 * rng.standard_normal(
+        (37, 5, 4)
+    )  # a large mean: naive sums would lose digits
+    whole = summarize(array)
+    stats = RunningStats(array.shape, array.dtype)
+    for start in range(0, 37, 6):
+        stats.update(array[start : start + 6])
+    streamed = stats.summary()
+    assert streamed["mean"] == pytest.approx(float(array.mean()), rel=1e-13)
+    assert streamed["std"] == pytest.approx(float(array.std()), rel=1e-10)
+    for key in ("mean", "std"):
+        assert streamed[key] == pytest.approx(whole[key], rel=1e-12)
+    assert (streamed["min"], streamed["max"]) == (whole["min"], whole["max"])
+    assert whole["shape"] == [37, 5, 4]

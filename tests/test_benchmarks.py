@@ -1,0 +1,51 @@
+"""The benchmark scripts run (tiny sizes) and write their JSON, so they cannot rot."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def run_script(name, *args):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_engine_benchmark_smoke(tmp_path):
+    out = tmp_path / "engine.json"
+    run_script("bench_engine.py", "--smoke", "--out", out)
+    results = json.loads(out.read_text())
+    assert set(results["gemm_gflops"]) == {"float32", "float64"}
+    layers = {(row["layer"], row["dtype"]) for row in results["layers"]}
+    assert ("classic", "float64") in layers
+    row = results["layers"][0]
+    for key in ("forward_gflops", "backward_vs_gemm", "fwd_bwd_s", "forward_peak_mib"):
+        assert row[key] > 0
+    assert results["reference"]["forward_speedup"] > 1
+
+
+def test_memory_benchmark_smoke(tmp_path):
+    out = tmp_path / "memory.json"
+    run_script("bench_memory.py", "--smoke", "--out", out)
+    results = json.loads(out.read_text())
+    assert results["in_memory"]["within_bound"]
+    assert results["streamed"]["within_bound"]
+
+
+@pytest.mark.slow
+def test_gradcheck_benchmark_smoke(tmp_path):
+    out = tmp_path / "gradcheck.json"
+    run_script("bench_gradcheck.py", "--smoke", "--out", out)
+    cases = json.loads(out.read_text())["cases"]
+    assert all(case["passed"] for case in cases)
+    assert cases[0]["forward_passes"] == 290
