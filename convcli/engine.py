@@ -82,10 +82,10 @@ def conv_forward(
             plan.depthwise_forward(x, w, tile, z_tile)
         else:
             _grouped_matmul(plan.im2col(x, tile), w_groups, z_tile)
+        if b is not None:
+            z_tile += b  # while the tile is in cache
 
     _for_each_tile(geometry, x.dtype, workspace, threads, backward=False, work=work)
-    if b is not None:
-        z += b
     cache = ConvCache(
         x=x,
         w=w,
@@ -116,10 +116,11 @@ def conv_backward(dz, cache: ConvCache):
     geometry = cache.geometry
     x = cache.x.astype(dtype, copy=False)
     w = cache.w.astype(dtype, copy=False)
-    dx = np.zeros(x.shape, dtype=dtype)
     w_groups = _weights_by_group(w, geometry)
     g, _, cout_group = w_groups.shape
     w_groups_t = np.ascontiguousarray(w_groups.transpose(0, 2, 1))
+    transposed = _transposed_conv(geometry, w)  # dx as a convolution of dz, when it is one
+    dx = None if transposed is not None else np.zeros(x.shape, dtype=dtype)
 
     def work(plan: _Plan, tile: _Tile) -> None:
         dz_tile = plan.output_rows(dz, tile)
@@ -129,15 +130,16 @@ def conv_backward(dz, cache: ConvCache):
         cols = plan.im2col(x, tile)
         dz_groups = dz_tile.reshape(-1, g, cout_group).transpose(1, 0, 2)
         plan.dw += np.matmul(cols.transpose(0, 2, 1), dz_groups)
-        dcols = np.matmul(dz_groups, w_groups_t, out=plan.dcols(tile))
-        plan.col2im(dcols, dx, tile)
+        if transposed is None:
+            dcols = np.matmul(dz_groups, w_groups_t, out=plan.dcols(tile))
+            plan.col2im(dcols, dx, tile)
 
     plans = _for_each_tile(
         geometry,
         dtype,
         cache.workspace,
         cache.threads,
-        backward=True,
+        backward=transposed is None,
         work=work,
         dw_shape=w.shape if _is_depthwise(geometry) else w_groups.shape,
     )
@@ -146,8 +148,42 @@ def conv_backward(dz, cache: ConvCache):
         dw += plan.dw
     if not _is_depthwise(geometry):
         dw = _weights_from_groups(dw, geometry)
+    if transposed is not None:
+        w_flipped, spec_t = transposed
+        dx, _ = conv_forward(
+            dz, w_flipped, None, spec_t, workspace=cache.workspace, threads=cache.threads
+        )
     db = dz.sum(axis=tuple(range(dz.ndim - 1))) if cache.b_shape is not None else None
     return dx, dw, shape_bias_grad(db, cache.b_shape)
+
+
+def _transposed_conv(geometry: Geometry, w: np.ndarray):
+    """For stride 1, dx is itself a convolution: of dz with w flipped in space and with its
+    channel axes swapped, padded by ``dilation * (k - 1) - pad`` on each side. Returns
+    ``(w', ConvSpec)`` for it when those pads are not negative, else None (then dx is
+    gathered from the patch gradients instead).
+
+    dx[h] = Σ_i dz[h + pad_top - i·d] · w[i], i.e. with i' = k - 1 - i a correlation of dz
+    with w[k - 1 - i'] and padding d·(k - 1) - pad_top on top (likewise bottom, per axis).
+    """
+    if set(geometry.stride) != {1} or _is_depthwise(geometry):
+        return None
+    pads = tuple(
+        (d * (k - 1) - lo, d * (k - 1) - hi)
+        for d, k, (lo, hi) in zip(geometry.dilation, geometry.kernel, geometry.pads, strict=True)
+    )
+    if any(v < 0 for pair in pads for v in pair):
+        return None
+    g = geometry.groups
+    nd = len(geometry.kernel)
+    cin_g, cout_g = geometry.cin // g, geometry.cout // g
+    flipped = w[(slice(None, None, -1),) * nd]  # (*kernel, Cin/g, Cout)
+    # output channel (group k, co) of the forward pass is input channel k*Cout/g + co here
+    grouped = flipped.reshape(*geometry.kernel, cin_g, g, cout_g)
+    w_t = np.ascontiguousarray(np.swapaxes(grouped, -3, -1)).reshape(
+        *geometry.kernel, cout_g, g * cin_g
+    )
+    return w_t, ConvSpec(stride=1, padding=pads, dilation=geometry.dilation, groups=g)
 
 
 # -- tiles in parallel -----------------------------------------------------------------------
