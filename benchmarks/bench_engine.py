@@ -49,8 +49,19 @@ SMOKE_LAYERS = {
 REFERENCE_LAYER = (2, 8, 8, 4, 3, 3, 8, {"padding": 1})
 
 
+WARM_UP_SECONDS = 0.3
+
+
 def median_seconds(function, repeats: int) -> float:
-    function()  # warm-up: allocations, BLAS threads
+    """Median wall time of ``repeats`` calls, after calling it for WARM_UP_SECONDS.
+
+    The first calls after other work run slower here (allocator and page state, thread
+    pools, clocks); a time-based warm-up makes the medians repeatable.
+    """
+    start = time.perf_counter()
+    function()
+    while time.perf_counter() - start < WARM_UP_SECONDS:
+        function()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -115,17 +126,17 @@ def bench_layer(name, shape, dtype, repeats, gemm) -> dict:
     for key in ("forward", "backward", "fwd_bwd"):
         row[f"{key}_vs_gemm"] = row[f"{key}_gflops"] / gemm
     if spec.groups > 1 or w.shape[:2] == (1, 1):
-        baseline = per_group_gemm(x, w, spec)
+        baseline = per_group_gemm(x, w, b, spec)
         row["per_group_gemm_forward_s"] = median_seconds(baseline, repeats)
         row["speedup_vs_per_group_gemm"] = row["per_group_gemm_forward_s"] / forward
     return row
 
 
-def per_group_gemm(x, w, spec: ConvSpec):
+def per_group_gemm(x, w, b, spec: ConvSpec):
     """The plain alternative: one im2col + GEMM per group (a bare GEMM for 1x1, stride 1)."""
     if spec.groups == 1:
         x2, w2 = x.reshape(-1, x.shape[-1]), w.reshape(-1, w.shape[-1])
-        return lambda: x2 @ w2
+        return lambda: x2 @ w2 + b
     cin_g, cout_g = x.shape[-1] // spec.groups, w.shape[-1] // spec.groups
     single = ConvSpec(stride=spec.stride, padding=spec.padding, dilation=spec.dilation)
     parts = [
@@ -135,7 +146,10 @@ def per_group_gemm(x, w, spec: ConvSpec):
         )
         for k in range(spec.groups)
     ]
-    return lambda: [conv_forward(xg, wg, None, single)[0] for xg, wg in parts]
+    biases = b.reshape(spec.groups, cout_g)
+    return lambda: [
+        conv_forward(xg, wg, bg, single)[0] for (xg, wg), bg in zip(parts, biases, strict=True)
+    ]
 
 
 def bench_reference(repeats: int) -> dict:
@@ -189,6 +203,8 @@ def main(argv=None) -> dict:
     if args.layers:
         layers = {name: layers[name] for name in args.layers}
     repeats = 1 if args.smoke else args.repeats
+    global WARM_UP_SECONDS
+    WARM_UP_SECONDS = 0.0 if args.smoke else WARM_UP_SECONDS
     gemm_size = 256 if args.smoke else 2048
 
     limiter = None

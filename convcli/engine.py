@@ -186,6 +186,34 @@ def _transposed_conv(geometry: Geometry, w: np.ndarray):
     return w_t, ConvSpec(stride=1, padding=pads, dilation=geometry.dilation, groups=g)
 
 
+class _ScratchPool:
+    """Scratch buffers kept between calls, so repeated convolutions do not pay for fresh
+    pages each time. Each call borrows sets of buffers and gives them back; concurrent calls
+    never share one. A kept buffer is at most one tile's scratch (the workspace bounds it)."""
+
+    def __init__(self, keep: int = 4):
+        self._free: list[dict] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lend(self, plans):
+        with self._lock:
+            for plan in plans:
+                plan._buffers = self._free.pop() if self._free else {}
+        try:
+            yield
+        finally:
+            with self._lock:
+                for plan in plans:
+                    if len(self._free) < self._keep:
+                        self._free.append(plan._buffers)
+                    plan._buffers = {}
+
+
+_SCRATCH = _ScratchPool()
+
+
 # -- tiles in parallel -----------------------------------------------------------------------
 
 _pool: dict = {}
@@ -238,6 +266,11 @@ def _for_each_tile(geometry, dtype, workspace, threads, *, backward, work, dw_sh
         _Plan(geometry, dtype, max(1, workspace // workers), backward=backward)
         for _ in range(workers)
     ]
+    with _SCRATCH.lend(plans):
+        return _run_plans(plans, workers, work, dw_shape, dtype)
+
+
+def _run_plans(plans, workers, work, dw_shape, dtype):
     if dw_shape is not None:
         for plan in plans:
             plan.dw = np.zeros(dw_shape, dtype=dtype)
@@ -335,7 +368,7 @@ class _Plan:
         self.backward = backward
         self._choose_tiles(workspace)
         self._offsets = list(itertools.product(*(range(k) for k in geometry.kernel)))
-        self._buffers: dict[str, np.ndarray] = {}
+        self._buffers: dict = {}  # (name, dtype) -> array; lent by _SCRATCH for one call
         self.dw: np.ndarray | None = None  # this worker's dw accumulator (backward)
 
     # -- sizing ----------------------------------------------------------------------------
@@ -349,7 +382,7 @@ class _Plan:
         padded_input = images * in_rows * math.prod(self.extent[1:]) * geometry.cin
         elements = 0
         if self.pointwise:
-            pass  # x is used in place
+            elements += pixels * geometry.cout  # x is used in place; keep the z tile cache-sized
         elif not self.depthwise:
             elements += pixels * geometry.groups * self.k_group  # cols
             if geometry.groups > 1:
@@ -397,10 +430,11 @@ class _Plan:
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A scratch array of ``shape``, carved from a buffer kept for the whole plan."""
         size = math.prod(shape)
-        buffer = self._buffers.get(name)
+        key = (name, self.dtype)
+        buffer = self._buffers.get(key)
         if buffer is None or buffer.size < size:
             buffer = np.empty(size, dtype=self.dtype)
-            self._buffers[name] = buffer
+            self._buffers[key] = buffer
         return buffer[:size].reshape(shape)
 
     # -- tensors of a tile -----------------------------------------------------------------
