@@ -100,35 +100,65 @@ def make_layer(shape, dtype):
     return x, wt, b, spec, flops
 
 
-def bench_layer(name, shape, dtype, repeats, gemm) -> dict:
+def bench_layer(name, shape, dtype, repeats, gemm, rounds) -> dict:
+    """Times of one layer: for each operation, the median of its per-round medians."""
     x, w, b, spec, flops = make_layer(shape, dtype)
     z, cache = conv_forward(x, w, b, spec)
     dz = np.random.default_rng(1).standard_normal(z.shape).astype(dtype)
-    forward = median_seconds(lambda: conv_forward(x, w, b, spec), repeats)
-    backward = median_seconds(lambda: conv_backward(dz, cache), repeats)
-    both = median_seconds(lambda: conv_backward(dz, conv_forward(x, w, b, spec)[1]), repeats)
+    operations = {
+        "forward": lambda: conv_forward(x, w, b, spec),
+        "backward": lambda: conv_backward(dz, cache),
+        "fwd_bwd": lambda: conv_backward(dz, conv_forward(x, w, b, spec)[1]),
+    }
+    if spec.groups > 1 or w.shape[:2] == (1, 1):
+        operations["per_group_gemm_forward"] = per_group_gemm(x, w, b, spec)
+    return {
+        "name": name,
+        "dtype": np.dtype(dtype),
+        "x": x,
+        "w": w,
+        "hparams": shape[-1],
+        "flops": flops,
+        "gemm": gemm,
+        "operations": operations,
+        "rounds": [],
+        "peaks": (
+            peak_bytes(operations["forward"]) / 2**20,
+            peak_bytes(operations["backward"]) / 2**20,
+        ),
+    }
+
+
+def measure_round(case: dict, repeats: int) -> None:
+    case["rounds"].append(
+        {op: median_seconds(function, repeats) for op, function in case["operations"].items()}
+    )
+
+
+def layer_row(case: dict) -> dict:
+    seconds = {op: statistics.median(r[op] for r in case["rounds"]) for op in case["operations"]}
+    flops, gemm, w = case["flops"], case["gemm"], case["w"]
     row = {
-        "layer": name,
-        "dtype": np.dtype(dtype).name,
-        "shape": list(x.shape),
+        "layer": case["name"],
+        "dtype": case["dtype"].name,
+        "shape": list(case["x"].shape),
         "kernel": list(w.shape[:2]),
         "cout": w.shape[-1],
-        "hparams": shape[-1],
-        "forward_s": forward,
-        "backward_s": backward,
-        "fwd_bwd_s": both,
-        "forward_gflops": flops / forward / 1e9,
-        "backward_gflops": 2 * flops / backward / 1e9,
-        "fwd_bwd_gflops": 3 * flops / both / 1e9,
-        "forward_peak_mib": peak_bytes(lambda: conv_forward(x, w, b, spec)) / 2**20,
-        "backward_peak_mib": peak_bytes(lambda: conv_backward(dz, cache)) / 2**20,
+        "hparams": case["hparams"],
+        "forward_s": seconds["forward"],
+        "backward_s": seconds["backward"],
+        "fwd_bwd_s": seconds["fwd_bwd"],
+        "forward_gflops": flops / seconds["forward"] / 1e9,
+        "backward_gflops": 2 * flops / seconds["backward"] / 1e9,
+        "fwd_bwd_gflops": 3 * flops / seconds["fwd_bwd"] / 1e9,
+        "forward_peak_mib": case["peaks"][0],
+        "backward_peak_mib": case["peaks"][1],
     }
     for key in ("forward", "backward", "fwd_bwd"):
         row[f"{key}_vs_gemm"] = row[f"{key}_gflops"] / gemm
-    if spec.groups > 1 or w.shape[:2] == (1, 1):
-        baseline = per_group_gemm(x, w, b, spec)
-        row["per_group_gemm_forward_s"] = median_seconds(baseline, repeats)
-        row["speedup_vs_per_group_gemm"] = row["per_group_gemm_forward_s"] / forward
+    if "per_group_gemm_forward" in seconds:
+        row["per_group_gemm_forward_s"] = seconds["per_group_gemm_forward"]
+        row["speedup_vs_per_group_gemm"] = seconds["per_group_gemm_forward"] / seconds["forward"]
     return row
 
 
@@ -190,7 +220,8 @@ def blas_info() -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per round")
+    parser.add_argument("--rounds", type=int, default=3, help="passes over all layers")
     parser.add_argument("--dtype", nargs="+", default=["float32", "float64"])
     parser.add_argument("--layers", nargs="+", default=None, help=f"any of {', '.join(LAYERS)}")
     parser.add_argument(
@@ -203,6 +234,7 @@ def main(argv=None) -> dict:
     if args.layers:
         layers = {name: layers[name] for name in args.layers}
     repeats = 1 if args.smoke else args.repeats
+    args.rounds = 1 if args.smoke else args.rounds
     global WARM_UP_SECONDS
     WARM_UP_SECONDS = 0.0 if args.smoke else WARM_UP_SECONDS
     gemm_size = 256 if args.smoke else 2048
@@ -214,11 +246,15 @@ def main(argv=None) -> dict:
         limiter = threadpool_limits(limits=args.threads, user_api="blas")
     try:
         gemm = {dtype: gemm_gflops(dtype, gemm_size, repeats) for dtype in args.dtype}
-        rows = [
-            bench_layer(name, shape, dtype, repeats, gemm[dtype])
+        cases = [
+            bench_layer(name, shape, dtype, repeats, gemm[dtype], args.rounds)
             for dtype in args.dtype
             for name, shape in layers.items()
         ]
+        for _ in range(args.rounds):  # rounds interleave the layers, spreading slow spells
+            for case in cases:
+                measure_round(case, repeats)
+        rows = [layer_row(case) for case in cases]
         reference = bench_reference(repeats)
         info = blas_info()
     finally:
@@ -233,6 +269,7 @@ def main(argv=None) -> dict:
             **info,
         },
         "repeats": repeats,
+        "rounds": args.rounds,
         "gemm_size": gemm_size,
         "gemm_gflops": gemm,
         "layers": rows,
@@ -250,7 +287,8 @@ def print_table(results: dict) -> None:
     from rich.table import Table
 
     gemm = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in results["gemm_gflops"].items())
-    title = f"convcli engine, median of {results['repeats']} · GEMM {results['gemm_size']}²: {gemm}"
+    runs = f"{results['rounds']} rounds x {results['repeats']}"
+    title = f"convcli engine, {runs} · GEMM {results['gemm_size']}²: {gemm}"
     table = Table(title=title)
     for column in (
         "layer",

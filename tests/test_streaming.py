@@ -175,3 +175,11 @@ def test_streamed_forward_peak_memory_stays_near_the_budget(tmp_path):
     )
     assert streamed - start_up <= 16 * 2**20 + 64 * 2**20, (start_up, streamed)
     assert streamed - start_up < x_bytes / 2
+
+
+def test_threads_flag_gives_the_same_numbers(big_h5):
+    one = run_json("forward", big_h5, "--threads", "1")
+    three = run_json("forward", big_h5, "--threads", "3", "--max-workspace", "64K")
+    for key in ("mean", "std", "min", "max"):
+        assert one["tensors"]["z"][key] == pytest.approx(three["tensors"]["z"][key], rel=1e-12)
+    assert runner.invoke(app, ["forward", str(big_h5), "--threads", "0"]).exit_code == 2
