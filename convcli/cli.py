@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 from typer.core import TyperGroup
 
 from convcli import __version__
@@ -25,6 +27,7 @@ from convcli.errors import (
     ConvcliError,
     UsageError,
 )
+from convcli.generate import DTYPES, generate_layer
 from convcli.gradcheck import (
     DEFAULT_ATOL,
     DEFAULT_EPS,
@@ -34,8 +37,10 @@ from convcli.gradcheck import (
     MODES,
     Tolerance,
 )
+from convcli.heatmap import print_heatmap
 from convcli.hparams import build_spec
-from convcli.render import print_result, result_json
+from convcli.inventory import inspect_file
+from convcli.render import print_inventory, print_result, result_json
 from convcli.report import gradcheck_json, print_gradcheck
 from convcli.runs import (
     ENGINES,
@@ -51,8 +56,9 @@ from convcli.slices import parse_slice, take
 from convcli.tensorfile import load_tensors
 from convcli.units import parse_size
 from convcli.userimpl import impl_config
+from convcli.writing import write_tensors
 
-_state = {"debug": False}
+_state = {"debug": False, "quiet": False}
 # Typer may use click or its own vendored copy: take the classes from Typer itself.
 _UsageError = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
 
@@ -67,7 +73,7 @@ class ConvcliGroup(TyperGroup):
     """Turns every failure into one ``convcli: error: ...`` line and its exit code."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        _state["debug"] = False
+        _state["debug"] = _state["quiet"] = False
         try:
             code = super().main(args, "convcli", complete_var, standalone_mode=False, **extra)
         except _UsageError as error:
@@ -114,6 +120,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="No notes, progress bars or 'wrote' messages on stderr."
+        ),
+    ] = False,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
@@ -121,6 +133,7 @@ def _root(
 ) -> None:
     """Run and check 2-D convolution layers (NHWC activations, HWIO weights)."""
     _state["debug"] = debug
+    _state["quiet"] = quiet
 
 
 # Options shared by forward and backward.
@@ -175,6 +188,12 @@ Slices = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")]
+Heatmaps = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--heatmap", metavar="EXPR", help="Draw a 2-D slice, e.g. 'z[0,:,:,3]'; repeatable."
+    ),
+]
 Out = Annotated[
     Path | None,
     typer.Option("--out", metavar="FILE", help="Write the outputs to this .npz or .h5 file."),
@@ -206,6 +225,11 @@ def _load(data, refs, required, optional, lazy_above=None, **flags):
     return loaded, spec
 
 
+def _messages() -> Console:
+    """The stderr console for notes and 'wrote' messages (silent with --quiet)."""
+    return Console(stderr=True, highlight=False, soft_wrap=True, quiet=_state["quiet"])
+
+
 def _data_console() -> Console:
     """The stdout console for tables; piped output gets a width no number is cut at."""
     console = Console(highlight=False)
@@ -214,19 +238,27 @@ def _data_console() -> Console:
     return console
 
 
-def _finish(result: RunResult, slice_exprs, as_json: bool, out) -> None:
-    """Evaluate slices, print notices and the table or JSON."""
+def _finish(result: RunResult, slice_exprs, as_json: bool, out, heatmap_exprs=()) -> None:
+    """Evaluate slices and heatmaps, print notices and the table (with pictures) or JSON."""
     arrays = result.arrays()
-    slices = {
-        expr.label(result.outputs[0]): take(expr, arrays, result.outputs[0]) for expr in slice_exprs
-    }
-    messages = Console(stderr=True, highlight=False, soft_wrap=True)
+    first = result.outputs[0]
+    slices = {expr.label(first): take(expr, arrays, first) for expr in slice_exprs}
+    pictures = {expr.label(first): take(expr, arrays, first) for expr in heatmap_exprs}
+    for label, value in pictures.items():
+        if value.ndim != 2:
+            raise UsageError(
+                f"--heatmap {label}: needs a 2-D slice; this one has shape {value.shape}"
+            )
+    messages = _messages()
     for notice in result.notices:
         messages.print(f"convcli: note: {escape(notice)}")
     if as_json:
-        print(result_json(result, slices))
+        print(result_json(result, slices, pictures))
         return
-    print_result(_data_console(), result, slices)
+    console = _data_console()
+    print_result(console, result, slices)
+    for label, value in pictures.items():
+        print_heatmap(console, value, f"{label}, shape {value.shape}")
     if out is not None:
         messages.print(f"wrote {', '.join(result.outputs)} to {escape(str(out))}")
 
@@ -255,6 +287,7 @@ def forward(
     groups: Groups = None,
     engine: Engine = EngineName.fast,
     slice_: Slices = None,
+    heatmap: Heatmaps = None,
     as_json: Json = False,
     out: Out = None,
     force: Force = False,
@@ -267,6 +300,7 @@ def forward(
     """
     workspace = parse_size(max_workspace)
     slices = [parse_slice(expr) for expr in slice_ or []]
+    pictures = [parse_slice(expr, flag="--heatmap") for expr in heatmap or []]
     loaded, spec = _load(
         data,
         {"x": x, "w": w, "b": b},
@@ -291,7 +325,7 @@ def forward(
             protect=loaded.sources,
             progress=progress,
         )
-    _finish(result, slices, as_json, out)
+    _finish(result, slices, as_json, out, pictures)
 
 
 @app.command()
@@ -317,6 +351,7 @@ def backward(
     groups: Groups = None,
     engine: Engine = EngineName.fast,
     slice_: Slices = None,
+    heatmap: Heatmaps = None,
     as_json: Json = False,
     out: Out = None,
     force: Force = False,
@@ -329,6 +364,7 @@ def backward(
     """
     workspace = parse_size(max_workspace)
     slices = [parse_slice(expr) for expr in slice_ or []]
+    pictures = [parse_slice(expr, flag="--heatmap") for expr in heatmap or []]
     loaded, spec = _load(
         data,
         {"x": x, "w": w, "b": b, "dz": dz},
@@ -355,7 +391,7 @@ def backward(
             protect=loaded.sources,
             progress=progress,
         )
-    _finish(result, slices, as_json, out)
+    _finish(result, slices, as_json, out, pictures)
 
 
 def _int_list(flag: str, text: str | None, counts: tuple[int, ...]) -> list[int] | None:
@@ -482,7 +518,7 @@ def gradcheck(
                 tolerance=tolerance,
                 progress=progress,
             )
-    messages = Console(stderr=True, highlight=False, soft_wrap=True)
+    messages = _messages()
     for notice in run.notices:
         messages.print(f"convcli: note: {escape(notice)}")
     if as_json:
@@ -499,7 +535,7 @@ def _progress(as_json: bool, label: str):
 
     None with --json or when stdout is not a terminal.
     """
-    if as_json or not sys.stdout.isatty():
+    if as_json or _state["quiet"] or not sys.stdout.isatty():
         yield None
         return
     from rich.progress import Progress
@@ -521,6 +557,86 @@ def _progress(as_json: bool, label: str):
     finally:
         if bar["progress"] is not None:
             bar["progress"].stop()
+
+
+DtypeName = Enum("DtypeName", {name: name for name in DTYPES}, type=str)
+
+
+@app.command()
+def generate(
+    out: Annotated[
+        Path,
+        typer.Argument(metavar="OUT", help="New .npz or .h5 file to write.", show_default=False),
+    ],
+    shape: Annotated[str, typer.Option("--shape", metavar="N,H,W,CIN", help="Shape of x.")],
+    kernel: Annotated[str, typer.Option("--kernel", metavar="KH[,KW]", help="Kernel size.")],
+    cout: Annotated[int, typer.Option("--cout", metavar="C", min=1, help="Output channels.")],
+    stride: Stride = None,
+    pad: Pad = None,
+    dilation: Dilation = None,
+    groups: Groups = None,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Random seed.")] = 0,
+    dtype: Annotated[
+        DtypeName, typer.Option("--dtype", help="float32 or float64.")
+    ] = DtypeName.float64,
+    with_dz: Annotated[
+        bool, typer.Option("--with-dz", help="Also write an upstream gradient dz (shape of z).")
+    ] = False,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Write random x, w, b (and dz) with hyperparameters to a file the other commands read.
+
+    Example: convcli generate layer.h5 --shape 8,32,32,16 --kernel 3 --cout 32 --pad same
+    """
+    spec, _ = build_spec(
+        {}, {"stride": stride, "padding": pad, "dilation": dilation, "groups": groups}
+    )
+    tensors, attrs = generate_layer(
+        _int_list("--shape", shape, (4,)),
+        _int_list("--kernel", kernel, (1, 2)),
+        cout,
+        spec,
+        seed=seed,
+        dtype=dtype.value,
+        dz=with_dz,
+    )
+    write_tensors(out, tensors, attrs, force=force)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "command": "generate",
+                    "out": str(out),
+                    "hparams": attrs,
+                    "tensors": {
+                        k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                        for k, v in tensors.items()
+                    },
+                }
+            )
+        )
+        return
+    listing = ", ".join(f"{name} {tuple(a.shape)}" for name, a in tensors.items())
+    _data_console().print(Text(f"wrote {out}: {listing} {dtype.value}; hyperparameters {attrs}"))
+
+
+@app.command()
+def inspect(
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="A .npz, .npy or .h5 file.", show_default=False)
+    ],
+    as_json: Json = False,
+) -> None:
+    """List every tensor in a file and the hyperparameters it holds, without reading the data.
+
+    Example: convcli inspect sample_data/conv_example.h5
+    """
+    report = inspect_file(file)
+    if as_json:
+        print(json.dumps(report))
+        return
+    print_inventory(_data_console(), report)
 
 
 def main() -> None:

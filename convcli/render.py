@@ -13,8 +13,10 @@ from rich.text import Text
 from convcli.runs import RunResult
 
 
-def result_json(result: RunResult, slices: dict[str, np.ndarray]) -> str:
-    """The ``--json`` document (keys: command, hparams, engine, tensors, slices, seconds)."""
+def result_json(
+    result: RunResult, slices: dict[str, np.ndarray], heatmaps: dict | None = None
+) -> str:
+    """The ``--json`` document (command, hparams, engine, tensors, slices, heatmaps, ...)."""
     tensors = {}
     for name, tensor in result.tensors.items():
         tensors[name] = {"role": tensor.role, "origin": tensor.origin, **tensor.summary()}
@@ -24,6 +26,7 @@ def result_json(result: RunResult, slices: dict[str, np.ndarray]) -> str:
         "engine": result.engine,
         "tensors": tensors,
         "slices": {label: _jsonable(value) for label, value in slices.items()},
+        "heatmaps": {label: _jsonable(value) for label, value in (heatmaps or {}).items()},
         "seconds": result.seconds,
         "streamed": result.streamed,
     }
@@ -112,3 +115,37 @@ def print_result(console: Console, result: RunResult, slices: dict[str, np.ndarr
     for label, value in slices.items():
         console.print(Text(f"{label} ="))
         console.print(Text(np.array2string(np.asarray(value), max_line_width=console.width)))
+
+
+def print_inventory(console: Console, report: dict) -> None:
+    """``convcli inspect``: one row per array, then the hyperparameters it would use."""
+    table = Table(
+        title=f"{report['file']} ({report['format']})",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
+    for column in ("key", "shape", "dtype", "bytes", "used as"):
+        table.add_column(column, justify="right" if column == "bytes" else "left")
+    for entry in report["tensors"]:
+        table.add_row(
+            Text(entry["key"] or "(unnamed)"),
+            str(tuple(entry["shape"])),
+            entry["dtype"],
+            f"{entry['bytes']:,}",
+            entry["role"] or "",
+        )
+    console.print(table)
+    h = report["hparams"]
+    if h:
+        padding = h["padding"] if isinstance(h["padding"], str) else format_padding(h["padding"])
+        stored = [k for k, v in report["origins"].items() if v != "default"]
+        where = f"{', '.join(stored)} from the file" if stored else "all defaults"
+        console.print(
+            Text(
+                f"hyperparameters: stride={format_pair(h['stride'])} padding={padding} "
+                f"dilation={format_pair(h['dilation'])} groups={h['groups']} ({where})"
+            )
+        )
+    for problem in report["problems"]:
+        console.print(Text(f"problem: {problem}"))

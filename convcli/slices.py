@@ -31,7 +31,7 @@ class SliceExpr:
         return f"{self.name or default_name}[{self.text}]"
 
 
-def parse_slice(expr: str) -> SliceExpr:
+def parse_slice(expr: str, flag: str = "--slice") -> SliceExpr:
     """Parse a ``--slice`` expression.
 
     Raises
@@ -43,14 +43,14 @@ def parse_slice(expr: str) -> SliceExpr:
         return SliceExpr(name=expr.strip(), index=(), text="...")
     match = _EXPR.match(expr)
     if not match or not (match.group(2) or match.group(3) or "").strip():
-        raise UsageError(f"--slice {expr!r}: expected NAME[INDEX] like z[3,2,1], or INDEX")
+        raise UsageError(f"{flag} {expr!r}: expected NAME[INDEX] like z[3,2,1], or INDEX")
     name = match.group(1)
     text = (match.group(2) if name else match.group(3)).strip()
     try:
         node = ast.parse(f"_[{text}]", mode="eval").body
     except SyntaxError:
-        raise UsageError(f"--slice {expr!r}: cannot parse the index {text!r}") from None
-    index = _index(node.slice, expr)
+        raise UsageError(f"{flag} {expr!r}: cannot parse the index {text!r}") from None
+    index = _index(node.slice, f"{flag} {expr!r}")
     index = index if isinstance(index, tuple) else (index,)
     return SliceExpr(name=name, index=index, text=re.sub(r"\s+", "", text))
 
@@ -70,14 +70,12 @@ def _index(node, expr):
     return _int(node, expr)
 
 
-def _int(node, expr) -> int:
+def _int(node, where) -> int:
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_int(node.operand, expr)
+        return -_int(node.operand, where)
     if isinstance(node, ast.Constant) and type(node.value) is int:
         return node.value
-    raise UsageError(
-        f"--slice {expr!r}: only integers, start:stop:step and ... are allowed in an index"
-    )
+    raise UsageError(f"{where}: only integers, start:stop:step and ... are allowed in an index")
 
 
 def take(expr: SliceExpr, tensors: dict[str, np.ndarray], default_name: str) -> np.ndarray:
@@ -97,7 +95,7 @@ def take(expr: SliceExpr, tensors: dict[str, np.ndarray], default_name: str) -> 
     array = tensors[name]
     try:
         return np.asarray(array[expr.index])
-    except IndexError as error:
+    except (IndexError, TypeError, ValueError) as error:
         raise UsageError(
             f"--slice {expr.label(default_name)}: {error} (shape of {name} is {array.shape})"
         ) from None

@@ -314,12 +314,13 @@ class TensorFile:
     def _info(self, key: str) -> str:
         """``"(shape) dtype"`` of one array, read from its header only."""
         try:
-            shape, dtype = self._shape_dtype(key)
+            shape, dtype = self.shape_dtype(key)
         except _CONTENT_ERRORS:
             return "(unreadable)"
         return f"{shape} {dtype}"
 
-    def _shape_dtype(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    def shape_dtype(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of one array, from its header only (no data is read)."""
         if self.format == "npy":
             with open(self.path, "rb") as handle:
                 return _npy_header(handle)
@@ -489,7 +490,7 @@ class TensorFile:
                 continue
             origin = f"{self.path} entry '{key}'"
             try:
-                shape, _ = self._shape_dtype(key)
+                shape, _ = self.shape_dtype(key)
             except _CONTENT_ERRORS as exc:
                 raise DataError(f"{origin}: cannot read ({_reason(exc)})") from exc
             if math.prod(shape) > MAX_HPARAM_SIZE:

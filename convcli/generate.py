@@ -1,0 +1,54 @@
+"""Random layer data for ``convcli generate``: x, w, b (and dz) plus hyperparameters.
+
+Layout: x NHWC ``(n, H, W, Cin)``, w HWIO ``(kh, kw, Cin / groups, Cout)``, b ``(Cout,)``,
+dz ``(n, Ho, Wo, Cout)``; standard normal values from ``seed`` in ``dtype``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from convcli.errors import UsageError
+from convcli.spec import ConvSpec
+
+DTYPES = ("float32", "float64")
+
+
+def generate_layer(
+    shape, kernel, cout: int, spec: ConvSpec, *, seed: int | None = 0, dtype="float64", dz=False
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Tensors and hyperparameter attributes for one layer.
+
+    Returns
+    -------
+    tensors : dict with x, w, b (and dz when ``dz``)
+    attrs : {"stride": [sh, sw], "padding": "same" or [[top, bottom], [left, right]],
+             "dilation": [dh, dw], "groups": g}, as the other commands read them back
+    """
+    if str(dtype) not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    n, h, w, cin = shape
+    kh, kw = (kernel[0], kernel[0]) if len(kernel) == 1 else kernel
+    if cin % spec.groups:
+        from convcli.errors import HyperparameterError
+
+        raise HyperparameterError(
+            f"groups={spec.groups} must divide both Cin={cin} and Cout={cout}"
+        )
+    geometry = spec.geometry((n, h, w, cin), (kh, kw, cin // spec.groups, cout))
+    rng = np.random.default_rng(seed)
+    tensors = {
+        "x": rng.standard_normal((n, h, w, cin)).astype(dtype),
+        "w": rng.standard_normal((kh, kw, cin // spec.groups, cout)).astype(dtype),
+        "b": rng.standard_normal(cout).astype(dtype),
+    }
+    if dz:
+        tensors["dz"] = rng.standard_normal(geometry.out_shape).astype(dtype)
+    padding = spec.padding if spec.padding == "same" else [list(p) for p in spec.padding]
+    attrs = {
+        "stride": list(spec.stride),
+        "padding": padding,
+        "dilation": list(spec.dilation),
+        "groups": spec.groups,
+    }
+    return tensors, attrs

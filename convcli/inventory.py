@@ -1,0 +1,88 @@
+"""What a tensor file holds, for ``convcli inspect``: read from headers, never the data."""
+
+from __future__ import annotations
+
+from convcli.errors import DataError
+from convcli.hparams import build_spec
+from convcli.tensorfile import ALIASES, HPARAM_ALIASES, open_tensor_file, origin_text
+
+
+def inspect_file(path) -> dict:
+    """Tensors (key, shape, dtype, bytes), the tensor each role would use, and hyperparameters.
+
+    Returns
+    -------
+    dict
+        ``{"file", "format", "tensors": [{"key", "shape", "dtype", "bytes", "role"}],
+        "roles": {"x": key or None, ...}, "hparams": {name: value}, "origins": {name: text},
+        "problems": [one-line messages]}``. ``hparams`` are what forward/backward would use
+        without flags (padding resolved when x and w are both found).
+    """
+    problems: list[str] = []
+    with open_tensor_file(path) as tensor_file:
+        tensors = []
+        keys = tensor_file.keys()
+        for key in keys:
+            shape, dtype = tensor_file.shape_dtype(key)
+            tensors.append(
+                {
+                    "key": key,
+                    "shape": list(shape),
+                    "dtype": str(dtype),
+                    "bytes": int(dtype.itemsize * _count(shape)),
+                    "role": None,
+                }
+            )
+        roles: dict[str, str | None] = {}
+        if tensor_file.format != "npy":
+            for role in ALIASES:
+                try:
+                    roles[role] = tensor_file.find(role)
+                except DataError as error:
+                    roles[role] = None
+                    problems.append(str(error))
+        hparam_keys = {alias for names in HPARAM_ALIASES.values() for alias in names}
+        by_key = {t["key"]: t for t in tensors}
+        for role, key in roles.items():
+            if key is not None and key in by_key:
+                by_key[key]["role"] = role
+        for entry in tensors:
+            if tensor_file.format == "npz" and entry["key"] in hparam_keys:
+                entry["role"] = "hyperparameter"
+        raw = tensor_file.hparams(near_key=roles.get("x"))
+        shapes = {role: by_key[key]["shape"] for role, key in roles.items() if key in by_key}
+        fmt = tensor_file.format
+        where = {role: origin_text(tensor_file, key) for role, key in roles.items() if key}
+    hparams, origins = {}, {}
+    try:
+        spec, origins = build_spec(raw, {})
+        hparams = {
+            "stride": list(spec.stride),
+            "padding": spec.padding if spec.padding == "same" else [list(p) for p in spec.padding],
+            "dilation": list(spec.dilation),
+            "groups": spec.groups,
+        }
+        if "x" in shapes and "w" in shapes:
+            try:
+                hparams = spec.geometry(shapes["x"], shapes["w"]).hparams()
+            except DataError as error:
+                problems.append(str(error))
+    except DataError as error:
+        problems.append(str(error))
+    return {
+        "command": "inspect",
+        "file": str(path),
+        "format": fmt,
+        "tensors": tensors,
+        "roles": {role: where.get(role) for role in ALIASES} if fmt != "npy" else {},
+        "hparams": hparams,
+        "origins": origins,
+        "problems": problems,
+    }
+
+
+def _count(shape) -> int:
+    total = 1
+    for size in shape:
+        total *= int(size)
+    return total
