@@ -40,7 +40,7 @@ from convcli.gradcheck import (
 from convcli.heatmap import print_heatmap
 from convcli.hparams import build_spec
 from convcli.inventory import inspect_file
-from convcli.render import print_inventory, print_result, result_json
+from convcli.render import print_inventory, print_result, print_sweep, result_json
 from convcli.report import gradcheck_json, print_gradcheck
 from convcli.runs import (
     ENGINES,
@@ -637,6 +637,50 @@ def inspect(
         print(json.dumps(report))
         return
     print_inventory(_data_console(), report)
+
+
+@app.command()
+def sweep(
+    spec: Annotated[
+        Path, typer.Argument(metavar="SPEC.toml", help="The sweep to run.", show_default=False)
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", metavar="FILE", help="JSON Lines results (default: SPEC.jsonl)."),
+    ] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Parallel processes.")] = 1,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Skip configurations already in --out; append the rest."),
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start --out over if it exists.")] = False,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler", metavar="ADDRESS", help="Run on a Dask cluster (convcli[dask])."
+        ),
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Run many configurations from a TOML spec; one JSON line per result; exit 1 if a
+    gradient check failed.
+
+    Example: convcli sweep sample_data/sweep.toml --out results.jsonl --jobs 2
+    """
+    from convcli.sweep import load_sweep, run_sweep
+
+    plan = load_sweep(spec)
+    out = out if out is not None else Path(spec.with_suffix(".jsonl").name)
+    with _progress(as_json, "sweep") as progress:
+        summary = run_sweep(
+            plan, out, jobs=jobs, resume=resume, force=force, scheduler=scheduler, progress=progress
+        )
+    if as_json:
+        print(json.dumps(summary.to_json()))
+    else:
+        print_sweep(_data_console(), summary)
+    if summary.gradcheck_failed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 def main() -> None:

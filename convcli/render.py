@@ -149,3 +149,62 @@ def print_inventory(console: Console, report: dict) -> None:
         )
     for problem in report["problems"]:
         console.print(Text(f"problem: {problem}"))
+
+
+MAX_SWEEP_ROWS = 50
+
+
+def print_sweep(console: Console, summary) -> None:
+    """``convcli sweep``: a row per configuration (first MAX_SWEEP_ROWS), then the counts."""
+    table = Table(
+        title=f"convcli sweep {summary.spec} → {summary.out}",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
+    for column in (
+        "#",
+        "shape",
+        "kernel",
+        "cout",
+        "stride",
+        "pad",
+        "dil",
+        "groups",
+        "dtype",
+        "status",
+        "gradcheck",
+        "seconds",
+    ):
+        table.add_column(column, justify="right" if column in ("#", "cout", "seconds") else "left")
+    table.add_column("error", overflow="fold")
+    for number, record in enumerate(summary.records[:MAX_SWEEP_ROWS], start=1):
+        c = record["config"]
+        gradcheck = record.get("gradcheck")
+        verdict = "" if not gradcheck else ("PASS" if gradcheck["passed"] else "FAIL")
+        table.add_row(
+            str(number),
+            "x".join(map(str, c["shape"])),
+            "x".join(map(str, c["kernel"])),
+            str(c["cout"]),
+            str(c["stride"]),
+            str(c["pad"]),
+            str(c["dilation"]),
+            str(c["groups"]),
+            c["dtype"],
+            Text(record["status"], style="green" if record["status"] == "ok" else "red"),
+            Text(verdict, style="bold green" if verdict == "PASS" else "bold red"),
+            f"{record['seconds']:.2f}",
+            Text(record["error"] or ""),
+        )
+    console.print(table)
+    if len(summary.records) > MAX_SWEEP_ROWS:
+        console.print(Text(f"… and {len(summary.records) - MAX_SWEEP_ROWS} more in {summary.out}"))
+    data = summary.to_json()
+    console.print(
+        Text(
+            f"{data['total']} configurations: {data['ran']} run, {data['skipped']} already in "
+            f"{summary.out}, {data['failed']} failed, {data['gradcheck_failed']} gradient "
+            f"checks failed · {summary.seconds:.1f} s"
+        )
+    )

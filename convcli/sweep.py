@@ -1,0 +1,552 @@
+"""Batch experiments (``convcli sweep SPEC.toml``): many configurations, results as JSON Lines.
+
+A spec is a TOML file::
+
+    actions = ["forward", "backward", "gradcheck"]   # what to do per configuration
+
+    [gradcheck]                 # options of the gradcheck action (all optional)
+    mode = "auto"               # auto | exhaustive | sample | fast
+    samples = 64
+    probes = 8
+
+    [defaults]                  # values for every configuration (all optional)
+    dtype = "float64"           # float32 | float64
+    seed = 0
+    stride = 1                  # int or [sh, sw]
+    pad = 0                     # int, [ph, pw], [top, bottom, left, right], "same", "valid"
+    dilation = 1
+    groups = 1
+
+    [[configs]]                 # configurations listed one by one ...
+    shape = [2, 8, 8, 3]        # x: [n, H, W, Cin]
+    kernel = 3                  # int or [kh, kw]
+    cout = 4
+
+    [grid]                      # ... and/or the product of value lists
+    shape = [[2, 8, 8, 3], [1, 7, 5, 4]]
+    kernel = [1, 3]
+    cout = [4]
+    pad = [0, 1, "same"]
+
+Every configuration gets random float inputs from its seed, in its dtype. Each result is one
+JSON line (flushed and fsynced as the run finishes) keyed by a hash of what was run, so
+``--resume`` can skip what is done. A configuration that fails is a line with ``"status":
+"failed"`` and its message; the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from convcli.errors import ConvcliError, DataError, OutputError, UsageError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ACTIONS = ("forward", "backward", "gradcheck")
+CONFIG_KEYS = ("shape", "kernel", "cout", "stride", "pad", "dilation", "groups", "dtype", "seed")
+DEFAULTS = {"stride": 1, "pad": 0, "dilation": 1, "groups": 1, "dtype": "float64", "seed": 0}
+GRADCHECK_KEYS = {
+    "mode": str,
+    "samples": int,
+    "probes": int,
+    "eps": float,
+    "rtol": float,
+    "atol": float,
+}
+TOP_KEYS = {"actions", "gradcheck", "defaults", "configs", "grid"}
+
+
+class SpecError(DataError):
+    """A sweep spec that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A parsed spec: the configurations (dicts of CONFIG_KEYS) and what to do with each."""
+
+    path: Path
+    configs: tuple[dict, ...]
+    actions: tuple[str, ...]
+    gradcheck: dict = field(default_factory=dict)
+
+    def key(self, config: dict) -> str:
+        """Stable key of one run: a hash of its configuration, actions and gradcheck options."""
+        what = {
+            "config": config,
+            "actions": list(self.actions),
+            "gradcheck": self.gradcheck if "gradcheck" in self.actions else None,
+        }
+        text = json.dumps(what, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a spec
+# ---------------------------------------------------------------------------------------------
+
+
+def load_sweep(path) -> Sweep:
+    """Parse and check a sweep spec.
+
+    Raises
+    ------
+    InputFileError
+        The file is missing or unreadable.
+    SpecError
+        TOML syntax errors, unknown keys, wrong types or values; the message cites the line.
+    """
+    from convcli.tensorfile import _regular_file_size
+
+    path = Path(path)
+    _regular_file_size(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path}: not a UTF-8 text file ({error.reason})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(f"{path}: {error}") from None
+    checker = _Checker(path, text)
+    checker.keys(data, TOP_KEYS, "the top level")
+    actions = data.get("actions", ["forward", "gradcheck"])
+    if not isinstance(actions, list) or not actions or any(a not in ACTIONS for a in actions):
+        checker.fail("actions", f"actions must be a list of {', '.join(ACTIONS)}, got {actions!r}")
+    gradcheck = data.get("gradcheck", {})
+    checker.table(gradcheck, "gradcheck")
+    checker.keys(gradcheck, set(GRADCHECK_KEYS), "[gradcheck]")
+    for name, kind in GRADCHECK_KEYS.items():
+        if name in gradcheck and not _is(gradcheck[name], kind):
+            checker.fail(
+                name, f"gradcheck {name} must be a {kind.__name__}, got {gradcheck[name]!r}"
+            )
+    if "mode" in gradcheck:
+        from convcli.gradcheck import MODES
+
+        if gradcheck["mode"] not in MODES:
+            checker.fail("mode", f"gradcheck mode must be one of {', '.join(MODES)}")
+    defaults = dict(DEFAULTS)
+    given_defaults = data.get("defaults", {})
+    checker.table(given_defaults, "defaults")
+    checker.keys(given_defaults, set(CONFIG_KEYS), "[defaults]")
+    defaults.update(given_defaults)
+
+    configs = []
+    listed = data.get("configs", [])
+    if not isinstance(listed, list) or not all(isinstance(c, dict) for c in listed):
+        checker.fail("configs", "[[configs]] must be a list of tables")
+    for entry in listed:
+        checker.keys(entry, set(CONFIG_KEYS), "[[configs]]")
+        configs.append(defaults | entry)
+    grid = data.get("grid", {})
+    checker.table(grid, "grid")
+    checker.keys(grid, set(CONFIG_KEYS), "[grid]")
+    if grid:
+        for name, values in grid.items():
+            if not isinstance(values, list) or not values:
+                checker.fail(name, f"grid {name} must be a non-empty list of values")
+        names = list(grid)
+        for combination in itertools.product(*(grid[name] for name in names)):
+            configs.append(defaults | dict(zip(names, combination, strict=True)))
+    if not configs:
+        raise SpecError(f"{path}: no configurations: add [[configs]] tables or a [grid]")
+    checked = tuple(checker.config(config) for config in configs)
+    return Sweep(path=path, configs=checked, actions=tuple(actions), gradcheck=gradcheck)
+
+
+def _is(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+class _Checker:
+    """Type checks of a parsed spec, with errors that cite the line a key is on."""
+
+    def __init__(self, path: Path, text: str):
+        self.path = path
+        self.lines = text.splitlines()
+
+    def line_of(self, key: str) -> int | None:
+        for number, line in enumerate(self.lines, start=1):
+            stripped = line.strip()
+            if stripped.startswith((f"{key} ", f"{key}=", f"[{key}]", f"[[{key}]]")):
+                return number
+        return None
+
+    def fail(self, key: str, message: str):
+        line = self.line_of(key)
+        where = f"{self.path} line {line}" if line else str(self.path)
+        raise SpecError(f"{where}: {message}")
+
+    def table(self, value, name: str) -> None:
+        if not isinstance(value, dict):
+            self.fail(name, f"{name} must be a table")
+
+    def keys(self, table: dict, allowed: set, where: str) -> None:
+        for key in table:
+            if key not in allowed:
+                self.fail(
+                    key,
+                    f"unknown key {key!r} in {where}; expected one of {', '.join(sorted(allowed))}",
+                )
+
+    def config(self, config: dict) -> dict:
+        """One configuration with every key checked and normalised to plain JSON values."""
+        from convcli.hparams import from_file_value
+
+        for required in ("shape", "kernel", "cout"):
+            if required not in config:
+                raise SpecError(f"{self.path}: a configuration has no {required!r}: {config}")
+        shape = config["shape"]
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 4
+            and all(_is(v, int) and v > 0 for v in shape)
+        ):
+            self.fail("shape", f"shape must be [n, H, W, Cin] of positive integers, got {shape!r}")
+        kernel = config["kernel"]
+        kernel = [kernel, kernel] if _is(kernel, int) else kernel
+        if not (
+            isinstance(kernel, list)
+            and len(kernel) == 2
+            and all(_is(v, int) and v > 0 for v in kernel)
+        ):
+            self.fail("kernel", f"kernel must be an integer or [kh, kw], got {config['kernel']!r}")
+        if not (_is(config["cout"], int) and config["cout"] > 0):
+            self.fail("cout", f"cout must be a positive integer, got {config['cout']!r}")
+        if config["dtype"] not in ("float32", "float64"):
+            self.fail("dtype", f"dtype must be 'float32' or 'float64', got {config['dtype']!r}")
+        if not _is(config["seed"], int):
+            self.fail("seed", f"seed must be an integer, got {config['seed']!r}")
+        normalised = {"shape": shape, "kernel": kernel, "cout": config["cout"]}
+        for name, key in (
+            ("stride", "stride"),
+            ("padding", "pad"),
+            ("dilation", "dilation"),
+            ("groups", "groups"),
+        ):
+            line = self.line_of(key)
+            origin = f"{self.path} line {line}" if line else str(self.path)
+            try:
+                value = from_file_value(name, config[key], origin)
+            except ConvcliError as error:
+                raise SpecError(str(error)) from None
+            normalised[key] = _plain(value)
+        normalised["dtype"] = config["dtype"]
+        normalised["seed"] = config["seed"]
+        return normalised
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one configuration (in this process, a worker process, or a Dask worker)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_config(config: dict, actions, gradcheck_options: dict, key: str) -> dict:
+    """Run the actions on one configuration and return its result record.
+
+    Never raises for a bad configuration or a failing run: the record says ``"status":
+    "failed"`` with a one-line ``"error"``.
+    """
+    from convcli.engine import conv_backward, conv_forward
+    from convcli.generate import generate_layer
+    from convcli.gradcheck import Tolerance, gradcheck
+    from convcli.spec import ConvSpec
+    from convcli.stats import summarize
+
+    record = {"key": key, "config": config, "actions": list(actions), "status": "ok", "error": None}
+    start = time.perf_counter()
+    try:
+        pad = config["pad"]
+        spec = ConvSpec(
+            stride=_hparam(config["stride"]),
+            padding=_hparam(pad),
+            dilation=_hparam(config["dilation"]),
+            groups=config["groups"],
+        )
+        tensors, _ = generate_layer(
+            config["shape"],
+            config["kernel"],
+            config["cout"],
+            spec,
+            seed=config["seed"],
+            dtype=config["dtype"],
+        )
+        x, w, b = tensors["x"], tensors["w"], tensors["b"]
+        record["hparams"] = spec.geometry(x.shape, w.shape).hparams()
+        if "forward" in actions or "backward" in actions:
+            began = time.perf_counter()
+            z, cache = conv_forward(x, w, b, spec)
+            record["forward"] = {"z": summarize(z), "seconds": time.perf_counter() - began}
+        if "backward" in actions:
+            import numpy as np
+
+            dz = np.random.default_rng(config["seed"] + 1).standard_normal(z.shape).astype(z.dtype)
+            began = time.perf_counter()
+            dx, dw, db = conv_backward(dz, cache)
+            record["backward"] = {
+                "dx": summarize(dx),
+                "dw": summarize(dw),
+                "db": summarize(db),
+                "seconds": time.perf_counter() - began,
+            }
+        if "gradcheck" in actions:
+            options = dict(gradcheck_options)
+            tolerance = Tolerance(
+                **{k: options.pop(k) for k in ("eps", "rtol", "atol") if k in options}
+            )
+            result = gradcheck(x, w, b, spec, seed=config["seed"], tolerance=tolerance, **options)
+            record["gradcheck"] = {
+                "passed": result.passed,
+                "mode": result.mode,
+                "forward_passes": result.forward_passes,
+                "seconds": result.seconds,
+                "tensors": {
+                    name: {
+                        k: check.to_json()[k]
+                        for k in ("checked", "total", "max_abs_err", "max_rel_err", "passed")
+                    }
+                    for name, check in result.tensors.items()
+                },
+            }
+    except ConvcliError as error:
+        record["status"], record["error"] = "failed", str(error)
+    except Exception as error:  # a crash inside convcli: record it, the sweep goes on
+        record["status"], record["error"] = "failed", f"{type(error).__name__}: {error}"
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def _hparam(value):
+    """JSON lists back to the tuples ConvSpec takes."""
+    if isinstance(value, list):
+        return tuple(_hparam(v) for v in value)
+    return value
+
+
+def _limit_blas_to_one_thread() -> None:
+    """Process-pool initializer: parallel jobs should not each start a BLAS thread pool."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The results file and the sweep
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep did: counts, and every record (resumed ones included) in spec order."""
+
+    spec: str
+    out: str
+    records: list[dict]
+    skipped: int
+    seconds: float
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.records if r["status"] == "failed")
+
+    @property
+    def gradcheck_failed(self) -> int:
+        return sum(1 for r in self.records if r.get("gradcheck") and not r["gradcheck"]["passed"])
+
+    def to_json(self) -> dict:
+        return {
+            "command": "sweep",
+            "spec": self.spec,
+            "out": self.out,
+            "total": len(self.records),
+            "ran": len(self.records) - self.skipped,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "gradcheck_failed": self.gradcheck_failed,
+            "passed": self.gradcheck_failed == 0,
+            "seconds": self.seconds,
+            "results": [
+                {
+                    "key": r["key"],
+                    "config": r["config"],
+                    "status": r["status"],
+                    "error": r["error"],
+                    "gradcheck_passed": r["gradcheck"]["passed"] if r.get("gradcheck") else None,
+                    "seconds": r["seconds"],
+                }
+                for r in self.records
+            ],
+        }
+
+
+def read_results(out: Path) -> dict[str, dict]:
+    """Finished records in a results file, by key. A torn last line (the process was killed
+    while writing it) is cut off the file, so appending goes on from a clean line end."""
+    records: dict[str, dict] = {}
+    data = out.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(out, "r+b") as handle:
+            handle.truncate(end)
+    for line in data[:end].splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "key" in record:
+            records[record["key"]] = record
+    return records
+
+
+def run_sweep(
+    sweep: Sweep,
+    out,
+    *,
+    jobs: int = 1,
+    resume: bool = False,
+    force: bool = False,
+    scheduler: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SweepSummary:
+    """Run every configuration not already in ``out`` and append one JSON line per result.
+
+    Raises
+    ------
+    OutputError
+        ``out`` exists and neither ``resume`` nor ``force`` is given, or cannot be written.
+    UsageError
+        ``jobs`` < 1, or ``scheduler`` without the ``dask`` extra installed.
+    """
+    out = Path(out)
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs}: must be at least 1")
+    if out.resolve() == sweep.path.resolve():
+        raise OutputError(f"{out}: refusing to write results over the spec file")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: folder {out.parent} does not exist")
+    done: dict[str, dict] = {}
+    if out.exists():
+        if resume:
+            done = read_results(out)
+        elif not force:
+            raise OutputError(
+                f"{out} exists; pass --resume to continue the sweep or --force to start over"
+            )
+    keys = [sweep.key(config) for config in sweep.configs]
+    todo = [
+        (key, config) for key, config in zip(keys, sweep.configs, strict=True) if key not in done
+    ]
+    todo = list({key: (key, config) for key, config in todo}.values())  # identical configs run once
+    start = time.perf_counter()
+    try:
+        handle = open(out, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
+    except OSError as error:
+        raise OutputError(f"{out}: cannot write ({error.strerror})") from None
+    with handle:
+        finished = 0
+
+        def write(record: dict) -> None:
+            nonlocal finished
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            done[record["key"]] = record
+            finished += 1
+            if progress is not None:
+                progress(finished, len(todo))
+
+        if scheduler is not None:
+            _run_on_dask(scheduler, sweep, todo, write)
+        elif jobs == 1:
+            for key, config in todo:
+                write(run_config(config, sweep.actions, sweep.gradcheck, key))
+        else:
+            _run_in_processes(jobs, sweep, todo, write)
+    records = [done[key] for key in dict.fromkeys(keys)]
+    return SweepSummary(
+        spec=str(sweep.path),
+        out=str(out),
+        records=records,
+        skipped=len(records) - len(todo),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _run_in_processes(jobs: int, sweep: Sweep, todo, write) -> None:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_limit_blas_to_one_thread) as pool:
+        futures = {
+            pool.submit(run_config, config, sweep.actions, sweep.gradcheck, key): (key, config)
+            for key, config in todo
+        }
+        try:
+            for future in as_completed(futures):
+                write(_result(future, *futures[future], sweep))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _run_on_dask(address: str, sweep: Sweep, todo, write) -> None:
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise UsageError(
+            "--scheduler needs Dask distributed: pip install 'convcli[dask]'"
+        ) from None
+    with Client(address, timeout="10s") as client:
+        futures = [
+            client.submit(
+                run_config,
+                config,
+                sweep.actions,
+                sweep.gradcheck,
+                key,
+                key=f"convcli-{key}",
+                pure=False,
+            )
+            for key, config in todo
+        ]
+        runs = {future.key: run for future, run in zip(futures, todo, strict=True)}
+        for future in as_completed(futures):
+            write(_result(future, *runs[future.key], sweep))
+
+
+def _result(future, key: str, config: dict, sweep: Sweep) -> dict:
+    """A future's record, or a failed record when the worker itself died."""
+    try:
+        return future.result()
+    except Exception as error:
+        return {
+            "key": key,
+            "config": config,
+            "actions": list(sweep.actions),
+            "status": "failed",
+            "error": f"worker failed: {type(error).__name__}: {error}",
+            "seconds": 0.0,
+        }
