@@ -12,6 +12,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -27,7 +28,7 @@ from convcli.errors import (
     ConvcliError,
     UsageError,
 )
-from convcli.generate import DTYPES, generate_layer
+from convcli.generate import DTYPES, check_generated_memory, generate_layer
 from convcli.gradcheck import (
     DEFAULT_ATOL,
     DEFAULT_EPS,
@@ -46,15 +47,15 @@ from convcli.runs import (
     ENGINES,
     UPSTREAMS,
     RunResult,
-    random_inputs,
+    expected_shapes,
     run_backward,
     run_forward,
     run_gradcheck,
     run_impl_check,
 )
-from convcli.slices import parse_slice, take
+from convcli.slices import check_slice, parse_slice, take
 from convcli.tensorfile import load_tensors
-from convcli.units import parse_size
+from convcli.units import parse_memory, parse_size
 from convcli.userimpl import impl_config
 from convcli.writing import write_tensors
 
@@ -75,7 +76,8 @@ class ConvcliGroup(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         _state["debug"] = _state["quiet"] = False
         try:
-            code = super().main(args, "convcli", complete_var, standalone_mode=False, **extra)
+            with np.errstate(all="ignore"):  # NaN/Inf show up in the statistics instead
+                code = super().main(args, "convcli", complete_var, standalone_mode=False, **extra)
         except _UsageError as error:
             message = error.format_message()
             if message:  # empty when Typer has just printed the help for a bare `convcli`
@@ -207,6 +209,18 @@ Workspace = Annotated[
         help="Scratch-memory budget, e.g. 64M or 1G. HDF5 inputs bigger than it are streamed.",
     ),
 ]
+MaxMemory = Annotated[
+    str,
+    typer.Option(
+        "--max-memory",
+        metavar="SIZE",
+        help="Refuse work needing more memory: a size, 'auto' (80% of available) or 'none'.",
+    ),
+]
+AllowNonfinite = Annotated[
+    bool,
+    typer.Option("--allow-nonfinite", help="Run even when x, w, b or dz hold NaN or Inf."),
+]
 Threads = Annotated[
     int | None,
     typer.Option(
@@ -215,12 +229,15 @@ Threads = Annotated[
 ]
 
 
-def _load(data, refs, required, optional, lazy_above=None, **flags):
+def _load(data, refs, required, optional, lazy_above=None, max_bytes=None, **flags):
     """Tensors from files, and the ConvSpec from the file's hyperparameters and the flags.
 
-    HDF5 tensors bigger than ``lazy_above`` bytes stay on disk, to be streamed.
+    HDF5 tensors bigger than ``lazy_above`` bytes stay on disk, to be streamed; tensors
+    adding up to more than ``max_bytes`` are refused before they are read.
     """
-    loaded = load_tensors(data, refs, required=required, optional=optional, lazy_above=lazy_above)
+    loaded = load_tensors(
+        data, refs, required=required, optional=optional, lazy_above=lazy_above, max_bytes=max_bytes
+    )
     spec, _ = build_spec(loaded.hparams, flags)
     return loaded, spec
 
@@ -238,17 +255,26 @@ def _data_console() -> Console:
     return console
 
 
+def _check_slices(command, loaded, spec, out, slices, pictures) -> None:
+    """Refuse bad --slice/--heatmap expressions before any work or any output file."""
+    shapes = expected_shapes(command, loaded.arrays, spec, out is not None)
+    first = "z" if command == "forward" else "dx"
+    for expr in slices:
+        check_slice(expr, shapes, first)
+    for expr in pictures:
+        shape = check_slice(expr, shapes, first, flag="--heatmap")
+        if len(shape) != 2:
+            raise UsageError(
+                f"--heatmap {expr.label(first)}: needs a 2-D slice; this one has shape {shape}"
+            )
+
+
 def _finish(result: RunResult, slice_exprs, as_json: bool, out, heatmap_exprs=()) -> None:
     """Evaluate slices and heatmaps, print notices and the table (with pictures) or JSON."""
     arrays = result.arrays()
     first = result.outputs[0]
     slices = {expr.label(first): take(expr, arrays, first) for expr in slice_exprs}
     pictures = {expr.label(first): take(expr, arrays, first) for expr in heatmap_exprs}
-    for label, value in pictures.items():
-        if value.ndim != 2:
-            raise UsageError(
-                f"--heatmap {label}: needs a 2-D slice; this one has shape {value.shape}"
-            )
     messages = _messages()
     for notice in result.notices:
         messages.print(f"convcli: note: {escape(notice)}")
@@ -292,6 +318,8 @@ def forward(
     out: Out = None,
     force: Force = False,
     max_workspace: Workspace = "256M",
+    max_memory: MaxMemory = "auto",
+    allow_nonfinite: AllowNonfinite = False,
     threads: Threads = None,
 ) -> None:
     """Compute z = conv(x, w) + b and summarise every tensor.
@@ -299,6 +327,7 @@ def forward(
     Example: convcli forward sample_data/conv_example.h5 --slice 'z[3,2,1]'
     """
     workspace = parse_size(max_workspace)
+    memory = parse_memory(max_memory)
     slices = [parse_slice(expr) for expr in slice_ or []]
     pictures = [parse_slice(expr, flag="--heatmap") for expr in heatmap or []]
     loaded, spec = _load(
@@ -307,11 +336,13 @@ def forward(
         ("x", "w"),
         ("b",),
         lazy_above=workspace,
+        max_bytes=memory,
         stride=stride,
         padding=pad,
         dilation=dilation,
         groups=groups,
     )
+    _check_slices("forward", loaded, spec, out, slices, pictures)
     with _blas_threads(threads), _progress(as_json, "chunks") as progress:
         result = run_forward(
             loaded.arrays,
@@ -324,6 +355,8 @@ def forward(
             force=force,
             protect=loaded.sources,
             progress=progress,
+            allow_nonfinite=allow_nonfinite,
+            max_memory=memory,
         )
     _finish(result, slices, as_json, out, pictures)
 
@@ -356,6 +389,8 @@ def backward(
     out: Out = None,
     force: Force = False,
     max_workspace: Workspace = "256M",
+    max_memory: MaxMemory = "auto",
+    allow_nonfinite: AllowNonfinite = False,
     threads: Threads = None,
 ) -> None:
     """Compute dx, dw, db for an upstream gradient dz and summarise every tensor.
@@ -363,6 +398,7 @@ def backward(
     Example: convcli backward sample_data/conv_example.npz --slice 'dw[:,:,0,1]'
     """
     workspace = parse_size(max_workspace)
+    memory = parse_memory(max_memory)
     slices = [parse_slice(expr) for expr in slice_ or []]
     pictures = [parse_slice(expr, flag="--heatmap") for expr in heatmap or []]
     loaded, spec = _load(
@@ -371,11 +407,13 @@ def backward(
         ("x", "w"),
         ("b", "dz"),
         lazy_above=workspace,
+        max_bytes=memory,
         stride=stride,
         padding=pad,
         dilation=dilation,
         groups=groups,
     )
+    _check_slices("backward", loaded, spec, out, slices, pictures)
     with _blas_threads(threads), _progress(as_json, "chunks") as progress:
         result = run_backward(
             loaded.arrays,
@@ -390,6 +428,8 @@ def backward(
             force=force,
             protect=loaded.sources,
             progress=progress,
+            allow_nonfinite=allow_nonfinite,
+            max_memory=memory,
         )
     _finish(result, slices, as_json, out, pictures)
 
@@ -437,14 +477,20 @@ def gradcheck(
         ),
     ] = None,
     mode: Annotated[
-        ModeName, typer.Option("--mode", help="auto, exhaustive, sample or fast.")
-    ] = ModeName.auto,
+        ModeName | None, typer.Option("--mode", help="auto (default), exhaustive, sample or fast.")
+    ] = None,
     samples: Annotated[
-        int, typer.Option("--samples", min=1, help="Elements per tensor in sample mode.")
-    ] = DEFAULT_SAMPLES,
+        int | None,
+        typer.Option(
+            "--samples", min=1, help=f"Elements per tensor in sample mode [{DEFAULT_SAMPLES}]."
+        ),
+    ] = None,
     probes: Annotated[
-        int, typer.Option("--probes", min=1, help="Random directions per tensor in fast mode.")
-    ] = DEFAULT_PROBES,
+        int | None,
+        typer.Option(
+            "--probes", min=1, help=f"Random directions per tensor, fast mode [{DEFAULT_PROBES}]."
+        ),
+    ] = None,
     eps: Annotated[
         float, typer.Option("--eps", help="Finite-difference step (> 0).")
     ] = DEFAULT_EPS,
@@ -455,17 +501,20 @@ def gradcheck(
         float, typer.Option("--atol", min=0.0, help="Absolute tolerance.")
     ] = DEFAULT_ATOL,
     upstream: Annotated[
-        UpstreamName,
-        typer.Option("--upstream", help="g in L = Σ z⊙g when no dz is given: z, ones or random."),
-    ] = UpstreamName.random,
+        UpstreamName | None,
+        typer.Option(
+            "--upstream", help="g in L = Σ z⊙g when no dz is given: z, ones, random [random]."
+        ),
+    ] = None,
     seed: Annotated[
-        int, typer.Option("--seed", metavar="N", help="Seed for inputs, g and samples.")
+        int, typer.Option("--seed", metavar="N", min=0, help="Seed for inputs, g and samples.")
     ] = 0,
     stride: Stride = None,
     pad: Pad = None,
     dilation: Dilation = None,
     groups: Groups = None,
     as_json: Json = False,
+    max_memory: MaxMemory = "auto",
     threads: Threads = None,
 ) -> None:
     """Check dx, dw, db against numerical gradients; exit 1 if any element fails.
@@ -478,29 +527,50 @@ def gradcheck(
     flags = {"stride": stride, "padding": pad, "dilation": dilation, "groups": groups}
     shape_ = _int_list("--shape", shape, (4,))
     kernel_ = _int_list("--kernel", kernel, (1, 2))
+    memory = parse_memory(max_memory)
+    if shape_ is None and (kernel_ is not None or cout is not None):
+        raise UsageError("--kernel and --cout go with --shape")
     if shape_ is not None and (kernel_ is None or cout is None):
         raise UsageError("--shape needs --kernel and --cout")
-    if shape_ is not None and (data or x or w):
+    from_files = bool(data or x or w or b or dz)
+    if shape_ is not None and from_files:
         raise UsageError("give either a data file (or --x/--w) or --shape, not both")
     with _blas_threads(threads), _progress(as_json, "gradcheck") as progress:
         if impl is not None:
+            ignored = {
+                "a data file or --x/--w/--b/--dz": from_files,
+                "--mode": mode is not None,
+                "--samples": samples is not None,
+                "--probes": probes is not None,
+                "--upstream": upstream is not None,
+                "hyperparameter flags without --shape": shape_ is None
+                and any(v is not None for v in flags.values()),
+            }
+            unused = [name for name, given in ignored.items() if given]
+            if unused:
+                raise UsageError(
+                    "--impl runs its own suite (exhaustive, random g), or the one configuration "
+                    "given by --shape/--kernel/--cout/--stride/--pad; it does not use "
+                    + ", ".join(unused)
+                )
             configs = None
             if shape_ is not None:
                 spec, _ = build_spec({}, flags)
                 configs = [impl_config(shape_, kernel_, cout, spec)]
-            elif data or x or w:
-                raise UsageError(
-                    "--impl runs its own suite, or the one configuration given by --shape"
-                )
             run = run_impl_check(impl, configs, seed=seed, tolerance=tolerance, progress=progress)
         else:
             if shape_ is not None:
                 spec, _ = build_spec({}, flags)
-                kernel_ = kernel_ * 2 if len(kernel_) == 1 else kernel_
-                arrays = random_inputs(shape_, kernel_, cout, spec, seed)
-            elif data or x or w:
+                check_generated_memory(shape_, kernel_, cout, spec, memory)
+                arrays, _ = generate_layer(shape_, kernel_, cout, spec, seed=seed)
+            elif from_files:
                 loaded, spec = _load(
-                    data, {"x": x, "w": w, "b": b, "dz": dz}, ("x", "w"), ("b", "dz"), **flags
+                    data,
+                    {"x": x, "w": w, "b": b, "dz": dz},
+                    ("x", "w"),
+                    ("b", "dz"),
+                    max_bytes=memory,
+                    **flags,
                 )
                 arrays = loaded.arrays
             else:
@@ -510,11 +580,11 @@ def gradcheck(
             run = run_gradcheck(
                 arrays,
                 spec,
-                upstream=upstream.value,
+                upstream=(upstream or UpstreamName.random).value,
                 seed=seed,
-                mode=mode.value,
-                samples=samples,
-                probes=probes,
+                mode=(mode or ModeName.auto).value,
+                samples=samples or DEFAULT_SAMPLES,
+                probes=probes or DEFAULT_PROBES,
                 tolerance=tolerance,
                 progress=progress,
             )
@@ -575,7 +645,7 @@ def generate(
     pad: Pad = None,
     dilation: Dilation = None,
     groups: Groups = None,
-    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", min=0, help="Random seed.")] = 0,
     dtype: Annotated[
         DtypeName, typer.Option("--dtype", help="float32 or float64.")
     ] = DtypeName.float64,
@@ -592,9 +662,11 @@ def generate(
     spec, _ = build_spec(
         {}, {"stride": stride, "padding": pad, "dilation": dilation, "groups": groups}
     )
+    shape_, kernel_ = _int_list("--shape", shape, (4,)), _int_list("--kernel", kernel, (1, 2))
+    check_generated_memory(shape_, kernel_, cout, spec, parse_memory("auto"), dz=with_dz)
     tensors, attrs = generate_layer(
-        _int_list("--shape", shape, (4,)),
-        _int_list("--kernel", kernel, (1, 2)),
+        shape_,
+        kernel_,
         cout,
         spec,
         seed=seed,

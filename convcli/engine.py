@@ -295,6 +295,14 @@ def _run_plans(plans, workers, work, dw_shape, dtype):
     return plans
 
 
+def scratch_bytes(geometry: Geometry, dtype, workspace: int, threads: int | None = None) -> int:
+    """An upper bound of the scratch memory a call will use (for memory estimates)."""
+    workers = max(1, int(threads) if threads is not None else blas_threads())
+    plan = _Plan(geometry, dtype, max(1, workspace // workers), backward=True)
+    one_tile = plan._tile_bytes(plan.images_per_tile, plan.rows_per_tile)
+    return min(workspace, workers * one_tile) if one_tile <= workspace else workers * one_tile
+
+
 def check_workspace(workspace) -> int:
     """Validate a scratch budget in bytes."""
     if isinstance(workspace, bool) or not isinstance(workspace, (int, np.integer)) or workspace < 1:

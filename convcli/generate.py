@@ -14,6 +14,23 @@ from convcli.spec import ConvSpec
 DTYPES = ("float32", "float64")
 
 
+def check_generated_memory(shape, kernel, cout, spec, max_memory, *, dz=True, itemsize=8):
+    """Refuse, before allocating, random tensors that would exceed ``max_memory`` bytes."""
+    from convcli.guards import check_memory
+
+    n, h, w, cin = (int(v) for v in shape)
+    kh, kw = (kernel[0], kernel[0]) if len(kernel) == 1 else kernel
+    out_estimate = n * h * w * cout  # at most as many outputs as stride-1 'same' gives
+    check_memory(
+        {
+            "x": n * h * w * cin * itemsize,
+            "w": kh * kw * cin * cout * itemsize,
+            "z and dz": out_estimate * itemsize * (2 if dz else 1),
+        },
+        max_memory,
+    )
+
+
 def generate_layer(
     shape, kernel, cout: int, spec: ConvSpec, *, seed: int | None = 0, dtype="float64", dz=False
 ) -> tuple[dict[str, np.ndarray], dict]:

@@ -190,6 +190,12 @@ def gradcheck(
     w = np.asarray(w, dtype=np.float64)
     b = None if b is None else np.asarray(b, dtype=np.float64).reshape(-1)
     geometry = spec.geometry(x.shape, w.shape)
+    from convcli.guards import check_finite
+
+    finite_hint = "; gradient checks need finite values"
+    for name, value in (("x", x), ("w", w), ("b", b), ("dz", upstream)):
+        if value is not None:
+            check_finite(name, value, hint=finite_hint)
     if forward is None:
 
         def forward(x_, w_, b_):

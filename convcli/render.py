@@ -78,12 +78,16 @@ def result_table(result: RunResult) -> Table:
     table.add_column("dtype", no_wrap=True)
     for column in ("mean", "std", "min", "max"):
         table.add_column(column, justify="right", no_wrap=True)
+    summaries = {name: tensor.summary() for name, tensor in result.tensors.items()}
+    show_nonfinite = any(s["nonfinite"] for s in summaries.values())
+    if show_nonfinite:
+        table.add_column("NaN/Inf", justify="right", no_wrap=True)
     for role in ("input", "output"):
         for name, tensor in result.tensors.items():
             if tensor.role != role:
                 continue
-            s = tensor.summary()
-            table.add_row(
+            s = summaries[name]
+            row = [
                 name,
                 str(tuple(s["shape"])),
                 s["dtype"],
@@ -91,7 +95,8 @@ def result_table(result: RunResult) -> Table:
                 _number(s["std"]),
                 _number(s["min"]),
                 _number(s["max"]),
-            )
+            ]
+            table.add_row(*row, *([f"{s['nonfinite']:,}"] if show_nonfinite else []))
         table.add_section()
     return table
 

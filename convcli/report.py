@@ -150,8 +150,8 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
             "x".join(map(str, config["shape"])),
             "x".join(map(str, config["kernel"])),
             str(config["cout"]),
-            str(config["stride"]),
-            str(config["pad"]),
+            format_pair(config["stride"]),
+            format_padding(config["pad"]),
             _verdict(passed),
             Text(error or ""),
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from convcli.engine import DEFAULT_WORKSPACE, conv_backward, conv_forward
+from convcli.engine import DEFAULT_WORKSPACE, conv_backward, conv_forward, scratch_bytes
 from convcli.errors import ConvcliNotice, UsageError
 from convcli.reference import conv_backward_reference, conv_forward_reference
 from convcli.spec import ConvSpec
@@ -90,11 +90,15 @@ def run_forward(
     force: bool = False,
     protect=(),
     progress=None,
+    allow_nonfinite: bool = False,
+    max_memory: int | None = None,
 ) -> RunResult:
     """Run ``z = conv(x, w) + b``; ``arrays`` holds x (n,H,W,Cin), w (kh,kw,Cin/g,Cout), b.
 
     ``out``: a ``.npz`` or ``.h5`` path to write z and the hyperparameters to (atomically;
-    an existing file only with ``force``; never one of ``protect``).
+    an existing file only with ``force``; never one of ``protect``). NaN/Inf in the inputs
+    are refused unless ``allow_nonfinite``; a run whose inputs, outputs and workspace would
+    exceed ``max_memory`` bytes is refused before it starts.
     """
     if _is_streamed(arrays):
         from convcli.streaming import stream_run
@@ -111,10 +115,13 @@ def run_forward(
             force=force,
             protect=protect,
             progress=progress,
+            allow_nonfinite=allow_nonfinite,
+            max_memory=max_memory,
         )
     forward, _ = engine_functions(engine)
     origins = origins or {}
     _check_out(out, force, protect)
+    _check_inputs(arrays, spec, workspace, max_memory, allow_nonfinite, backward=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvcliNotice)
         start = time.perf_counter()
@@ -151,11 +158,14 @@ def run_backward(
     force: bool = False,
     protect=(),
     progress=None,
+    allow_nonfinite: bool = False,
+    max_memory: int | None = None,
 ) -> RunResult:
     """Run forward then backward; dz is ``arrays["dz"]`` when present, else from ``upstream``.
 
     ``upstream``: ``"z"`` (dz = z, the loss ½‖z‖²), ``"ones"`` (loss Σz) or ``"random"``
-    (standard normal, seeded by ``seed``). ``out`` as in :func:`run_forward`, with dx, dw, db.
+    (standard normal, seeded by ``seed``). ``out``, ``allow_nonfinite`` and ``max_memory``
+    as in :func:`run_forward`; ``out`` gets dx, dw, db.
     """
     if upstream not in UPSTREAMS:
         raise UsageError(f"--upstream {upstream!r}: choose from {', '.join(UPSTREAMS)}")
@@ -176,10 +186,13 @@ def run_backward(
             force=force,
             protect=protect,
             progress=progress,
+            allow_nonfinite=allow_nonfinite,
+            max_memory=max_memory,
         )
     forward, backward = engine_functions(engine)
     origins = dict(origins or {})
     _check_out(out, force, protect)
+    _check_inputs(arrays, spec, workspace, max_memory, allow_nonfinite, backward=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvcliNotice)
         start = time.perf_counter()
@@ -209,6 +222,55 @@ def run_backward(
     )
     _write(result, out, force, protect)
     return result
+
+
+NONFINITE_HINT = "; pass --allow-nonfinite to run anyway"
+
+
+def expected_shapes(command: str, arrays: dict, spec: ConvSpec, has_out: bool) -> dict:
+    """Shape of every tensor a run will have, before running it (for checking --slice).
+
+    A tensor that a streamed run does not keep (and cannot read back) maps to None.
+    """
+    x, w, b = arrays["x"], arrays["w"], arrays.get("b")
+    geometry = spec.geometry(tuple(x.shape), tuple(np.shape(w)))
+    streamed = _is_streamed(arrays)
+    shapes = {"x": tuple(x.shape), "w": tuple(np.shape(w))}
+    if b is not None:
+        shapes["b"] = tuple(np.shape(b))
+    if command == "forward":
+        shapes["z"] = None if streamed and not has_out else geometry.out_shape
+        return shapes
+    dz = arrays.get("dz")
+    shapes["z"] = None if streamed else geometry.out_shape
+    shapes["dz"] = None if streamed and not hasattr(dz, "origin") else geometry.out_shape
+    shapes["dx"] = None if streamed and not has_out else tuple(x.shape)
+    shapes["dw"] = tuple(np.shape(w))
+    if b is not None:
+        shapes["db"] = tuple(np.shape(b))
+    return shapes
+
+
+def _check_inputs(arrays, spec, workspace, max_memory, allow_nonfinite, *, backward) -> None:
+    """Refuse NaN/Inf inputs (unless allowed) and runs that would not fit in max_memory."""
+    from convcli.guards import check_finite, check_memory, nbytes
+
+    if not allow_nonfinite:
+        for name in ("x", "w", "b", "dz"):
+            if arrays.get(name) is not None:
+                check_finite(name, arrays[name], hint=NONFINITE_HINT)
+    x, w = np.asarray(arrays["x"]), np.asarray(arrays["w"])
+    geometry = spec.geometry(x.shape, w.shape)
+    dtype = np.result_type(*(np.float64 if a.dtype.kind in "iu" else a.dtype for a in (x, w)))
+    needs = {
+        "inputs": sum(np.asarray(a).nbytes for a in arrays.values() if a is not None),
+        "outputs": nbytes(geometry.out_shape, dtype)
+        * (2 if backward else 1),  # z (and dz when it is made)
+        "workspace": scratch_bytes(geometry, dtype, workspace),
+    }
+    if backward:
+        needs["gradients"] = nbytes(x.shape, dtype) + nbytes(w.shape, dtype)
+    check_memory(needs, max_memory)
 
 
 def _check_out(out, force: bool, protect) -> None:
@@ -283,24 +345,6 @@ class GradcheckRun:
     @property
     def forward_passes(self) -> int:
         return sum(check.forward_passes for _, check, _ in self.results if check is not None)
-
-
-def random_inputs(shape, kernel, cout: int, spec: ConvSpec, seed: int | None) -> dict:
-    """float64 x (n,H,W,Cin), w (kh,kw,Cin/groups,Cout), b (Cout,) drawn from ``seed``."""
-    rng = np.random.default_rng(seed)
-    n, h, w, cin = shape
-    kh, kw = kernel
-    if cin % spec.groups:
-        from convcli.errors import HyperparameterError
-
-        raise HyperparameterError(
-            f"groups={spec.groups} must divide both Cin={cin} and Cout={cout}"
-        )
-    return {
-        "x": rng.standard_normal((n, h, w, cin)),
-        "w": rng.standard_normal((kh, kw, cin // spec.groups, cout)),
-        "b": rng.standard_normal(cout),
-    }
 
 
 def run_gradcheck(

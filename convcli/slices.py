@@ -15,7 +15,8 @@ import numpy as np
 
 from convcli.errors import UsageError
 
-_EXPR = re.compile(r"^\s*(?:([A-Za-z_]\w*)\s*\[(.*)\]|([^\[\]]*))\s*$", re.DOTALL)
+_EXPR = re.compile(r"^\s*(?:([A-Za-z_]\w*)\s*\[([^\[\]]*)\]|([^\[\]]*))\s*$", re.DOTALL)
+MAX_INDEX = 2**62
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ def _int(node, where) -> int:
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         return -_int(node.operand, where)
     if isinstance(node, ast.Constant) and type(node.value) is int:
+        if abs(node.value) > MAX_INDEX:
+            raise UsageError(f"{where}: index {node.value} is out of range")
         return node.value
     raise UsageError(f"{where}: only integers, start:stop:step and ... are allowed in an index")
 
@@ -93,9 +96,34 @@ def take(expr: SliceExpr, tensors: dict[str, np.ndarray], default_name: str) -> 
             f"available: {', '.join(tensors)}"
         )
     array = tensors[name]
+    _check_index(expr, name, tuple(array.shape), default_name)
+    return np.asarray(array[expr.index])
+
+
+def check_slice(expr: SliceExpr, shapes: dict[str, tuple], default_name: str, flag="--slice"):
+    """Check, before any work is done, that ``expr`` names a tensor and fits its shape.
+
+    ``shapes`` maps the tensors a command will have to their shapes (None: the tensor exists
+    but cannot be sliced, e.g. streamed to disk without ``--out``). Returns the slice's shape.
+    """
+    name = expr.name or default_name
+    if name not in shapes:
+        raise UsageError(
+            f"{flag} {expr.label(default_name)}: no tensor {name!r}; available: {', '.join(shapes)}"
+        )
+    if shapes[name] is None:
+        raise UsageError(
+            f"{flag} {expr.label(default_name)}: {name} is streamed through, not kept; "
+            "give --out FILE.h5 to slice it from the written file"
+        )
+    return _check_index(expr, name, tuple(shapes[name]), default_name, flag)
+
+
+def _check_index(expr, name, shape, default_name, flag="--slice") -> tuple:
+    """Apply the index to a zero-stride stand-in of ``shape`` (no memory) to validate it."""
     try:
-        return np.asarray(array[expr.index])
+        return np.broadcast_to(np.zeros((), dtype=np.int8), shape)[expr.index].shape
     except (IndexError, TypeError, ValueError) as error:
         raise UsageError(
-            f"--slice {expr.label(default_name)}: {error} (shape of {name} is {array.shape})"
+            f"{flag} {expr.label(default_name)}: {error} (shape of {name} is {shape})"
         ) from None

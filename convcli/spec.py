@@ -33,8 +33,18 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _plain(value):
+    """NumPy arrays and scalars as Python lists and numbers."""
+    return (
+        value.tolist()
+        if hasattr(value, "tolist") and not isinstance(value, (str, bytes))
+        else value
+    )
+
+
 def _per_axis(name: str, value, minimum: int) -> tuple[int, ...]:
     """Normalise an int or a per-axis sequence of ints to a tuple of SPATIAL_DIMS ints."""
+    value = _plain(value)
     if _is_int(value):
         values = (int(value),) * SPATIAL_DIMS
     elif (
@@ -58,6 +68,7 @@ def _show(values: tuple) -> str:
 
 def _normalise_padding(padding: PaddingLike):
     """Return "same", or a tuple of (before, after) pairs, one per spatial axis."""
+    padding = _plain(padding)
     if isinstance(padding, str):
         mode = padding.lower()
         if mode == "valid":

@@ -21,6 +21,7 @@ class RunningStats:
         self.m2 = 0.0  # sum of squared deviations from the mean
         self.min = np.inf
         self.max = -np.inf
+        self.nonfinite = 0  # NaN and ±Inf values seen
 
     def update(self, chunk: np.ndarray) -> None:
         """Merge one chunk (any shape; its values are what counts)."""
@@ -28,6 +29,11 @@ class RunningStats:
         count = chunk.size
         if count == 0:
             return
+        self.nonfinite += count - int(np.count_nonzero(np.isfinite(chunk)))
+        with np.errstate(all="ignore"):  # NaN/Inf make NaN statistics, reported as None
+            self._merge(chunk, count)
+
+    def _merge(self, chunk: np.ndarray, count: int) -> None:
         mean = float(np.mean(chunk, dtype=np.float64))
         deviations = chunk.astype(np.float64, copy=False) - mean
         m2 = float(np.vdot(deviations.ravel(), deviations.ravel()))
@@ -40,11 +46,12 @@ class RunningStats:
         self.max = max(self.max, float(np.max(chunk)))
 
     def summary(self) -> dict:
-        """``{"shape", "dtype", "mean", "std", "min", "max"}`` with plain Python values.
+        """``{"shape", "dtype", "nonfinite", "mean", "std", "min", "max"}``, plain Python.
 
-        Statistics of an empty tensor, and non-finite results, are ``None``.
+        ``nonfinite`` counts NaN and ±Inf values. Statistics of an empty tensor, and
+        non-finite results (any NaN makes the mean NaN), are ``None``.
         """
-        summary = {"shape": list(self.shape), "dtype": str(self.dtype)}
+        summary = {"shape": list(self.shape), "dtype": str(self.dtype), "nonfinite": self.nonfinite}
         if self.count == 0:
             return summary | dict.fromkeys(("mean", "std", "min", "max"))
         values = {

@@ -52,6 +52,8 @@ def stream_run(
     force: bool = False,
     protect=(),
     progress=None,
+    allow_nonfinite: bool = False,
+    max_memory: int | None = None,
 ):
     """Run ``command`` ("forward" or "backward") with x a :class:`DatasetRef`.
 
@@ -59,6 +61,7 @@ def stream_run(
     carry their statistics, and (for ``--slice``) read from the input or output file.
     """
     from convcli.runs import (
+        NONFINITE_HINT,
         RunResult,
         Tensor,
         engine_functions,
@@ -92,6 +95,20 @@ def stream_run(
         )
     backward_run = command == "backward"
     per_chunk = chunk_images(geometry, dtype, workspace, backward_run)
+    from convcli.guards import check_finite, check_memory
+
+    check_memory(
+        {
+            "weights": 2 * (np.asarray(w).nbytes + (0 if b is None else np.asarray(b).nbytes)),
+            "workspace": workspace,
+        },
+        max_memory,
+    )
+    hint = "" if allow_nonfinite else NONFINITE_HINT
+    if not allow_nonfinite:
+        check_finite("w", w, hint=hint)
+        if b is not None:
+            check_finite("b", b, hint=hint)
     engine_workspace = max(1, workspace - workspace // 2)
     starts = list(range(0, geometry.n, per_chunk))
     stats = {"x": RunningStats(x_ref.shape, x_ref.dtype)}
@@ -111,6 +128,8 @@ def stream_run(
             for number, start in enumerate(starts, start=1):
                 stop = min(start + per_chunk, geometry.n)
                 x = x_ref.read(start, stop)
+                if not allow_nonfinite:
+                    check_finite("x", x, offset=start, hint=hint)
                 stats["x"].update(x)
                 z, cache = forward(x, w, b, spec, workspace=engine_workspace, threads=threads)
                 stats["z"].update(z)
@@ -119,6 +138,8 @@ def stream_run(
                 else:
                     if dz_source is not None:
                         dz = np.asarray(dz_source[start:stop])
+                        if not allow_nonfinite:
+                            check_finite("dz", dz, offset=start, hint=hint)
                     else:
                         dz = upstream_gradient(z, upstream, rng)
                     stats["dz"].update(dz)

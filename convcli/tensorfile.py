@@ -36,7 +36,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from convcli.errors import DataError, InputFileError
+from convcli.errors import DataError, InputFileError, UsageError
 
 ALIASES = {
     "x": ("x", "X", "A_prev", "input"),
@@ -204,6 +204,11 @@ def open_tensor_file(path) -> TensorFile:
             return TensorFile(path, fmt, *_open_npz(path))
         return TensorFile(path, fmt, h5py.File(path, "r"))
     except _CONTENT_ERRORS as exc:
+        if fmt == "hdf5" and "unable to lock file" in str(exc).lower():
+            raise InputFileError(
+                f"{path}: locked by another process that is writing it (HDF5 file locking); "
+                "try again when it is done"
+            ) from exc
         raise DataError(f"{path}: cannot read {fmt} file ({_reason(exc)})") from exc
 
 
@@ -332,13 +337,15 @@ class TensorFile:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def read(self, key: str) -> np.ndarray:
+    def read(self, key: str, max_bytes: int | None = None) -> np.ndarray:
         """Load one array into memory.
 
         Parameters
         ----------
         key : str
             A name from :meth:`keys` (HDF5: leading ``/`` optional; npy: ``""``).
+        max_bytes : int, optional
+            Refuse (before allocating) an array whose declared size is larger.
 
         Returns
         -------
@@ -351,6 +358,7 @@ class TensorFile:
             Missing key (the message lists what the file holds), an HDF5 group or link,
             object/string arrays, or truncated/corrupt content.
         """
+        self.check_readable(key, max_bytes)
         if self.format == "npy":
             array = self._read_npy(key)
         elif self.format == "npz":
@@ -360,6 +368,66 @@ class TensorFile:
         if array.dtype.hasobject:
             raise DataError(f"{self._where(key)}: holds Python objects or strings, not numbers")
         return array
+
+    def check_readable(self, key: str, max_bytes: int | None = None) -> int:
+        """Check what the header of ``key`` declares before any data is read; return its bytes.
+
+        Refuses object dtypes, a declared size the file cannot hold (an absurd header, or a
+        compressed member that would expand beyond its declared length), a size above
+        ``max_bytes``, and HDF5 datasets stored outside the file (external storage, virtual
+        datasets).
+        """
+        if self.format == "npz" and key not in self.keys():
+            raise DataError(f"{self.path}: no entry '{key}'; it {self.describe()}")
+        try:
+            shape, dtype = self.shape_dtype(key)
+        except DataError:
+            raise
+        except _CONTENT_ERRORS as exc:
+            raise DataError(f"{self._where(key)}: unreadable header ({_reason(exc)})") from exc
+        if dtype.hasobject:
+            raise DataError(
+                f"{self._where(key)}: holds Python objects; convcli never unpickles data"
+            )
+        declared = _nbytes(shape, dtype)
+        available = self._stored_bytes(key)
+        if available is not None and declared > available:
+            raise DataError(
+                f"{self._where(key)}: header declares shape {shape} {dtype} ({declared:,} bytes) "
+                f"but only {available:,} bytes of data follow (truncated or corrupt)"
+            )
+        if max_bytes is not None and declared > max_bytes:
+            from convcli.units import format_size
+
+            raise DataError(
+                f"{self._where(key)}: needs {format_size(declared)} ({shape} {dtype}), more than "
+                f"the memory guard allows ({format_size(max_bytes)} left of --max-memory)"
+            )
+        return declared
+
+    def _stored_bytes(self, key: str) -> int | None:
+        """Bytes of array data the file really holds for ``key`` (None when not knowable)."""
+        if self.format == "npy":
+            with open(self.path, "rb") as handle:
+                _npy_header(handle)
+                return os.fstat(handle.fileno()).st_size - handle.tell()
+        if self.format == "npz":
+            zip_file = self._open_handle().zip
+            info = zip_file.getinfo(key + ".npy")
+            with zip_file.open(info) as handle:
+                _npy_header(handle)
+                return info.file_size - handle.tell()
+        dataset = self._dataset(key)
+        if dataset.is_virtual:
+            raise DataError(
+                f"{self._where(key)}: is a virtual dataset, which reads other files; refused"
+            )
+        if dataset.external:
+            raise DataError(
+                f"{self._where(key)}: keeps its data in external files "
+                f"({', '.join(str(e[0]) for e in dataset.external)}); refused"
+            )
+        return None
 
     def _read_npy(self, key: str) -> np.ndarray:
         if key:
@@ -385,6 +453,11 @@ class TensorFile:
         try:
             value = dataset[()]
         except _CONTENT_ERRORS as exc:
+            if "filter" in str(exc).lower():
+                raise DataError(
+                    f"{self._where(key)}: compressed with a filter this HDF5 library does not "
+                    f"have ({_reason(exc)})"
+                ) from exc
             raise DataError(f"{self._where(key)}: cannot read ({_reason(exc)})") from exc
         if isinstance(value, h5py.Empty):
             raise DataError(f"{self._where(key)}: empty dataset (no data space)")
@@ -403,7 +476,8 @@ class TensorFile:
                 raise DataError(f"{self.path}:{where}: no such dataset; it {self.describe()}")
             if not isinstance(link, h5py.HardLink):
                 raise DataError(
-                    f"{self.path}:{where}: is a soft or external link; name the dataset itself"
+                    f"{self.path}:{where}: is a soft or external link, which can point into "
+                    "other files; refused (name the dataset itself)"
                 )
             node = node[part]
         if not isinstance(node, h5py.Dataset):
@@ -525,6 +599,13 @@ def origin_text(tensor_file: TensorFile, key: str) -> str:
     if tensor_file.format == "hdf5":
         return f"{tensor_file.path}:/{key.lstrip('/')}"
     return f"{tensor_file.path}:{key}"
+
+
+def _nbytes(shape, dtype) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count * np.dtype(dtype).itemsize
 
 
 def _npz_members(npz) -> list[str]:
@@ -681,6 +762,7 @@ def load_tensors(
     *,
     lazy_above: int | None = None,
     lazy_roles: Iterable[str] = ("x", "dz"),
+    max_bytes: int | None = None,
 ) -> Loaded:
     """Gather the tensors a command needs from a data file and/or explicit references.
 
@@ -700,6 +782,8 @@ def load_tensors(
         back as :class:`DatasetRef`, to be streamed.
     lazy_roles : iterable of str
         Roles that may be left on disk (the batch-sized ones).
+    max_bytes : int, optional
+        Memory guard: refuse, before reading, tensors whose declared sizes add up to more.
 
     Returns
     -------
@@ -727,8 +811,9 @@ def load_tensors(
                 continue
             tensor_file, key = found
             keys[role] = found
+            remaining = None if max_bytes is None else max_bytes - _in_memory(loaded.arrays)
             loaded.arrays[role] = _read_or_refer(
-                tensor_file, key, lazy_above if role in tuple(lazy_roles) else None
+                tensor_file, key, lazy_above if role in tuple(lazy_roles) else None, remaining
             )
             loaded.origins[role] = origin_text(tensor_file, key)
         loaded.hparams = _hparams_for(data_file, keys.get("x"))
@@ -736,7 +821,13 @@ def load_tensors(
     return loaded
 
 
-def _read_or_refer(tensor_file: TensorFile, key: str, lazy_above: int | None):
+def _in_memory(arrays: dict) -> int:
+    return sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
+
+
+def _read_or_refer(
+    tensor_file: TensorFile, key: str, lazy_above: int | None, max_bytes: int | None = None
+):
     """The array, or a DatasetRef for an HDF5 dataset larger than ``lazy_above`` bytes."""
     if lazy_above is not None and tensor_file.format == "hdf5":
         dataset = tensor_file._dataset(key)
@@ -748,8 +839,9 @@ def _read_or_refer(tensor_file: TensorFile, key: str, lazy_above: int | None):
             origin=origin_text(tensor_file, key),
         )
         if ref.shape and ref.nbytes > lazy_above and ref.dtype.kind in "fiu":
+            tensor_file.check_readable(key)  # no external storage or virtual data
             return ref
-    return tensor_file.read(key)
+    return tensor_file.read(key, max_bytes=max_bytes)
 
 
 def _open_data_file(cache: _FileCache, data) -> TensorFile:
@@ -781,7 +873,7 @@ def _locate(
             )
         return None
     if required:
-        raise DataError(f"no {role} given: pass a data file or --{role} FILE[:KEY]")
+        raise UsageError(f"no {role} given: pass a data file or --{role} FILE[:KEY]")
     return None
 
 

@@ -49,12 +49,15 @@ class Config:
         return ConvSpec(stride=self.stride, padding=self.pad)
 
     def to_json(self) -> dict:
+        """The same keys as an engine check's config (resolved per-axis values)."""
         return {
             "shape": [self.n, self.h, self.w, self.cin],
             "kernel": [self.kernel, self.kernel],
             "cout": self.cout,
-            "stride": self.stride,
-            "pad": self.pad,
+            "stride": [self.stride, self.stride],
+            "dilation": [1, 1],
+            "groups": 1,
+            "pad": [[self.pad, self.pad], [self.pad, self.pad]],
         }
 
 

@@ -222,7 +222,7 @@ def bad_files(tmp_path):
         "slice out of range": ((SAMPLE_H5, "--slice", "z[99]"), 2, "shape of z"),
         "unknown option": ((SAMPLE_H5, "--strid", "2"), 2, "--strid"),
         "bad engine": ((SAMPLE_H5, "--engine", "gpu"), 2, "gpu"),
-        "no data": ((), 65, "no x given"),
+        "no data": ((), 2, "no x given"),
         "out folder missing": ((SAMPLE_H5, "--out", tmp_path / "no" / "z.npz"), 73, "z.npz"),
         "out extension": ((SAMPLE_H5, "--out", tmp_path / "z.txt"), 2, "--out"),
     }
@@ -317,3 +317,74 @@ def test_internal_error_is_70_without_traceback(monkeypatch):
     result = run("--debug", "forward", SAMPLE_H5)
     assert result.exit_code == 70
     assert "Traceback" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--slice", "z[99]"],
+        ["--slice", "q[0]"],
+        ["--slice", "z[0][1]"],
+        ["--heatmap", "z[0]"],
+    ],
+)
+def test_bad_slices_are_refused_before_anything_is_written(tmp_path, args):
+    out = tmp_path / "z.h5"
+    result = run("forward", SAMPLE_H5, "--out", out, *args)
+    assert result.exit_code == 2, result.stderr
+    assert not out.exists()
+    existing = tmp_path / "old.npz"
+    existing.write_bytes(b"old")
+    assert run("backward", SAMPLE_H5, "--out", existing, "--force", *args).exit_code == 2
+    assert existing.read_bytes() == b"old"
+
+
+def test_nonfinite_inputs_refused_unless_allowed(tmp_path):
+    x = np.random.default_rng(0).standard_normal((2, 5, 5, 2))
+    x[1, 2, 3, 0] = np.nan
+    x[0, 0, 0, 1] = np.inf
+    np.savez(tmp_path / "nan.npz", x=x, w=np.ones((2, 2, 2, 3)))
+    assert_error(
+        run("forward", tmp_path / "nan.npz"), 65, "x has 2 NaN/Inf values (first at [0, 0, 0, 1])"
+    )
+    allowed = run("forward", tmp_path / "nan.npz", "--allow-nonfinite", "--json")
+    assert allowed.exit_code == 0
+    assert allowed.stderr == ""  # no NumPy RuntimeWarnings leak out
+    doc = json.loads(allowed.stdout)
+    assert doc["tensors"]["x"]["nonfinite"] == 2
+    assert doc["tensors"]["z"]["nonfinite"] > 0
+    assert doc["tensors"]["z"]["mean"] is None
+    assert_error(run("gradcheck", tmp_path / "nan.npz"), 65, "gradient checks need finite values")
+
+
+def test_memory_guard_refuses_with_the_estimate(tmp_path):
+    assert_error(run("forward", SAMPLE_H5, "--max-memory", "1K"), 65, "left of --max-memory")
+    assert_error(
+        run("forward", SAMPLE_H5, "--max-memory", "6K"), 65, "more than --max-memory 6 KiB"
+    )
+    assert run("forward", SAMPLE_H5, "--max-memory", "none").exit_code == 0
+    assert_error(run("forward", SAMPLE_H5, "--max-memory", "lots"), 2, "--max-memory 'lots'")
+    result = runner.invoke(
+        app, ["gradcheck", "--shape", "100000,1000,1000,3", "--kernel", "3", "--cout", "8"]
+    )
+    assert result.exit_code == 65
+    assert "more than --max-memory" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (
+            ["--impl", "IMPL", "--dilation", "2"],
+            "does not use hyperparameter flags without --shape",
+        ),
+        (["--impl", "IMPL", "--mode", "fast"], "does not use --mode"),
+        (["--impl", "IMPL", "--b", "SAMPLE"], "does not use a data file"),
+        (["SAMPLE", "--kernel", "5"], "--kernel and --cout go with --shape"),
+        (["--shape", "2,5,5,3", "--kernel", "3", "--cout", "2", "--seed", "-1"], "--seed"),
+    ],
+)
+def test_gradcheck_refuses_flags_it_would_ignore(args, match):
+    impl = str(SAMPLE_NPZ.parent / "classic_conv.py")
+    args = [impl if a == "IMPL" else str(SAMPLE_NPZ) if a == "SAMPLE" else a for a in args]
+    assert_error(run("gradcheck", *args), 2, match)

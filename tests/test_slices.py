@@ -40,3 +40,14 @@ def test_unknown_tensor_and_out_of_range():
         take(parse_slice("q[0]"), TENSORS, "z")
     with pytest.raises(UsageError, match=r"shape of z is \(2, 3, 4\)"):
         take(parse_slice("z[5]"), TENSORS, "z")
+
+
+@pytest.mark.parametrize("expr", ["z[0][1]", "z[0]+z[1]", "z[99999999999999999999999]"])
+def test_chained_or_computed_expressions_are_refused(expr):
+    with pytest.raises(UsageError, match="--slice"):
+        take(parse_slice(expr), TENSORS, "z")
+
+
+def test_zero_step_is_a_usage_error():
+    with pytest.raises(UsageError, match="slice step cannot be zero"):
+        take(parse_slice("z[::0]"), TENSORS, "z")

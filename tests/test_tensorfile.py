@@ -393,7 +393,7 @@ def test_load_missing_required_lists_contents(tmp_path):
 
 
 def test_load_nothing_given():
-    with pytest.raises(DataError, match=r"no x given: pass a data file or --x FILE\[:KEY\]"):
+    with pytest.raises(UsageError, match=r"no x given: pass a data file or --x FILE\[:KEY\]"):
         load_tensors(None, {"x": None, "w": None}, ("x", "w"))
 
 

@@ -146,7 +146,15 @@ def test_one_configuration_from_flags(tmp_path):
     )
     assert result.exit_code == 0
     assert [r["config"] for r in doc["results"]] == [
-        {"shape": [2, 6, 5, 3], "kernel": [3, 3], "cout": 4, "stride": 2, "pad": 1}
+        {
+            "shape": [2, 6, 5, 3],
+            "kernel": [3, 3],
+            "cout": 4,
+            "stride": [2, 2],
+            "dilation": [1, 1],
+            "groups": 1,
+            "pad": [[1, 1], [1, 1]],
+        }
     ]
 
 
