@@ -29,9 +29,12 @@ A spec is a TOML file::
     pad = [0, 1, "same"]
 
 Every configuration gets random float inputs from its seed, in its dtype. Each result is one
-JSON line (flushed and fsynced as the run finishes) keyed by a hash of what was run, so
-``--resume`` can skip what is done. A configuration that fails is a line with ``"status":
-"failed"`` and its message; the sweep goes on.
+JSON line keyed by a hash of what was run, so ``--resume`` can skip what is done. Lines are
+appended (flushed and fsynced as each run finishes) to ``.OUT.convcli-partial`` beside the
+results file, which is renamed over it when the sweep ends or is interrupted; after a kill,
+the partial file is where ``--resume`` continues, and the old results file is untouched.
+A configuration that fails is a line with ``"status": "failed"`` and its message; the sweep
+goes on.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -400,6 +404,24 @@ class SweepSummary:
         }
 
 
+def partial_path(out: Path) -> Path:
+    """Where a running sweep appends its results before they are renamed over ``out``."""
+    return out.with_name(f".{out.name}.convcli-partial")
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def read_results(out: Path) -> dict[str, dict]:
     """Finished records in a results file, by key. A torn last line (the process was killed
     while writing it) is cut off the file, so appending goes on from a clean line end."""
@@ -447,14 +469,27 @@ def run_sweep(
         raise OutputError(f"{out}: is a directory")
     if not out.parent.is_dir():
         raise OutputError(f"{out}: folder {out.parent} does not exist")
+    partial = partial_path(out)
     done: dict[str, dict] = {}
-    if out.exists():
-        if resume:
-            done = read_results(out)
-        elif not force:
-            raise OutputError(
-                f"{out} exists; pass --resume to continue the sweep or --force to start over"
-            )
+    if partial.exists() and not (resume or force):
+        raise OutputError(
+            f"{partial} holds the results of an interrupted sweep; pass --resume to continue "
+            "it or --force to start over"
+        )
+    if out.exists() and not (resume or force):
+        raise OutputError(
+            f"{out} exists; pass --resume to continue the sweep or --force to start over"
+        )
+    try:
+        if resume and not partial.exists() and out.exists():
+            shutil.copyfile(out, partial)
+        if not resume:
+            partial.unlink(missing_ok=True)
+        if partial.exists():
+            done = read_results(partial)
+        handle = open(partial, "a", encoding="utf-8")  # noqa: SIM115
+    except OSError as error:
+        raise OutputError(f"{out}: cannot write ({error.strerror})") from None
     keys = [sweep.key(config) for config in sweep.configs]
     todo = [
         (key, config) for key, config in zip(keys, sweep.configs, strict=True) if key not in done
@@ -462,29 +497,29 @@ def run_sweep(
     todo = list({key: (key, config) for key, config in todo}.values())  # identical configs run once
     start = time.perf_counter()
     try:
-        handle = open(out, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
-    except OSError as error:
-        raise OutputError(f"{out}: cannot write ({error.strerror})") from None
-    with handle:
-        finished = 0
+        with handle:
+            finished = 0
 
-        def write(record: dict) -> None:
-            nonlocal finished
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-            done[record["key"]] = record
-            finished += 1
-            if progress is not None:
-                progress(finished, len(todo))
+            def write(record: dict) -> None:
+                nonlocal finished
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+                done[record["key"]] = record
+                finished += 1
+                if progress is not None:
+                    progress(finished, len(todo))
 
-        if scheduler is not None:
-            _run_on_dask(scheduler, sweep, todo, write)
-        elif jobs == 1:
-            for key, config in todo:
-                write(run_config(config, sweep.actions, sweep.gradcheck, key))
-        else:
-            _run_in_processes(jobs, sweep, todo, write)
+            if scheduler is not None:
+                _run_on_dask(scheduler, sweep, todo, write)
+            elif jobs == 1:
+                for key, config in todo:
+                    write(run_config(config, sweep.actions, sweep.gradcheck, key))
+            else:
+                _run_in_processes(jobs, sweep, todo, write)
+    finally:  # finished results always reach the target, even when interrupted
+        os.replace(partial, out)
+        _fsync_folder(out.parent)
     records = [done[key] for key in dict.fromkeys(keys)]
     return SweepSummary(
         spec=str(sweep.path),

@@ -185,8 +185,13 @@ def test_interrupted_sweep_keeps_finished_results_and_resumes(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
+    from convcli.sweep import partial_path
+
+    partial = partial_path(out)  # results go there until the sweep ends or is interrupted
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
+    while time.monotonic() < deadline and (
+        not partial.exists() or partial.read_text().count("\n") < 3
+    ):
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
@@ -194,6 +199,7 @@ def test_interrupted_sweep_keeps_finished_results_and_resumes(tmp_path):
         pytest.skip("the sweep finished before the signal arrived")
     assert process.returncode == 130
     assert stderr.strip() == "convcli: error: interrupted"
+    assert not partial.exists()  # renamed over the results file on Ctrl-C
     finished = lines(out)  # every line on disk is a complete record
     assert 3 <= len(finished) < 96
     result = sweep(spec, "--out", out, "--resume", "--json")
@@ -223,3 +229,25 @@ def test_sweep_on_a_dask_cluster(tmp_path):
         )
         assert json.loads(again.stdout)["skipped"] == 5
     assert len({r["key"] for r in lines(out)}) == 8
+
+
+def test_a_killed_sweep_leaves_the_old_results_and_a_partial_file_to_resume(tmp_path):
+    from convcli.sweep import partial_path
+
+    spec, out = write(tmp_path, SMALL), tmp_path / "r.jsonl"
+    assert sweep(spec, "--out", out).exit_code == 0
+    complete = out.read_text()
+    # what a SIGKILL during a --force rerun leaves: the old file, and 3 lines + a torn one
+    partial = partial_path(out)
+    rows = complete.splitlines(keepends=True)
+    partial.write_text("".join(rows[:3]) + rows[3][:20])
+    refused = sweep(spec, "--out", out)
+    assert refused.exit_code == 73
+    assert "interrupted sweep" in refused.stderr
+    result = sweep(spec, "--out", out, "--resume", "--json")
+    assert json.loads(result.stdout)["skipped"] == 3
+    assert not partial.exists()
+    records = lines(out)
+    assert len(records) == 8
+    assert len({r["key"] for r in records}) == 8
+    assert [p.name for p in tmp_path.iterdir() if "convcli" in p.name] == []
