@@ -36,8 +36,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from convcli.errors import UsageError
-from convcli.operands import ConvCache, prepare, prepare_upstream, shape_bias_grad
-from convcli.spec import ConvSpec, Geometry
+from convcli.operands import ConvCache, finish_gradients, prepare, prepare_upstream, x_from_last
+from convcli.spec import ConvSpec, Geometry, padding_source
 
 DEFAULT_WORKSPACE = 256 * 2**20  # bytes
 TILE_BYTES = 4 * 2**20  # target scratch per tile: patch matrices that stay in L2/L3
@@ -95,7 +95,7 @@ def conv_forward(
         workspace=workspace,
         threads=threads,
     )
-    return z, cache
+    return x_from_last(z, geometry.layout), cache
 
 
 def conv_backward(dz, cache: ConvCache):
@@ -154,7 +154,7 @@ def conv_backward(dz, cache: ConvCache):
             dz, w_flipped, None, spec_t, workspace=cache.workspace, threads=cache.threads
         )
     db = dz.sum(axis=tuple(range(dz.ndim - 1))) if cache.b_shape is not None else None
-    return dx, dw, shape_bias_grad(db, cache.b_shape)
+    return finish_gradients(dx, dw, db, cache)
 
 
 def _transposed_conv(geometry: Geometry, w: np.ndarray):
@@ -166,7 +166,7 @@ def _transposed_conv(geometry: Geometry, w: np.ndarray):
     dx[h] = Σ_i dz[h + pad_top - i·d] · w[i], i.e. with i' = k - 1 - i a correlation of dz
     with w[k - 1 - i'] and padding d·(k - 1) - pad_top on top (likewise bottom, per axis).
     """
-    if set(geometry.stride) != {1} or _is_depthwise(geometry):
+    if set(geometry.stride) != {1} or _is_depthwise(geometry) or geometry.padding_mode != "zeros":
         return None
     pads = tuple(
         (d * (k - 1) - lo, d * (k - 1) - hi)
@@ -471,6 +471,10 @@ class _Plan:
         if not self.padded:
             return x[(tile.images, *inside)]
         buffer = self._buffer(name, (tile.n_images, *lengths, x.shape[-1]))
+        if self.geometry.padding_mode != "zeros":  # gather the padding from x itself
+            maps = self._source_maps(starts, lengths, x.shape[1:-1])
+            buffer[...] = x[tile.images][(slice(None), *np.ix_(*maps))]
+            return buffer
         target = tuple(
             slice(sl.start - s, sl.stop - s) for sl, s in zip(inside, starts, strict=True)
         )
@@ -532,8 +536,22 @@ class _Plan:
         view = self._windows(padded, tile)
         return as_strided(padded, shape=view.shape, strides=view.strides, writeable=True)
 
+    def _source_maps(self, starts, lengths, sizes) -> list[np.ndarray]:
+        """Per axis, the input index each position of a padded window reads."""
+        mode = self.geometry.padding_mode
+        return [
+            padding_source(np.arange(start, start + length), size, mode)
+            for start, length, size in zip(starts, lengths, sizes, strict=True)
+        ]
+
     def _add_interior(self, padded, target, tile: _Tile, starts, lengths) -> None:
-        """target[images, inside] += padded[the part of it that lies inside the input]."""
+        """target[images] += padded, folded back onto the input (the adjoint of padding):
+        zeros drop the padding; other modes add it onto the pixels it was copied from."""
+        if self.geometry.padding_mode != "zeros":
+            maps = self._source_maps(starts, lengths, target.shape[1:-1])
+            with _dx_lock:
+                np.add.at(target[tile.images], (slice(None), *np.ix_(*maps)), padded)
+            return
         inside = _inside(starts, lengths, target.shape[1:-1])
         source = tuple(
             slice(sl.start - s, sl.stop - s) for sl, s in zip(inside, starts, strict=True)

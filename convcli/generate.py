@@ -8,24 +8,38 @@ from __future__ import annotations
 
 import numpy as np
 
-from convcli.errors import UsageError
+from convcli.errors import HyperparameterError, UsageError
+from convcli.operands import w_from_last, x_from_last
 from convcli.spec import ConvSpec
 
 DTYPES = ("float32", "float64")
 
 
+def _kernel_for(kernel, rank: int) -> tuple[int, ...]:
+    if len(kernel) == 1:
+        return tuple(kernel) * rank
+    if len(kernel) != rank:
+        raise UsageError(
+            f"--kernel has {len(kernel)} values; give 1 or {rank} (one per spatial axis)"
+        )
+    return tuple(kernel)
+
+
 def check_generated_memory(shape, kernel, cout, spec, max_memory, *, dz=True, itemsize=8):
     """Refuse, before allocating, random tensors that would exceed ``max_memory`` bytes."""
+    import math
+
     from convcli.guards import check_memory
 
-    n, h, w, cin = (int(v) for v in shape)
-    kh, kw = (kernel[0], kernel[0]) if len(kernel) == 1 else kernel
-    out_estimate = n * h * w * cout  # at most as many outputs as stride-1 'same' gives
+    n, *spatial, cin = (int(v) for v in shape)
+    taps = math.prod(_kernel_for(kernel, len(spatial)))
+    positions = n * math.prod(spatial)
     check_memory(
         {
-            "x": n * h * w * cin * itemsize,
-            "w": kh * kw * cin * cout * itemsize,
-            "z and dz": out_estimate * itemsize * (2 if dz else 1),
+            "x": positions * cin * itemsize,
+            "w": taps * cin * cout * itemsize,
+            # at most as many outputs as stride 1 with 'same' padding gives
+            "z and dz": positions * cout * itemsize * (2 if dz else 1),
         },
         max_memory,
     )
@@ -34,38 +48,39 @@ def check_generated_memory(shape, kernel, cout, spec, max_memory, *, dz=True, it
 def generate_layer(
     shape, kernel, cout: int, spec: ConvSpec, *, seed: int | None = 0, dtype="float64", dz=False
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Tensors and hyperparameter attributes for one layer.
+    """Tensors (in the spec's layout) and hyperparameter attributes for one layer.
+
+    Parameters
+    ----------
+    shape : (n, *spatial, Cin) — always channels-last order, 1 to 3 spatial axes
+    kernel : one size for every axis, or one per axis
 
     Returns
     -------
-    tensors : dict with x, w, b (and dz when ``dz``)
-    attrs : {"stride": [sh, sw], "padding": "same" or [[top, bottom], [left, right]],
-             "dilation": [dh, dw], "groups": g}, as the other commands read them back
+    tensors : dict with x, w, b (and dz when ``dz``); the same values whatever the layout
+    attrs : resolved hyperparameters as the other commands read them back
     """
     if str(dtype) not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-    n, h, w, cin = shape
-    kh, kw = (kernel[0], kernel[0]) if len(kernel) == 1 else kernel
+    n, *spatial, cin = (int(v) for v in shape)
+    kernel = _kernel_for(kernel, len(spatial))
     if cin % spec.groups:
-        from convcli.errors import HyperparameterError
-
         raise HyperparameterError(
             f"groups={spec.groups} must divide both Cin={cin} and Cout={cout}"
         )
-    geometry = spec.geometry((n, h, w, cin), (kh, kw, cin // spec.groups, cout))
+    w_shape = (*kernel, cin // spec.groups, cout)
+    x_shape = (n, *spatial, cin)
+    layout = spec.layout
+    if layout == "nchw":
+        geometry = spec.geometry((n, cin, *spatial), (cout, cin // spec.groups, *kernel))
+    else:
+        geometry = spec.geometry(x_shape, w_shape)
     rng = np.random.default_rng(seed)
     tensors = {
-        "x": rng.standard_normal((n, h, w, cin)).astype(dtype),
-        "w": rng.standard_normal((kh, kw, cin // spec.groups, cout)).astype(dtype),
+        "x": x_from_last(rng.standard_normal(x_shape).astype(dtype), layout),
+        "w": w_from_last(rng.standard_normal(w_shape).astype(dtype), layout),
         "b": rng.standard_normal(cout).astype(dtype),
     }
     if dz:
-        tensors["dz"] = rng.standard_normal(geometry.out_shape).astype(dtype)
-    padding = spec.padding if spec.padding == "same" else [list(p) for p in spec.padding]
-    attrs = {
-        "stride": list(spec.stride),
-        "padding": padding,
-        "dilation": list(spec.dilation),
-        "groups": spec.groups,
-    }
-    return tensors, attrs
+        tensors["dz"] = x_from_last(rng.standard_normal(geometry.out_shape).astype(dtype), layout)
+    return tensors, geometry.hparams()

@@ -29,6 +29,8 @@ tolerances tight (see :data:`DEFAULT_RTOL`, :data:`DEFAULT_ATOL`).
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from convcli.errors import UsageError
-from convcli.spec import ConvSpec, Geometry
+from convcli.operands import w_from_last, w_to_last, x_from_last, x_to_last
+from convcli.spec import ConvSpec, Geometry, padding_source
 
 DEFAULT_EPS = 1e-3
 DEFAULT_RTOL = 1e-6
@@ -83,6 +86,7 @@ class TensorCheck:
     abs_errors: np.ndarray | None = None
     failed: np.ndarray | None = None
     probes: TensorCheck | None = None
+    layout: str = "nhwc"
 
     def to_json(self) -> dict:
         return {
@@ -106,6 +110,10 @@ class TensorCheck:
         if self.abs_errors is None or len(self.shape) != 4 or np.isnan(self.abs_errors).all():
             return None
         errors = np.nan_to_num(self.abs_errors, nan=0.0)
+        if self.name == "dx":
+            errors = x_to_last(errors, self.layout)
+        elif self.name == "dw":
+            errors = w_to_last(errors, self.layout)
         channel = self._worst_channel(errors)
         if self.name == "dx":
             return errors[..., channel].max(axis=0), f"|error| of dx over (H, W), channel {channel}"
@@ -206,12 +214,17 @@ def gradcheck(
         def backward(g_, x_, w_, b_):
             return conv_backward(g_, conv_forward(x_, w_, b_, spec)[1])
 
+    layout = geometry.layout
     rng = np.random.default_rng(seed)
     g = (
-        rng.standard_normal(geometry.out_shape)
+        rng.standard_normal(geometry.user_out_shape)
         if upstream is None
         else np.asarray(upstream, np.float64)
     )
+    # Work channels last (perturbation groups follow spatial axes); call the functions in the
+    # caller's layout; report in the caller's layout.
+    forward, backward = _channels_last(forward, backward, layout)
+    x, w, g = x_to_last(x, layout), w_to_last(w, layout), x_to_last(g, layout)
     counter = _Counter(forward, progress)
     start = time.perf_counter()
     notes = []
@@ -223,17 +236,38 @@ def gradcheck(
     counter.total = counter.calls + _planned_passes(resolved, geometry, x, w, b, samples, probes)
 
     checks: dict[str, TensorCheck] = {}
+    to_user = {"dx": lambda a: x_from_last(a, layout), "dw": lambda a: w_from_last(a, layout)}
+    to_user["db"] = lambda a: a
     if resolved == "exhaustive":
         analytic = _analytic(backward, g, x, w, b)
         numeric = _exhaustive_numeric(counter, g, x, w, b, geometry, tolerance.eps)
         for name in names:
-            checks[name] = _compare_elements(name, analytic[name], numeric[name], tolerance)
+            checks[name] = _compare_elements(
+                name,
+                to_user[name](analytic[name]),
+                to_user[name](numeric[name]),
+                tolerance,
+                layout,
+            )
     if resolved in ("sample", "sample+fast"):
         analytic = _analytic(backward, g, x, w, b)
         for name in names:
             checks[name] = _sample_check(
-                counter, name, g, x, w, b, analytic[name], samples, rng, tolerance
+                counter,
+                name,
+                g,
+                x,
+                w,
+                b,
+                analytic[name],
+                samples,
+                rng,
+                tolerance,
+                to_user[name],
+                layout,
             )
+    for check in checks.values():
+        check.layout = layout
     if resolved in ("fast", "sample+fast"):
         fast = _fast_checks(counter, backward, x, w, b, geometry, probes, rng, tolerance)
         for name in names:
@@ -250,6 +284,26 @@ def gradcheck(
         tolerance=tolerance,
         notes=notes,
     )
+
+
+def _channels_last(forward, backward, layout: str):
+    """forward/backward taking and returning channels-last arrays, calling the originals in
+    the caller's layout."""
+    if layout != "nchw":
+        return forward, backward
+
+    def forward_cl(x, w, b):
+        return x_to_last(
+            np.asarray(forward(x_from_last(x, layout), w_from_last(w, layout), b)), layout
+        )
+
+    def backward_cl(g, x, w, b):
+        dx, dw, db = backward(
+            x_from_last(g, layout), x_from_last(x, layout), w_from_last(w, layout), b
+        )
+        return x_to_last(np.asarray(dx), layout), w_to_last(np.asarray(dw), layout), db
+
+    return forward_cl, backward_cl
 
 
 def _choose(counter, x, w, b, geometry: Geometry) -> tuple[str, str]:
@@ -307,79 +361,107 @@ def _analytic(backward, g, x, w, b) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _spans(geometry: Geometry) -> tuple[int, int]:
-    """Distance between input rows (columns) that can never share an output pixel."""
-    return tuple(
-        min(d * (k - 1) + 1, size)
-        for d, k, size in zip(geometry.dilation, geometry.kernel, geometry.in_sizes, strict=True)
-    )
+def _feeds(axis: int, geometry: Geometry) -> list[set[int]]:
+    """For each output position along ``axis``, the input positions that feed it (through
+    any tap, after the padding mode maps padded positions back onto the input)."""
+    size, k = geometry.in_sizes[axis], geometry.kernel[axis]
+    s, d = geometry.stride[axis], geometry.dilation[axis]
+    before = geometry.pads[axis][0]
+    taps = np.arange(k) * d - before
+    return [
+        {int(i) for i in padding_source(o * s + taps, size, geometry.padding_mode) if i >= 0}
+        for o in range(geometry.out_sizes[axis])
+    ]
+
+
+def _periods(geometry: Geometry) -> list[int]:
+    """Per axis, the smallest spacing P such that no output is fed by two different inputs
+    with the same position modulo P: inputs P apart can then be perturbed together. It is the
+    receptive-field span d·(k - 1) + 1 for zero padding; wrapped or mirrored padding can
+    need more."""
+    periods = []
+    for axis in range(geometry.rank):
+        feeds = _feeds(axis, geometry)
+        size = geometry.in_sizes[axis]
+        span = geometry.dilation[axis] * (geometry.kernel[axis] - 1) + 1
+        period = min(span, size)
+        while period < size and any(len({i % period for i in f}) < len(f) for f in feeds):
+            period += 1
+        periods.append(period)
+    return periods
 
 
 def exhaustive_passes(geometry: Geometry, has_bias: bool) -> int:
     """Forward passes an exhaustive check of this geometry uses."""
-    span_h, span_w = _spans(geometry)
     cin_group = geometry.cin // geometry.groups
-    kh, kw = geometry.kernel
-    return 2 * (span_h * span_w * cin_group + kh * kw * cin_group + int(has_bias))
+    return 2 * (
+        math.prod(_periods(geometry)) * cin_group
+        + math.prod(geometry.kernel) * cin_group
+        + int(has_bias)
+    )
 
 
 def _owner_matrices(axis: int, geometry: Geometry, period: int) -> list[np.ndarray]:
     """For each residue r: A[r][i, o] = 1 when input i (i % period == r) feeds output o.
 
-    Within one output's receptive field the taps span less than ``period`` positions,
-    so at most one input of each residue feeds it.
+    With the period from :func:`_periods`, at most one input of each residue feeds an output.
     """
-    size, k = geometry.in_sizes[axis], geometry.kernel[axis]
-    s, d = geometry.stride[axis], geometry.dilation[axis]
-    before = geometry.pads[axis][0]
-    out = geometry.out_sizes[axis]
+    size, out = geometry.in_sizes[axis], geometry.out_sizes[axis]
     matrices = [np.zeros((size, out)) for _ in range(period)]
-    for o in range(out):
-        for tap in range(k):
-            i = o * s + tap * d - before
-            if 0 <= i < size:
-                matrices[i % period][i, o] = 1.0
+    for o, inputs in enumerate(_feeds(axis, geometry)):
+        for i in inputs:
+            matrices[i % period][i, o] = 1.0
     return matrices
 
 
 def _exhaustive_numeric(counter, g, x, w, b, geometry: Geometry, eps: float) -> dict:
-    n, (out_h, out_w), cout, groups = geometry.n, geometry.out_sizes, geometry.cout, geometry.groups
+    """Central differences of every element of x, w, b (channels last), grouped."""
+    rank, groups, cout = geometry.rank, geometry.groups, geometry.cout
     cin_group = geometry.cin // groups
-    span_h, span_w = _spans(geometry)
-    rows = _owner_matrices(0, geometry, span_h)
-    cols = _owner_matrices(1, geometry, span_w)
+    periods = _periods(geometry)
+    owners = [_owner_matrices(a, geometry, p) for a, p in enumerate(periods)]
 
     def difference(xp, xm, wp, wm, bp, bm):
         return (counter(xp, wp, bp) - counter(xm, wm, bm)) / (2 * eps) * g
 
     numeric = {"dx": np.zeros_like(x), "dw": np.zeros_like(w)}
     step = np.zeros_like(x)
-    for r in range(span_h):
-        for c in range(span_w):
-            for channel in range(cin_group):
-                channels = slice(channel, None, cin_group)  # this channel of every group
-                step[...] = 0
-                step[:, r::span_h, c::span_w, channels] = eps
-                weighted = difference(x + step, x - step, w, w, b, b)
-                per_group = weighted.reshape(n, out_h, out_w, groups, cout // groups).sum(axis=-1)
-                spread = np.einsum("hH,nHWg,wW->nhwg", rows[r], per_group, cols[c])
-                numeric["dx"][:, r::span_h, c::span_w, channels] = spread[:, r::span_h, c::span_w]
-    kh, kw = geometry.kernel
+    for residues in itertools.product(*(range(p) for p in periods)):
+        lattice = tuple(slice(r, None, p) for r, p in zip(residues, periods, strict=True))
+        for channel in range(cin_group):
+            channels = slice(channel, None, cin_group)  # this channel of every group
+            step[...] = 0
+            step[(slice(None), *lattice, channels)] = eps
+            weighted = difference(x + step, x - step, w, w, b, b)
+            spread = weighted.reshape(*weighted.shape[:-1], groups, cout // groups).sum(axis=-1)
+            for axis, residue in enumerate(residues):  # (n, *out, g) -> (n, *in, g)
+                spread = np.moveaxis(
+                    np.tensordot(owners[axis][residue], spread, axes=([1], [1 + axis])), 0, 1 + axis
+                )
+            numeric["dx"][(slice(None), *lattice, channels)] = spread[(slice(None), *lattice)]
     w_step = np.zeros_like(w)
-    for i in range(kh):
-        for j in range(kw):
-            for channel in range(cin_group):
-                w_step[...] = 0
-                w_step[i, j, channel, :] = eps
-                weighted = difference(x, x, w + w_step, w - w_step, b, b)
-                numeric["dw"][i, j, channel, :] = weighted.sum(axis=(0, 1, 2))
+    every_output = tuple(range(rank + 1))
+    for taps in itertools.product(*(range(k) for k in geometry.kernel)):
+        for channel in range(cin_group):
+            w_step[...] = 0
+            w_step[(*taps, channel)] = eps
+            weighted = difference(x, x, w + w_step, w - w_step, b, b)
+            numeric["dw"][(*taps, channel)] = weighted.sum(axis=every_output)
     if b is not None:
         weighted = difference(x, x, w, w, b + eps, b - eps)
-        numeric["db"] = weighted.sum(axis=(0, 1, 2))
+        numeric["db"] = weighted.sum(axis=every_output)
     return numeric
 
 
-def _compare_elements(name, analytic, numeric, tolerance: Tolerance) -> TensorCheck:
+def _channel_axis(name: str, layout: str) -> int:
+    if layout == "nchw" and name in ("dx", "dw"):
+        return 1 if name == "dx" else 0
+    return -1
+
+
+def _compare_elements(
+    name, analytic, numeric, tolerance: Tolerance, layout: str = "nhwc"
+) -> TensorCheck:
     if analytic.shape != numeric.shape:
         raise ValueError(f"{name} has shape {analytic.shape}, expected {numeric.shape}")
     abs_errors = np.abs(analytic - numeric)
@@ -399,7 +481,8 @@ def _compare_elements(name, analytic, numeric, tolerance: Tolerance) -> TensorCh
         }
         for flat in order
     ]
-    per_channel = failed.reshape(-1, analytic.shape[-1]).sum(axis=0) if analytic.ndim else failed
+    by_channel = np.moveaxis(failed, _channel_axis(name, layout), -1)
+    per_channel = by_channel.reshape(-1, by_channel.shape[-1]).sum(axis=0)
     return TensorCheck(
         name=name,
         shape=analytic.shape,
@@ -428,7 +511,9 @@ def _finite_max(values: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sample_check(counter, name, g, x, w, b, analytic, samples, rng, tolerance) -> TensorCheck:
+def _sample_check(
+    counter, name, g, x, w, b, analytic, samples, rng, tolerance, to_user, layout
+) -> TensorCheck:
     position = {"dx": 0, "dw": 1, "db": 2}[name]
     target = (x, w, b)[position]
     picked = rng.choice(target.size, size=min(samples, target.size), replace=False)
@@ -440,10 +525,10 @@ def _sample_check(counter, name, g, x, w, b, analytic, samples, rng, tolerance) 
         plus, minus = [x, w, b], [x, w, b]
         plus[position], minus[position] = target + step, target - step
         numeric.flat[flat] = np.vdot(counter(*plus) - counter(*minus), g) / (2 * eps)
-    check = _compare_elements(name, analytic, numeric, tolerance)
+    check = _compare_elements(name, to_user(analytic), to_user(numeric), tolerance, layout)
     unchecked = np.ones(target.shape, dtype=bool)
     unchecked.flat[picked] = False
-    check.abs_errors[unchecked] = np.nan
+    check.abs_errors[to_user(unchecked)] = np.nan
     check.checked = int(picked.size)
     return check
 

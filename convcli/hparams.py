@@ -11,10 +11,21 @@ from __future__ import annotations
 import numbers
 
 from convcli.errors import ConvcliError, HyperparameterError, UsageError
-from convcli.spec import ConvSpec
+from convcli.spec import LAYOUTS, PADDING_MODES, ConvSpec
 
-NAMES = ("stride", "padding", "dilation", "groups")
-DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+NAMES = ("stride", "padding", "dilation", "groups", "padding_mode", "layout")
+DEFAULTS = {
+    "stride": 1,
+    "padding": 0,
+    "dilation": 1,
+    "groups": 1,
+    "padding_mode": "zeros",
+    "layout": "nhwc",
+}
+WORDS = {
+    "padding_mode": PADDING_MODES,
+    "layout": tuple(LAYOUTS),
+}
 
 
 def parse_flag(name: str, text: str):
@@ -26,8 +37,12 @@ def parse_flag(name: str, text: str):
     UsageError
         Naming the flag and the text.
     """
-    flag = "--pad" if name == "padding" else f"--{name}"
+    flag = _flag(name)
     cleaned = text.strip().lower()
+    if name in WORDS:
+        if cleaned not in WORDS[name]:
+            raise UsageError(f"{flag} {text!r}: {_expected(name)}")
+        return cleaned
     if name == "padding" and cleaned in ("same", "valid"):
         return cleaned
     try:
@@ -44,14 +59,18 @@ def from_file_value(name: str, raw, origin: str):
     HyperparameterError naming ``origin``.
     """
     where = f"{name} = {raw!r} from {origin}"
+    if name in WORDS:
+        if not isinstance(raw, str) or raw.strip().lower() not in WORDS[name]:
+            raise HyperparameterError(f"{where}: {_expected(name)}")
+        return raw.strip().lower()
     if isinstance(raw, str):
         if name == "padding" and raw.strip().lower() in ("same", "valid"):
             return raw.strip().lower()
         raise HyperparameterError(f"{where}: {_expected(name)}")
     if name == "padding" and isinstance(raw, list) and all(isinstance(v, list) for v in raw):
-        if len(raw) == 2 and all(len(v) == 2 for v in raw):
-            pairs = [[_file_int(name, v, where) for v in pair] for pair in raw]
-            return _from_ints(name, [*pairs[0], *pairs[1]], where, HyperparameterError)
+        if 1 <= len(raw) <= 3 and all(len(v) == 2 for v in raw):
+            flat = [_file_int(name, v, where) for pair in raw for v in pair]
+            return _from_ints(name, flat, where, HyperparameterError, pairs=True)
         raise HyperparameterError(f"{where}: {_expected(name)}")
     values = raw if isinstance(raw, list) else [raw]
     ints = [_file_int(name, v, where) for v in values]
@@ -68,27 +87,34 @@ def _file_int(name: str, value, where: str) -> int:
     raise HyperparameterError(f"{where}: must be a whole number")
 
 
-def _from_ints(name: str, values: list[int], where: str, error: type[ConvcliError]):
-    counts = (1, 2, 4) if name == "padding" else (1,) if name == "groups" else (1, 2)
+def _from_ints(name, values: list[int], where: str, error: type[ConvcliError], pairs=False):
+    """Check counts and ranges; one value -> int, several -> tuple (pairs -> tuple of pairs)."""
+    counts = (1, 2, 3, 4, 6) if name == "padding" else (1,) if name == "groups" else (1, 2, 3)
     if len(values) not in counts:
         raise error(f"{where}: {_expected(name)}")
     minimum = 0 if name == "padding" else 1
     if any(v < minimum for v in values):
         raise error(f"{where}: must be >= {minimum}")
-    if len(values) == 1:
-        return values[0]
-    if len(values) == 2:
-        return tuple(values)
-    top, bottom, left, right = values
-    return ((top, bottom), (left, right))
+    if pairs:
+        return tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _flag(name: str) -> str:
+    return {"padding": "--pad", "padding_mode": "--padding-mode"}.get(name, f"--{name}")
 
 
 def _expected(name: str) -> str:
     return {
-        "stride": "expected an integer >= 1 or two (h,w) like 2 or 1,2",
-        "dilation": "expected an integer >= 1 or two (h,w) like 2 or 1,2",
+        "stride": "expected an integer >= 1, or one per spatial axis like 1,2",
+        "dilation": "expected an integer >= 1, or one per spatial axis like 1,2",
         "groups": "expected an integer >= 1",
-        "padding": "expected N, PH,PW, TOP,BOTTOM,LEFT,RIGHT, 'same' or 'valid'",
+        "padding": (
+            "expected N, one per axis (PH,PW), before,after per axis (TOP,BOTTOM,LEFT,RIGHT), "
+            "'same' or 'valid'"
+        ),
+        "padding_mode": f"expected one of {', '.join(PADDING_MODES)}",
+        "layout": "expected nhwc (channels last) or nchw (channels first)",
     }[name]
 
 

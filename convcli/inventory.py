@@ -56,11 +56,13 @@ def inspect_file(path) -> dict:
     hparams, origins = {}, {}
     try:
         spec, origins = build_spec(raw, {})
-        hparams = {
+        hparams = {  # as stored: one value for every axis, or per axis
             "stride": list(spec.stride),
-            "padding": spec.padding if spec.padding == "same" else [list(p) for p in spec.padding],
+            "padding": spec.padding if spec.padding == "same" else _plain(spec.padding),
             "dilation": list(spec.dilation),
             "groups": spec.groups,
+            "padding_mode": spec.padding_mode,
+            "layout": spec.layout,
         }
         if "x" in shapes and "w" in shapes:
             try:
@@ -79,6 +81,10 @@ def inspect_file(path) -> dict:
         "origins": origins,
         "problems": problems,
     }
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
 
 
 def _count(shape) -> int:

@@ -73,13 +73,40 @@ class ConvCache:
         return self.x.dtype
 
 
+def x_to_last(x: np.ndarray, layout: str) -> np.ndarray:
+    """Activations (n, C, *spatial) -> (n, *spatial, C) when the layout is channels first."""
+    return np.moveaxis(x, 1, -1) if layout == "nchw" else x
+
+
+def x_from_last(x: np.ndarray, layout: str) -> np.ndarray:
+    """Inverse of :func:`x_to_last` (a C-contiguous array in the caller's layout)."""
+    return np.ascontiguousarray(np.moveaxis(x, -1, 1)) if layout == "nchw" else x
+
+
+def w_to_last(w: np.ndarray, layout: str) -> np.ndarray:
+    """Weights (Cout, Cin/g, *kernel) -> (*kernel, Cin/g, Cout) when channels first."""
+    return np.moveaxis(w, (0, 1), (-1, -2)) if layout == "nchw" else w
+
+
+def w_from_last(w: np.ndarray, layout: str) -> np.ndarray:
+    """Inverse of :func:`w_to_last`."""
+    return np.ascontiguousarray(np.moveaxis(w, (-1, -2), (0, 1))) if layout == "nchw" else w
+
+
+def bias_shapes(geometry: Geometry) -> tuple[tuple, tuple]:
+    """The shapes b may have: (Cout,) or broadcastable against z in the caller's layout."""
+    ones = (1,) * geometry.rank
+    full = (1, geometry.cout, *ones) if geometry.layout == "nchw" else (1, *ones, geometry.cout)
+    return (geometry.cout,), full
+
+
 def prepare(x, w, b, spec: ConvSpec | None):
-    """Validate and convert forward operands.
+    """Validate and convert forward operands to the engines' channels-last form.
 
     Returns
     -------
-    x : C-contiguous ndarray (n, H, W, Cin) in the compute dtype
-    w : C-contiguous ndarray (kh, kw, Cin / groups, Cout) in the compute dtype
+    x : C-contiguous ndarray (n, *spatial, Cin) in the compute dtype
+    w : C-contiguous ndarray (*kernel, Cin / groups, Cout) in the compute dtype
     b : ndarray (Cout,) in the compute dtype, or None
     b_shape : the shape b was given in, or None
     geometry : :class:`~convcli.spec.Geometry`
@@ -92,29 +119,34 @@ def prepare(x, w, b, spec: ConvSpec | None):
     if b is not None:
         b = as_float_array("b", b)
         b_shape = b.shape
-        if b.shape not in ((geometry.cout,), (1,) * (len(geometry.kernel) + 1) + (geometry.cout,)):
-            raise ShapeError(
-                f"b has shape {b.shape}; expected ({geometry.cout},) or (1, 1, 1, {geometry.cout})"
-            )
+        if b.shape not in bias_shapes(geometry):
+            flat, full = bias_shapes(geometry)
+            raise ShapeError(f"b has shape {b.shape}; expected {flat} or {full}")
     dtype = np.result_type(*(a for a in (x, w, b) if a is not None))
-    x = np.ascontiguousarray(x, dtype=dtype)
-    w = np.ascontiguousarray(w, dtype=dtype)
+    x = np.ascontiguousarray(x_to_last(x, spec.layout), dtype=dtype)
+    w = np.ascontiguousarray(w_to_last(w, spec.layout), dtype=dtype)
     if b is not None:
         b = np.ascontiguousarray(b.reshape(-1), dtype=dtype)
     return x, w, b, b_shape, geometry
 
 
 def prepare_upstream(dz, cache: ConvCache):
-    """Validate dz (n, Ho, Wo, Cout) against the forward pass and return it and the compute dtype.
+    """Validate dz (shape of z, caller's layout) and return it channels last, and the dtype.
 
     The backward pass computes in the wider of the forward dtype and dz's dtype.
     """
     dz = as_float_array("dz", dz)
-    expected = cache.geometry.out_shape
+    expected = cache.geometry.user_out_shape
     if dz.shape != expected:
         raise ShapeError(f"dz has shape {dz.shape}; the forward output z has shape {expected}")
     dtype = np.result_type(dz, cache.dtype)
-    return np.ascontiguousarray(dz, dtype=dtype), dtype
+    return np.ascontiguousarray(x_to_last(dz, cache.geometry.layout), dtype=dtype), dtype
+
+
+def finish_gradients(dx, dw, db, cache: ConvCache):
+    """Channels-last gradients back in the caller's layout, db in the shape b was given."""
+    layout = cache.geometry.layout
+    return x_from_last(dx, layout), w_from_last(dw, layout), shape_bias_grad(db, cache.b_shape)
 
 
 def shape_bias_grad(db: np.ndarray, b_shape: tuple | None) -> np.ndarray | None:

@@ -53,16 +53,13 @@ def result_table(result: RunResult) -> Table:
     input tensor came from.
     """
     h = result.hparams
-    pads = h["padding"]
     sources = "\n".join(
         f"{name} ← {tensor.origin}"
         for name, tensor in result.tensors.items()
         if tensor.role == "input"
     )
     caption = (
-        f"stride={format_pair(h['stride'])} padding={format_padding(pads)} "
-        f"dilation={format_pair(h['dilation'])} groups={h['groups']} · "
-        f"engine={result.engine} · {result.seconds * 1e3:.1f} ms\n{sources}"
+        f"{format_hparams(h)} · engine={result.engine} · {result.seconds * 1e3:.1f} ms\n{sources}"
     )
     table = Table(
         title=f"convcli {result.command}",
@@ -101,11 +98,30 @@ def result_table(result: RunResult) -> Table:
     return table
 
 
+def format_hparams(h: dict) -> str:
+    """stride=2 padding=2 dilation=1 groups=1, plus the padding mode and layout when they are
+    not the defaults."""
+    text = (
+        f"stride={format_pair(h['stride'])} padding={format_padding(h['padding'])} "
+        f"dilation={format_pair(h['dilation'])} groups={h['groups']}"
+    )
+    if h.get("padding_mode", "zeros") != "zeros":
+        text += f" padding_mode={h['padding_mode']}"
+    if h.get("layout", "nhwc") != "nhwc":
+        text += f" layout={h['layout']}"
+    return text
+
+
 def format_pair(values) -> str:
     return str(values[0]) if len(set(values)) == 1 else ",".join(map(str, values))
 
 
 def format_padding(pads) -> str:
+    """((1, 1), (1, 1)) -> "1"; ((1, 1), (0, 0)) -> "1,0"; otherwise every before,after."""
+    if isinstance(pads, str):
+        return pads
+    if all(isinstance(v, int) for v in pads):  # as stored: one per axis or flat pairs
+        return format_pair(pads)
     flat = [v for pair in pads for v in pair]
     if len(set(flat)) == 1:
         return str(flat[0])
@@ -143,15 +159,9 @@ def print_inventory(console: Console, report: dict) -> None:
     console.print(table)
     h = report["hparams"]
     if h:
-        padding = h["padding"] if isinstance(h["padding"], str) else format_padding(h["padding"])
         stored = [k for k, v in report["origins"].items() if v != "default"]
         where = f"{', '.join(stored)} from the file" if stored else "all defaults"
-        console.print(
-            Text(
-                f"hyperparameters: stride={format_pair(h['stride'])} padding={padding} "
-                f"dilation={format_pair(h['dilation'])} groups={h['groups']} ({where})"
-            )
-        )
+        console.print(Text(f"hyperparameters: {format_hparams(h)} ({where})"))
     for problem in report["problems"]:
         console.print(Text(f"problem: {problem}"))
 

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from convcli.heatmap import print_heatmap
-from convcli.render import format_padding, format_pair
+from convcli.render import format_hparams, format_padding, format_pair
 from convcli.runs import GradcheckRun
 
 LABELS = {"dx": "dx", "dw": "dw", "db": "db"}
@@ -61,9 +61,9 @@ def print_gradcheck(console: Console, run: GradcheckRun) -> None:
         f"{run.seconds:.2f} s",
         caption=Text(
             f"x {tuple(config['shape'])} · kernel {'x'.join(map(str, config['kernel']))} · "
-            f"cout {config['cout']} · stride={format_pair(config['stride'])} "
-            f"padding={format_padding(config['pad'])} dilation={format_pair(config['dilation'])} "
-            f"groups={config['groups']}\n"
+            f"cout {config['cout']} · "
+            + format_hparams({**config, "padding": config["pad"]})
+            + "\n"
             f"pass when |analytic - numeric| ≤ atol + rtol·max(|analytic|, |numeric|); "
             f"eps={tol.eps:g}"
         ),

@@ -375,17 +375,17 @@ def run_gradcheck(
     g = arrays.get("dz")
     if g is None:
         g = upstream_gradient(z.astype(np.float64), upstream, np.random.default_rng(seed))
-    elif np.shape(g) != geometry.out_shape:
+    elif np.shape(g) != geometry.user_out_shape:
         from convcli.errors import ShapeError
 
         raise ShapeError(
-            f"dz has shape {np.shape(g)}; the forward output z has shape {geometry.out_shape}"
+            f"dz has shape {np.shape(g)}; the forward output z has shape {geometry.user_out_shape}"
         )
     b = arrays.get("b")
     start = time.perf_counter()
-    check = gradcheck(
-        cache.x,
-        cache.w,
+    check = gradcheck(  # in the caller's layout; float64 (cache.x is channels last)
+        np.asarray(arrays["x"], dtype=np.float64),
+        np.asarray(arrays["w"], dtype=np.float64),
         None if b is None else np.asarray(b).reshape(-1),
         spec,
         upstream=np.asarray(g, dtype=np.float64),

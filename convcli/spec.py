@@ -1,13 +1,22 @@
 """Convolution hyperparameters (:class:`ConvSpec`) and the geometry they give a pair of tensors.
 
-Layout: activations NHWC ``(n, H, W, C)``, weights HWIO ``(kh, kw, Cin / groups, Cout)``.
+Any number of spatial axes from 1 to 3. Layouts (``ConvSpec.layout``):
+
+- ``"nhwc"`` (channels last, the default): x ``(n, *spatial, Cin)`` — ``(n, L, C)``,
+  ``(n, H, W, C)``, ``(n, D, H, W, C)`` — and weights ``(*kernel, Cin / groups, Cout)``;
+- ``"nchw"`` (channels first, PyTorch/ONNX order): x ``(n, Cin, *spatial)`` and weights
+  ``(Cout, Cin / groups, *kernel)``.
+
+The rank comes from x; ``nlc``/``ndhwc`` and ``ncl``/``ncdhw`` are accepted as names of the
+same two layouts. Inside, the engines work channels last: :class:`Geometry` holds the
+channels-last view.
 
 The output size along each spatial axis is computed in exactly one place,
 :func:`output_size`::
 
     Ho = floor((H + top + bottom - dilation_h * (kh - 1) - 1) / stride_h) + 1
 
-and likewise ``Wo`` with ``left``, ``right``, ``dilation_w``, ``kw`` and ``stride_w``.
+and likewise for every other spatial axis.
 """
 
 from __future__ import annotations
@@ -18,8 +27,19 @@ from dataclasses import dataclass
 
 from convcli.errors import HyperparameterError, ShapeError
 
-SPATIAL_DIMS = 2
-AXIS_NAMES = ("h", "w")
+MAX_SPATIAL_DIMS = 3
+AXIS_NAMES = {1: ("l",), 2: ("h", "w"), 3: ("d", "h", "w")}
+LAYOUTS = {
+    "nhwc": "nhwc",
+    "nlc": "nhwc",
+    "ndhwc": "nhwc",
+    "channels_last": "nhwc",
+    "nchw": "nchw",
+    "ncl": "nchw",
+    "ncdhw": "nchw",
+    "channels_first": "nchw",
+}
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 PaddingLike = int | str | tuple | list
 
@@ -35,27 +55,25 @@ def _is_int(value) -> bool:
 
 def _plain(value):
     """NumPy arrays and scalars as Python lists and numbers."""
-    return (
-        value.tolist()
-        if hasattr(value, "tolist") and not isinstance(value, (str, bytes))
-        else value
-    )
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return value.tolist()
+    return value
 
 
-def _per_axis(name: str, value, minimum: int) -> tuple[int, ...]:
-    """Normalise an int or a per-axis sequence of ints to a tuple of SPATIAL_DIMS ints."""
+def _ints(name: str, value, minimum: int) -> tuple[int, ...]:
+    """An int (for every axis) or a sequence of per-axis ints, as a tuple."""
     value = _plain(value)
     if _is_int(value):
-        values = (int(value),) * SPATIAL_DIMS
+        values = (int(value),)
     elif (
         isinstance(value, (tuple, list))
-        and len(value) == SPATIAL_DIMS
+        and 1 <= len(value) <= MAX_SPATIAL_DIMS
         and all(_is_int(v) for v in value)
     ):
         values = tuple(int(v) for v in value)
     else:
         raise HyperparameterError(
-            f"{name} must be an int or {SPATIAL_DIMS} ints (h, w), got {value!r}"
+            f"{name} must be an int or one int per spatial axis, got {value!r}"
         )
     if any(v < minimum for v in values):
         raise HyperparameterError(f"{name} must be >= {minimum}, got {_show(values)}")
@@ -67,122 +85,218 @@ def _show(values: tuple) -> str:
 
 
 def _normalise_padding(padding: PaddingLike):
-    """Return "same", or a tuple of (before, after) pairs, one per spatial axis."""
+    """``"same"``, a tuple of ints (one for all axes, one per axis, or before/after pairs
+    flattened), or a tuple of (before, after) pairs."""
     padding = _plain(padding)
     if isinstance(padding, str):
         mode = padding.lower()
         if mode == "valid":
-            return ((0, 0),) * SPATIAL_DIMS
+            return (0,)
         if mode == "same":
             return "same"
         raise HyperparameterError(f"padding must be 'same', 'valid' or ints, got {padding!r}")
     if _is_int(padding):
-        pairs = ((int(padding), int(padding)),) * SPATIAL_DIMS
-    elif isinstance(padding, (tuple, list)) and len(padding) == SPATIAL_DIMS:
+        values = (int(padding),)
+    elif isinstance(padding, (tuple, list)) and padding and all(_is_int(v) for v in padding):
+        if len(padding) > 2 * MAX_SPATIAL_DIMS:
+            raise HyperparameterError(_padding_form_message(padding))
+        values = tuple(int(v) for v in padding)
+    elif (
+        isinstance(padding, (tuple, list))
+        and 1 <= len(padding) <= MAX_SPATIAL_DIMS
+        and all(
+            _is_int(item) or (isinstance(item, (tuple, list)) and len(item) == 2)
+            for item in padding
+        )
+    ):
         pairs = []
         for item in padding:
-            if _is_int(item):
-                pairs.append((int(item), int(item)))
-            elif (
-                isinstance(item, (tuple, list)) and len(item) == 2 and all(_is_int(v) for v in item)
-            ):
-                pairs.append((int(item[0]), int(item[1])))
-            else:
+            pair = (item, item) if _is_int(item) else tuple(item)
+            if not all(_is_int(v) for v in pair):
                 raise HyperparameterError(_padding_form_message(padding))
-        pairs = tuple(pairs)
+            pairs.append((int(pair[0]), int(pair[1])))
+        if any(v < 0 for pair in pairs for v in pair):
+            raise HyperparameterError(f"padding must be >= 0, got {tuple(pairs)}")
+        return tuple(pairs)
     else:
         raise HyperparameterError(_padding_form_message(padding))
-    if any(v < 0 for pair in pairs for v in pair):
-        raise HyperparameterError(f"padding must be >= 0, got {pairs}")
-    return pairs
+    if any(v < 0 for v in values):
+        raise HyperparameterError(f"padding must be >= 0, got {_show(values)}")
+    return values
 
 
 def _padding_form_message(padding) -> str:
     return (
-        "padding must be an int, (ph, pw), ((top, bottom), (left, right)), 'same' or 'valid', "
-        f"got {padding!r}"
+        "padding must be an int, one int per axis, ((before, after), ...) per axis, "
+        f"'same' or 'valid', got {padding!r}"
+    )
+
+
+def _for_rank(name: str, values: tuple, rank: int) -> tuple:
+    """One value for every axis, or exactly one per axis."""
+    if len(values) == 1:
+        return values * rank
+    if len(values) == rank:
+        return values
+    raise HyperparameterError(
+        f"{name} has {len(values)} values but x has {rank} spatial "
+        f"{'axis' if rank == 1 else 'axes'} {AXIS_NAMES[rank]}"
     )
 
 
 @dataclass(frozen=True)
 class ConvSpec:
-    """Hyperparameters of a 2-D convolution.
+    """Hyperparameters of a convolution with 1 to 3 spatial axes.
 
     Parameters
     ----------
-    stride : int or (int, int)
-        Step between output pixels, per axis (h, w). At least 1.
-    padding : int, (ph, pw), ((top, bottom), (left, right)), "valid" or "same"
-        Zero padding. ``"same"`` gives ``ceil(in / stride)`` outputs per axis with any odd
-        extra pixel at the bottom/right (TensorFlow ``SAME``, ONNX ``SAME_UPPER``).
-    dilation : int or (int, int)
+    stride : int or one int per spatial axis
+        Step between outputs. At least 1.
+    padding : int, per-axis ints, ((before, after), ...), flat before/after ints, "valid" or "same"
+        Padding per axis; for 2-D, ``(ph, pw)`` or ``((top, bottom), (left, right))`` or
+        ``(top, bottom, left, right)``. ``"same"`` gives ``ceil(in / stride)`` outputs per
+        axis with any odd extra pixel at the end (TensorFlow ``SAME``, ONNX ``SAME_UPPER``).
+    dilation : int or one int per spatial axis
         Spacing between kernel taps, PyTorch convention (1 = no dilation).
     groups : int
         Channel groups; Cin and Cout must both be divisible by it (depthwise: groups == Cin).
+    padding_mode : "zeros", "reflect", "replicate" or "circular"
+        What the padding holds (PyTorch's names and semantics).
+    layout : "nhwc" (channels last) or "nchw" (channels first)
+        See the module docstring; ``nlc``, ``ndhwc``, ``ncl``, ``ncdhw`` are aliases.
 
-    Values are normalised on construction: ``stride`` and ``dilation`` become tuples of two
-    ints, ``padding`` becomes ``"same"`` or ``((top, bottom), (left, right))``.
+    Values are validated on construction and resolved per axis when the spec meets tensors
+    (:meth:`geometry`), since the rank comes from x.
     """
 
     stride: tuple = 1
     padding: PaddingLike = 0
     dilation: tuple = 1
     groups: int = 1
+    padding_mode: str = "zeros"
+    layout: str = "nhwc"
 
     def __post_init__(self):
-        object.__setattr__(self, "stride", _per_axis("stride", self.stride, 1))
-        object.__setattr__(self, "dilation", _per_axis("dilation", self.dilation, 1))
+        object.__setattr__(self, "stride", _ints("stride", self.stride, 1))
+        object.__setattr__(self, "dilation", _ints("dilation", self.dilation, 1))
         object.__setattr__(self, "padding", _normalise_padding(self.padding))
         if not _is_int(self.groups) or self.groups < 1:
             raise HyperparameterError(f"groups must be an int >= 1, got {self.groups!r}")
         object.__setattr__(self, "groups", int(self.groups))
+        mode = str(self.padding_mode).lower()
+        if mode not in PADDING_MODES:
+            raise HyperparameterError(
+                f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {self.padding_mode!r}"
+            )
+        object.__setattr__(self, "padding_mode", mode)
+        layout = LAYOUTS.get(str(self.layout).lower())
+        if layout is None:
+            raise HyperparameterError(
+                f"layout must be nhwc (channels last) or nchw (channels first), got {self.layout!r}"
+            )
+        object.__setattr__(self, "layout", layout)
+
+    @property
+    def channels_first(self) -> bool:
+        return self.layout == "nchw"
+
+    def per_axis(self, rank: int) -> tuple[tuple, tuple]:
+        """(stride, dilation) with one value per spatial axis."""
+        return _for_rank("stride", self.stride, rank), _for_rank("dilation", self.dilation, rank)
+
+    def explicit_padding(self, rank: int) -> tuple[tuple[int, int], ...] | str:
+        """``"same"``, or ((before, after), ...) per axis, without input sizes."""
+        padding = self.padding
+        if padding == "same":
+            return "same"
+        if isinstance(padding[0], tuple):
+            return _for_rank("padding", padding, rank)
+        if len(padding) == 1:
+            return ((padding[0], padding[0]),) * rank
+        if len(padding) == rank:
+            return tuple((p, p) for p in padding)
+        if len(padding) == 2 * rank:
+            return tuple((padding[2 * a], padding[2 * a + 1]) for a in range(rank))
+        raise HyperparameterError(
+            f"padding has {len(padding)} values; x has {rank} spatial axes, so give 1, {rank} "
+            f"or {2 * rank} (before and after per axis)"
+        )
 
     def resolve_padding(self, in_sizes, kernel) -> tuple[tuple[int, int], ...]:
-        """Explicit ``((top, bottom), (left, right))`` padding for these input and kernel sizes."""
-        if self.padding != "same":
-            return self.padding
+        """Explicit ((before, after), ...) padding for these input and kernel sizes."""
+        rank = len(in_sizes)
+        padding = self.explicit_padding(rank)
+        if padding != "same":
+            return padding
+        stride, dilation = self.per_axis(rank)
         pairs = []
-        for size, k, s, d in zip(in_sizes, kernel, self.stride, self.dilation, strict=True):
+        for size, k, s, d in zip(in_sizes, kernel, stride, dilation, strict=True):
             out = math.ceil(size / s)
             total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
             pairs.append((total // 2, total - total // 2))
         return tuple(pairs)
 
+    def to_channels_last(self, x_shape, w_shape) -> tuple[tuple, tuple]:
+        """Shapes of x and w in the engine's channels-last order."""
+        x_shape, w_shape = tuple(int(v) for v in x_shape), tuple(int(v) for v in w_shape)
+        if not self.channels_first:
+            return x_shape, w_shape
+        if len(x_shape) < 3 or len(w_shape) < 3:
+            return x_shape, w_shape  # the rank check below reports it
+        return (
+            (x_shape[0], *x_shape[2:], x_shape[1]),
+            (*w_shape[2:], w_shape[1], w_shape[0]),
+        )
+
     def geometry(self, x_shape, w_shape) -> Geometry:
-        """Check that x (n, H, W, Cin) and w (kh, kw, Cin/groups, Cout) fit this spec.
+        """Check that x and w fit this spec (in its layout) and resolve every size.
 
         Raises
         ------
         ShapeError
             If the ranks or channel counts do not match.
         HyperparameterError
-            If groups does not divide the channels or the kernel is larger than the padded input.
+            If a per-axis value has the wrong length, groups does not divide the channels,
+            a padding mode cannot pad that much, or the kernel is larger than the padded input.
         """
-        if len(x_shape) != SPATIAL_DIMS + 2:
-            raise ShapeError(f"x must be 4-D (n, H, W, Cin), got shape {tuple(x_shape)}")
-        if len(w_shape) != SPATIAL_DIMS + 2:
+        x_shape, w_shape = self.to_channels_last(x_shape, w_shape)
+        rank = len(x_shape) - 2
+        x_form = "(n, Cin, *spatial)" if self.channels_first else "(n, *spatial, Cin)"
+        w_form = (
+            "(Cout, Cin/groups, *kernel)" if self.channels_first else "(*kernel, Cin/groups, Cout)"
+        )
+        if not 1 <= rank <= MAX_SPATIAL_DIMS:
             raise ShapeError(
-                f"w must be 4-D (kh, kw, Cin/groups, Cout), got shape {tuple(w_shape)}"
+                f"x must be {x_form} with 1 to {MAX_SPATIAL_DIMS} spatial axes, "
+                f"got {len(x_shape)}-D shape {self._user(x_shape, 'x')}"
             )
-        if 0 in tuple(x_shape):
-            raise ShapeError(f"x has an empty dimension: shape {tuple(x_shape)}")
-        n, *in_sizes, cin = (int(v) for v in x_shape)
-        *kernel, cin_per_group, cout = (int(v) for v in w_shape)
+        if len(w_shape) != rank + 2:
+            raise ShapeError(
+                f"w must be {w_form} with {rank} kernel axes like x, got shape "
+                f"{self._user(w_shape, 'w')}"
+            )
+        if 0 in x_shape:
+            raise ShapeError(f"x has an empty dimension: shape {self._user(x_shape, 'x')}")
+        n, *in_sizes, cin = x_shape
+        *kernel, cin_per_group, cout = w_shape
         g = self.groups
         if cin % g or cout % g:
             raise HyperparameterError(f"groups={g} must divide both Cin={cin} and Cout={cout}")
         if cin_per_group * g != cin:
             raise ShapeError(
-                f"Cin of x is {cin} but w {tuple(w_shape)} expects Cin/groups = {cin_per_group}"
-                f" (groups={g}, so Cin = {cin_per_group * g})"
+                f"Cin of x is {cin} but w {self._user(w_shape, 'w')} expects Cin/groups = "
+                f"{cin_per_group} (groups={g}, so Cin = {cin_per_group * g})"
             )
         if min(kernel) < 1 or cout < 1:
-            raise ShapeError(f"w has an empty dimension: shape {tuple(w_shape)}")
+            raise ShapeError(f"w has an empty dimension: shape {self._user(w_shape, 'w')}")
+        stride, dilation = self.per_axis(rank)
         pads = self.resolve_padding(in_sizes, kernel)
+        names = AXIS_NAMES[rank]
         out_sizes = []
         for axis, size, k, s, d, (lo, hi) in zip(
-            AXIS_NAMES, in_sizes, kernel, self.stride, self.dilation, pads, strict=True
+            names, in_sizes, kernel, stride, dilation, pads, strict=True
         ):
+            self._check_mode_fits(axis, size, lo, hi)
             span = d * (k - 1) + 1
             if span > size + lo + hi:
                 raise HyperparameterError(
@@ -197,16 +311,39 @@ class ConvSpec:
             kernel=tuple(kernel),
             cout=cout,
             groups=g,
-            stride=self.stride,
-            dilation=self.dilation,
+            stride=stride,
+            dilation=dilation,
             pads=pads,
             out_sizes=tuple(out_sizes),
+            padding_mode=self.padding_mode,
+            layout=self.layout,
         )
+
+    def _check_mode_fits(self, axis: str, size: int, lo: int, hi: int) -> None:
+        """PyTorch's limits: reflect needs pad < size, circular pad <= size."""
+        if self.padding_mode == "reflect" and max(lo, hi) >= size:
+            raise HyperparameterError(
+                f"reflect padding along {axis} must be smaller than the input ({size}), "
+                f"got {max(lo, hi)}"
+            )
+        if self.padding_mode == "circular" and max(lo, hi) > size:
+            raise HyperparameterError(
+                f"circular padding along {axis} can be at most the input size ({size}), "
+                f"got {max(lo, hi)}"
+            )
+
+    def _user(self, shape_cl: tuple, which: str) -> tuple:
+        """A channels-last shape shown in this spec's layout."""
+        if not self.channels_first or len(shape_cl) < 3:
+            return shape_cl
+        if which == "x":
+            return (shape_cl[0], shape_cl[-1], *shape_cl[1:-1])
+        return (shape_cl[-1], shape_cl[-2], *shape_cl[:-2])
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """Everything about one convolution's shapes, resolved and checked."""
+    """Everything about one convolution's shapes, resolved and checked (channels last)."""
 
     n: int
     in_sizes: tuple[int, ...]
@@ -218,11 +355,24 @@ class Geometry:
     dilation: tuple[int, ...]
     pads: tuple[tuple[int, int], ...]
     out_sizes: tuple[int, ...]
+    padding_mode: str = "zeros"
+    layout: str = "nhwc"
+
+    @property
+    def rank(self) -> int:
+        return len(self.in_sizes)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        """Shape of z: (n, Ho, Wo, Cout)."""
+        """Shape of z channels last: (n, *out, Cout)."""
         return (self.n, *self.out_sizes, self.cout)
+
+    @property
+    def user_out_shape(self) -> tuple[int, ...]:
+        """Shape of z in the caller's layout."""
+        if self.layout == "nchw":
+            return (self.n, self.cout, *self.out_sizes)
+        return self.out_shape
 
     def hparams(self) -> dict:
         """Resolved hyperparameters as plain JSON-ready values."""
@@ -231,4 +381,29 @@ class Geometry:
             "padding": [list(p) for p in self.pads],
             "dilation": list(self.dilation),
             "groups": self.groups,
+            "padding_mode": self.padding_mode,
+            "layout": self.layout,
         }
+
+
+def padding_source(positions, size: int, mode: str):
+    """Input index each (possibly padded) position reads, along one axis.
+
+    ``positions`` are input coordinates, negative or ``>= size`` inside the padding.
+    zeros: -1 there (the value is 0); reflect: mirrored without repeating the edge;
+    replicate: the nearest edge; circular: wrapped around — PyTorch's padding modes.
+    """
+    import numpy as np
+
+    positions = np.asarray(positions)
+    if mode == "zeros":
+        return np.where((positions >= 0) & (positions < size), positions, -1)
+    if mode == "replicate":
+        return np.clip(positions, 0, size - 1)
+    if mode == "circular":
+        return np.mod(positions, size)
+    if size == 1:
+        return np.zeros_like(positions)
+    period = 2 * (size - 1)
+    folded = np.mod(positions, period)
+    return np.where(folded < size, folded, period - folded)

@@ -49,6 +49,8 @@ HPARAM_ALIASES = {
     "padding": ("pad", "padding"),
     "dilation": ("dilation",),
     "groups": ("groups",),
+    "padding_mode": ("padding_mode",),
+    "layout": ("layout",),
 }
 
 NPY_MAGIC = b"\x93NUMPY"

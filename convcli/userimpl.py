@@ -325,20 +325,26 @@ def impl_config(shape, kernel, cout: int, spec: ConvSpec) -> Config:
     """
     from convcli.errors import UsageError
 
-    stride = set(spec.stride)
-    pads = {v for pair in spec.padding for v in pair} if spec.padding != "same" else {None}
+    if len(shape) != 4:
+        raise UsageError("--impl checks 2-D layers: give --shape N,H,W,CIN")
     if len(kernel) == 2 and kernel[0] != kernel[1]:
         raise UsageError("--impl checks square kernels (f, f, Cin, Cout): give --kernel F")
+    stride_axes, dilation_axes = spec.per_axis(2)
+    stride = set(stride_axes)
+    padding = spec.explicit_padding(2)
+    pads = {v for pair in padding for v in pair} if padding != "same" else {None}
     if (
         len(stride) != 1
         or len(pads) != 1
         or None in pads
-        or spec.dilation != (1, 1)
+        or set(dilation_axes) != {1}
         or spec.groups != 1
+        or spec.padding_mode != "zeros"
+        or spec.layout != "nhwc"
     ):
         raise UsageError(
             "--impl checks the exercise's hparameters {'stride': s, 'pad': p}: give one integer "
-            "--stride and --pad, and no --dilation or --groups"
+            "--stride and --pad, and no --dilation, --groups, --padding-mode or --layout"
         )
     n, h, w, cin = shape
     config = Config(

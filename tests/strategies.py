@@ -50,3 +50,48 @@ def conv_cases(draw, dtypes=(np.float64, np.float32), max_size=7):
     if bias_form == "4d":
         b = b.reshape(1, 1, 1, cout)
     return x, w, b, spec
+
+
+@st.composite
+def nd_conv_cases(draw, dtypes=(np.float64, np.float32), ranks=(1, 2, 3)):
+    """(x, w, b, spec) of any rank, layout and padding mode; arrays in the spec's layout."""
+    rank = draw(st.sampled_from(ranks))
+    max_size = {1: 9, 2: 6, 3: 4}[rank]
+    groups = draw(st.integers(1, 2))
+    cin, cout = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    n = draw(st.integers(1, 2))
+    sizes = [draw(st.integers(1, max_size)) for _ in range(rank)]
+    kernel = [draw(st.integers(1, 3)) for _ in range(rank)]
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    layout = draw(st.sampled_from(["nhwc", "nchw"]))
+    padding = draw(
+        st.one_of(
+            st.integers(0, 2),
+            st.lists(st.integers(0, 2), min_size=rank, max_size=rank).map(tuple),
+            st.lists(st.integers(0, 2), min_size=2 * rank, max_size=2 * rank).map(tuple),
+            st.sampled_from(["same", "valid"]),
+        )
+    )
+    spec = ConvSpec(
+        stride=tuple(draw(st.integers(1, 2)) for _ in range(rank)),
+        padding=padding,
+        dilation=tuple(draw(st.integers(1, 2)) for _ in range(rank)),
+        groups=groups,
+        padding_mode=mode,
+        layout=layout,
+    )
+    x_shape = (n, *sizes, cin)
+    w_shape = (*kernel, cin // groups, cout)
+    if layout == "nchw":
+        x_shape = (n, cin, *sizes)
+        w_shape = (cout, cin // groups, *kernel)
+    try:
+        spec.geometry(x_shape, w_shape)
+    except HyperparameterError:
+        assume(False)
+    dtype = draw(st.sampled_from(dtypes))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype) if draw(st.booleans()) else None
+    return x, w, b, spec

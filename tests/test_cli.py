@@ -46,6 +46,8 @@ def test_forward_golden_values_json():
         "padding": [[2, 2], [2, 2]],
         "dilation": [1, 1],
         "groups": 1,
+        "padding_mode": "zeros",
+        "layout": "nhwc",
     }
     z = doc["tensors"]["z"]
     assert z["role"] == "output"

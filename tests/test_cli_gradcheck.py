@@ -32,6 +32,8 @@ def test_sample_file_passes_exhaustively_with_json():
         "stride": [2, 2],
         "dilation": [1, 1],
         "groups": 1,
+        "padding_mode": "zeros",
+        "layout": "nhwc",
         "pad": [[2, 2], [2, 2]],
     }
     assert entry["error"] is None

@@ -126,6 +126,8 @@ def test_inspect_lists_tensors_roles_and_hyperparameters_without_reading_data(
         "padding": [[2, 2], [2, 2]],
         "dilation": [1, 1],
         "groups": 1,
+        "padding_mode": "zeros",
+        "layout": "nhwc",
     }
     assert doc["roles"]["dz"] is None
     table = invoke("inspect", SAMPLE_H5)

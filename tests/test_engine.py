@@ -16,7 +16,7 @@ from convcli import (
     conv_forward,
     conv_forward_reference,
 )
-from tests.strategies import conv_cases
+from tests.strategies import conv_cases, nd_conv_cases
 
 ENGINES = [
     pytest.param((conv_forward, conv_backward), id="fast"),
@@ -182,7 +182,8 @@ def test_other_dtypes_refused(dtype):
         ),
         ({"padding": "full"}, (1, 4, 4, 1), (2, 2, 1, 1), HyperparameterError, "'full'"),
         ({"stride": 1.5}, (1, 4, 4, 1), (2, 2, 1, 1), HyperparameterError, "1.5"),
-        ({}, (4, 4, 1), (2, 2, 1, 1), ShapeError, "x must be 4-D"),
+        ({}, (4, 4, 1), (2, 2, 1, 1), ShapeError, "w must be .* with 1 kernel axes like x"),
+        ({}, (1, 2, 3, 4, 5, 6), (1, 1, 1, 1, 6, 1), ShapeError, "1 to 3 spatial axes"),
     ],
 )
 def test_bad_hyperparameters_raise_typed_errors(kwargs, x_shape, w_shape, error, match):
@@ -265,3 +266,114 @@ def test_summary_statistics_streamed_equal_in_memory():
         assert streamed[key] == pytest.approx(whole[key], rel=1e-12)
     assert (streamed["min"], streamed["max"]) == (whole["min"], whole["max"])
     assert whole["shape"] == [37, 5, 4]
+
+
+@given(
+    case=nd_conv_cases(),
+    workspace=st.sampled_from([1, 256 * 2**20]),
+    threads=st.sampled_from([None, 1, 3]),
+)
+def test_every_rank_layout_and_padding_mode_matches_reference(case, workspace, threads):
+    x, w, b, spec = case
+    z, cache = conv_forward(x, w, b, spec, workspace=workspace, threads=threads)
+    z_ref, cache_ref = conv_forward_reference(x, w, b, spec)
+    assert z.shape == z_ref.shape == cache.geometry.user_out_shape
+    assert z.dtype == x.dtype
+    np.testing.assert_allclose(z, z_ref, **_tolerance(x.dtype))
+    dz = np.random.default_rng(0).standard_normal(z.shape).astype(x.dtype)
+    for got, want, given_ in zip(
+        conv_backward(dz, cache), conv_backward_reference(dz, cache_ref), (x, w, b), strict=True
+    ):
+        if given_ is None:
+            assert got is None
+            continue
+        assert got.shape == want.shape == given_.shape
+        np.testing.assert_allclose(got, want, **_tolerance(x.dtype))
+
+
+@given(case=nd_conv_cases(dtypes=(np.float64,)))
+def test_channels_first_equals_converting_yourself(case):
+    x, w, b, spec = case
+    if spec.layout != "nchw":
+        spec = ConvSpec(**{**_fields(spec), "layout": "nchw"})
+        x, w = np.moveaxis(x, -1, 1), np.moveaxis(w, (-1, -2), (0, 1))
+    last = ConvSpec(**{**_fields(spec), "layout": "nhwc"})
+    z_first, cache_first = conv_forward(x, w, b, spec)
+    z_last, cache_last = conv_forward(
+        np.moveaxis(x, 1, -1), np.moveaxis(w, (0, 1), (-1, -2)), b, last
+    )
+    np.testing.assert_allclose(z_first, np.moveaxis(z_last, -1, 1), rtol=1e-12, atol=1e-12)
+    dz = np.random.default_rng(1).standard_normal(z_first.shape)
+    dx_f, dw_f, _ = conv_backward(dz, cache_first)
+    dx_l, dw_l, _ = conv_backward(np.moveaxis(dz, 1, -1), cache_last)
+    np.testing.assert_allclose(dx_f, np.moveaxis(dx_l, -1, 1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw_f, np.moveaxis(dw_l, (-1, -2), (0, 1)), rtol=1e-12, atol=1e-12)
+
+
+def _fields(spec):
+    return {
+        "stride": spec.stride,
+        "padding": spec.padding,
+        "dilation": spec.dilation,
+        "groups": spec.groups,
+        "padding_mode": spec.padding_mode,
+    }
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        # x = [1, 2, 3], kernel [1, 1, 1], pad 2 on both sides: sums of 3 padded neighbours
+        ("zeros", [1, 3, 6, 5, 3]),
+        ("reflect", [6, 5, 6, 7, 6]),  # padded: 3 2 | 1 2 3 | 2 1
+        ("replicate", [3, 4, 6, 8, 9]),  # padded: 1 1 | 1 2 3 | 3 3
+        ("circular", [6, 6, 6, 6, 6]),  # padded: 2 3 | 1 2 3 | 1 2
+    ],
+)
+def test_padding_modes_known_values_1d(mode, expected):
+    x = np.array([1.0, 2.0, 3.0]).reshape(1, 3, 1)
+    w = np.ones((3, 1, 1))
+    spec = ConvSpec(padding=2, padding_mode=mode)
+    z, cache = conv_forward(x, w, None, spec)
+    np.testing.assert_array_equal(z.reshape(-1), expected)
+    z_ref, _ = conv_forward_reference(x, w, None, spec)
+    np.testing.assert_array_equal(z_ref.reshape(-1), expected)
+    # backward with dz = 1 everywhere counts how often each input is read
+    dx, _, _ = conv_backward(np.ones_like(z), cache)
+    reads = {
+        "zeros": [3, 3, 3],
+        "reflect": [4, 7, 4],
+        "replicate": [6, 3, 6],
+        "circular": [5, 5, 5],
+    }
+    np.testing.assert_array_equal(dx.reshape(-1), reads[mode])
+
+
+def test_padding_modes_known_values_2d_replicate_corner():
+    x = np.arange(4.0).reshape(1, 2, 2, 1)  # [[0, 1], [2, 3]]
+    z, _ = conv_forward(
+        x, np.ones((1, 1, 1, 1)), None, ConvSpec(padding=1, padding_mode="replicate")
+    )
+    # 1x1 kernel, stride 1: z is the padded input itself
+    np.testing.assert_array_equal(
+        z[0, :, :, 0], [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shape", "match"),
+    [
+        (
+            {"padding": 3, "padding_mode": "reflect"},
+            (1, 3, 1),
+            "reflect padding along l must be smaller",
+        ),
+        ({"padding": 4, "padding_mode": "circular"}, (1, 3, 1), "circular padding along l"),
+        ({"stride": (1, 2)}, (1, 5, 1), "stride has 2 values but x has 1 spatial axis"),
+        ({"padding": (1, 2, 3)}, (1, 5, 5, 1), "padding has 3 values"),
+    ],
+)
+def test_mode_and_rank_errors(kwargs, shape, match):
+    w = np.ones((*([1] * (len(shape) - 2)), 1, 1))
+    with pytest.raises(HyperparameterError, match=match):
+        conv_forward(np.ones(shape), w, None, ConvSpec(**kwargs))
