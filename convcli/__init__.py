@@ -1,53 +1,56 @@
-"""convcli: run and check 2-D convolution layers.
+"""convcli: run and check convolution layers (1 to 3 spatial axes, channels last or first).
 
-Layout: activations NHWC ``(n, H, W, C)``, weights HWIO ``(kh, kw, Cin / groups, Cout)``.
+Layout by default: activations NHWC ``(n, H, W, C)``, weights HWIO ``(kh, kw, Cin / groups,
+Cout)``; ``ConvSpec(layout="nchw")`` takes PyTorch's NCHW / OIHW.
 
 >>> from convcli import ConvSpec, conv_forward, conv_backward
 >>> z, cache = conv_forward(x, w, b, ConvSpec(stride=2, padding=2))   # doctest: +SKIP
 >>> dx, dw, db = conv_backward(dz, cache)                             # doctest: +SKIP
+
+Names are imported on first use (so ``convcli --version`` and Ctrl-C during start-up stay
+cheap and clean).
 """
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-
-from convcli.engine import DEFAULT_WORKSPACE, conv_backward, conv_forward
-from convcli.errors import (
-    ConvcliError,
-    ConvcliNotice,
-    DataError,
-    DtypeError,
-    HyperparameterError,
-    InputFileError,
-    OutputError,
-    ShapeError,
-    UsageError,
-)
-from convcli.operands import ConvCache
-from convcli.reference import conv_backward_reference, conv_forward_reference
-from convcli.spec import ConvSpec, Geometry, output_size
 
 try:
     __version__ = version("convcli")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-__all__ = [
-    "DEFAULT_WORKSPACE",
-    "ConvCache",
-    "ConvSpec",
-    "ConvcliError",
-    "ConvcliNotice",
-    "DataError",
-    "DtypeError",
-    "Geometry",
-    "HyperparameterError",
-    "InputFileError",
-    "OutputError",
-    "ShapeError",
-    "UsageError",
-    "__version__",
-    "conv_backward",
-    "conv_backward_reference",
-    "conv_forward",
-    "conv_forward_reference",
-    "output_size",
-]
+_EXPORTS = {
+    "DEFAULT_WORKSPACE": "convcli.engine",
+    "conv_backward": "convcli.engine",
+    "conv_forward": "convcli.engine",
+    "ConvcliError": "convcli.errors",
+    "ConvcliNotice": "convcli.errors",
+    "DataError": "convcli.errors",
+    "DtypeError": "convcli.errors",
+    "HyperparameterError": "convcli.errors",
+    "InputFileError": "convcli.errors",
+    "OutputError": "convcli.errors",
+    "ShapeError": "convcli.errors",
+    "UsageError": "convcli.errors",
+    "ConvCache": "convcli.operands",
+    "conv_backward_reference": "convcli.reference",
+    "conv_forward_reference": "convcli.reference",
+    "ConvSpec": "convcli.spec",
+    "Geometry": "convcli.spec",
+    "output_size": "convcli.spec",
+    "gradcheck": "convcli.gradcheck",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'convcli' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

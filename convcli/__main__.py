@@ -1,3 +1,3 @@
-from convcli.cli import main
+from convcli.entry import main
 
 main()

@@ -148,29 +148,38 @@ Data = Annotated[
     ),
 ]
 XRef = Annotated[
-    str | None, typer.Option("--x", metavar="REF", help="x (n,H,W,Cin) as FILE or FILE:KEY.")
+    str | None,
+    typer.Option(
+        "--x", metavar="REF", help="x (n,*spatial,Cin; nchw: n,Cin,*spatial) as FILE[:KEY]."
+    ),
 ]
 WRef = Annotated[
     str | None,
-    typer.Option("--w", metavar="REF", help="w (kh,kw,Cin/groups,Cout) as FILE or FILE:KEY."),
+    typer.Option(
+        "--w", metavar="REF", help="w (*kernel,Cin/g,Cout; nchw: Cout,Cin/g,*kernel) as FILE[:KEY]."
+    ),
 ]
 BRef = Annotated[
     str | None, typer.Option("--b", metavar="REF", help="b (Cout,) or (1,1,1,Cout) as FILE[:KEY].")
 ]
 Stride = Annotated[
-    str | None, typer.Option("--stride", metavar="S", help="N or H,W. Default: file, else 1.")
+    str | None,
+    typer.Option("--stride", metavar="S", help="N, or one per axis (H,W). Default: file, else 1."),
 ]
 Pad = Annotated[
     str | None,
     typer.Option(
         "--pad",
         metavar="P",
-        help="N, H,W, TOP,BOTTOM,LEFT,RIGHT, same or valid. Default: file, else 0.",
+        help="N; one per axis (H,W); before,after per axis (TOP,BOTTOM,LEFT,RIGHT); same; "
+        "valid. Default: file, else 0.",
     ),
 ]
 Dilation = Annotated[
     str | None,
-    typer.Option("--dilation", metavar="D", help="N or H,W (1 = none). Default: file, else 1."),
+    typer.Option(
+        "--dilation", metavar="D", help="N, or one per axis (1 = none). Default: file, else 1."
+    ),
 ]
 Groups = Annotated[
     str | None, typer.Option("--groups", metavar="G", help="Channel groups. Default: file, else 1.")
@@ -178,6 +187,23 @@ Groups = Annotated[
 EngineName = Enum("EngineName", {name: name for name in ENGINES}, type=str)
 UpstreamName = Enum("UpstreamName", {name: name for name in UPSTREAMS}, type=str)
 ModeName = Enum("ModeName", {name: name for name in MODES}, type=str)
+PaddingMode = Annotated[
+    str | None,
+    typer.Option(
+        "--padding-mode",
+        metavar="MODE",
+        help="zeros, reflect, replicate or circular (PyTorch's). Default: file, else zeros.",
+    ),
+]
+Layout = Annotated[
+    str | None,
+    typer.Option(
+        "--layout",
+        metavar="L",
+        help="nhwc (channels last, weights HWIO) or nchw (channels first, weights OIHW); "
+        "any rank. Default: file, else nhwc.",
+    ),
+]
 Engine = Annotated[
     EngineName, typer.Option("--engine", help="fast (vectorized) or reference (plain loops).")
 ]
@@ -311,6 +337,8 @@ def forward(
     pad: Pad = None,
     dilation: Dilation = None,
     groups: Groups = None,
+    padding_mode: PaddingMode = None,
+    layout: Layout = None,
     engine: Engine = EngineName.fast,
     slice_: Slices = None,
     heatmap: Heatmaps = None,
@@ -341,6 +369,8 @@ def forward(
         padding=pad,
         dilation=dilation,
         groups=groups,
+        padding_mode=padding_mode,
+        layout=layout,
     )
     _check_slices("forward", loaded, spec, out, slices, pictures)
     with _blas_threads(threads), _progress(as_json, "chunks") as progress:
@@ -382,6 +412,8 @@ def backward(
     pad: Pad = None,
     dilation: Dilation = None,
     groups: Groups = None,
+    padding_mode: PaddingMode = None,
+    layout: Layout = None,
     engine: Engine = EngineName.fast,
     slice_: Slices = None,
     heatmap: Heatmaps = None,
@@ -412,6 +444,8 @@ def backward(
         padding=pad,
         dilation=dilation,
         groups=groups,
+        padding_mode=padding_mode,
+        layout=layout,
     )
     _check_slices("backward", loaded, spec, out, slices, pictures)
     with _blas_threads(threads), _progress(as_json, "chunks") as progress:
@@ -459,10 +493,17 @@ def gradcheck(
     ] = None,
     shape: Annotated[
         str | None,
-        typer.Option("--shape", metavar="N,H,W,CIN", help="Check random inputs of this shape."),
+        typer.Option(
+            "--shape",
+            metavar="N,H,W,CIN",
+            help="Random x of this shape (N,*spatial,CIN; 1-3 axes).",
+        ),
     ] = None,
     kernel: Annotated[
-        str | None, typer.Option("--kernel", metavar="KH[,KW]", help="Kernel size with --shape.")
+        str | None,
+        typer.Option(
+            "--kernel", metavar="K[,K..]", help="Kernel size (or one per axis), with --shape."
+        ),
     ] = None,
     cout: Annotated[
         int | None,
@@ -513,6 +554,8 @@ def gradcheck(
     pad: Pad = None,
     dilation: Dilation = None,
     groups: Groups = None,
+    padding_mode: PaddingMode = None,
+    layout: Layout = None,
     as_json: Json = False,
     max_memory: MaxMemory = "auto",
     threads: Threads = None,
@@ -524,9 +567,16 @@ def gradcheck(
     if not eps > 0:
         raise UsageError(f"--eps {eps}: must be > 0")
     tolerance = Tolerance(eps=eps, rtol=rtol, atol=atol)
-    flags = {"stride": stride, "padding": pad, "dilation": dilation, "groups": groups}
-    shape_ = _int_list("--shape", shape, (4,))
-    kernel_ = _int_list("--kernel", kernel, (1, 2))
+    flags = {
+        "stride": stride,
+        "padding": pad,
+        "dilation": dilation,
+        "groups": groups,
+        "padding_mode": padding_mode,
+        "layout": layout,
+    }
+    shape_ = _int_list("--shape", shape, (3, 4, 5))
+    kernel_ = _int_list("--kernel", kernel, (1, 2, 3))
     memory = parse_memory(max_memory)
     if shape_ is None and (kernel_ is not None or cout is not None):
         raise UsageError("--kernel and --cout go with --shape")
@@ -638,13 +688,22 @@ def generate(
         Path,
         typer.Argument(metavar="OUT", help="New .npz or .h5 file to write.", show_default=False),
     ],
-    shape: Annotated[str, typer.Option("--shape", metavar="N,H,W,CIN", help="Shape of x.")],
-    kernel: Annotated[str, typer.Option("--kernel", metavar="KH[,KW]", help="Kernel size.")],
+    shape: Annotated[
+        str,
+        typer.Option(
+            "--shape", metavar="N,H,W,CIN", help="x as N,*spatial,CIN (1-3 spatial axes)."
+        ),
+    ],
+    kernel: Annotated[
+        str, typer.Option("--kernel", metavar="K[,K..]", help="Kernel size, or one per axis.")
+    ],
     cout: Annotated[int, typer.Option("--cout", metavar="C", min=1, help="Output channels.")],
     stride: Stride = None,
     pad: Pad = None,
     dilation: Dilation = None,
     groups: Groups = None,
+    padding_mode: PaddingMode = None,
+    layout: Layout = None,
     seed: Annotated[int, typer.Option("--seed", metavar="N", min=0, help="Random seed.")] = 0,
     dtype: Annotated[
         DtypeName, typer.Option("--dtype", help="float32 or float64.")
@@ -660,9 +719,20 @@ def generate(
     Example: convcli generate layer.h5 --shape 8,32,32,16 --kernel 3 --cout 32 --pad same
     """
     spec, _ = build_spec(
-        {}, {"stride": stride, "padding": pad, "dilation": dilation, "groups": groups}
+        {},
+        {
+            "stride": stride,
+            "padding": pad,
+            "dilation": dilation,
+            "groups": groups,
+            "padding_mode": padding_mode,
+            "layout": layout,
+        },
     )
-    shape_, kernel_ = _int_list("--shape", shape, (4,)), _int_list("--kernel", kernel, (1, 2))
+    shape_, kernel_ = (
+        _int_list("--shape", shape, (3, 4, 5)),
+        _int_list("--kernel", kernel, (1, 2, 3)),
+    )
     check_generated_memory(shape_, kernel_, cout, spec, parse_memory("auto"), dz=with_dz)
     tensors, attrs = generate_layer(
         shape_,

@@ -215,6 +215,7 @@ def gradcheck(
             return conv_backward(g_, conv_forward(x_, w_, b_, spec)[1])
 
     layout = geometry.layout
+    user_shapes = {"dx": x.shape, "dw": w.shape, "db": None if b is None else b.shape}
     rng = np.random.default_rng(seed)
     g = (
         rng.standard_normal(geometry.user_out_shape)
@@ -271,6 +272,7 @@ def gradcheck(
     if resolved in ("fast", "sample+fast"):
         fast = _fast_checks(counter, backward, x, w, b, geometry, probes, rng, tolerance)
         for name in names:
+            fast[name].shape = user_shapes[name]
             if name in checks:
                 checks[name].probes = fast[name]
                 checks[name].passed = checks[name].passed and fast[name].passed
@@ -543,7 +545,7 @@ def _fast_checks(counter, backward, x, w, b, geometry, probes, rng, tolerance) -
     rows = {name: [] for name in arrays}  # (analytic, numeric, scale) per probe
     eps = tolerance.eps
     for _ in range(probes):
-        v = rng.standard_normal(geometry.out_shape)
+        v = rng.standard_normal(geometry.out_shape)  # channels last, like x and w here
         analytic = _analytic(backward, v, x, w, b)
         for position, (name, array) in enumerate(arrays.items()):
             u = rng.standard_normal(array.shape)

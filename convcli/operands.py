@@ -21,6 +21,16 @@ from convcli.spec import ConvSpec, Geometry
 ACCEPTED_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def check_float_dtype(name: str, dtype) -> None:
+    """Refuse, without converting anything, a dtype that :func:`as_float_array` would refuse."""
+    dtype = np.dtype(dtype)
+    if dtype not in ACCEPTED_FLOATS and dtype.kind not in "iu":
+        raise DtypeError(
+            f"{name} has dtype {dtype}; convcli computes in float32 or float64 "
+            "(integers are converted to float64)"
+        )
+
+
 def as_float_array(name: str, array) -> np.ndarray:
     """Return ``array`` as a float32/float64 ndarray, converting integers to float64.
 

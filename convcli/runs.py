@@ -254,7 +254,11 @@ def expected_shapes(command: str, arrays: dict, spec: ConvSpec, has_out: bool) -
 def _check_inputs(arrays, spec, workspace, max_memory, allow_nonfinite, *, backward) -> None:
     """Refuse NaN/Inf inputs (unless allowed) and runs that would not fit in max_memory."""
     from convcli.guards import check_finite, check_memory, nbytes
+    from convcli.operands import check_float_dtype
 
+    for name in ("x", "w", "b", "dz"):
+        if arrays.get(name) is not None:
+            check_float_dtype(name, np.asarray(arrays[name]).dtype)
     if not allow_nonfinite:
         for name in ("x", "w", "b", "dz"):
             if arrays.get(name) is not None:
@@ -394,7 +398,7 @@ def run_gradcheck(
         **options,
     )
     config = {
-        "shape": [geometry.n, *geometry.in_sizes, geometry.cin],
+        "shape": list(np.shape(arrays["x"])),  # as given (channels first for nchw)
         "kernel": list(geometry.kernel),
         "cout": geometry.cout,
         **{k: v for k, v in geometry.hparams().items() if k != "padding"},

@@ -57,8 +57,29 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 ACTIONS = ("forward", "backward", "gradcheck")
-CONFIG_KEYS = ("shape", "kernel", "cout", "stride", "pad", "dilation", "groups", "dtype", "seed")
-DEFAULTS = {"stride": 1, "pad": 0, "dilation": 1, "groups": 1, "dtype": "float64", "seed": 0}
+CONFIG_KEYS = (
+    "shape",
+    "kernel",
+    "cout",
+    "stride",
+    "pad",
+    "dilation",
+    "groups",
+    "padding_mode",
+    "layout",
+    "dtype",
+    "seed",
+)
+DEFAULTS = {
+    "stride": 1,
+    "pad": 0,
+    "dilation": 1,
+    "groups": 1,
+    "padding_mode": "zeros",
+    "layout": "nhwc",
+    "dtype": "float64",
+    "seed": 0,
+}
 GRADCHECK_KEYS = {
     "mode": str,
     "samples": int,
@@ -215,18 +236,24 @@ class _Checker:
         shape = config["shape"]
         if not (
             isinstance(shape, list)
-            and len(shape) == 4
+            and 3 <= len(shape) <= 5
             and all(_is(v, int) and v > 0 for v in shape)
         ):
-            self.fail("shape", f"shape must be [n, H, W, Cin] of positive integers, got {shape!r}")
+            self.fail(
+                "shape", f"shape must be [n, *spatial, Cin] of positive integers, got {shape!r}"
+            )
+        rank = len(shape) - 2
         kernel = config["kernel"]
-        kernel = [kernel, kernel] if _is(kernel, int) else kernel
+        kernel = [kernel] * rank if _is(kernel, int) else kernel
         if not (
             isinstance(kernel, list)
-            and len(kernel) == 2
+            and len(kernel) == rank
             and all(_is(v, int) and v > 0 for v in kernel)
         ):
-            self.fail("kernel", f"kernel must be an integer or [kh, kw], got {config['kernel']!r}")
+            self.fail(
+                "kernel",
+                f"kernel must be an integer or one per spatial axis, got {config['kernel']!r}",
+            )
         if not (_is(config["cout"], int) and config["cout"] > 0):
             self.fail("cout", f"cout must be a positive integer, got {config['cout']!r}")
         if config["dtype"] not in ("float32", "float64"):
@@ -239,6 +266,8 @@ class _Checker:
             ("padding", "pad"),
             ("dilation", "dilation"),
             ("groups", "groups"),
+            ("padding_mode", "padding_mode"),
+            ("layout", "layout"),
         ):
             line = self.line_of(key)
             origin = f"{self.path} line {line}" if line else str(self.path)
@@ -284,6 +313,8 @@ def run_config(config: dict, actions, gradcheck_options: dict, key: str) -> dict
             padding=_hparam(pad),
             dilation=_hparam(config["dilation"]),
             groups=config["groups"],
+            padding_mode=config.get("padding_mode", "zeros"),
+            layout=config.get("layout", "nhwc"),
         )
         tensors, _ = generate_layer(
             config["shape"],
@@ -293,7 +324,7 @@ def run_config(config: dict, actions, gradcheck_options: dict, key: str) -> dict
             seed=config["seed"],
             dtype=config["dtype"],
         )
-        x, w, b = tensors["x"], tensors["w"], tensors["b"]
+        x, w, b = tensors["x"], tensors["w"], tensors["b"]  # in the configuration's layout
         record["hparams"] = spec.geometry(x.shape, w.shape).hparams()
         if "forward" in actions or "backward" in actions:
             began = time.perf_counter()

@@ -27,6 +27,7 @@ import contextlib
 import math
 import os
 import stat
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping
@@ -67,6 +68,8 @@ _CONTENT_ERRORS = (
     KeyError,
     TypeError,
     RuntimeError,
+    SyntaxError,
+    tokenize.TokenError,  # a .npy header numpy cannot tokenize
     zipfile.BadZipFile,
     zlib.error,
 )
@@ -286,12 +289,17 @@ class TensorFile:
             followed); for npy it is ``[""]``.
         """
         if self._keys is None:
-            if self.format == "npy":
-                self._keys = [""]
-            elif self.format == "npz":
-                self._keys = sorted(_npz_members(self._open_handle()))
-            else:
-                self._keys = sorted(_hdf5_datasets(self._open_handle()))
+            try:
+                if self.format == "npy":
+                    self._keys = [""]
+                elif self.format == "npz":
+                    self._keys = sorted(_npz_members(self._open_handle()))
+                else:
+                    self._keys = sorted(_hdf5_datasets(self._open_handle()))
+            except _CONTENT_ERRORS as exc:
+                raise DataError(
+                    f"{self.path}: cannot list its contents (corrupt file: {_reason(exc)})"
+                ) from exc
         return list(self._keys)
 
     def tensor_keys(self) -> list[str]:
@@ -322,12 +330,26 @@ class TensorFile:
         """``"(shape) dtype"`` of one array, read from its header only."""
         try:
             shape, dtype = self.shape_dtype(key)
-        except _CONTENT_ERRORS:
+        except DataError:
             return "(unreadable)"
         return f"{shape} {dtype}"
 
     def shape_dtype(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
-        """Shape and dtype of one array, from its header only (no data is read)."""
+        """Shape and dtype of one array, from its header only (no data is read).
+
+        Raises
+        ------
+        DataError
+            When the header cannot be read.
+        """
+        try:
+            return self._header(key)
+        except DataError:
+            raise
+        except _CONTENT_ERRORS as exc:
+            raise DataError(f"{self._where(key)}: unreadable header ({_reason(exc)})") from exc
+
+    def _header(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
         if self.format == "npy":
             with open(self.path, "rb") as handle:
                 return _npy_header(handle)
@@ -554,8 +576,15 @@ class TensorFile:
             return self._npz_hparams()
         if self.format == "hdf5":
             found: dict[str, tuple[object, str]] = {}
-            for group_path in _group_chain(near_key):
-                found.update(self._attr_hparams(group_path))
+            try:
+                for group_path in _group_chain(near_key):
+                    found.update(self._attr_hparams(group_path))
+            except DataError:
+                raise
+            except _CONTENT_ERRORS as exc:
+                raise DataError(
+                    f"{self.path}: cannot read its attributes (corrupt file: {_reason(exc)})"
+                ) from exc
             return found
         return {}
 
@@ -618,7 +647,7 @@ def _npz_members(npz) -> list[str]:
 def _hdf5_datasets(root: h5py.Group) -> list[str]:
     """Paths (no leading ``/``) of every dataset reachable from ``root`` through hard links."""
     found: list[str] = []
-    seen = {root.id}
+    seen = {_address(root)}
     pending: list[tuple[str, h5py.Group]] = [("", root)]
     while pending:
         prefix, group = pending.pop()
@@ -629,10 +658,15 @@ def _hdf5_datasets(root: h5py.Group) -> list[str]:
             path = prefix + name
             if isinstance(child, h5py.Dataset):
                 found.append(path)
-            elif isinstance(child, h5py.Group) and child.id not in seen:
-                seen.add(child.id)
+            elif isinstance(child, h5py.Group) and _address(child) not in seen:
+                seen.add(_address(child))
                 pending.append((path + "/", child))
     return found
+
+
+def _address(group: h5py.Group) -> int:
+    """The object-header address of a group: the same for every hard link to it."""
+    return h5py.h5o.get_info(group.id).addr
 
 
 def _npy_header(handle) -> tuple[tuple[int, ...], np.dtype]:

@@ -116,7 +116,7 @@ def test_loose_eps_and_tolerance_flags():
     ("args", "code", "match"),
     [
         ([], 2, "give a data file"),
-        (["--shape", "1,4,4"], 2, "--shape '1,4,4'"),
+        (["--shape", "1,4"], 2, "--shape '1,4'"),
         (["--shape", "1,4,4,1"], 2, "--shape needs --kernel and --cout"),
         ([SAMPLE_NPZ, "--shape", "1,4,4,1", "--kernel", "2", "--cout", "1"], 2, "not both"),
         (["--shape", "1,4,4,3", "--kernel", "2", "--cout", "2", "--groups", "2"], 65, "groups=2"),

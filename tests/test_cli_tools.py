@@ -83,7 +83,7 @@ def test_generate_is_reproducible_and_refuses_to_overwrite(tmp_path):
 @pytest.mark.parametrize(
     ("args", "code", "match"),
     [
-        (["--shape", "1,4,4", "--kernel", "2", "--cout", "1"], 2, "--shape"),
+        (["--shape", "1,4", "--kernel", "2", "--cout", "1"], 2, "--shape"),
         (["--shape", "1,4,4,3", "--kernel", "2", "--cout", "2", "--groups", "2"], 65, "groups=2"),
         (["--shape", "1,2,2,1", "--kernel", "3", "--cout", "1"], 65, "kernel along h"),
         (["--shape", "1,4,4,1", "--kernel", "2", "--cout", "1", "--dtype", "int8"], 2, "int8"),

@@ -9,7 +9,7 @@ import convcli.gradcheck as gc
 from convcli import ConvSpec, conv_backward, conv_forward
 from convcli.gradcheck import Tolerance, exhaustive_passes, gradcheck
 from convcli.heatmap import RAMP, heatmap
-from tests.strategies import conv_cases
+from tests.strategies import conv_cases, nd_conv_cases
 
 
 def _flat_bias(b):
@@ -240,3 +240,75 @@ def test_default_tolerances_catch_a_1e5_error_in_one_dw_channel(case):
     assert check.failed[..., channel][detectable].all()
     assert not check.failed[..., :channel].any()
     assert result.passed == (not check.failed.any())
+
+
+@settings(max_examples=40)
+@given(
+    case=nd_conv_cases(dtypes=(np.float64,)),
+    mode=st.sampled_from(["exhaustive", "sample", "fast"]),
+)
+def test_every_rank_layout_and_padding_mode_passes(case, mode):
+    x, w, b, spec = case
+    result = gradcheck(x, w, b, spec, mode=mode, samples=8, probes=3)
+    assert result.passed
+    assert result.tensors["dx"].shape == x.shape
+    if mode == "exhaustive":
+        assert result.tensors["dx"].checked == x.size
+        geometry = spec.geometry(x.shape, w.shape)
+        assert result.forward_passes == exhaustive_passes(geometry, b is not None)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+def test_padding_mode_gradient_bug_is_caught(padding_mode):
+    """A backward that treats the padding as zeros drops the border gradients."""
+    rng = np.random.default_rng(8)
+    x, w = rng.standard_normal((2, 6, 5, 2)), rng.standard_normal((3, 3, 2, 3))
+    spec = ConvSpec(padding=1, padding_mode=padding_mode)
+    zeros = ConvSpec(padding=1)
+
+    def backward(g, x_, w_, b_):
+        dx, _, db = conv_backward(g, conv_forward(x_, w_, b_, zeros)[1])
+        _, dw, _ = conv_backward(g, conv_forward(x_, w_, b_, spec)[1])
+        return dx, dw, db
+
+    result = gradcheck(x, w, None, spec, mode="exhaustive", backward=backward)
+    assert not result.tensors["dx"].passed
+    assert result.tensors["dw"].passed
+    values, _ = result.tensors["dx"].error_map()
+    assert values[2:-2, 2:-2].max() < 1e-9  # only pixels copied into the padding are wrong
+    assert values.max() > 1e-3
+
+
+def test_circular_padding_needs_a_longer_period_and_stays_exact():
+    from convcli.gradcheck import _periods
+
+    spec = ConvSpec(padding=2, padding_mode="circular")
+    geometry = spec.geometry((1, 5, 9, 1), (3, 3, 1, 1))
+    periods = _periods(geometry)
+    assert periods[0] > 3  # the span alone would put wrapped neighbours in one group
+    rng = np.random.default_rng(3)
+    result = gradcheck(
+        rng.standard_normal((1, 5, 9, 1)),
+        rng.standard_normal((3, 3, 1, 1)),
+        None,
+        spec,
+        mode="exhaustive",
+    )
+    assert result.passed
+
+
+def test_channels_first_report_uses_the_callers_indices():
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3))
+    spec = ConvSpec(padding=1, layout="nchw")
+
+    def backward(g, x_, w_, b_):
+        dx, dw, db = conv_backward(g, conv_forward(x_, w_, b_, spec)[1])
+        dw = dw.copy()
+        dw[2] *= 1 + 1e-5  # output channel 2 (first axis of OIHW weights)
+        return dx, dw, db
+
+    result = gradcheck(x, w, None, spec, mode="exhaustive", backward=backward)
+    dw = result.tensors["dw"]
+    assert set(dw.failures_per_channel) == {2}
+    assert all(row["index"][0] == 2 for row in dw.worst)

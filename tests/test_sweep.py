@@ -57,6 +57,8 @@ def test_sample_spec_lists_configs_and_grid():
         "pad": 2,
         "dilation": 1,
         "groups": 1,
+        "padding_mode": "zeros",
+        "layout": "nhwc",
         "dtype": "float64",
         "seed": 0,
     }
@@ -153,7 +155,9 @@ def test_parallel_jobs_give_the_same_results(tmp_path):
         ),
         ('[grid]\nshape=[[1,4,4,1]]\nkernel=[1]\ncout=[1]\nstride=["two"]\n', "line 5"),
         ("[[configs]]\nkernel = 3\ncout = 2\n", "has no 'shape'"),
-        ("[[configs]]\nshape = [1, 4, 4]\nkernel = 3\ncout = 2\n", "line 2: shape must be"),
+        ("[[configs]]\nshape = [1, 4]\nkernel = 3\ncout = 2\n", "line 2: shape must be"),
+        ("[[configs]]\nshape = [1, 4, 4, 1]\nkernel = [3, 3, 3]\ncout = 2\n", "line 3: kernel"),
+        ('[[configs]]\nshape = [1, 4, 1]\nkernel = 3\ncout = 2\nlayout = "nwc"\n', "line 5"),
         (
             'actions = ["train"]\n[[configs]]\nshape=[1,4,4,1]\nkernel=1\ncout=1\n',
             "line 1: actions",
