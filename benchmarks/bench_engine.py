@@ -31,25 +31,26 @@ import numpy as np
 from convcli import ConvSpec, conv_backward, conv_forward
 from convcli.reference import conv_backward_reference, conv_forward_reference
 
-# name: (n, H, W, Cin, kh, kw, Cout, ConvSpec kwargs)
+# name: (x shape (n, *spatial, Cin), kernel, Cout, ConvSpec kwargs)
 LAYERS = {
-    "cifar": (32, 32, 32, 16, 3, 3, 32, {"padding": 1}),
-    "resnet": (8, 56, 56, 64, 3, 3, 64, {"padding": 1}),
-    "stride2": (16, 64, 64, 32, 3, 3, 64, {"stride": 2, "padding": 1}),
-    "depthwise": (16, 56, 56, 64, 3, 3, 64, {"padding": 1, "groups": 64}),
-    "dilated": (8, 64, 64, 32, 3, 3, 32, {"dilation": 2, "padding": 2}),
-    "pointwise": (16, 28, 28, 128, 1, 1, 256, {}),
-    "classic": (10, 4, 4, 3, 2, 2, 8, {"stride": 2, "padding": 2}),
+    "cifar": ((32, 32, 32, 16), (3, 3), 32, {"padding": 1}),
+    "resnet": ((8, 56, 56, 64), (3, 3), 64, {"padding": 1}),
+    "stride2": ((16, 64, 64, 32), (3, 3), 64, {"stride": 2, "padding": 1}),
+    "depthwise": ((16, 56, 56, 64), (3, 3), 64, {"padding": 1, "groups": 64}),
+    "dilated": ((8, 64, 64, 32), (3, 3), 32, {"dilation": 2, "padding": 2}),
+    "pointwise": ((16, 28, 28, 128), (1, 1), 256, {}),
+    "conv1d": ((32, 1024, 64), (3,), 64, {"padding": 1}),
+    "conv3d": ((4, 16, 32, 32, 16), (3, 3, 3), 32, {"padding": 1}),
+    "classic": ((10, 4, 4, 3), (2, 2), 8, {"stride": 2, "padding": 2}),
 }
 SMOKE_LAYERS = {
-    "cifar": (2, 8, 8, 4, 3, 3, 4, {"padding": 1}),
-    "depthwise": (2, 8, 8, 4, 3, 3, 4, {"padding": 1, "groups": 4}),
+    "cifar": ((2, 8, 8, 4), (3, 3), 4, {"padding": 1}),
+    "depthwise": ((2, 8, 8, 4), (3, 3), 4, {"padding": 1, "groups": 4}),
+    "conv1d": ((2, 16, 4), (3,), 4, {"padding": 1}),
+    "conv3d": ((1, 4, 5, 6, 2), (3, 3, 3), 3, {"padding": 1}),
     "classic": LAYERS["classic"],
 }
-REFERENCE_LAYER = (2, 8, 8, 4, 3, 3, 8, {"padding": 1})
-
-
-WARM_UP_SECONDS = 0.3
+REFERENCE_LAYER = ((2, 8, 8, 4), (3, 3), 8, {"padding": 1})
 
 
 def median_seconds(function, repeats: int) -> float:
@@ -88,21 +89,23 @@ def gemm_gflops(dtype, size: int, repeats: int) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
-def make_layer(shape, dtype):
-    n, h, w, cin, kh, kw, cout, hparams = shape
+def make_layer(layer, dtype):
+    x_shape, kernel, cout, hparams = layer
     spec = ConvSpec(**hparams)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, h, w, cin)).astype(dtype)
-    wt = rng.standard_normal((kh, kw, cin // spec.groups, cout)).astype(dtype)
+    n, cin = x_shape[0], x_shape[-1]
+    x = rng.standard_normal(x_shape).astype(dtype)
+    wt = rng.standard_normal((*kernel, cin // spec.groups, cout)).astype(dtype)
     b = rng.standard_normal(cout).astype(dtype)
     geometry = spec.geometry(x.shape, wt.shape)
-    flops = 2 * n * int(np.prod(geometry.out_sizes)) * cout * kh * kw * cin // spec.groups
+    taps = int(np.prod(kernel))
+    flops = 2 * n * int(np.prod(geometry.out_sizes)) * cout * taps * cin // spec.groups
     return x, wt, b, spec, flops
 
 
-def bench_layer(name, shape, dtype, repeats, gemm, rounds) -> dict:
+def bench_layer(name, layer, dtype, repeats, gemm, rounds) -> dict:
     """Times of one layer: for each operation, the median of its per-round medians."""
-    x, w, b, spec, flops = make_layer(shape, dtype)
+    x, w, b, spec, flops = make_layer(layer, dtype)
     z, cache = conv_forward(x, w, b, spec)
     dz = np.random.default_rng(1).standard_normal(z.shape).astype(dtype)
     operations = {
@@ -110,14 +113,14 @@ def bench_layer(name, shape, dtype, repeats, gemm, rounds) -> dict:
         "backward": lambda: conv_backward(dz, cache),
         "fwd_bwd": lambda: conv_backward(dz, conv_forward(x, w, b, spec)[1]),
     }
-    if spec.groups > 1 or w.shape[:2] == (1, 1):
+    if spec.groups > 1 or set(w.shape[:-2]) == {1}:
         operations["per_group_gemm_forward"] = per_group_gemm(x, w, b, spec)
     return {
         "name": name,
         "dtype": np.dtype(dtype),
         "x": x,
         "w": w,
-        "hparams": shape[-1],
+        "hparams": layer[-1],
         "flops": flops,
         "gemm": gemm,
         "operations": operations,
@@ -142,7 +145,7 @@ def layer_row(case: dict) -> dict:
         "layer": case["name"],
         "dtype": case["dtype"].name,
         "shape": list(case["x"].shape),
-        "kernel": list(w.shape[:2]),
+        "kernel": list(w.shape[:-2]),
         "cout": w.shape[-1],
         "hparams": case["hparams"],
         "forward_s": seconds["forward"],
