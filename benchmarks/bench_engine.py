@@ -51,6 +51,7 @@ SMOKE_LAYERS = {
     "classic": LAYERS["classic"],
 }
 REFERENCE_LAYER = ((2, 8, 8, 4), (3, 3), 8, {"padding": 1})
+WARM_UP_SECONDS = 0.3
 
 
 def median_seconds(function, repeats: int) -> float:
