@@ -49,3 +49,24 @@ def test_gradcheck_benchmark_smoke(tmp_path):
     cases = json.loads(out.read_text())["cases"]
     assert all(case["passed"] for case in cases)
     assert cases[0]["forward_passes"] == 290
+
+
+def test_engine_benchmark_full_path_on_one_small_layer(tmp_path):
+    """The non-smoke code path (warm-up, rounds) on the classic layer only."""
+    out = tmp_path / "one.json"
+    run_script(
+        "bench_engine.py",
+        "--layers",
+        "classic",
+        "--dtype",
+        "float64",
+        "--repeats",
+        "1",
+        "--rounds",
+        "2",
+        "--out",
+        out,
+    )
+    results = json.loads(out.read_text())
+    assert results["rounds"] == 2
+    assert [row["layer"] for row in results["layers"]] == ["classic"]
