@@ -354,41 +354,29 @@ def forward(
 
     Example: convcli forward sample_data/conv_example.h5 --slice 'z[3,2,1]'
     """
-    workspace = parse_size(max_workspace)
-    memory = parse_memory(max_memory)
-    slices = [parse_slice(expr) for expr in slice_ or []]
-    pictures = [parse_slice(expr, flag="--heatmap") for expr in heatmap or []]
-    loaded, spec = _load(
+    _run(
+        "forward",
         data,
         {"x": x, "w": w, "b": b},
-        ("x", "w"),
-        ("b",),
-        lazy_above=workspace,
-        max_bytes=memory,
-        stride=stride,
-        padding=pad,
-        dilation=dilation,
-        groups=groups,
-        padding_mode=padding_mode,
-        layout=layout,
+        {
+            "stride": stride,
+            "padding": pad,
+            "dilation": dilation,
+            "groups": groups,
+            "padding_mode": padding_mode,
+            "layout": layout,
+        },
+        engine=engine.value,
+        slice_exprs=slice_,
+        heatmap_exprs=heatmap,
+        as_json=as_json,
+        out=out,
+        force=force,
+        max_workspace=max_workspace,
+        max_memory=max_memory,
+        allow_nonfinite=allow_nonfinite,
+        threads=threads,
     )
-    _check_slices("forward", loaded, spec, out, slices, pictures)
-    with _blas_threads(threads), _progress(as_json, "chunks") as progress:
-        result = run_forward(
-            loaded.arrays,
-            spec,
-            engine=engine.value,
-            origins=loaded.origins,
-            workspace=workspace,
-            threads=threads,
-            out=out,
-            force=force,
-            protect=loaded.sources,
-            progress=progress,
-            allow_nonfinite=allow_nonfinite,
-            max_memory=memory,
-        )
-    _finish(result, slices, as_json, out, pictures)
 
 
 @app.command()
@@ -406,7 +394,8 @@ def backward(
         typer.Option("--upstream", help="dz when none is given: z (loss ½‖z‖²), ones, or random."),
     ] = UpstreamName.z,
     seed: Annotated[
-        int | None, typer.Option("--seed", metavar="N", help="Seed for --upstream random.")
+        int | None,
+        typer.Option("--seed", metavar="N", min=0, help="Seed for --upstream random."),
     ] = None,
     stride: Stride = None,
     pad: Pad = None,
@@ -429,41 +418,71 @@ def backward(
 
     Example: convcli backward sample_data/conv_example.npz --slice 'dw[:,:,0,1]'
     """
-    workspace = parse_size(max_workspace)
-    memory = parse_memory(max_memory)
-    slices = [parse_slice(expr) for expr in slice_ or []]
-    pictures = [parse_slice(expr, flag="--heatmap") for expr in heatmap or []]
-    loaded, spec = _load(
+    _run(
+        "backward",
         data,
         {"x": x, "w": w, "b": b, "dz": dz},
-        ("x", "w"),
-        ("b", "dz"),
-        lazy_above=workspace,
-        max_bytes=memory,
-        stride=stride,
-        padding=pad,
-        dilation=dilation,
-        groups=groups,
-        padding_mode=padding_mode,
-        layout=layout,
+        {
+            "stride": stride,
+            "padding": pad,
+            "dilation": dilation,
+            "groups": groups,
+            "padding_mode": padding_mode,
+            "layout": layout,
+        },
+        engine=engine.value,
+        slice_exprs=slice_,
+        heatmap_exprs=heatmap,
+        as_json=as_json,
+        out=out,
+        force=force,
+        max_workspace=max_workspace,
+        max_memory=max_memory,
+        allow_nonfinite=allow_nonfinite,
+        threads=threads,
+        upstream=upstream.value,
+        seed=seed,
     )
-    _check_slices("backward", loaded, spec, out, slices, pictures)
+
+
+def _run(
+    command,
+    data,
+    refs,
+    flags,
+    *,
+    slice_exprs,
+    heatmap_exprs,
+    as_json,
+    out,
+    max_workspace,
+    max_memory,
+    threads,
+    **options,
+) -> None:
+    """The shared body of forward and backward: load, check, run, render."""
+    workspace = parse_size(max_workspace)
+    memory = parse_memory(max_memory)
+    slices = [parse_slice(expr) for expr in slice_exprs or []]
+    pictures = [parse_slice(expr, flag="--heatmap") for expr in heatmap_exprs or []]
+    optional = ("b",) if command == "forward" else ("b", "dz")
+    loaded, spec = _load(
+        data, refs, ("x", "w"), optional, lazy_above=workspace, max_bytes=memory, **flags
+    )
+    _check_slices(command, loaded, spec, out, slices, pictures)
+    run = run_forward if command == "forward" else run_backward
     with _blas_threads(threads), _progress(as_json, "chunks") as progress:
-        result = run_backward(
+        result = run(
             loaded.arrays,
             spec,
-            engine=engine.value,
-            upstream=upstream.value,
-            seed=seed,
             origins=loaded.origins,
             workspace=workspace,
             threads=threads,
             out=out,
-            force=force,
             protect=loaded.sources,
             progress=progress,
-            allow_nonfinite=allow_nonfinite,
             max_memory=memory,
+            **options,
         )
     _finish(result, slices, as_json, out, pictures)
 
