@@ -390,3 +390,20 @@ def test_gradcheck_refuses_flags_it_would_ignore(args, match):
     impl = str(SAMPLE_NPZ.parent / "classic_conv.py")
     args = [impl if a == "IMPL" else str(SAMPLE_NPZ) if a == "SAMPLE" else a for a in args]
     assert_error(run("gradcheck", *args), 2, match)
+
+
+def test_hdf5_file_locked_by_a_writer_is_66(tmp_path):
+    path = tmp_path / "busy.h5"
+    with h5py.File(path, "w") as writer:
+        writer["x"] = np.ones((1, 4, 4, 1))
+        writer["w"] = np.ones((2, 2, 1, 1))
+        writer.flush()
+        done = subprocess.run(
+            [sys.executable, "-m", "convcli", "forward", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert done.returncode == 66, done.stderr
+    assert "locked by another process" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
