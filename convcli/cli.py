@@ -65,7 +65,7 @@ _UsageError = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == 
 
 
 def _error_line(message: str) -> None:
-    Console(stderr=True, soft_wrap=True, highlight=False).print(
+    Console(stderr=True, soft_wrap=True, highlight=False, emoji=False).print(
         f"[bold red]convcli: error:[/] {escape(message)}"
     )
 
@@ -270,12 +270,12 @@ def _load(data, refs, required, optional, lazy_above=None, max_bytes=None, **fla
 
 def _messages() -> Console:
     """The stderr console for notes and 'wrote' messages (silent with --quiet)."""
-    return Console(stderr=True, highlight=False, soft_wrap=True, quiet=_state["quiet"])
+    return Console(stderr=True, highlight=False, soft_wrap=True, quiet=_state["quiet"], emoji=False)
 
 
 def _data_console() -> Console:
     """The stdout console for tables; piped output gets a width no number is cut at."""
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 120
     return console
@@ -762,7 +762,7 @@ def generate(
         dtype=dtype.value,
         dz=with_dz,
     )
-    write_tensors(out, tensors, attrs, force=force)
+    write_tensors(out, tensors, attrs, force=force, flag="OUT")
     if as_json:
         print(
             json.dumps(

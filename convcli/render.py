@@ -177,21 +177,16 @@ def print_sweep(console: Console, summary) -> None:
         show_edge=False,
         pad_edge=False,
     )
-    for column in (
-        "#",
-        "shape",
-        "kernel",
-        "cout",
-        "stride",
-        "pad",
-        "dil",
-        "groups",
-        "dtype",
-        "status",
-        "gradcheck",
-        "seconds",
-    ):
-        table.add_column(column, justify="right" if column in ("#", "cout", "seconds") else "left")
+    extra = [
+        key
+        for key, default in (("padding_mode", "zeros"), ("layout", "nhwc"))
+        if any(r["config"].get(key, default) != default for r in summary.records)
+    ]
+    headers = {"padding_mode": "mode", "layout": "layout"}
+    columns = ["#", "shape", "kernel", "cout", "stride", "pad", "dil", "groups"]
+    columns += [headers[key] for key in extra]
+    for column in (*columns, "dtype", "status", "gradcheck", "s"):
+        table.add_column(column, justify="right" if column in ("#", "cout", "s") else "left")
     table.add_column("error", overflow="fold")
     for number, record in enumerate(summary.records[:MAX_SWEEP_ROWS], start=1):
         c = record["config"]
@@ -206,6 +201,7 @@ def print_sweep(console: Console, summary) -> None:
             str(c["pad"]),
             str(c["dilation"]),
             str(c["groups"]),
+            *(str(c.get(key, "")) for key in extra),
             c["dtype"],
             Text(record["status"], style="green" if record["status"] == "ok" else "red"),
             Text(verdict, style="bold green" if verdict == "PASS" else "bold red"),

@@ -129,7 +129,7 @@ def stream_run(
                 stop = min(start + per_chunk, geometry.n)
                 x = x_ref.read(start, stop)
                 if not allow_nonfinite:
-                    check_finite("x", x, offset=start, hint=hint)
+                    check_finite(f"x (images {start}-{stop - 1})", x, offset=start, hint=hint)
                 stats["x"].update(x)
                 z, cache = forward(x, w, b, spec, workspace=engine_workspace, threads=threads)
                 stats["z"].update(z)
@@ -139,7 +139,9 @@ def stream_run(
                     if dz_source is not None:
                         dz = np.asarray(dz_source[start:stop])
                         if not allow_nonfinite:
-                            check_finite("dz", dz, offset=start, hint=hint)
+                            check_finite(
+                                f"dz (images {start}-{stop - 1})", dz, offset=start, hint=hint
+                            )
                     else:
                         dz = upstream_gradient(z, upstream, rng)
                     stats["dz"].update(dz)

@@ -155,6 +155,17 @@ def load_sweep(path) -> Sweep:
             checker.fail(
                 name, f"gradcheck {name} must be a {kind.__name__}, got {gradcheck[name]!r}"
             )
+    for name, low, strict in (
+        ("eps", 0, True),
+        ("rtol", 0, False),
+        ("atol", 0, False),
+        ("samples", 1, False),
+        ("probes", 1, False),
+    ):
+        value = gradcheck.get(name)
+        if value is not None and (value <= low if strict else value < low):
+            bound = f"> {low}" if strict else f">= {low}"
+            checker.fail(name, f"gradcheck {name} must be {bound}, got {value!r}")
     if "mode" in gradcheck:
         from convcli.gradcheck import MODES
 
@@ -494,6 +505,8 @@ def run_sweep(
     out = Path(out)
     if jobs < 1:
         raise UsageError(f"--jobs {jobs}: must be at least 1")
+    if resume and force:
+        raise UsageError("--resume continues a sweep and --force starts it over: give one")
     if out.resolve() == sweep.path.resolve():
         raise OutputError(f"{out}: refusing to write results over the spec file")
     if out.is_dir():
@@ -585,7 +598,14 @@ def _run_on_dask(address: str, sweep: Sweep, todo, write) -> None:
         raise UsageError(
             "--scheduler needs Dask distributed: pip install 'convcli[dask]'"
         ) from None
-    with Client(address, timeout="10s") as client:
+    try:
+        client = Client(address, timeout="10s")
+    except (OSError, TimeoutError) as error:
+        raise UsageError(
+            f"--scheduler {address}: cannot reach a Dask scheduler there ({error}); "
+            "check the address"
+        ) from None
+    with client:
         futures = [
             client.submit(
                 run_config,

@@ -425,7 +425,8 @@ class TensorFile:
 
             raise DataError(
                 f"{self._where(key)}: needs {format_size(declared)} ({shape} {dtype}), more than "
-                f"the memory guard allows ({format_size(max_bytes)} left of --max-memory)"
+                f"the memory guard allows ({format_size(max_bytes)} left of --max-memory); "
+                "raise --max-memory, or store it in HDF5 to stream it"
             )
         return declared
 

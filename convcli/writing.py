@@ -36,6 +36,7 @@ def write_tensors(
     *,
     force: bool = False,
     protect: Iterable = (),
+    flag: str = "--out",
 ) -> None:
     """Write arrays and attributes atomically to ``.npz`` or HDF5 (format from the extension).
 
@@ -72,16 +73,16 @@ def write_tensors(
     left byte-for-byte unchanged; the temporary file is removed on any failure.
     """
     path = Path(path)
-    fmt = output_format(path)
+    fmt = output_format(path, flag)
     check_target(path, force=force, protect=protect)
     members = _writable(path, fmt, tensors, attrs)
     _atomic_write(path, fmt, members, attrs)
 
 
-def output_format(path: Path) -> str:
+def output_format(path: Path, flag: str = "--out") -> str:
     fmt = WRITE_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise UsageError(f"--out must end in .npz, .h5 or .hdf5, got {path}")
+        raise UsageError(f"{flag} must end in .npz, .h5 or .hdf5, got {path}")
     return fmt
 
 

@@ -185,3 +185,23 @@ def test_quiet_drops_notes_but_not_errors(tmp_path):
     missing = invoke("-q", "forward", tmp_path / "missing.npz")
     assert missing.exit_code == 66
     assert missing.stderr.startswith("convcli: error:")
+
+
+def test_no_color_terminal_heatmap_uses_characters():
+    from rich.console import Console
+
+    from convcli.heatmap import print_heatmap
+
+    console = Console(force_terminal=True, no_color=True, record=True, width=80)
+    print_heatmap(console, np.array([[0.0, 1.0], [2.0, 4.0]]), "t")
+    text = console.export_text()
+    assert "@@" in text
+    assert "::" in text
+
+
+def test_error_messages_keep_colons_literal(tmp_path):
+    path = tmp_path / "s.npz"
+    np.savez(path, x=np.ones((8, 8, 8, 4)), w=np.ones((3, 3, 4, 2)))
+    result = invoke("forward", path, "--max-memory", "1K")
+    assert result.exit_code == 65
+    assert "s.npz:x:" in result.stderr

@@ -255,3 +255,29 @@ def test_a_killed_sweep_leaves_the_old_results_and_a_partial_file_to_resume(tmp_
     assert len(records) == 8
     assert len({r["key"] for r in records}) == 8
     assert [p.name for p in tmp_path.iterdir() if "convcli" in p.name] == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [("eps = 0.0", "eps must be > 0"), ("rtol = -1.0", "rtol must be >= 0")],
+)
+def test_bad_gradcheck_tolerances_in_a_spec(tmp_path, extra, match):
+    spec = write(tmp_path, SMALL.replace('mode = "exhaustive"', f'mode = "exhaustive"\n{extra}'))
+    result = sweep(spec, "--out", tmp_path / "r.jsonl")
+    assert result.exit_code == 65
+    assert match in result.stderr
+
+
+def test_resume_and_force_do_not_go_together(tmp_path):
+    result = sweep(write(tmp_path, SMALL), "--out", tmp_path / "r.jsonl", "--resume", "--force")
+    assert result.exit_code == 2
+    assert "give one" in result.stderr
+
+
+def test_unreachable_scheduler_is_a_usage_error(tmp_path):
+    pytest.importorskip("distributed")
+    result = sweep(
+        write(tmp_path, SMALL), "--out", tmp_path / "r.jsonl", "--scheduler", "tcp://127.0.0.1:9"
+    )
+    assert result.exit_code == 2
+    assert "cannot reach a Dask scheduler" in result.stderr
