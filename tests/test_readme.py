@@ -61,3 +61,13 @@ def test_every_command_has_help_with_an_example_and_a_readme_section():
         assert result.exit_code == 0
         assert "Example: convcli " + name in result.stdout
         assert f"### `convcli {name}`" in README
+
+
+def test_library_example_runs():
+    (example,) = code_blocks(README, "python")
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    assert scope["z"].shape == (10, 4, 4, 8)
+    assert scope["dx"].shape == (10, 4, 4, 3)
+    assert scope["db"].shape == (1, 1, 1, 8)
+    assert scope["z1"].shape == (4, 6, 50)
