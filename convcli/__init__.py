@@ -38,7 +38,6 @@ _EXPORTS = {
     "ConvSpec": "convcli.spec",
     "Geometry": "convcli.spec",
     "output_size": "convcli.spec",
-    "gradcheck": "convcli.gradcheck",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -66,7 +66,7 @@ def test_every_command_has_help_with_an_example_and_a_readme_section():
 def test_library_example_runs():
     (example,) = code_blocks(README, "python")
     scope: dict = {}
-    exec(compile(example, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    exec(compile(example, "README.md", "exec"), scope)
     assert scope["z"].shape == (10, 4, 4, 8)
     assert scope["dx"].shape == (10, 4, 4, 3)
     assert scope["db"].shape == (1, 1, 1, 8)
