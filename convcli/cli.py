@@ -41,6 +41,7 @@ from convcli.gradcheck import (
 from convcli.heatmap import print_heatmap
 from convcli.hparams import build_spec
 from convcli.inventory import inspect_file
+from convcli.loading import load_tensors
 from convcli.render import print_inventory, print_result, print_sweep, result_json
 from convcli.report import gradcheck_json, print_gradcheck
 from convcli.runs import (
@@ -54,7 +55,6 @@ from convcli.runs import (
     run_impl_check,
 )
 from convcli.slices import check_slice, parse_slice, take
-from convcli.tensorfile import load_tensors
 from convcli.units import parse_memory, parse_size
 from convcli.userimpl import impl_config
 from convcli.writing import write_tensors

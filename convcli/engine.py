@@ -221,22 +221,17 @@ _dx_lock = threading.Lock()
 
 
 def _blas_controller():
-    """threadpoolctl's controller of NumPy's BLAS, or None without threadpoolctl."""
+    """threadpoolctl's controller of NumPy's BLAS (created once, after NumPy is loaded)."""
     if "controller" not in _pool:
-        try:
-            from threadpoolctl import ThreadpoolController
+        from threadpoolctl import ThreadpoolController
 
-            _pool["controller"] = ThreadpoolController()
-        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-            _pool["controller"] = None
+        _pool["controller"] = ThreadpoolController()
     return _pool["controller"]
 
 
 def blas_threads() -> int:
-    """How many threads NumPy's BLAS uses now (1 when that cannot be known)."""
+    """How many threads NumPy's BLAS uses now (1 when no BLAS library is found)."""
     controller = _blas_controller()
-    if controller is None:
-        return 1
     counts = [lib.num_threads for lib in controller.lib_controllers if lib.user_api == "blas"]
     return max(counts, default=1)
 
@@ -285,8 +280,7 @@ def _run_plans(plans, workers, work, dw_shape, dtype):
             work(plan, tile)
 
     controller = _blas_controller()
-    limit = controller.limit(limits=1, user_api="blas") if controller else contextlib.nullcontext()
-    with limit:
+    with controller.limit(limits=1, user_api="blas"):
         futures = [
             _executor(workers).submit(run, plans[k], tiles[k::workers]) for k in range(workers)
         ]

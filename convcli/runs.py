@@ -3,7 +3,7 @@
 Takes arrays (NHWC x, HWIO w, b, optional dz) and a :class:`ConvSpec`, runs an engine,
 writes the outputs when asked (``out``), and returns a :class:`RunResult` holding every
 tensor with its role, origin and summary statistics. When x is an HDF5 dataset left on disk
-(:class:`~convcli.tensorfile.DatasetRef`), the run streams it: see :mod:`convcli.streaming`.
+(:class:`~convcli.loading.DatasetRef`), the run streams it: see :mod:`convcli.streaming`.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def engine_functions(name: str):
 
 
 def _is_streamed(arrays) -> bool:
-    from convcli.tensorfile import DatasetRef
+    from convcli.loading import DatasetRef
 
     return isinstance(arrays.get("x"), DatasetRef)
 

@@ -20,10 +20,10 @@ import h5py
 import numpy as np
 
 from convcli.errors import ConvcliNotice, ShapeError, UsageError
+from convcli.loading import DatasetRef
 from convcli.operands import as_float_array
 from convcli.spec import ConvSpec
 from convcli.stats import RunningStats
-from convcli.tensorfile import DatasetRef
 from convcli.writing import atomic_output, check_target, output_format, write_hdf5_attrs
 
 

@@ -389,12 +389,9 @@ def _hparam(value):
 
 def _limit_blas_to_one_thread() -> None:
     """Process-pool initializer: parallel jobs should not each start a BLAS thread pool."""
-    try:
-        from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits
 
-        threadpool_limits(limits=1, user_api="blas")
-    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-        pass
+    threadpool_limits(limits=1, user_api="blas")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,11 +15,10 @@ from hypothesis import strategies as st
 
 from convcli import tensorfile, writing
 from convcli.errors import DataError, InputFileError, OutputError, UsageError
+from convcli.loading import Loaded, load_tensors
 from convcli.tensorfile import (
-    Loaded,
     TensorFile,
     detect_format,
-    load_tensors,
     open_tensor_file,
     parse_ref,
 )

@@ -1,0 +1,252 @@
+"""Gathering the tensors of one command from its data file and ``--x/--w/--b/--dz`` references.
+
+Roles (x, w, b, dz) are found by name (:data:`~convcli.tensorfile.ALIASES`) in the data file
+or taken from explicit references; hyperparameters come from the data file (or the file x
+came from). Big HDF5 tensors can be left on disk as :class:`DatasetRef` for streaming, and a
+memory guard refuses, before reading, tensors that would not fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from convcli import tensorfile
+from convcli.errors import DataError, UsageError
+from convcli.tensorfile import (
+    _CONTENT_ERRORS,
+    ALIASES,
+    TensorFile,
+    _reason,
+    origin_text,
+    parse_ref,
+)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """An HDF5 dataset left on disk, read in blocks of its first axis (for streaming).
+
+    Attributes
+    ----------
+    path, key : where it is; shape, dtype : what it holds; origin : ``file.h5:/key`` text.
+    """
+
+    path: Path
+    key: str
+    shape: tuple
+    dtype: np.dtype
+    origin: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the first axis, in memory."""
+        return self[start:stop]
+
+    def __getitem__(self, index) -> np.ndarray:
+        with tensorfile.open_tensor_file(self.path) as tensor_file:
+            dataset = tensor_file._dataset(self.key)
+            try:
+                return np.asarray(dataset[index])
+            except _CONTENT_ERRORS as exc:
+                raise DataError(f"{self.origin}: cannot read ({_reason(exc)})") from exc
+
+
+@dataclass
+class Loaded:
+    """Tensors and hyperparameters gathered from the command's files.
+
+    Attributes
+    ----------
+    arrays : dict of str to numpy.ndarray or DatasetRef
+        Role (``"x"``, ``"w"``, ``"b"``, ``"dz"``) -> array, only for roles that were found;
+        a :class:`DatasetRef` for HDF5 tensors left on disk (see ``lazy_above``).
+    origins : dict of str to str
+        Role -> where it came from, e.g. ``"run.h5:/A_prev"``.
+    hparams : dict of str to (object, str)
+        Canonical hyperparameter name -> (raw value, origin), see :meth:`TensorFile.hparams`.
+    sources : list of pathlib.Path
+        Resolved path of every file read (an output must not overwrite any of them).
+    """
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+    hparams: dict[str, tuple[object, str]] = field(default_factory=dict)
+    sources: list[Path] = field(default_factory=list)
+
+
+class _FileCache:
+    """Opens each distinct file once and closes them all at the end."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self._stack = stack
+        self._files: dict[Path, TensorFile] = {}
+
+    def open(self, path) -> TensorFile:
+        resolved = Path(path).resolve()
+        if resolved not in self._files:
+            self._files[resolved] = self._stack.enter_context(tensorfile.open_tensor_file(path))
+        return self._files[resolved]
+
+    @property
+    def sources(self) -> list[Path]:
+        return list(self._files)
+
+
+def load_tensors(
+    data,
+    refs: Mapping[str, str | None],
+    required: Iterable[str],
+    optional: Iterable[str] = (),
+    *,
+    lazy_above: int | None = None,
+    lazy_roles: Iterable[str] = ("x", "dz"),
+    max_bytes: int | None = None,
+) -> Loaded:
+    """Gather the tensors a command needs from a data file and/or explicit references.
+
+    Parameters
+    ----------
+    data : str or os.PathLike or None
+        Positional data file (``.npz`` or HDF5) searched by name with :meth:`TensorFile.find`.
+    refs : mapping of role to str or None
+        Explicit references from ``--x``, ``--w``, ``--b``, ``--dz`` (``PATH`` or
+        ``PATH:KEY``); an explicit reference wins over the data file.
+    required : iterable of str
+        Roles that must be found, e.g. ``("x", "w")``.
+    optional : iterable of str
+        Roles that may be absent, e.g. ``("b", "dz")``.
+    lazy_above : int, optional
+        HDF5 tensors of ``lazy_roles`` larger than this many bytes are not read: they come
+        back as :class:`DatasetRef`, to be streamed.
+    lazy_roles : iterable of str
+        Roles that may be left on disk (the batch-sized ones).
+    max_bytes : int, optional
+        Memory guard: refuse, before reading, tensors whose declared sizes add up to more.
+
+    Returns
+    -------
+    Loaded
+        Arrays in memory, their origins, hyperparameters and the files read. Every file is
+        closed before this returns.
+
+    Raises
+    ------
+    InputFileError
+        A referenced file is missing or unreadable.
+    DataError
+        A required role is found nowhere, a name is ambiguous, a key is missing, the data
+        file is a ``.npy``, or content is unreadable.
+    """
+    required = tuple(required)
+    loaded = Loaded()
+    keys: dict[str, tuple[TensorFile, str]] = {}
+    with contextlib.ExitStack() as stack:
+        cache = _FileCache(stack)
+        data_file = _open_data_file(cache, data) if data is not None else None
+        for role in (*required, *(r for r in optional if r not in required)):
+            found = _locate(cache, data_file, role, refs.get(role), role in required)
+            if found is None:
+                continue
+            tensor_file, key = found
+            keys[role] = found
+            remaining = None if max_bytes is None else max_bytes - _in_memory(loaded.arrays)
+            loaded.arrays[role] = _read_or_refer(
+                tensor_file, key, lazy_above if role in tuple(lazy_roles) else None, remaining
+            )
+            loaded.origins[role] = origin_text(tensor_file, key)
+        loaded.hparams = _hparams_for(data_file, keys.get("x"))
+        loaded.sources = cache.sources
+    return loaded
+
+
+def _in_memory(arrays: dict) -> int:
+    return sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
+
+
+def _read_or_refer(
+    tensor_file: TensorFile, key: str, lazy_above: int | None, max_bytes: int | None = None
+):
+    """The array, or a DatasetRef for an HDF5 dataset larger than ``lazy_above`` bytes."""
+    if lazy_above is not None and tensor_file.format == "hdf5":
+        dataset = tensor_file._dataset(key)
+        ref = DatasetRef(
+            path=tensor_file.path.resolve(),
+            key=dataset.name,
+            shape=tuple(dataset.shape or ()),
+            dtype=dataset.dtype,
+            origin=origin_text(tensor_file, key),
+        )
+        if ref.shape and ref.nbytes > lazy_above and ref.dtype.kind in "fiu":
+            tensor_file.check_readable(key)  # no external storage or virtual data
+            return ref
+    return tensor_file.read(key, max_bytes=max_bytes)
+
+
+def _open_data_file(cache: _FileCache, data) -> TensorFile:
+    data_file = cache.open(data)
+    if data_file.format == "npy":
+        raise DataError(
+            f"{data}: a .npy file holds one unnamed array, so it cannot supply tensors by "
+            f"name; pass it with --x {data} (or --w, --b, --dz)"
+        )
+    return data_file
+
+
+def _locate(
+    cache: _FileCache, data_file: TensorFile | None, role: str, ref: str | None, required: bool
+) -> tuple[TensorFile, str] | None:
+    """File and key holding ``role``, or None for an optional role found nowhere."""
+    if ref:
+        path, key = parse_ref(ref)
+        tensor_file = cache.open(path)
+        return tensor_file, (key if key is not None else _default_key(tensor_file, role))
+    if data_file is not None:
+        key = data_file.find(role)
+        if key is not None:
+            return data_file, key
+        if required:
+            raise DataError(
+                f"no {role} found in {data_file.path} (looked for {', '.join(ALIASES[role])}); "
+                f"it {data_file.describe()}; pass --{role} FILE:KEY"
+            )
+        return None
+    if required:
+        raise UsageError(f"no {role} given: pass a data file or --{role} FILE[:KEY]")
+    return None
+
+
+def _default_key(tensor_file: TensorFile, role: str) -> str:
+    """Key to use for a reference without ``:KEY``: the only array, or the one named for role."""
+    if tensor_file.format == "npy":
+        return ""
+    tensors = tensor_file.tensor_keys()
+    if len(tensors) == 1:
+        return tensors[0]
+    key = tensor_file.find(role)
+    if key is None:
+        raise DataError(
+            f"--{role} {tensor_file.path}: the file holds {len(tensors)} arrays and none is "
+            f"named {', '.join(ALIASES[role])}; pass --{role} {tensor_file.path}:KEY; "
+            f"it {tensor_file.describe()}"
+        )
+    return key
+
+
+def _hparams_for(
+    data_file: TensorFile | None, x_found: tuple[TensorFile, str] | None
+) -> dict[str, tuple[object, str]]:
+    """Hyperparameters from the data file, else from the file x came from."""
+    if data_file is not None:
+        near = x_found[1] if x_found and x_found[0] is data_file else None
+        return data_file.hparams(near_key=near)
+    if x_found is not None:
+        return x_found[0].hparams(near_key=x_found[1])
+    return {}
