@@ -57,6 +57,8 @@ class Config:
             "stride": [self.stride, self.stride],
             "dilation": [1, 1],
             "groups": 1,
+            "padding_mode": "zeros",
+            "layout": "nhwc",
             "pad": [[self.pad, self.pad], [self.pad, self.pad]],
         }
 

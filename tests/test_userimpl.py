@@ -153,6 +153,8 @@ def test_one_configuration_from_flags(tmp_path):
             "stride": [2, 2],
             "dilation": [1, 1],
             "groups": 1,
+            "padding_mode": "zeros",
+            "layout": "nhwc",
             "pad": [[1, 1], [1, 1]],
         }
     ]
