@@ -22,6 +22,26 @@ Depthwise layers (one input channel per group), where a GEMM would have an inner
 There is no Python loop over images, output pixels or channels: the loops are over tiles and
 kernel taps. Scratch memory (patch matrices, padded buffers, group transposes) stays under
 ``workspace`` bytes, except that one output row of one image is the smallest tile.
+
+Threads and ownership. Tiles run on several worker threads; no two tiles that run at the same
+time ever write the same memory:
+
+- every worker has its own scratch buffers (lent by ``_SCRATCH``, never shared) and, in the
+  backward pass, its own dw accumulator; the accumulators are summed once, after all tiles;
+- a forward tile writes only its own output rows of z (tiles partition the output);
+- a backward tile first adds its patch gradients into its own padded buffer, then folds that
+  buffer into dx (:meth:`_Plan._add_interior`): into the input rows under its receptive
+  fields and, for reflect/replicate/circular padding, the rows its border copies came from.
+  Those rows overlap the rows of neighbouring row tiles of the same image. The tiles are
+  therefore grouped into *waves* (:meth:`_Plan.waves`): a greedy colouring of the row blocks
+  by the exact set of dx rows each one folds into (computed by the same function the fold
+  uses), so that the tiles of one wave own disjoint (image, row) sets. Waves run one after
+  another; inside a wave each dx element has exactly one writer. Blocks of whole images
+  never overlap and form a single wave.
+
+Because the waves fix the order in which contributions reach each dx element, dx is the same
+bit for bit whatever the number of threads, given the same tiles (each worker gets
+``workspace / threads`` of scratch, so the tiling depends on both).
 """
 
 from __future__ import annotations
@@ -217,16 +237,17 @@ _SCRATCH = _ScratchPool()
 # -- tiles in parallel -----------------------------------------------------------------------
 
 _pool: dict = {}
-_dx_lock = threading.Lock()
+_pool_lock = threading.Lock()
 
 
 def _blas_controller():
     """threadpoolctl's controller of NumPy's BLAS (created once, after NumPy is loaded)."""
-    if "controller" not in _pool:
-        from threadpoolctl import ThreadpoolController
+    with _pool_lock:
+        if "controller" not in _pool:
+            from threadpoolctl import ThreadpoolController
 
-        _pool["controller"] = ThreadpoolController()
-    return _pool["controller"]
+            _pool["controller"] = ThreadpoolController()
+        return _pool["controller"]
 
 
 def blas_threads() -> int:
@@ -237,12 +258,22 @@ def blas_threads() -> int:
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    if _pool.get("workers") != workers:
-        if "executor" in _pool:
-            _pool["executor"].shutdown(wait=False)
-        _pool["executor"] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convcli")
-        _pool["workers"] = workers
-    return _pool["executor"]
+    """One thread pool per worker count, kept for the process (never shut down under a
+    caller that may still be submitting to it)."""
+    with _pool_lock:
+        executors = _pool.setdefault("executors", {})
+        if workers not in executors:
+            executors[workers] = ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix="convcli"
+            )
+        return executors[workers]
+
+
+# One call at a time runs tiles in parallel: each such call already uses every worker, and
+# threadpoolctl lets only the thread that lowered OpenBLAS's thread count raise it again, so
+# the limit must be set and restored by one thread at a time. Calls from a user's own threads
+# queue here.
+_PARALLEL = threading.Lock()
 
 
 def _is_depthwise(geometry: Geometry) -> bool:
@@ -253,8 +284,10 @@ def _for_each_tile(geometry, dtype, workspace, threads, *, backward, work, dw_sh
     """Run ``work(plan, tile)`` for every tile, on ``threads`` workers (default: BLAS threads).
 
     Each worker has its own plan (scratch buffers, and a dw accumulator for the backward
-    pass) and gets an equal share of the workspace. With several workers, BLAS runs one
-    thread per worker for the duration, so the cores are not oversubscribed.
+    pass) and gets an equal share of the workspace. Tiles run wave by wave
+    (:meth:`_Plan.waves`); inside a wave they are dealt round-robin to the workers. With several
+    workers, BLAS runs one thread per worker for the duration, so the cores are not
+    oversubscribed.
     """
     workers = max(1, int(threads) if threads is not None else blas_threads())
     plans = [
@@ -269,23 +302,23 @@ def _run_plans(plans, workers, work, dw_shape, dtype):
     if dw_shape is not None:
         for plan in plans:
             plan.dw = np.zeros(dw_shape, dtype=dtype)
-    tiles = list(plans[0].tiles())
-    if workers == 1 or len(tiles) < 2:
-        for tile in tiles:
-            work(plans[0], tile)
+    waves = plans[0].waves()
+    if workers == 1 or max(len(wave) for wave in waves) < 2:
+        for wave in waves:
+            for tile in wave:
+                work(plans[0], tile)
         return plans
 
     def run(plan: _Plan, share) -> None:
         for tile in share:
             work(plan, tile)
 
-    controller = _blas_controller()
-    with controller.limit(limits=1, user_api="blas"):
-        futures = [
-            _executor(workers).submit(run, plans[k], tiles[k::workers]) for k in range(workers)
-        ]
-        for future in futures:
-            future.result()
+    executor = _executor(workers)
+    with _PARALLEL, _blas_controller().limit(limits=1, user_api="blas"):
+        for wave in waves:  # a wave ends before the next begins: its tiles own their writes
+            futures = [executor.submit(run, plans[k], wave[k::workers]) for k in range(workers)]
+            for future in futures:
+                future.result()
     return plans
 
 
@@ -418,6 +451,38 @@ class _Plan:
             guess -= 1
         return guess
 
+    def waves(self) -> list[list[_Tile]]:
+        """The tiles in waves whose dx footprints are pairwise disjoint (see the module
+        docstring). Without a scatter into dx (forward, stride-1 backward) or with whole images
+        per tile, no two tiles write the same memory: one wave."""
+        tiles = list(self.tiles())
+        if not self.backward or self.rows_per_tile == self.geometry.out_sizes[0]:
+            return [tiles]
+        occupied: list[np.ndarray] = []  # per wave, the dx rows its blocks fold into
+        colour: dict[int, int] = {}  # first output row of a block -> its wave
+        for tile in tiles[: len(tiles) // self.geometry.n]:  # the row blocks of one image
+            rows = self.fold_rows(tile)
+            wave = next((k for k, mask in enumerate(occupied) if not mask[rows].any()), None)
+            if wave is None:
+                wave = len(occupied)
+                occupied.append(np.zeros(self.geometry.in_sizes[0], dtype=bool))
+            occupied[wave][rows] = True
+            colour[tile.rows.start] = wave
+        waves: list[list[_Tile]] = [[] for _ in occupied]
+        for tile in tiles:  # tiles of different images never share rows
+            waves[colour[tile.rows.start]].append(tile)
+        return waves
+
+    def fold_rows(self, tile: _Tile) -> np.ndarray:
+        """Indices along the first spatial axis of the dx rows :meth:`_add_interior` writes for
+        this tile: the rows under its receptive fields, folded back as the padding mode says."""
+        starts, lengths = self._input_window(tile)
+        size = self.geometry.in_sizes[0]
+        if self.geometry.padding_mode == "zeros":
+            rows = _inside(starts[:1], lengths[:1], (size,))[0]
+            return np.arange(rows.start, rows.stop)
+        return np.unique(self._source_maps(starts[:1], lengths[:1], (size,))[0])
+
     def tiles(self):
         geometry = self.geometry
         out_rows = geometry.out_sizes[0]
@@ -543,8 +608,7 @@ class _Plan:
         zeros drop the padding; other modes add it onto the pixels it was copied from."""
         if self.geometry.padding_mode != "zeros":
             maps = self._source_maps(starts, lengths, target.shape[1:-1])
-            with _dx_lock:
-                np.add.at(target[tile.images], (slice(None), *np.ix_(*maps)), padded)
+            np.add.at(target[tile.images], (slice(None), *np.ix_(*maps)), padded)
             return
         inside = _inside(starts, lengths, target.shape[1:-1])
         source = tuple(
