@@ -70,6 +70,10 @@ def _error_line(message: str) -> None:
     )
 
 
+def _ignore_unraisable(_unraisable) -> None:
+    """An ``sys.unraisablehook`` that prints nothing."""
+
+
 class ConvcliGroup(TyperGroup):
     """Turns every failure into one ``convcli: error: ...`` line and its exit code."""
 
@@ -85,6 +89,10 @@ class ConvcliGroup(TyperGroup):
                 _error_line(message + hint)
             code = EXIT_USAGE
         except typer.Abort:
+            # Ctrl-C can land inside a constructor (a ZipFile half built by np.load); its
+            # __del__ then fails when the traceback is released. We are exiting: stay quiet.
+            if not _state["debug"]:
+                sys.unraisablehook = _ignore_unraisable
             code = EXIT_INTERRUPTED
         except ConvcliError as error:
             if _state["debug"]:
