@@ -1,6 +1,6 @@
 """One forward or backward run: the library behind ``convcli forward`` / ``convcli backward``.
 
-Takes arrays (NHWC x, HWIO w, b, optional dz) and a :class:`ConvSpec`, runs an engine,
+Takes arrays (x, w, b, optional dz, in the spec's layout) and a :class:`ConvSpec`, runs an engine,
 writes the outputs when asked (``out``), and returns a :class:`RunResult` holding every
 tensor with its role, origin and summary statistics. When x is an HDF5 dataset left on disk
 (:class:`~convcli.loading.DatasetRef`), the run streams it: see :mod:`convcli.streaming`.
@@ -93,7 +93,11 @@ def run_forward(
     allow_nonfinite: bool = False,
     max_memory: int | None = None,
 ) -> RunResult:
-    """Run ``z = conv(x, w) + b``; ``arrays`` holds x (n,H,W,Cin), w (kh,kw,Cin/g,Cout), b.
+    """Run ``z = conv(x, w) + b``; ``arrays`` holds x, w and b in ``spec.layout``.
+
+    x is ``(n, *spatial, Cin)`` and w ``(*kernel, Cin/groups, Cout)`` channels last, or
+    ``(n, Cin, *spatial)`` and ``(Cout, Cin/groups, *kernel)`` channels first; every tensor
+    of the result (z, and its statistics) is in the same layout.
 
     ``out``: a ``.npz`` or ``.h5`` path to write z and the hyperparameters to (atomically;
     an existing file only with ``force``; never one of ``protect``). NaN/Inf in the inputs

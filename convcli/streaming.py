@@ -1,6 +1,9 @@
 """Forward and backward on HDF5 inputs bigger than memory: the batch streamed in chunks.
 
-x (and dz, when it is an HDF5 dataset too) is read a block of images at a time; each
+x (and dz, when it is an HDF5 dataset too) is read a block of images at a time, through
+one open handle per file for the whole run; after every block the file is checked to be
+the version that was loaded (:meth:`~convcli.loading.OpenDataset.verify`), so a file
+replaced or written during the run fails it instead of mixing two versions. Each
 block goes through the engine; outputs are written block by block into the ``--out`` HDF5
 file (through a temporary file renamed into place, as every output); summary statistics
 are merged chunk by chunk (:class:`~convcli.stats.RunningStats`); ``backward`` accumulates
@@ -156,12 +159,10 @@ def stream_run(
                     dw_total = dw if dw_total is None else dw_total + dw
                     if db is not None:
                         db_total = db if db_total is None else db_total + db
-                for opened in inputs.values():  # before the next block, and after the last
-                    opened.verify()
                 if progress is not None:
                     progress(number, len(starts))
-            for opened in inputs.values():  # a change during the last progress report
-                opened.verify()
+                for opened in inputs.values():  # after every block, so after the last too
+                    opened.verify()
         if h5 is not None:
             if backward_run:
                 h5.create_dataset("dw", data=dw_total)
