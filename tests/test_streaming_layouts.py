@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from convcli import ConvSpec, DataError, conv_backward, conv_forward
+from convcli import ConvSpec, DataError, conv_backward, conv_forward, runs
 from convcli.cli import app
 from convcli.loading import DatasetRef, load_tensors
 from convcli.runs import run_backward, run_forward
@@ -129,6 +129,25 @@ def test_streamed_backward_equals_in_memory(tmp_path, layout, rank, upstream):
         )
         dx, _, _ = conv_backward(arrays["dz"], cache)
         np.testing.assert_allclose(runs["streamed"]["written"]["dx"], dx, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_tensor_shapes_are_the_shapes_the_engine_returns(layout, rank):
+    rng = np.random.default_rng(2)
+    spatial, kernel = SPATIAL[rank], KERNEL[rank]
+    spec = ConvSpec(stride=2, padding=1, groups=2, layout=layout)
+    if layout == "nchw":
+        x, w = rng.standard_normal((2, 4, *spatial)), rng.standard_normal((6, 2, *kernel))
+    else:
+        x, w = rng.standard_normal((2, *spatial, 4)), rng.standard_normal((*kernel, 2, 6))
+    b = rng.standard_normal(6)
+    z, cache = conv_forward(x, w, b, spec)
+    dx, dw, db = conv_backward(z, cache)
+    actual = {"x": x, "w": w, "b": b, "z": z, "dz": z, "dx": dx, "dw": dw, "db": db}
+    shapes = runs.tensor_shapes("backward", spec.geometry(x.shape, w.shape), b.shape)
+    assert shapes == {name: value.shape for name, value in actual.items()}
+    assert list(shapes) == list(actual)  # display order: inputs, then outputs
 
 
 # -- slices and heatmaps are checked against the shapes the user sees ------------------------
