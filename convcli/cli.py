@@ -395,7 +395,9 @@ def backward(
     b: BRef = None,
     dz: Annotated[
         str | None,
-        typer.Option("--dz", metavar="REF", help="Upstream gradient (n,Ho,Wo,Cout) as FILE[:KEY]."),
+        typer.Option(
+            "--dz", metavar="REF", help="Upstream gradient (shape of z, same layout) as FILE[:KEY]."
+        ),
     ] = None,
     upstream: Annotated[
         UpstreamName,

@@ -9,6 +9,7 @@ memory guard refuses, before reading, tensors that would not fit.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,46 @@ from convcli.tensorfile import (
     parse_ref,
 )
 
+_IDENTITY_LABELS = (
+    ("device", "device"),
+    ("inode", "inode"),
+    ("size", "size"),
+    ("mtime_ns", "modification time"),
+    ("ctime_ns", "status-change time"),
+)
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What tells one version of a file from another without reading it (from ``stat``).
+
+    A file replaced under the same name has another device or inode; one written in place
+    has another size or modification / status-change time (to the filesystem's timestamp
+    resolution: a same-size rewrite within one clock tick of the last change is not seen).
+    """
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> FileIdentity:
+        return cls(
+            device=status.st_dev,
+            inode=status.st_ino,
+            size=status.st_size,
+            mtime_ns=status.st_mtime_ns,
+            ctime_ns=status.st_ctime_ns,
+        )
+
+    def differences(self, other: FileIdentity) -> list[str]:
+        """Names of what differs between ``self`` and ``other`` (empty: the same version)."""
+        return [
+            label for key, label in _IDENTITY_LABELS if getattr(self, key) != getattr(other, key)
+        ]
+
 
 @dataclass(frozen=True)
 class DatasetRef:
@@ -34,6 +75,8 @@ class DatasetRef:
     Attributes
     ----------
     path, key : where it is; shape, dtype : what it holds; origin : ``file.h5:/key`` text.
+    identity : the version of the file whose shape and dtype these are; every read checks
+        that it still reads that version (see :class:`OpenDataset`).
     """
 
     path: Path
@@ -41,22 +84,91 @@ class DatasetRef:
     shape: tuple
     dtype: np.dtype
     origin: str
+    identity: FileIdentity
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def open(self, name: str | None = None) -> OpenDataset:
+        """Open the file once for many reads (a whole streamed run); use as a context manager.
+
+        ``name`` (e.g. ``"x"``) starts error messages; the origin text when None.
+        """
+        return OpenDataset(self, name or self.origin)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of the first axis, in memory."""
         return self[start:stop]
 
     def __getitem__(self, index) -> np.ndarray:
-        with tensorfile.open_tensor_file(self.path) as tensor_file:
-            dataset = tensor_file._dataset(self.key)
-            try:
-                return np.asarray(dataset[index])
-            except _CONTENT_ERRORS as exc:
-                raise DataError(f"{self.origin}: cannot read ({_reason(exc)})") from exc
+        with self.open() as dataset:
+            rows = dataset[index]
+            dataset.verify()
+        return rows
+
+
+class OpenDataset:
+    """A :class:`DatasetRef`'s file held open: reads through one handle, then :meth:`verify`.
+
+    Opening refuses a file that is no longer the version the reference was made from; call
+    :meth:`verify` after the last read so that a file replaced or written to meanwhile is
+    refused rather than mixed into a result.
+
+    Raises
+    ------
+    DataError
+        On opening or :meth:`verify`, when the file changed; on reading, unreadable content.
+    InputFileError
+        On opening, when the file is missing or unreadable.
+    """
+
+    def __init__(self, ref: DatasetRef, name: str):
+        self.ref = ref
+        self.name = name
+        self._file = tensorfile.open_tensor_file(ref.path)
+        try:
+            self.verify()
+            self._dataset = self._file._dataset(ref.key)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the first axis, in memory."""
+        return self[start:stop]
+
+    def __getitem__(self, index) -> np.ndarray:
+        try:
+            return np.asarray(self._dataset[index])
+        except _CONTENT_ERRORS as exc:
+            raise DataError(f"{self.ref.origin}: cannot read ({_reason(exc)})") from exc
+
+    def verify(self) -> None:
+        """Refuse (DataError) if the open file or the file now at the path is another version."""
+        expected = self.ref.identity
+        changed = expected.differences(FileIdentity.of(self._file.stat()))
+        try:
+            at_path = FileIdentity.of(os.stat(self.ref.path))
+        except OSError:
+            changed.append("path (the file is gone)")
+        else:
+            changed += [what for what in expected.differences(at_path) if what not in changed]
+        if changed:
+            raise DataError(
+                f"{self.name}: {self.ref.path} changed while it was read ({', '.join(changed)} "
+                "differ from when it was opened), so a result would mix two versions of it; "
+                "run again once the file is no longer being changed"
+            )
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> OpenDataset:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 @dataclass
@@ -183,6 +295,7 @@ def _read_or_refer(
             shape=tuple(dataset.shape or ()),
             dtype=dataset.dtype,
             origin=origin_text(tensor_file, key),
+            identity=FileIdentity.of(tensor_file.stat()),
         )
         if ref.shape and ref.nbytes > lazy_above and ref.dtype.kind in "fiu":
             tensor_file.check_readable(key)  # no external storage or virtual data

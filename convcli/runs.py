@@ -1,6 +1,6 @@
 """One forward or backward run: the library behind ``convcli forward`` / ``convcli backward``.
 
-Takes arrays (NHWC x, HWIO w, b, optional dz) and a :class:`ConvSpec`, runs an engine,
+Takes arrays (x, w, b, optional dz, in the spec's layout) and a :class:`ConvSpec`, runs an engine,
 writes the outputs when asked (``out``), and returns a :class:`RunResult` holding every
 tensor with its role, origin and summary statistics. When x is an HDF5 dataset left on disk
 (:class:`~convcli.loading.DatasetRef`), the run streams it: see :mod:`convcli.streaming`.
@@ -17,7 +17,7 @@ import numpy as np
 from convcli.engine import DEFAULT_WORKSPACE, conv_backward, conv_forward, scratch_bytes
 from convcli.errors import ConvcliNotice, UsageError
 from convcli.reference import conv_backward_reference, conv_forward_reference
-from convcli.spec import ConvSpec
+from convcli.spec import ConvSpec, Geometry
 from convcli.stats import summarize
 
 ENGINES = {
@@ -93,7 +93,11 @@ def run_forward(
     allow_nonfinite: bool = False,
     max_memory: int | None = None,
 ) -> RunResult:
-    """Run ``z = conv(x, w) + b``; ``arrays`` holds x (n,H,W,Cin), w (kh,kw,Cin/g,Cout), b.
+    """Run ``z = conv(x, w) + b``; ``arrays`` holds x, w and b in ``spec.layout``.
+
+    x is ``(n, *spatial, Cin)`` and w ``(*kernel, Cin/groups, Cout)`` channels last, or
+    ``(n, Cin, *spatial)`` and ``(Cout, Cin/groups, *kernel)`` channels first; every tensor
+    of the result (z, and its statistics) is in the same layout.
 
     ``out``: a ``.npz`` or ``.h5`` path to write z and the hyperparameters to (atomically;
     an existing file only with ``force``; never one of ``protect``). NaN/Inf in the inputs
@@ -227,27 +231,44 @@ def run_backward(
 NONFINITE_HINT = "; pass --allow-nonfinite to run anyway"
 
 
+def tensor_shapes(command: str, geometry: Geometry, b_shape: tuple | None) -> dict:
+    """Shape of every tensor of a ``command`` run as the caller sees it, in display order.
+
+    Both pipelines (in memory and streamed) take their shapes from here, in the spec's
+    layout (:meth:`~convcli.spec.Geometry.user_shapes`), never from the engine's
+    channels-last view. ``b_shape``: the shape b was given in, None without a bias.
+    """
+    user = geometry.user_shapes()
+    shapes = {"x": user["x"], "w": user["w"]}
+    if b_shape is not None:
+        shapes["b"] = tuple(b_shape)
+    shapes["z"] = user["z"]
+    if command == "backward":
+        shapes |= {"dz": user["z"], "dx": user["x"], "dw": user["w"]}
+        if b_shape is not None:
+            shapes["db"] = tuple(b_shape)
+    return shapes
+
+
 def expected_shapes(command: str, arrays: dict, spec: ConvSpec, has_out: bool) -> dict:
     """Shape of every tensor a run will have, before running it (for checking --slice).
 
-    A tensor that a streamed run does not keep (and cannot read back) maps to None.
+    A tensor that a streamed run does not keep (and cannot read back) maps to None: z and
+    dx unless written to ``--out`` (forward's z), z in backward, and dz when it is made
+    block by block from ``--upstream``.
     """
     x, w, b = arrays["x"], arrays["w"], arrays.get("b")
     geometry = spec.geometry(tuple(x.shape), tuple(np.shape(w)))
-    streamed = _is_streamed(arrays)
-    shapes = {"x": tuple(x.shape), "w": tuple(np.shape(w))}
-    if b is not None:
-        shapes["b"] = tuple(np.shape(b))
-    if command == "forward":
-        shapes["z"] = None if streamed and not has_out else geometry.out_shape
-        return shapes
-    dz = arrays.get("dz")
-    shapes["z"] = None if streamed else geometry.out_shape
-    shapes["dz"] = None if streamed and not hasattr(dz, "origin") else geometry.out_shape
-    shapes["dx"] = None if streamed and not has_out else tuple(x.shape)
-    shapes["dw"] = tuple(np.shape(w))
-    if b is not None:
-        shapes["db"] = tuple(np.shape(b))
+    shapes = tensor_shapes(command, geometry, None if b is None else np.shape(b))
+    if _is_streamed(arrays):
+        passed_through = {
+            "z": command == "backward" or not has_out,
+            "dz": arrays.get("dz") is None,
+            "dx": not has_out,
+        }
+        for name, dropped in passed_through.items():
+            if dropped and name in shapes:
+                shapes[name] = None
     return shapes
 
 

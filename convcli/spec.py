@@ -343,7 +343,11 @@ class ConvSpec:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Everything about one convolution's shapes, resolved and checked (channels last)."""
+    """Everything about one convolution's shapes, resolved and checked (channels last).
+
+    The fields and :attr:`out_shape` are the engine's channels-last view; the shapes in the
+    caller's layout come from :meth:`user_shapes`.
+    """
 
     n: int
     in_sizes: tuple[int, ...]
@@ -370,9 +374,27 @@ class Geometry:
     @property
     def user_out_shape(self) -> tuple[int, ...]:
         """Shape of z in the caller's layout."""
+        return self.user_shapes()["z"]
+
+    def user_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of x, w and z as the caller gives and gets them (the spec's layout).
+
+        ``out_shape`` and the engine's arrays are channels last; anything shown to the user,
+        written for them, or checked against their data (dz, slices, files) uses these.
+        Gradients have the shape of their tensor: dx of x, dw of w, dz of z.
+        """
+        cin_per_group = self.cin // self.groups
         if self.layout == "nchw":
-            return (self.n, self.cout, *self.out_sizes)
-        return self.out_shape
+            return {
+                "x": (self.n, self.cin, *self.in_sizes),
+                "w": (self.cout, cin_per_group, *self.kernel),
+                "z": (self.n, self.cout, *self.out_sizes),
+            }
+        return {
+            "x": (self.n, *self.in_sizes, self.cin),
+            "w": (*self.kernel, cin_per_group, self.cout),
+            "z": self.out_shape,
+        }
 
     def hparams(self) -> dict:
         """Resolved hyperparameters as plain JSON-ready values."""

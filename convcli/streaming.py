@@ -1,6 +1,9 @@
 """Forward and backward on HDF5 inputs bigger than memory: the batch streamed in chunks.
 
-x (and dz, when it is an HDF5 dataset too) is read a block of images at a time; each
+x (and dz, when it is an HDF5 dataset too) is read a block of images at a time, through
+one open handle per file for the whole run; after every block the file is checked to be
+the version that was loaded (:meth:`~convcli.loading.OpenDataset.verify`), so a file
+replaced or written during the run fails it instead of mixing two versions. Each
 block goes through the engine; outputs are written block by block into the ``--out`` HDF5
 file (through a temporary file renamed into place, as every output); summary statistics
 are merged chunk by chunk (:class:`~convcli.stats.RunningStats`); ``backward`` accumulates
@@ -20,7 +23,7 @@ import h5py
 import numpy as np
 
 from convcli.errors import ConvcliNotice, ShapeError, UsageError
-from convcli.loading import DatasetRef
+from convcli.loading import DatasetRef, FileIdentity
 from convcli.operands import as_float_array
 from convcli.spec import ConvSpec
 from convcli.stats import RunningStats
@@ -66,6 +69,7 @@ def stream_run(
         Tensor,
         engine_functions,
         notices_of,
+        tensor_shapes,
         upstream_gradient,
         upstream_origin,
     )
@@ -87,11 +91,11 @@ def stream_run(
         w_checked = as_float_array("w", w)
         dtype = np.result_type(*_float_dtypes(x_ref.dtype, w_checked, b))
     geometry = spec.geometry(x_ref.shape, w_checked.shape)
+    shapes = tensor_shapes(command, geometry, None if b is None else np.shape(b))
     dz_source = arrays.get("dz")
-    if dz_source is not None and tuple(dz_source.shape) != geometry.out_shape:
+    if dz_source is not None and tuple(dz_source.shape) != shapes["z"]:
         raise ShapeError(
-            f"dz has shape {tuple(dz_source.shape)}; the forward output z has shape "
-            f"{geometry.out_shape}"
+            f"dz has shape {tuple(dz_source.shape)}; the forward output z has shape {shapes['z']}"
         )
     backward_run = command == "backward"
     per_chunk = chunk_images(geometry, dtype, workspace, backward_run)
@@ -111,33 +115,37 @@ def stream_run(
             check_finite("b", b, hint=hint)
     engine_workspace = max(1, workspace - workspace // 2)
     starts = list(range(0, geometry.n, per_chunk))
-    stats = {"x": RunningStats(x_ref.shape, x_ref.dtype)}
-    stats["z"] = RunningStats(geometry.out_shape, dtype)
+    stats = {"x": RunningStats(shapes["x"], x_ref.dtype), "z": RunningStats(shapes["z"], dtype)}
     if backward_run:
         dz_dtype = dtype if dz_source is None else dz_source.dtype
-        stats["dz"] = RunningStats(geometry.out_shape, dz_dtype)
-        stats["dx"] = RunningStats(x_ref.shape, np.result_type(dtype, dz_dtype))
+        stats["dz"] = RunningStats(shapes["dz"], dz_dtype)
+        stats["dx"] = RunningStats(shapes["dx"], np.result_type(dtype, dz_dtype))
     rng = np.random.default_rng(seed)
     dw_total = db_total = None
 
     start_time = time.perf_counter()
     with contextlib.ExitStack() as stack:
         h5 = _open_output(stack, out)
+        # each input file is read through one handle, and must stay the version it was
+        inputs = {"x": stack.enter_context(x_ref.open("x"))}
+        if isinstance(dz_source, DatasetRef):
+            inputs["dz"] = stack.enter_context(dz_source.open("dz"))
+        dz_rows = inputs.get("dz", dz_source)
         with warnings.catch_warnings(record=True) as caught_run:
             warnings.simplefilter("always", ConvcliNotice)
             for number, start in enumerate(starts, start=1):
                 stop = min(start + per_chunk, geometry.n)
-                x = x_ref.read(start, stop)
+                x = inputs["x"].read(start, stop)
                 if not allow_nonfinite:
                     check_finite(f"x (images {start}-{stop - 1})", x, offset=start, hint=hint)
                 stats["x"].update(x)
                 z, cache = forward(x, w, b, spec, workspace=engine_workspace, threads=threads)
                 stats["z"].update(z)
                 if not backward_run:
-                    _write_rows(h5, "z", geometry.out_shape, z, start, stop)
+                    _write_rows(h5, "z", shapes["z"], z, start, stop)
                 else:
-                    if dz_source is not None:
-                        dz = np.asarray(dz_source[start:stop])
+                    if dz_rows is not None:
+                        dz = np.asarray(dz_rows[start:stop])
                         if not allow_nonfinite:
                             check_finite(
                                 f"dz (images {start}-{stop - 1})", dz, offset=start, hint=hint
@@ -147,12 +155,14 @@ def stream_run(
                     stats["dz"].update(dz)
                     dx, dw, db = backward(dz, cache)
                     stats["dx"].update(dx)
-                    _write_rows(h5, "dx", x_ref.shape, dx, start, stop)
+                    _write_rows(h5, "dx", shapes["dx"], dx, start, stop)
                     dw_total = dw if dw_total is None else dw_total + dw
                     if db is not None:
                         db_total = db if db_total is None else db_total + db
                 if progress is not None:
                     progress(number, len(starts))
+                for opened in inputs.values():  # after every block, so after the last too
+                    opened.verify()
         if h5 is not None:
             if backward_run:
                 h5.create_dataset("dw", data=dw_total)
@@ -172,6 +182,7 @@ def stream_run(
             shape=stats[written].shape,
             dtype=stats[written].dtype,
             origin=f"{out}:/{written}",
+            identity=FileIdentity.of(out.stat()),
         )
     tensors = {"x": Tensor(x_ref, "input", origins.get("x", x_ref.origin), stats["x"].summary())}
     tensors["w"] = Tensor(np.asarray(w), "input", origins.get("w", "given"))
@@ -180,9 +191,8 @@ def stream_run(
     z_reader = None if backward_run else reader
     tensors["z"] = Tensor(z_reader, "output", "computed", stats["z"].summary())
     if backward_run:
-        dz_reader = dz_source if isinstance(dz_source, DatasetRef) else None
         dz_origin = origins.get("dz", "given")
-        tensors["dz"] = Tensor(dz_reader, "input", dz_origin, stats["dz"].summary())
+        tensors["dz"] = Tensor(dz_source, "input", dz_origin, stats["dz"].summary())
         tensors["dx"] = Tensor(reader, "output", "computed", stats["dx"].summary())
         tensors["dw"] = Tensor(dw_total, "output", "computed")
         if db_total is not None:

@@ -274,6 +274,19 @@ class TensorFile:
     def __repr__(self) -> str:
         return f"TensorFile({str(self.path)!r}, format={self.format!r})"
 
+    def stat(self) -> os.stat_result:
+        """``fstat`` of the open file: the one being read, even if its path now names another.
+
+        A ``.npy`` is not held open, so for it this is the ``stat`` of its path.
+        """
+        if self.format == "hdf5":
+            return os.fstat(self._open_handle().id.get_vfd_handle())
+        if self.format == "npz":
+            if self._stream is None:
+                raise DataError(f"{self.path}: file is closed")
+            return os.fstat(self._stream.fileno())
+        return os.stat(self.path)
+
     # -- listing ----------------------------------------------------------------------------
 
     def keys(self) -> list[str]:
