@@ -563,12 +563,12 @@ def _check_fingerprints(source: Path, out: Path, sweep: Sweep) -> None:
     others = sorted(str(f) for f in found - {sweep.fingerprint} if f is not None)
     if not others and None not in found:
         return
-    held = [f"spec {', '.join(others)}"] if others else []
+    held = [f"results of spec {', '.join(others)}"] if others else []
     if None in found:
         held.append("records with no spec fingerprint (written by an older convcli)")
     raise SpecMismatchError(
-        f"{out} holds results of {' and '.join(held)}, not only of {sweep.path} (spec "
-        f"{sweep.fingerprint}); resuming continues only the spec that wrote them"
+        f"{out} holds {' and '.join(held)}, but {sweep.path} is spec "
+        f"{sweep.fingerprint}; resuming continues only the spec that wrote the results"
     )
 
 

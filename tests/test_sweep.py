@@ -433,3 +433,25 @@ def test_append_and_force_do_not_go_together(tmp_path):
     assert result.exit_code == 2
     assert "--append" in result.stderr
     assert "--force" in result.stderr
+
+
+def test_auto_mode_in_a_sweep_is_the_same_on_a_slow_machine(tmp_path, monkeypatch):
+    import convcli.gradcheck as gc
+
+    spec = write(tmp_path, SMALL.replace('mode = "exhaustive"', 'mode = "auto"'))
+    fast = sweep(spec, "--out", tmp_path / "fast.jsonl")
+    now = [0.0]
+
+    def slow_clock() -> float:  # every reading 100 s after the last: a very slow machine
+        now[0] += 100.0
+        return now[0]
+
+    monkeypatch.setattr(gc.time, "perf_counter", slow_clock)
+    slow = sweep(spec, "--out", tmp_path / "slow.jsonl")
+    assert fast.exit_code == slow.exit_code == 0
+
+    def modes(path):
+        return {r["key"]: (r["gradcheck"]["mode"], r["status"]) for r in lines(path)}
+
+    assert modes(tmp_path / "slow.jsonl") == modes(tmp_path / "fast.jsonl")
+    assert {mode for mode, _ in modes(tmp_path / "fast.jsonl").values()} == {"exhaustive"}
