@@ -868,7 +868,10 @@ def sweep(
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Parallel processes.")] = 1,
     resume: Annotated[
         bool,
-        typer.Option("--resume", help="Skip configurations already in --out; append the rest."),
+        typer.Option(
+            "--resume",
+            help="Skip configurations already in --out (written by this spec); run the rest.",
+        ),
     ] = False,
     append: Annotated[
         bool,

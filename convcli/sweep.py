@@ -454,6 +454,8 @@ def record_verdict(record: dict) -> str:
     gradcheck = record.get("gradcheck")
     if record.get("error") is not None or record.get("status") == "errored":
         return "errored"
+    if "gradcheck" in record.get("actions", ()) and not isinstance(gradcheck, dict):
+        return "errored"  # asked for, never recorded
     if gradcheck and gradcheck.get("passed") is not True:
         return "failed"
     if record.get("status") in ("passed", "ok"):

@@ -139,6 +139,7 @@ def test_sweep_summary_counts_every_kind_of_result():
             record("b", "failed", gradcheck={"passed": False, "mode": "sample+fast"}),
             record("c", "errored", error="worker failed: BrokenProcessPool: ..."),
             record("d", "passed"),
+            {**record("e", "passed"), "actions": ["forward", "gradcheck"]},  # no verdict
         ],
         skipped=0,
         seconds=0.0,
@@ -146,10 +147,11 @@ def test_sweep_summary_counts_every_kind_of_result():
     )
     data = summary.to_json()
     assert data["passed"] is False
-    assert data["counts"] == {"passed": 2, "failed": 1, "errored": 1}
+    assert data["counts"] == {"passed": 2, "failed": 1, "errored": 2}
     assert [r["gradcheck_mode"] for r in data["results"]] == [
         "exhaustive",
         "sample+fast",
+        None,
         None,
         None,
     ]
