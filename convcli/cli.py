@@ -107,6 +107,7 @@ class ConvcliGroup(TyperGroup):
         if code == EXIT_INTERRUPTED:
             _error_line("interrupted")
         code = code if isinstance(code, int) else 0
+        _flush_stdout()  # what is still buffered; a reader that went away is no error
         if standalone_mode:
             sys.exit(code)
         return code
@@ -121,9 +122,55 @@ app = typer.Typer(
 )
 
 
+def _silence_stdout() -> None:
+    """Point stdout's file descriptor at the null device.
+
+    Called when the reader of stdout has gone (``convcli ... | head -c 10``): the rest of the
+    data output is dropped, and the interpreter's final flush has nothing left to fail on, so
+    no "Exception ignored" message appears and the exit code stays the command's.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stream (None, or a test's buffer)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _flush_stdout() -> None:
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+@contextlib.contextmanager
+def _data_output():
+    """Around writing data to stdout: a closed or broken stdout ends the output, never the
+    command — the exit code stays the verdict (0 or 1)."""
+    try:
+        yield
+    except BrokenPipeError:
+        _silence_stdout()
+    _flush_stdout()
+
+
+class _DataConsole(Console):
+    """Rich's console for data on stdout, minus Rich's exit(1) on a broken pipe."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _silence_stdout()
+
+
 def _version(value: bool) -> None:
     if value:
-        print(f"convcli {__version__}")
+        with _data_output():
+            print(f"convcli {__version__}")
         raise typer.Exit()
 
 
@@ -283,7 +330,7 @@ def _messages() -> Console:
 
 def _data_console() -> Console:
     """The stdout console for tables; piped output gets a width no number is cut at."""
-    console = Console(highlight=False, emoji=False)
+    console = _DataConsole(highlight=False, emoji=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 120
     return console
@@ -313,12 +360,14 @@ def _finish(result: RunResult, slice_exprs, as_json: bool, out, heatmap_exprs=()
     for notice in result.notices:
         messages.print(f"convcli: note: {escape(notice)}")
     if as_json:
-        print(result_json(result, slices, pictures))
+        with _data_output():
+            print(result_json(result, slices, pictures))
         return
     console = _data_console()
-    print_result(console, result, slices)
-    for label, value in pictures.items():
-        print_heatmap(console, value, f"{label}, shape {value.shape}")
+    with _data_output():
+        print_result(console, result, slices)
+        for label, value in pictures.items():
+            print_heatmap(console, value, f"{label}, shape {value.shape}")
     if out is not None:
         messages.print(f"wrote {', '.join(result.outputs)} to {escape(str(out))}")
 
@@ -670,10 +719,11 @@ def gradcheck(
     messages = _messages()
     for notice in run.notices:
         messages.print(f"convcli: note: {escape(notice)}")
-    if as_json:
-        print(gradcheck_json(run))
-    else:
-        print_gradcheck(_data_console(), run)
+    with _data_output():
+        if as_json:
+            print(gradcheck_json(run))
+        else:
+            print_gradcheck(_data_console(), run)
     if not run.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
@@ -684,7 +734,7 @@ def _progress(as_json: bool, label: str):
 
     None with --json or when stdout is not a terminal.
     """
-    if as_json or _state["quiet"] or not sys.stdout.isatty():
+    if as_json or _state["quiet"] or sys.stdout is None or not sys.stdout.isatty():
         yield None
         return
     from rich.progress import Progress
@@ -773,6 +823,11 @@ def generate(
         dz=with_dz,
     )
     write_tensors(out, tensors, attrs, force=force, flag="OUT")
+    with _data_output():
+        _print_generated(out, tensors, attrs, dtype.value, as_json)
+
+
+def _print_generated(out, tensors, attrs, dtype: str, as_json: bool) -> None:
     if as_json:
         print(
             json.dumps(
@@ -789,7 +844,7 @@ def generate(
         )
         return
     listing = ", ".join(f"{name} {tuple(a.shape)}" for name, a in tensors.items())
-    _data_console().print(Text(f"wrote {out}: {listing} {dtype.value}; hyperparameters {attrs}"))
+    _data_console().print(Text(f"wrote {out}: {listing} {dtype}; hyperparameters {attrs}"))
 
 
 @app.command()
@@ -804,10 +859,11 @@ def inspect(
     Example: convcli inspect sample_data/conv_example.h5
     """
     report = inspect_file(file)
-    if as_json:
-        print(json.dumps(report))
-        return
-    print_inventory(_data_console(), report)
+    with _data_output():
+        if as_json:
+            print(json.dumps(report))
+        else:
+            print_inventory(_data_console(), report)
 
 
 @app.command()
@@ -822,7 +878,14 @@ def sweep(
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Parallel processes.")] = 1,
     resume: Annotated[
         bool,
-        typer.Option("--resume", help="Skip configurations already in --out; append the rest."),
+        typer.Option(
+            "--resume",
+            help="Skip configurations already in --out (written by this spec); run the rest.",
+        ),
+    ] = False,
+    append: Annotated[
+        bool,
+        typer.Option("--append", help="Like --resume, but --out may hold results of another spec."),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Start --out over if it exists.")] = False,
     scheduler: Annotated[
@@ -833,24 +896,39 @@ def sweep(
     ] = None,
     as_json: Json = False,
 ) -> None:
-    """Run many configurations from a TOML spec; one JSON line per result; exit 1 if a
-    gradient check failed.
+    """Run many configurations from a TOML spec; one JSON line per result; exit 1 unless
+    every configuration ran and passed.
 
     Example: convcli sweep sample_data/sweep.toml --out results.jsonl --jobs 2
     """
-    from convcli.sweep import load_sweep, run_sweep
+    from convcli.sweep import SpecMismatchError, load_sweep, run_sweep
 
+    if append and force:
+        raise UsageError("--append adds to the results and --force starts them over: give one")
     plan = load_sweep(spec)
     out = out if out is not None else Path(spec.with_suffix(".jsonl").name)
     with _progress(as_json, "sweep") as progress:
-        summary = run_sweep(
-            plan, out, jobs=jobs, resume=resume, force=force, scheduler=scheduler, progress=progress
-        )
-    if as_json:
-        print(json.dumps(summary.to_json()))
-    else:
-        print_sweep(_data_console(), summary)
-    if summary.gradcheck_failed:
+        try:
+            summary = run_sweep(
+                plan,
+                out,
+                jobs=jobs,
+                resume=resume,
+                append=append,
+                force=force,
+                scheduler=scheduler,
+                progress=progress,
+            )
+        except SpecMismatchError as error:
+            raise SpecMismatchError(
+                f"{error}: pass --append to add this spec's runs to them, or --force to start over"
+            ) from None
+    with _data_output():
+        if as_json:
+            print(json.dumps(summary.to_json()))
+        else:
+            print_sweep(_data_console(), summary)
+    if not summary.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 

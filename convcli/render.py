@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from convcli.runs import RunResult
+from convcli.sweep import record_verdict
 
 
 def result_json(
@@ -192,6 +193,7 @@ def print_sweep(console: Console, summary) -> None:
         c = record["config"]
         gradcheck = record.get("gradcheck")
         verdict = "" if not gradcheck else ("PASS" if gradcheck["passed"] else "FAIL")
+        status = record_verdict(record)
         table.add_row(
             str(number),
             "x".join(map(str, c["shape"])),
@@ -203,19 +205,22 @@ def print_sweep(console: Console, summary) -> None:
             str(c["groups"]),
             *(str(c.get(key, "")) for key in extra),
             c["dtype"],
-            Text(record["status"], style="green" if record["status"] == "ok" else "red"),
+            Text(status, style="green" if status == "passed" else "red"),
             Text(verdict, style="bold green" if verdict == "PASS" else "bold red"),
-            f"{record['seconds']:.2f}",
-            Text(record["error"] or ""),
+            f"{record.get('seconds') or 0:.2f}",
+            Text(record.get("error") or ""),
         )
     console.print(table)
     if len(summary.records) > MAX_SWEEP_ROWS:
         console.print(Text(f"… and {len(summary.records) - MAX_SWEEP_ROWS} more in {summary.out}"))
     data = summary.to_json()
+    counts = data["counts"]
     console.print(
         Text(
             f"{data['total']} configurations: {data['ran']} run, {data['skipped']} already in "
-            f"{summary.out}, {data['failed']} failed, {data['gradcheck_failed']} gradient "
-            f"checks failed · {summary.seconds:.1f} s"
-        )
+            f"{summary.out}; {counts['passed']} passed, {counts['failed']} failed, "
+            f"{counts['errored']} errored · spec {summary.fingerprint} · {summary.seconds:.1f} s",
+            style="bold green" if data["passed"] else "bold red",
+        ),
+        soft_wrap=True,  # one line, for people and for grep
     )

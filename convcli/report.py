@@ -35,6 +35,7 @@ def gradcheck_json(run: GradcheckRun) -> str:
                 "config": config,
                 "passed": error is None and check is not None and check.passed,
                 "error": error,
+                "mode": None if check is None else check.mode,
                 "tensors": {}
                 if check is None
                 else {name: t.to_json() for name, t in check.tensors.items()},

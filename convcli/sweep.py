@@ -33,8 +33,13 @@ JSON line keyed by a hash of what was run, so ``--resume`` can skip what is done
 appended (flushed and fsynced as each run finishes) to ``.OUT.convcli-partial`` beside the
 results file, which is renamed over it when the sweep ends or is interrupted; after a kill,
 the partial file is where ``--resume`` continues, and the old results file is untouched.
-A configuration that fails is a line with ``"status": "failed"`` and its message; the sweep
-goes on.
+
+Every record has a ``"status"``: ``"passed"`` (every action finished and the gradient check,
+if one was asked for, passed), ``"failed"`` (the gradient check ran and failed) or
+``"errored"`` (an action raised, e.g. groups not dividing Cin, or the worker died; the
+message is in ``"error"``). The sweep goes on either way; it passes only when every record
+passed. Every record also holds its spec's fingerprint (:attr:`Sweep.fingerprint`), and
+resuming results that another spec wrote is refused unless ``append`` says to add to them.
 """
 
 from __future__ import annotations
@@ -91,8 +96,15 @@ GRADCHECK_KEYS = {
 TOP_KEYS = {"actions", "gradcheck", "defaults", "configs", "grid"}
 
 
+VERDICTS = ("passed", "failed", "errored")
+
+
 class SpecError(DataError):
     """A sweep spec that cannot be used; the message names the file and line."""
+
+
+class SpecMismatchError(DataError):
+    """Resuming a results file that another spec wrote (or that has no spec fingerprints)."""
 
 
 @dataclass(frozen=True)
@@ -111,8 +123,23 @@ class Sweep:
             "actions": list(self.actions),
             "gradcheck": self.gradcheck if "gradcheck" in self.actions else None,
         }
-        text = json.dumps(what, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return _digest(what)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of what the spec asks to run: the set of its runs' keys (16 hex digits).
+
+        Each key hashes a normalised configuration, the actions and the gradcheck options
+        (defaults filled in), so comments, whitespace, key order, the order of the
+        configurations, ``kernel = 3`` versus ``[3, 3]`` and defaults spelled out or left
+        out do not change it; any change to what would run does.
+        """
+        return _digest(sorted({self.key(config) for config in self.configs}))
+
+
+def _digest(value) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,11 +193,19 @@ def load_sweep(path) -> Sweep:
         if value is not None and (value <= low if strict else value < low):
             bound = f"> {low}" if strict else f">= {low}"
             checker.fail(name, f"gradcheck {name} must be {bound}, got {value!r}")
-    if "mode" in gradcheck:
-        from convcli.gradcheck import MODES
+    from convcli.gradcheck import DEFAULT_PROBES, DEFAULT_SAMPLES, MODES, Tolerance
 
-        if gradcheck["mode"] not in MODES:
-            checker.fail("mode", f"gradcheck mode must be one of {', '.join(MODES)}")
+    if "mode" in gradcheck and gradcheck["mode"] not in MODES:
+        checker.fail("mode", f"gradcheck mode must be one of {', '.join(MODES)}")
+    default = Tolerance()
+    gradcheck = {  # normalised: every option, floats as floats (keys and fingerprints use it)
+        "mode": gradcheck.get("mode", "auto"),
+        "samples": gradcheck.get("samples", DEFAULT_SAMPLES),
+        "probes": gradcheck.get("probes", DEFAULT_PROBES),
+        "eps": float(gradcheck.get("eps", default.eps)),
+        "rtol": float(gradcheck.get("rtol", default.rtol)),
+        "atol": float(gradcheck.get("atol", default.atol)),
+    }
     defaults = dict(DEFAULTS)
     given_defaults = data.get("defaults", {})
     checker.table(given_defaults, "defaults")
@@ -197,7 +232,8 @@ def load_sweep(path) -> Sweep:
     if not configs:
         raise SpecError(f"{path}: no configurations: add [[configs]] tables or a [grid]")
     checked = tuple(checker.config(config) for config in configs)
-    return Sweep(path=path, configs=checked, actions=tuple(actions), gradcheck=gradcheck)
+    actions = tuple(a for a in ACTIONS if a in actions)  # normalised: one order, no repeats
+    return Sweep(path=path, configs=checked, actions=actions, gradcheck=gradcheck)
 
 
 def _is(value, kind) -> bool:
@@ -306,8 +342,9 @@ def _plain(value):
 def run_config(config: dict, actions, gradcheck_options: dict, key: str) -> dict:
     """Run the actions on one configuration and return its result record.
 
-    Never raises for a bad configuration or a failing run: the record says ``"status":
-    "failed"`` with a one-line ``"error"``.
+    Never raises for a bad configuration or a failing run: the record's ``"status"`` is
+    ``"errored"`` with a one-line ``"error"`` when an action raised, ``"failed"`` when the
+    gradient check ran and failed, and ``"passed"`` otherwise.
     """
     from convcli.engine import conv_backward, conv_forward
     from convcli.generate import generate_layer
@@ -315,7 +352,13 @@ def run_config(config: dict, actions, gradcheck_options: dict, key: str) -> dict
     from convcli.spec import ConvSpec
     from convcli.stats import summarize
 
-    record = {"key": key, "config": config, "actions": list(actions), "status": "ok", "error": None}
+    record = {
+        "key": key,
+        "config": config,
+        "actions": list(actions),
+        "status": "passed",
+        "error": None,
+    }
     start = time.perf_counter()
     try:
         pad = config["pad"]
@@ -372,10 +415,12 @@ def run_config(config: dict, actions, gradcheck_options: dict, key: str) -> dict
                     for name, check in result.tensors.items()
                 },
             }
+            if not result.passed:
+                record["status"] = "failed"
     except ConvcliError as error:
-        record["status"], record["error"] = "failed", str(error)
+        record["status"], record["error"] = "errored", str(error)
     except Exception as error:  # a crash inside convcli: record it, the sweep goes on
-        record["status"], record["error"] = "failed", f"{type(error).__name__}: {error}"
+        record["status"], record["error"] = "errored", f"{type(error).__name__}: {error}"
     record["seconds"] = time.perf_counter() - start
     return record
 
@@ -399,6 +444,25 @@ def _limit_blas_to_one_thread() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def record_verdict(record: dict) -> str:
+    """``"passed"``, ``"failed"`` or ``"errored"`` for one result record.
+
+    Read from what the record holds, not only its status, so records written by an older
+    convcli (status ``"ok"``, or ``"failed"`` for an exception) count correctly, and anything
+    unrecognised counts as errored, never as passed.
+    """
+    gradcheck = record.get("gradcheck")
+    if record.get("error") is not None or record.get("status") == "errored":
+        return "errored"
+    if "gradcheck" in record.get("actions", ()) and not isinstance(gradcheck, dict):
+        return "errored"  # asked for, never recorded
+    if gradcheck and gradcheck.get("passed") is not True:
+        return "failed"
+    if record.get("status") in ("passed", "ok"):
+        return "passed"
+    return "errored"
+
+
 @dataclass
 class SweepSummary:
     """What a sweep did: counts, and every record (resumed ones included) in spec order."""
@@ -408,35 +472,40 @@ class SweepSummary:
     records: list[dict]
     skipped: int
     seconds: float
+    fingerprint: str = ""
 
     @property
-    def failed(self) -> int:
-        return sum(1 for r in self.records if r["status"] == "failed")
+    def counts(self) -> dict[str, int]:
+        """How many records passed, failed (a gradient check) and errored (an exception)."""
+        verdicts = [record_verdict(r) for r in self.records]
+        return {verdict: verdicts.count(verdict) for verdict in VERDICTS}
 
     @property
-    def gradcheck_failed(self) -> int:
-        return sum(1 for r in self.records if r.get("gradcheck") and not r["gradcheck"]["passed"])
+    def passed(self) -> bool:
+        """True only when every configuration of the spec ran and passed."""
+        return all(record_verdict(r) == "passed" for r in self.records)
 
     def to_json(self) -> dict:
         return {
             "command": "sweep",
             "spec": self.spec,
+            "spec_fingerprint": self.fingerprint,
             "out": self.out,
             "total": len(self.records),
             "ran": len(self.records) - self.skipped,
             "skipped": self.skipped,
-            "failed": self.failed,
-            "gradcheck_failed": self.gradcheck_failed,
-            "passed": self.gradcheck_failed == 0,
+            "passed": self.passed,
+            "counts": self.counts,
             "seconds": self.seconds,
             "results": [
                 {
                     "key": r["key"],
                     "config": r["config"],
-                    "status": r["status"],
-                    "error": r["error"],
+                    "status": record_verdict(r),
+                    "error": r.get("error"),
                     "gradcheck_passed": r["gradcheck"]["passed"] if r.get("gradcheck") else None,
-                    "seconds": r["seconds"],
+                    "gradcheck_mode": r["gradcheck"].get("mode") if r.get("gradcheck") else None,
+                    "seconds": r.get("seconds"),
                 }
                 for r in self.records
             ],
@@ -464,12 +533,18 @@ def _fsync_folder(folder: Path) -> None:
 def read_results(out: Path) -> dict[str, dict]:
     """Finished records in a results file, by key. A torn last line (the process was killed
     while writing it) is cut off the file, so appending goes on from a clean line end."""
-    records: dict[str, dict] = {}
     data = out.read_bytes()
     end = data.rfind(b"\n") + 1
     if end < len(data):
         with open(out, "r+b") as handle:
             handle.truncate(end)
+    return _parse_results(data[:end])
+
+
+def _parse_results(data: bytes) -> dict[str, dict]:
+    """The complete records (JSON objects with a key) in JSON Lines ``data``, by key."""
+    records: dict[str, dict] = {}
+    end = data.rfind(b"\n") + 1
     for line in data[:end].splitlines():
         try:
             record = json.loads(line)
@@ -480,30 +555,62 @@ def read_results(out: Path) -> dict[str, dict]:
     return records
 
 
+def _check_fingerprints(source: Path, out: Path, sweep: Sweep) -> None:
+    """Refuse to resume ``source`` (results for ``out``) unless this spec wrote every record."""
+    try:
+        records = _parse_results(source.read_bytes())
+    except OSError as error:
+        raise OutputError(f"{out}: cannot read ({error.strerror})") from None
+    found = {record.get("spec_fingerprint") for record in records.values()}
+    others = sorted(str(f) for f in found - {sweep.fingerprint} if f is not None)
+    if not others and None not in found:
+        return
+    held = [f"results of spec {', '.join(others)}"] if others else []
+    if None in found:
+        held.append("records with no spec fingerprint (written by an older convcli)")
+    raise SpecMismatchError(
+        f"{out} holds {' and '.join(held)}, but {sweep.path} is spec "
+        f"{sweep.fingerprint}; resuming continues only the spec that wrote the results"
+    )
+
+
 def run_sweep(
     sweep: Sweep,
     out,
     *,
     jobs: int = 1,
     resume: bool = False,
+    append: bool = False,
     force: bool = False,
     scheduler: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SweepSummary:
     """Run every configuration not already in ``out`` and append one JSON line per result.
 
+    ``resume`` continues results that this spec wrote (every record holds its spec's
+    fingerprint); ``append`` adds this spec's runs to results that any spec wrote, skipping
+    runs already there (it implies ``resume``); ``force`` starts ``out`` over.
+
     Raises
     ------
     OutputError
-        ``out`` exists and neither ``resume`` nor ``force`` is given, or cannot be written.
+        ``out`` exists and neither ``resume``, ``append`` nor ``force`` is given, or cannot
+        be written.
+    SpecMismatchError
+        ``resume`` without ``append`` on results holding records of another spec (or records
+        with no fingerprint); nothing is written.
     UsageError
-        ``jobs`` < 1, or ``scheduler`` without the ``dask`` extra installed.
+        ``jobs`` < 1, ``force`` with ``resume`` or ``append``, or ``scheduler`` without the
+        ``dask`` extra installed.
     """
     out = Path(out)
     if jobs < 1:
         raise UsageError(f"--jobs {jobs}: must be at least 1")
+    if append and force:
+        raise UsageError("append adds to the results and force starts them over: give one")
     if resume and force:
         raise UsageError("--resume continues a sweep and --force starts it over: give one")
+    resume = resume or append
     if out.resolve() == sweep.path.resolve():
         raise OutputError(f"{out}: refusing to write results over the spec file")
     if out.is_dir():
@@ -521,6 +628,10 @@ def run_sweep(
         raise OutputError(
             f"{out} exists; pass --resume to continue the sweep or --force to start over"
         )
+    source = partial if partial.exists() else out
+    if resume and not append and source.exists():
+        _check_fingerprints(source, out, sweep)
+    fingerprint = sweep.fingerprint
     try:
         if resume and not partial.exists() and out.exists():
             shutil.copyfile(out, partial)
@@ -543,6 +654,7 @@ def run_sweep(
 
             def write(record: dict) -> None:
                 nonlocal finished
+                record["spec_fingerprint"] = fingerprint
                 handle.write(json.dumps(record) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -568,6 +680,7 @@ def run_sweep(
         records=records,
         skipped=len(records) - len(todo),
         seconds=time.perf_counter() - start,
+        fingerprint=fingerprint,
     )
 
 
@@ -629,7 +742,7 @@ def _result(future, key: str, config: dict, sweep: Sweep) -> dict:
             "key": key,
             "config": config,
             "actions": list(sweep.actions),
-            "status": "failed",
+            "status": "errored",
             "error": f"worker failed: {type(error).__name__}: {error}",
             "seconds": 0.0,
         }

@@ -23,7 +23,7 @@ def test_sample_file_passes_exhaustively_with_json():
     assert doc["command"] == "gradcheck"
     assert doc["passed"] is True
     assert doc["mode"] == "exhaustive"
-    assert doc["forward_passes"] == 2 * (2 * 2 * 3 + 2 * 2 * 3 + 1) + 1  # + auto's timing pass
+    assert doc["forward_passes"] == 2 * (2 * 2 * 3 + 2 * 2 * 3 + 1)  # auto times nothing
     (entry,) = doc["results"]
     assert entry["config"] == {
         "shape": [10, 4, 4, 3],
@@ -37,6 +37,7 @@ def test_sample_file_passes_exhaustively_with_json():
         "pad": [[2, 2], [2, 2]],
     }
     assert entry["error"] is None
+    assert entry["mode"] == "exhaustive"  # the mode this check used
     assert set(entry["tensors"]) == {"dx", "dw", "db"}
     dx = entry["tensors"]["dx"]
     assert dx["checked"] == dx["total"] == 480
@@ -72,7 +73,7 @@ def test_modes_from_flags(mode):
     )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["mode"] == mode
+    assert doc["mode"] == doc["results"][0]["mode"] == mode
     assert doc["passed"] is True
     checked = doc["results"][0]["tensors"]["dw"]["checked"]
     assert checked == {"exhaustive": 3 * 2 * 2 * 6, "sample": 10, "fast": 3}[mode]

@@ -189,15 +189,61 @@ def test_groups_and_dilation_grouping_is_exact():
 
 def test_auto_falls_back_to_sample_and_fast(monkeypatch, layer):
     x, w, b = layer
-    monkeypatch.setattr(gc, "AUTO_SECONDS", 0.0)
+    monkeypatch.setattr(gc, "AUTO_MAX_WORK", 0)
     result = gradcheck(x, w, b, ConvSpec(padding=1), samples=8, probes=2)
     assert result.mode == "sample+fast"
     assert "exhaustive would need" in result.notes[0]
     assert result.tensors["dx"].checked == 8
     assert result.tensors["dx"].probes.checked == 2
     assert result.passed
-    monkeypatch.setattr(gc, "AUTO_SECONDS", 1e9)
+    monkeypatch.setattr(gc, "AUTO_MAX_WORK", 10**30)
     assert gradcheck(x, w, b, ConvSpec(padding=1)).mode == "exhaustive"
+
+
+def _clock(step: float):
+    """A perf_counter that advances ``step`` seconds per call (0: time stands still)."""
+    now = [0.0]
+
+    def perf_counter() -> float:
+        now[0] += step
+        return now[0]
+
+    return perf_counter
+
+
+@pytest.mark.parametrize("step", [0.0, 1000.0])
+def test_auto_mode_does_not_depend_on_timing(monkeypatch, layer, step):
+    x, w, b = layer
+    spec = ConvSpec(padding=1)
+    monkeypatch.setattr(gc.time, "perf_counter", _clock(step))  # instant, or a very slow machine
+    result = gradcheck(x, w, b, spec)
+    assert result.mode == "exhaustive"
+    geometry = spec.geometry(x.shape, w.shape)
+    assert result.forward_passes == exhaustive_passes(geometry, True)  # no timing pass
+    assert result.passed
+
+
+def test_auto_mode_is_chosen_from_sizes(monkeypatch):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 24, 24, 48))
+    w = rng.standard_normal((5, 5, 48, 16))
+    spec = ConvSpec(padding=2)
+    geometry = spec.geometry(x.shape, w.shape)
+    assert exhaustive_passes(geometry, False) > 4000  # far too many for a default check
+    monkeypatch.setattr(gc.time, "perf_counter", _clock(0.0))  # "every pass takes no time"
+    calls = [0]
+
+    def forward(x_, w_, b_):
+        calls[0] += 1
+        if calls[0] > 500:
+            raise AssertionError("auto started an exhaustive check of a big layer")
+        return conv_forward(x_, w_, b_, spec)[0]
+
+    result = gradcheck(x, w, None, spec, samples=4, probes=2, forward=forward)
+    assert result.mode == "sample+fast"
+    assert "exhaustive would need" in result.notes[0]
+    assert result.forward_passes == calls[0] == 2 * 4 * 2 + 2 * 2 * 2
+    assert result.passed
 
 
 def test_tolerance_is_configurable(layer):

@@ -70,11 +70,12 @@ def test_sweep_writes_one_line_per_configuration(tmp_path):
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["total"] == summary["ran"] == 8
-    assert summary["failed"] == summary["gradcheck_failed"] == 0
+    assert summary["counts"] == {"passed": 8, "failed": 0, "errored": 0}
+    assert summary["passed"] is True
     records = lines(out)
     assert len(records) == 8
     first = records[0]
-    assert first["status"] == "ok"
+    assert first["status"] == "passed"
     assert first["gradcheck"]["passed"] is True
     assert first["gradcheck"]["mode"] == "exhaustive"
     assert set(first["backward"]) >= {"dx", "dw", "db", "seconds"}
@@ -83,25 +84,79 @@ def test_sweep_writes_one_line_per_configuration(tmp_path):
     assert "8 configurations: 8 run" in table.stdout
 
 
-def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(tmp_path):
+def test_an_errored_configuration_is_recorded_the_sweep_goes_on_and_exits_1(tmp_path):
     spec = write(tmp_path, SMALL + "groups = [1, 3]\n")
     result = sweep(spec, "--out", tmp_path / "r.jsonl", "--json")
-    assert result.exit_code == 0
+    assert result.exit_code == 1
     summary = json.loads(result.stdout)
     assert summary["total"] == 16
-    assert summary["failed"] == 8  # groups=3 divides neither Cin=4 nor Cin=2
-    failed = [r for r in lines(tmp_path / "r.jsonl") if r["status"] == "failed"]
-    assert all("groups=3 must divide" in r["error"] for r in failed)
+    assert summary["passed"] is False
+    assert summary["counts"] == {"passed": 8, "failed": 0, "errored": 8}
+    errored = [r for r in lines(tmp_path / "r.jsonl") if r["status"] == "errored"]
+    assert len(errored) == 8  # groups=3 divides neither Cin=4 nor Cin=2
+    assert all("groups=3 must divide" in r["error"] for r in errored)
+    table = sweep(spec, "--out", tmp_path / "r.jsonl", "--force")
+    assert table.exit_code == 1
+    assert "8 passed, 0 failed, 8 errored" in table.stdout
 
 
-def test_a_failed_gradient_check_exits_1(tmp_path):
-    spec = write(
-        tmp_path,
-        SMALL.replace('mode = "exhaustive"', 'mode = "exhaustive"\nrtol = 0.0\natol = 0.0'),
-    )
-    result = sweep(spec, "--out", tmp_path / "r.jsonl")
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_any_configuration_that_did_not_pass_fails_the_sweep(tmp_path, jobs):
+    one_bad = """
+actions = ["forward"]
+[grid]
+shape = [[1, 5, 5, 4]]
+kernel = [1, 3, 9]
+cout = [4]
+"""  # a 9x9 kernel does not fit in a 5x5 input
+    out = tmp_path / "r.jsonl"
+    result = sweep(write(tmp_path, one_bad), "--out", out, "--jobs", jobs, "--json")
     assert result.exit_code == 1
-    assert "gradient checks failed" in result.stdout
+    summary = json.loads(result.stdout)
+    assert summary["passed"] is False
+    assert summary["counts"] == {"passed": 2, "failed": 0, "errored": 1}
+    assert [r["status"] for r in summary["results"]] == ["passed", "passed", "errored"]
+
+
+def test_sweep_summary_counts_every_kind_of_result():
+    from convcli.sweep import SweepSummary
+
+    def record(key, status, error=None, gradcheck=None):
+        return {
+            "key": key,
+            "config": {},
+            "status": status,
+            "error": error,
+            "gradcheck": gradcheck,
+            "seconds": 0.0,
+        }
+
+    summary = SweepSummary(
+        spec="s.toml",
+        out="r.jsonl",
+        records=[
+            record("a", "passed", gradcheck={"passed": True, "mode": "exhaustive"}),
+            record("b", "failed", gradcheck={"passed": False, "mode": "sample+fast"}),
+            record("c", "errored", error="worker failed: BrokenProcessPool: ..."),
+            record("d", "passed"),
+            {**record("e", "passed"), "actions": ["forward", "gradcheck"]},  # no verdict
+        ],
+        skipped=0,
+        seconds=0.0,
+        fingerprint="0" * 16,
+    )
+    data = summary.to_json()
+    assert data["passed"] is False
+    assert data["counts"] == {"passed": 2, "failed": 1, "errored": 2}
+    assert [r["gradcheck_mode"] for r in data["results"]] == [
+        "exhaustive",
+        "sample+fast",
+        None,
+        None,
+        None,
+    ]
+    only_passed = SweepSummary("s.toml", "r.jsonl", summary.records[::3], 0, 0.0, "0" * 16)
+    assert only_passed.to_json()["passed"] is True
 
 
 def test_existing_results_need_resume_or_force(tmp_path):
@@ -281,3 +336,124 @@ def test_unreachable_scheduler_is_a_usage_error(tmp_path):
     )
     assert result.exit_code == 2
     assert "cannot reach a Dask scheduler" in result.stderr
+
+
+RESHAPED = """
+# the same runs as SMALL, written differently: comments, key order, explicit defaults,
+# actions in another order, a kernel as a list, a default gradcheck option spelled out
+actions = ["gradcheck", "forward", "backward"]
+
+[grid]
+pad = [0, "same"]
+cout = [4]
+kernel = [[1, 1], [3, 3]]
+shape = [[2, 6, 6, 4], [1, 5, 7, 2]]
+stride = [1]
+
+[gradcheck]
+probes = 8
+mode = "exhaustive"
+
+[defaults]
+seed = 0
+"""
+
+
+def test_spec_fingerprint_ignores_formatting_but_not_content(tmp_path):
+    small = load_sweep(write(tmp_path, SMALL))
+    assert len(small.fingerprint) == 16
+    assert load_sweep(write(tmp_path, RESHAPED, "other.toml")).fingerprint == small.fingerprint
+    for changed in (
+        SMALL.replace("cout = [4]", "cout = [5]"),
+        SMALL.replace('mode = "exhaustive"', 'mode = "exhaustive"\nrtol = 1e-5'),
+        SMALL.replace('"backward", ', ""),
+        SMALL + "seed = [1]\n",
+    ):
+        assert load_sweep(write(tmp_path, changed, "c.toml")).fingerprint != small.fingerprint
+
+
+def test_every_record_holds_its_spec_fingerprint(tmp_path):
+    out = tmp_path / "r.jsonl"
+    result = sweep(write(tmp_path, SMALL), "--out", out, "--json")
+    fingerprint = json.loads(result.stdout)["spec_fingerprint"]
+    assert fingerprint == load_sweep(tmp_path / "spec.toml").fingerprint
+    assert {r["spec_fingerprint"] for r in lines(out)} == {fingerprint}
+
+
+def test_resume_with_the_same_spec_written_differently(tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert sweep(write(tmp_path, SMALL), "--out", out).exit_code == 0
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[:5]))
+    result = sweep(write(tmp_path, RESHAPED, "other.toml"), "--out", out, "--resume", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert (json.loads(result.stdout)["skipped"], json.loads(result.stdout)["ran"]) == (5, 3)
+
+
+def test_resume_with_another_spec_is_refused_unless_append(tmp_path):
+    out = tmp_path / "r.jsonl"
+    first = load_sweep(write(tmp_path, SMALL))
+    assert sweep(first.path, "--out", out).exit_code == 0
+    before = out.read_bytes()
+    other = write(tmp_path, SMALL.replace("cout = [4]", "cout = [4, 6]"), "other.toml")
+    second = load_sweep(other)
+    refused = sweep(other, "--out", out, "--resume")
+    assert refused.exit_code == 65
+    assert refused.stderr.count("\n") == 1
+    assert first.fingerprint in refused.stderr
+    assert second.fingerprint in refused.stderr
+    assert "--append" in refused.stderr
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if "convcli" in p.name] == []
+    added = sweep(other, "--out", out, "--append", "--json")
+    assert added.exit_code == 0, added.stderr
+    summary = json.loads(added.stdout)
+    assert (summary["total"], summary["skipped"], summary["ran"]) == (16, 8, 8)
+    records = lines(out)
+    assert len(records) == 16
+    assert [r["spec_fingerprint"] for r in records] == [first.fingerprint] * 8 + [
+        second.fingerprint
+    ] * 8
+    assert out.read_bytes().startswith(before)
+    mixed = sweep(first.path, "--out", out, "--resume")  # the file now holds two specs' runs
+    assert mixed.exit_code == 65
+    assert second.fingerprint in mixed.stderr
+
+
+def test_resume_of_results_without_fingerprints_is_refused(tmp_path):
+    out = tmp_path / "r.jsonl"
+    spec = write(tmp_path, SMALL)
+    assert sweep(spec, "--out", out).exit_code == 0
+    old = [{k: v for k, v in r.items() if k != "spec_fingerprint"} for r in lines(out)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in old[:3]))
+    refused = sweep(spec, "--out", out, "--resume")
+    assert refused.exit_code == 65
+    assert "no spec fingerprint" in refused.stderr
+
+
+def test_append_and_force_do_not_go_together(tmp_path):
+    result = sweep(write(tmp_path, SMALL), "--out", tmp_path / "r.jsonl", "--append", "--force")
+    assert result.exit_code == 2
+    assert "--append" in result.stderr
+    assert "--force" in result.stderr
+
+
+def test_auto_mode_in_a_sweep_is_the_same_on_a_slow_machine(tmp_path, monkeypatch):
+    import convcli.gradcheck as gc
+
+    spec = write(tmp_path, SMALL.replace('mode = "exhaustive"', 'mode = "auto"'))
+    fast = sweep(spec, "--out", tmp_path / "fast.jsonl")
+    now = [0.0]
+
+    def slow_clock() -> float:  # every reading 100 s after the last: a very slow machine
+        now[0] += 100.0
+        return now[0]
+
+    monkeypatch.setattr(gc.time, "perf_counter", slow_clock)
+    slow = sweep(spec, "--out", tmp_path / "slow.jsonl")
+    assert fast.exit_code == slow.exit_code == 0
+
+    def modes(path):
+        return {r["key"]: (r["gradcheck"]["mode"], r["status"]) for r in lines(path)}
+
+    assert modes(tmp_path / "slow.jsonl") == modes(tmp_path / "fast.jsonl")
+    assert {mode for mode, _ in modes(tmp_path / "fast.jsonl").values()} == {"exhaustive"}
