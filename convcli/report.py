@@ -161,6 +161,7 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
+        collapse_padding=True,
     )
     for column in ("#", "shape", "kernel", "cout", "stride", "pad", *IMPL_COLUMNS.values()):
         table.add_column(column, no_wrap=True)
