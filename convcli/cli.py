@@ -637,6 +637,14 @@ def gradcheck(
     as_json: Json = False,
     max_memory: MaxMemory = "auto",
     threads: Threads = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            metavar="SECONDS",
+            help="With --impl: time limit per configuration for your code [30].",
+        ),
+    ] = None,
 ) -> None:
     """Check dx, dw, db against numerical gradients; exit 1 if any element fails.
 
@@ -661,6 +669,10 @@ def gradcheck(
     if shape_ is not None and (kernel_ is None or cout is None):
         raise UsageError("--shape needs --kernel and --cout")
     from_files = bool(data or x or w or b or dz)
+    if timeout is not None and (impl is None or not timeout > 0):
+        raise UsageError(
+            "--timeout goes with --impl" if impl is None else f"--timeout {timeout}: must be > 0"
+        )
     if shape_ is not None and from_files:
         raise UsageError("give either a data file (or --x/--w) or --shape, not both")
     with _blas_threads(threads), _progress(as_json, "gradcheck") as progress:
@@ -685,7 +697,15 @@ def gradcheck(
             if shape_ is not None:
                 spec, _ = build_spec({}, flags)
                 configs = [impl_config(shape_, kernel_, cout, spec)]
-            run = run_impl_check(impl, configs, seed=seed, tolerance=tolerance, progress=progress)
+            run = run_impl_check(
+                impl,
+                configs,
+                seed=seed,
+                tolerance=tolerance,
+                progress=progress,
+                timeout=timeout,
+                max_memory=memory,
+            )
         else:
             if shape_ is not None:
                 spec, _ = build_spec({}, flags)

@@ -71,6 +71,11 @@ class Tolerance:
     rtol: float = DEFAULT_RTOL
     atol: float = DEFAULT_ATOL
 
+    def fails(self, got: np.ndarray, want: np.ndarray) -> np.ndarray:
+        """Elements where ``got`` and ``want`` differ by more than allowed (NaN fails)."""
+        allowed = self.atol + self.rtol * np.maximum(np.abs(got), np.abs(want))
+        return ~(np.abs(got - want) <= allowed)
+
 
 @dataclass
 class TensorCheck:

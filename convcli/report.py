@@ -19,7 +19,9 @@ LABELS = {"dx": "dx", "dw": "dw", "db": "db"}
 
 def gradcheck_json(run: GradcheckRun) -> str:
     """The ``--json`` document of a gradcheck run."""
-    tolerance = next((check.tolerance for _, check, _ in run.results if check is not None), None)
+    tolerance = next(
+        (check.tolerance for _, check, _ in run.results if check is not None), run.tolerance
+    )
     document = {
         "command": "gradcheck",
         "passed": run.passed,
@@ -41,7 +43,8 @@ def gradcheck_json(run: GradcheckRun) -> str:
                 else {name: t.to_json() for name, t in check.tensors.items()},
             }
             for config, check, error in run.results
-        ],
+        ]
+        + [result.to_json() for result in run.impl_results],
     }
     return json.dumps(document, allow_nan=False)
 
@@ -134,18 +137,37 @@ def _print_failure(console: Console, check) -> None:
         print_heatmap(console, values, title)
 
 
+IMPL_COLUMNS = {
+    "forward_vs_engine": "forward\nvs engine",
+    "backward_vs_numeric": "backward\nvs numeric",
+    "backward_vs_engine": "backward\nvs engine",
+}
+REFERENCES = {
+    "forward_vs_engine": "convcli's engine",
+    "backward_vs_numeric": "numerical gradients of your conv_forward",
+    "backward_vs_engine": "convcli's engine",
+}
+
+
+def _impl_verdict(passed: bool | None) -> Text:
+    return Text("n/a", style="dim") if passed is None else _verdict(passed)
+
+
 def _print_impl(console: Console, run: GradcheckRun) -> None:
+    """One row per configuration with its three verdicts; below, each failing or printing
+    configuration's diagnosis, reason and output; then the worst elements of the first."""
     table = Table(
-        title=f"gradcheck --impl {Path(run.impl).name} · {len(run.results)} configurations · "
-        f"{run.seconds:.2f} s",
+        title=f"gradcheck --impl {Path(run.impl).name} · {len(run.impl_results)} configurations"
+        f" · {run.seconds:.2f} s",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
+        collapse_padding=True,
     )
-    for column in ("#", "shape", "kernel", "cout", "stride", "pad", "result", "reason"):
-        table.add_column(column, overflow="fold" if column == "reason" else "ellipsis")
-    for number, (config, check, error) in enumerate(run.results, start=1):
-        passed = error is None and check is not None and check.passed
+    for column in ("#", "shape", "kernel", "cout", "stride", "pad", *IMPL_COLUMNS.values()):
+        table.add_column(column, no_wrap=True)
+    for number, result in enumerate(run.impl_results, start=1):
+        config = result.config.to_json()
         table.add_row(
             str(number),
             "x".join(map(str, config["shape"])),
@@ -153,21 +175,62 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
             str(config["cout"]),
             format_pair(config["stride"]),
             format_padding(config["pad"]),
-            _verdict(passed),
-            Text(error or ""),
+            *(_impl_verdict(result.checks[name].passed) for name in IMPL_COLUMNS),
         )
     console.print(table)
-    failing = [
-        (number, check)
-        for number, (_, check, error) in enumerate(run.results, start=1)
-        if check is not None and not check.passed
-    ]
-    if failing:
-        number, check = failing[0]
-        console.print(Text(f"configuration {number}, where the gradients are wrong:", style="bold"))
-        for tensor in check.tensors.values():
-            if not tensor.passed:
-                _print_failure(console, tensor)
-    passed = sum(1 for c, k, e in run.results if e is None and k is not None and k.passed)
-    style = "bold green" if passed == len(run.results) else "bold red"
-    console.print(Text(f"{passed} of {len(run.results)} configurations pass", style=style))
+    for number, result in enumerate(run.impl_results, start=1):
+        if result.passed and not result.output:
+            continue
+        config = result.config
+        console.print(
+            Text(
+                f"configuration {number} ({'x'.join(map(str, config.to_json()['shape']))}, "
+                f"kernel {config.kernel}x{config.kernel}, cout {config.cout}, "
+                f"stride {config.stride}, pad {config.pad}): {'PASS' if result.passed else 'FAIL'}",
+                style="bold",
+            )
+        )
+        if not result.passed:
+            console.print(Text(f"  {result.diagnosis}"))
+            console.print(Text(f"  reason: {result.error}", style="dim"))
+        if result.output:
+            console.print(Text("  printed:"))
+            lines = result.output.rstrip("\n").splitlines()
+            for line in lines[:20]:
+                console.print(Text(f"    {line}"), soft_wrap=True)
+            if len(lines) > 20:
+                console.print(Text(f"    ... {len(lines) - 20} more lines (all in --json)"))
+    failing = next((result for result in run.impl_results if not result.passed), None)
+    if failing is not None:
+        number = run.impl_results.index(failing) + 1
+        for name, check in failing.checks.items():
+            for comparison in check.failing():
+                _print_comparison(console, number, comparison, REFERENCES[name])
+    passed = sum(1 for result in run.impl_results if result.passed)
+    total = len(run.impl_results)
+    style = "bold green" if passed == total else "bold red"
+    console.print(Text(f"{passed} of {total} configurations pass", style=style))
+
+
+def _print_comparison(console: Console, number: int, comparison, reference: str) -> None:
+    worst = Table(
+        title=f"configuration {number}: {comparison.name} against {reference}, worst elements",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+    )
+    for column in ("index", "yours", "expected", "|error|"):
+        worst.add_column(column, justify="right")
+    for row in comparison.worst:
+        worst.add_row(
+            str(tuple(row["index"])),
+            f"{row['yours']:.10g}",
+            f"{row['expected']:.10g}",
+            f"{row['abs_err']:.3g}",
+        )
+    console.print(worst)
+    console.print(
+        Text(
+            f"{comparison.name}: {comparison.failed} of {comparison.checked} elements fail, "
+            f"{comparison.where}"
+        )
+    )

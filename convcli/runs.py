@@ -352,7 +352,8 @@ def notices_of(caught) -> list[str]:
 class GradcheckRun:
     """One or more gradient checks, as the ``gradcheck`` command reports them.
 
-    ``results`` holds ``(config, GradcheckResult or None, error or None)`` per configuration.
+    ``results`` holds ``(config, GradcheckResult or None, error or None)`` per configuration;
+    with ``--impl``, ``impl_results`` holds a :class:`~convcli.userimpl.ConfigResult` each.
     """
 
     mode: str
@@ -360,16 +361,20 @@ class GradcheckRun:
     seconds: float
     notices: list[str] = field(default_factory=list)
     impl: str | None = None
+    impl_results: list = field(default_factory=list)
+    tolerance: object = None  # the Tolerance of an --impl run (engine checks carry their own)
 
     @property
     def passed(self) -> bool:
         return all(
             error is None and check is not None and check.passed for _, check, error in self.results
-        )
+        ) and all(result.passed for result in self.impl_results)
 
     @property
     def forward_passes(self) -> int:
-        return sum(check.forward_passes for _, check, _ in self.results if check is not None)
+        return sum(check.forward_passes for _, check, _ in self.results if check is not None) + sum(
+            result.forward_passes for result in self.impl_results
+        )
 
 
 def run_gradcheck(
@@ -434,24 +439,41 @@ def run_gradcheck(
 
 
 def run_impl_check(
-    path, configs=None, *, seed: int | None = None, progress=None, tolerance=None
+    path,
+    configs=None,
+    *,
+    seed: int | None = None,
+    progress=None,
+    tolerance=None,
+    timeout: float | None = None,
+    max_memory: int | None = None,
 ) -> GradcheckRun:
-    """Check the user's conv_forward/conv_backward in ``path`` on ``configs`` (default: SUITE)."""
+    """Check the user's conv_forward/conv_backward in ``path`` on ``configs`` (default: SUITE),
+    each configuration in its own child process limited to ``timeout`` seconds and
+    ``max_memory`` bytes."""
     from convcli.gradcheck import Tolerance
     from convcli.userimpl import SUITE, check_impl, load_impl
+    from convcli.userproc import DEFAULT_TIMEOUT
 
-    impl = load_impl(path)
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    if not timeout > 0:
+        raise UsageError(f"timeout {timeout}: must be > 0 seconds")
+    impl = load_impl(path, timeout=timeout)
     start = time.perf_counter()
     results = check_impl(
         impl,
         SUITE if configs is None else configs,
         seed=0 if seed is None else seed,
         tolerance=tolerance or Tolerance(),
+        timeout=timeout,
+        max_memory=max_memory,
         progress=progress,
     )
     return GradcheckRun(
         mode="exhaustive",
-        results=[(r.config.to_json(), r.check, r.error) for r in results],
+        results=[],
         seconds=time.perf_counter() - start,
         impl=str(path),
+        impl_results=results,
+        tolerance=tolerance or Tolerance(),
     )

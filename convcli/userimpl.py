@@ -8,28 +8,29 @@ The user's file defines the classic exercise's functions::
 with A_prev ``(n, H, W, Cin)``, W ``(f, f, Cin, Cout)``, b ``(1, 1, 1, Cout)``,
 ``hparameters = {"stride": s, "pad": p}`` and Z, dZ ``(n, Ho, Wo, Cout)``, all float64.
 
-For each configuration the user's forward is compared with convcli's engine, and the user's
-backward both with numerical gradients of the user's own forward (exhaustive mode) and with
-the engine's backward. Whatever the user's code does wrong — raising, wrong shapes or types,
-NaN, wrong values — becomes a failed configuration with a one-line reason, never a crash.
-The user's file is executed, never modified (no bytecode is written beside it).
+Each configuration gets three verdicts: ``forward_vs_engine`` (the user's Z against convcli's
+engine), ``backward_vs_numeric`` (the user's backward against numerical gradients of the
+user's *own* forward, see :mod:`convcli.numgrad`) and ``backward_vs_engine``, plus a one-line
+diagnosis naming the function to fix. The user's code runs in a child process, one per
+configuration (:mod:`convcli.userproc`); whatever it does wrong — raising anything, exiting,
+crashing, hanging, running out of memory, wrong shapes or types, NaN, wrong values — becomes
+a failed configuration with a one-line reason, never a crash or an exit code of the user's
+choosing. The user's file is executed, never modified (no bytecode is written beside it).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from convcli.engine import conv_backward, conv_forward
-from convcli.errors import DataError, InputFileError
-from convcli.gradcheck import GradcheckResult, Tolerance, gradcheck
+from convcli.errors import DataError, InputFileError, UsageError
+from convcli.gradcheck import Tolerance
+from convcli.numgrad import DEFAULT_MAX_PASSES, NumericUnavailable, numeric_gradients
 from convcli.spec import ConvSpec
+from convcli.userproc import DEFAULT_TIMEOUT, UserCodeError, UserProcess
 
 
 @dataclass(frozen=True)
@@ -81,223 +82,410 @@ SUITE = (
 )
 
 
-@dataclass
+CHECKS = ("forward_vs_engine", "backward_vs_numeric", "backward_vs_engine")
+GRADIENTS = ("dA_prev", "dW", "db")
+WORST = 5
+
+
+@dataclass(frozen=True)
 class UserImpl:
-    """The user's two functions, loaded from ``path``."""
+    """The user's file, known to load and to define both functions."""
 
     path: Path
-    forward: object
-    backward: object
+
+
+@dataclass
+class Comparison:
+    """One tensor of the user's against a reference (the engine's, or numerical gradients)."""
+
+    name: str
+    passed: bool
+    checked: int
+    failed: int
+    max_abs_err: float
+    max_rel_err: float
+    worst: list[dict]
+    failures_per_channel: dict[int, int]
+    where: str | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "passed": self.passed,
+            "checked": self.checked,
+            "failed": self.failed,
+            "max_abs_err": self.max_abs_err,
+            "max_rel_err": self.max_rel_err,
+            "worst": self.worst,
+            "failures_per_channel": {str(k): v for k, v in self.failures_per_channel.items()},
+            "where": self.where,
+        }
+
+
+@dataclass
+class Check:
+    """One verdict: ``passed`` is None when it could not run (``reason`` says why)."""
+
+    passed: bool | None
+    tensors: dict[str, Comparison] = field(default_factory=dict)
+    reason: str | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "passed": self.passed,
+            "reason": self.reason,
+            "tensors": {name: t.to_json() for name, t in self.tensors.items()},
+        }
+
+    def failing(self) -> list[Comparison]:
+        return [t for t in self.tensors.values() if not t.passed]
 
 
 @dataclass
 class ConfigResult:
-    """The verdict for one configuration; ``error`` is the one-line reason when it failed."""
+    """The verdicts for one configuration.
+
+    ``error`` is one line listing what is wrong (None when it passes); ``diagnosis`` one line
+    saying which function to fix; ``output`` what the user's code printed (truncated).
+    """
 
     config: Config
-    reasons: list[str] = field(default_factory=list)
-    check: GradcheckResult | None = None
+    checks: dict[str, Check]
+    error: str | None = None
+    diagnosis: str = ""
+    output: str = ""
+    forward_passes: int = 0
 
     @property
     def passed(self) -> bool:
-        return not self.reasons
+        return self.error is None and all(c.passed is True for c in self.checks.values())
 
-    @property
-    def error(self) -> str | None:
-        return "; ".join(self.reasons) or None
+    def to_json(self) -> dict:
+        return {
+            "config": self.config.to_json(),
+            "passed": self.passed,
+            "error": self.error,
+            "diagnosis": self.diagnosis,
+            "checks": {name: check.to_json() for name, check in self.checks.items()},
+            "output": self.output,
+            "forward_passes": self.forward_passes,
+        }
 
 
-class _UserFailure(Exception):
-    """Raised inside a check when the user's code misbehaved; the message is the reason."""
-
-
-def load_impl(path) -> UserImpl:
-    """Execute the user's file and return its ``conv_forward`` and ``conv_backward``.
+def load_impl(path, *, timeout: float = DEFAULT_TIMEOUT) -> UserImpl:
+    """Check that the user's file runs (in a child process) and defines both functions.
 
     Raises
     ------
     InputFileError
         If the file is missing or unreadable.
     DataError
-        If executing it raises, or it does not define both functions.
+        If running it raises, exits, crashes or hangs, or it does not define both functions.
     """
     path = Path(path)
     if not path.is_file():
         raise InputFileError(
             f"{path}: no such file" if not path.exists() else f"{path}: not a file"
         )
-    spec = importlib.util.spec_from_file_location(f"convcli_user_impl_{abs(hash(path))}", path)
-    if spec is None or spec.loader is None:
-        raise DataError(f"{path}: cannot be loaded as a Python file")
-    module = importlib.util.module_from_spec(spec)
-    saved_path, saved_bytecode = list(sys.path), sys.dont_write_bytecode
-    sys.path.insert(0, str(path.resolve().parent))
-    sys.dont_write_bytecode = True
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            spec.loader.exec_module(module)
-    except (Exception, SystemExit) as error:
-        raise DataError(f"{path}: running it raised {_describe(error, path)}") from None
-    finally:
-        sys.path[:] = saved_path
-        sys.dont_write_bytecode = saved_bytecode
-    missing = [
-        name
-        for name in ("conv_forward", "conv_backward")
-        if not callable(getattr(module, name, None))
+    with UserProcess(path, timeout=timeout) as process:
+        try:
+            process.start()
+        except UserCodeError as error:
+            message = str(error)
+            raise DataError(
+                message if message.startswith(str(path)) else f"{path}: {message}"
+            ) from None
+    return UserImpl(path=path)
+
+
+def compare(name: str, got, want, tolerance: Tolerance) -> Comparison:
+    """Element-wise comparison under ``tolerance``; channels are the last axis."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64).reshape(np.shape(got))
+    failed = tolerance.fails(got, want)
+    errors = np.abs(got - want)
+    scale = np.maximum(np.abs(got), np.abs(want))
+    rel = np.divide(errors, scale, out=np.zeros_like(errors), where=scale > 0)
+    order = np.lexsort((errors.ravel(), failed.ravel()))[::-1][:WORST]
+    worst = [
+        {
+            "index": [int(i) for i in np.unravel_index(flat, got.shape)],
+            "yours": float(got.flat[flat]),
+            "expected": float(want.flat[flat]),
+            "abs_err": float(errors.flat[flat]),
+        }
+        for flat in order
+        if failed.flat[flat]
     ]
-    if missing:
-        raise DataError(
-            f"{path} defines no {' and no '.join(missing)}; expected conv_forward(A_prev, W, b, "
-            "hparameters) -> (Z, cache) and conv_backward(dZ, cache) -> (dA_prev, dW, db)"
-        )
-    return UserImpl(path=path, forward=module.conv_forward, backward=module.conv_backward)
-
-
-def _describe(error: BaseException, path: Path) -> str:
-    """``TypeError: message (impl.py line 12)``, citing the deepest frame in the user's file."""
-    line = None
-    for frame in traceback.extract_tb(error.__traceback__):
-        if Path(frame.filename).resolve() == path.resolve():
-            line = frame.lineno
-    where = f" ({path.name} line {line})" if line is not None else ""
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}{': ' + message if message else ''}{where}"
-
-
-def _call(impl: UserImpl, name: str, *args):
-    """Call a user function on copies of the arrays, turning any exception into a reason."""
-    function = impl.forward if name == "conv_forward" else impl.backward
-    copies = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            return function(*copies)
-    except Exception as error:
-        raise _UserFailure(f"{name} raised {_describe(error, impl.path)}") from None
-
-
-def _array(value, what: str, shape: tuple, allow: tuple = ()) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise _UserFailure(f"{what} is a {type(value).__name__}, not a numeric array") from None
-    if array.shape != shape and array.shape not in allow:
-        raise _UserFailure(f"{what} has shape {array.shape}, expected {shape}")
-    bad = ~np.isfinite(array)
-    if bad.any():
-        first = [int(i) for i in np.argwhere(bad)[0]]
-        raise _UserFailure(f"{what} has {int(bad.sum())} NaN/Inf values (first at {first})")
-    return array.reshape(shape)
-
-
-def _mismatch(what: str, got: np.ndarray, want: np.ndarray, tolerance: Tolerance) -> str | None:
-    error = np.abs(got - want)
-    allowed = tolerance.atol + tolerance.rtol * np.maximum(np.abs(got), np.abs(want))
-    wrong = error > allowed
-    if not wrong.any():
-        return None
-    worst = np.unravel_index(np.argmax(error - allowed), got.shape)
-    index = [int(i) for i in worst]
-    return (
-        f"{what} differs from convcli's engine at {int(wrong.sum())}/{got.size} elements "
-        f"(worst at {index}: {got[worst]:.6g}, expected {want[worst]:.6g})"
+    per_channel = failed.reshape(-1, got.shape[-1]).sum(axis=0)
+    return Comparison(
+        name=name,
+        passed=not failed.any(),
+        checked=int(got.size),
+        failed=int(failed.sum()),
+        max_abs_err=float(errors.max(initial=0.0)),
+        max_rel_err=float(rel.max(initial=0.0)),
+        worst=worst,
+        failures_per_channel={int(c): int(k) for c, k in enumerate(per_channel) if k},
     )
 
 
-def _forward(impl: UserImpl, config: Config):
-    """The user's forward as ``forward(x, w, b) -> z`` for gradcheck."""
-    hparameters = {"stride": config.stride, "pad": config.pad}
-
-    def forward(x, w, b):
-        result = _call(impl, "conv_forward", x, w, b.reshape(1, 1, 1, -1), hparameters)
-        if not isinstance(result, tuple) or len(result) != 2:
-            raise _UserFailure("conv_forward must return a tuple (Z, cache)")
-        z_shape = config.spec().geometry(x.shape, w.shape).out_shape
-        return _array(result[0], "Z", z_shape)
-
-    return forward
+def _channels(failures: dict, total: int, label: str) -> str:
+    channels = sorted(failures)
+    if len(channels) == total and total > 1:
+        return f"in every {label}"
+    if len(channels) == 1:
+        return f"in {label} {channels[0]}" + (" only" if total > 1 else "")
+    return f"in {label}s {', '.join(map(str, channels))}"
 
 
-def _backward(impl: UserImpl, config: Config):
-    """The user's backward as ``backward(g, x, w, b) -> (dx, dw, db)`` for gradcheck."""
-    hparameters = {"stride": config.stride, "pad": config.pad}
+def _pixels(mask: np.ndarray) -> str:
+    """Where in (H, W) the failures are: every pixel, a border, a grid of rows x columns."""
+    h, w = mask.shape
+    if mask.all():
+        return "at every pixel"
+    rows, cols = mask.any(axis=1), mask.any(axis=0)
+    for width in range(1, (min(h, w) + 1) // 2):
+        frame = np.ones_like(mask)
+        frame[width : h - width, width : w - width] = False
+        if np.array_equal(mask, frame):
+            return f"in a border {width} pixel{'s' if width > 1 else ''} wide"
+    if np.array_equal(mask, rows[:, None] & cols[None, :]):
+        rows_text = (
+            "every row" if rows.all() else f"rows {', '.join(map(str, np.flatnonzero(rows)))}"
+        )
+        cols_text = (
+            "every column" if cols.all() else f"columns {', '.join(map(str, np.flatnonzero(cols)))}"
+        )
+        return f"at {rows_text} x {cols_text}"
+    return f"at {int(mask.sum())} of {h}x{w} pixels"
 
-    def backward(g, x, w, b):
-        result = _call(impl, "conv_forward", x, w, b.reshape(1, 1, 1, -1), hparameters)
-        if not isinstance(result, tuple) or len(result) != 2:
-            raise _UserFailure("conv_forward must return a tuple (Z, cache)")
-        grads = _call(impl, "conv_backward", g, result[1])
-        if not isinstance(grads, tuple) or len(grads) != 3:
-            raise _UserFailure("conv_backward must return a tuple (dA_prev, dW, db)")
-        dx = _array(grads[0], "dA_prev", x.shape)
-        dw = _array(grads[1], "dW", w.shape)
-        db = _array(grads[2], "db", b.shape, allow=((1, 1, 1, b.size),))
-        return dx, dw, db
 
-    return backward
+def _contributions(wrong: list[int], cout: int) -> str:
+    if len(wrong) == cout:
+        return "every output channel's contribution is wrong"
+    if len(wrong) == 1:
+        others = cout - 1
+        return (
+            f"the contribution of output channel {wrong[0]} is wrong (the other "
+            f"{others} {'is' if others == 1 else 'are'} right)"
+        )
+    return f"the contributions of output channels {', '.join(map(str, wrong))} are wrong"
+
+
+def _locate(comparison: Comparison, failed_mask: np.ndarray, cout: int) -> None:
+    """Fill ``comparison.where`` for Z, dW, db (per output channel) and dA_prev's first part."""
+    if comparison.passed:
+        return
+    if comparison.name in ("dW", "db"):
+        comparison.where = _channels(comparison.failures_per_channel, cout, "output channel")
+    elif comparison.name == "Z":
+        comparison.where = (
+            _channels(comparison.failures_per_channel, cout, "output channel")
+            + ", "
+            + _pixels(failed_mask.any(axis=(0, 3)))
+        )
+    else:
+        cin = failed_mask.shape[-1]
+        comparison.where = (
+            _channels(comparison.failures_per_channel, cin, "input channel")
+            + ", "
+            + _pixels(failed_mask.any(axis=(0, 3)))
+        )
+
+
+def _compare_all(names, got, want, tolerance, cout) -> dict[str, Comparison]:
+    tensors = {}
+    for name, mine, reference in zip(names, got, want, strict=True):
+        comparison = compare(name, mine, reference, tolerance)
+        _locate(comparison, tolerance.fails(mine, np.reshape(reference, np.shape(mine))), cout)
+        tensors[name] = comparison
+    return tensors
+
+
+class _Run:
+    """The state of one configuration's check (inputs, engine results, the child process)."""
+
+    def __init__(self, process: UserProcess, config: Config, seed: int, tolerance: Tolerance):
+        self.process, self.config, self.tolerance = process, config, tolerance
+        rng = np.random.default_rng(seed)
+        self.x = rng.standard_normal((config.n, config.h, config.w, config.cin))
+        self.w = rng.standard_normal((config.kernel, config.kernel, config.cin, config.cout))
+        self.b = rng.standard_normal(config.cout)
+        self.z, self.cache = conv_forward(self.x, self.w, self.b, config.spec())
+        self.g = rng.standard_normal(self.z.shape)
+        self.engine = conv_backward(self.g, self.cache)
+
+    def forward(self, x, w, b):
+        return self.process.forward(x, w, b, self.config.stride, self.config.pad, self.z.shape)
+
+    def backward(self, g):
+        return self.process.backward(g, self.x, self.w, self.b, self.config.stride, self.config.pad)
+
+    def locate_contributions(self, check: Check, references) -> None:
+        """Name the output channels whose contribution to dA_prev is wrong.
+
+        ``references(c)`` is the reference dA_prev for upstream g kept in output channel c
+        only; the user's backward is called with the same g.
+        """
+        comparison = check.tensors.get("dA_prev")
+        cout = self.config.cout
+        if comparison is None or comparison.passed or cout == 1:
+            return
+        wrong = []
+        for c in range(cout):
+            g = np.zeros_like(self.g)
+            g[..., c] = self.g[..., c]
+            reference = references(c)
+            if reference is None:
+                return
+            if self.tolerance.fails(self.backward(g)[0], reference).any():
+                wrong.append(c)
+        if wrong:
+            comparison.where = f"{comparison.where}; {_contributions(wrong, cout)}"
 
 
 def check_config(
-    impl: UserImpl, config: Config, *, seed: int = 0, tolerance: Tolerance | None = None
+    impl: UserImpl,
+    config: Config,
+    *,
+    seed: int = 0,
+    tolerance: Tolerance | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_memory: int | None = None,
+    max_passes: int = DEFAULT_MAX_PASSES,
 ) -> ConfigResult:
-    """Run every check of one configuration; never raises for the user's mistakes."""
+    """Run the three checks of one configuration in a fresh child process; never raises for
+    the user's mistakes (they become the result's ``error``)."""
     tolerance = tolerance or Tolerance()
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((config.n, config.h, config.w, config.cin))
-    w = rng.standard_normal((config.kernel, config.kernel, config.cin, config.cout))
-    b = rng.standard_normal(config.cout)
-    spec = config.spec()
-    z, cache = conv_forward(x, w, b, spec)
-    g = rng.standard_normal(z.shape)
-    result = ConfigResult(config=config)
-    forward, backward = _forward(impl, config), _backward(impl, config)
-    try:
-        user_z = forward(x, w, b)
-    except _UserFailure as failure:
-        result.reasons.append(str(failure))
-        return result
-    reason = _mismatch("Z", user_z, z, tolerance)
-    if reason:
-        result.reasons.append(reason)
-    try:
-        user_grads = backward(g, x, w, b)
-    except _UserFailure as failure:
-        result.reasons.append(str(failure))
-        return result
-    engine_grads = conv_backward(g, cache)
-    try:
-        result.check = gradcheck(
-            x,
-            w,
-            b,
-            spec,
-            upstream=g,
-            mode="exhaustive",
-            tolerance=tolerance,
-            forward=forward,
-            backward=backward,
-        )
-    except _UserFailure as failure:
-        result.reasons.append(str(failure))
-        return result
-    for check, label, got, want in zip(
-        result.check.tensors.values(),
-        ("dA_prev", "dW", "db"),
-        user_grads,
-        engine_grads,
-        strict=True,
-    ):
-        if not check.passed:
-            worst = check.worst[0]
-            result.reasons.append(
-                f"{label} wrong at {int(check.failed.sum())}/{check.total} elements (worst at "
-                f"{worst['index']}: {worst['analytic']:.6g}, numerically {worst['numeric']:.6g})"
+    checks = {name: Check(passed=None) for name in CHECKS}
+    result = ConfigResult(config=config, checks=checks)
+    problems: list[str] = []
+    with UserProcess(impl.path, timeout=timeout, max_memory=max_memory) as process:
+        run = _Run(process, config, seed, tolerance)
+        try:
+            process.start()
+            user_z = run.forward(run.x, run.w, run.b)
+            checks["forward_vs_engine"] = Check(
+                passed=None, tensors=_compare_all(["Z"], [user_z], [run.z], tolerance, config.cout)
             )
-        else:
-            reason = _mismatch(label, got, want.reshape(got.shape), tolerance)
-            if reason:
-                result.reasons.append(reason)
+            user_grads = run.backward(run.g)
+            checks["backward_vs_engine"] = Check(
+                passed=None,
+                tensors=_compare_all(GRADIENTS, user_grads, run.engine, tolerance, config.cout),
+            )
+            run.locate_contributions(
+                checks["backward_vs_engine"],
+                lambda c: conv_backward(_only_channel(run.g, c), run.cache)[0],
+            )
+            try:
+                numeric = numeric_gradients(
+                    run.forward,
+                    run.x,
+                    run.w,
+                    run.b,
+                    run.g,
+                    eps=tolerance.eps,
+                    seed=seed,
+                    max_passes=max_passes,
+                )
+            except NumericUnavailable as unavailable:
+                checks["backward_vs_numeric"] = Check(passed=None, reason=str(unavailable))
+                problems.append(f"numerical gradients not checked: {unavailable}")
+            else:
+                result.forward_passes = numeric.forward_passes
+                checks["backward_vs_numeric"] = Check(
+                    passed=None,
+                    tensors=_compare_all(
+                        GRADIENTS,
+                        user_grads,
+                        (numeric.dx, numeric.dw, numeric.db),
+                        tolerance,
+                        config.cout,
+                    ),
+                )
+                by_cout = numeric.dx_by_cout
+                run.locate_contributions(
+                    checks["backward_vs_numeric"],
+                    lambda c: None if by_cout is None else by_cout[..., c],
+                )
+        except UserCodeError as failure:
+            problems.insert(0, str(failure))
+        result.output = process.output()
+    for check in checks.values():
+        if check.tensors and check.reason is None:
+            check.passed = not check.failing()
+    problems += _failures(checks)
+    result.error = "; ".join(problems) or None
+    result.diagnosis = diagnose(checks, problems[0] if problems else None)
     return result
+
+
+def _only_channel(g: np.ndarray, channel: int) -> np.ndarray:
+    kept = np.zeros_like(g)
+    kept[..., channel] = g[..., channel]
+    return kept
+
+
+def _summary(comparison: Comparison, reference: str) -> str:
+    text = f"{comparison.name} {reference} at {comparison.failed}/{comparison.checked} elements"
+    if comparison.worst:
+        worst = comparison.worst[0]
+        expected = "numerically" if reference == "wrong" else "expected"
+        text += (
+            f" (worst at {worst['index']}: {worst['yours']:.6g}, {expected} "
+            f"{worst['expected']:.6g})"
+        )
+    return text
+
+
+def _failures(checks: dict[str, Check]) -> list[str]:
+    """One phrase per failing tensor, in the order of the checks."""
+    phrases = []
+    for name, reference in (
+        ("forward_vs_engine", "differs from convcli's engine"),
+        ("backward_vs_numeric", "wrong"),
+        ("backward_vs_engine", "differs from convcli's engine"),
+    ):
+        phrases += [_summary(t, reference) for t in checks[name].failing()]
+    return phrases
+
+
+def _brief(comparison: Comparison, reference: str) -> str:
+    where = f" ({comparison.where})" if comparison.where else ""
+    counts = f"{comparison.failed}/{comparison.checked}"
+    return f"{comparison.name} differs from {reference} at {counts} elements{where}"
+
+
+def diagnose(checks: dict[str, Check], error: str | None) -> str:
+    """One line saying which function is wrong, e.g. "conv_forward is wrong (...);
+    conv_backward is the exact gradient of your conv_forward"."""
+    forward, numeric, engine = (checks[name] for name in CHECKS)
+    if forward.passed is None:
+        return error or "conv_forward could not be checked"
+    if forward.passed:
+        first = "conv_forward is right"
+    else:
+        (z,) = forward.failing()
+        first = f"conv_forward is wrong ({_brief(z, 'the engine')})"
+    if engine.passed is None:
+        return f"{first}; conv_backward could not be checked: {error}"
+    if numeric.passed and engine.passed:
+        return (
+            "conv_forward and conv_backward are right"
+            if forward.passed
+            else (f"{first}; conv_backward is right")
+        )
+    if numeric.passed:
+        if forward.passed:
+            return f"{first}; conv_backward matches numerical gradients but not the engine's"
+        return f"{first}; conv_backward is the exact gradient of your conv_forward"
+    wrong_vs_engine = "; ".join(_brief(t, "the engine") for t in engine.failing())
+    if numeric.passed is None:
+        state = "right (it matches the engine)" if engine.passed else f"wrong ({wrong_vs_engine})"
+        return f"{first}; conv_backward is {state}; {numeric.reason or error}"
+    wrong = "; ".join(_brief(t, "numerical gradients") for t in numeric.failing())
+    if engine.passed:
+        return f"{first}; conv_backward is right (it matches the engine's gradients)"
+    return f"{first}; conv_backward is wrong ({wrong})"
 
 
 def check_impl(
@@ -306,12 +494,23 @@ def check_impl(
     *,
     seed: int = 0,
     tolerance: Tolerance | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_memory: int | None = None,
     progress=None,
 ) -> list[ConfigResult]:
-    """Check every configuration; ``progress(done, total)`` after each."""
+    """Check every configuration, each in its own child process; ``progress(done, total)``."""
     results = []
     for number, config in enumerate(configs, start=1):
-        results.append(check_config(impl, config, seed=seed + number, tolerance=tolerance))
+        results.append(
+            check_config(
+                impl,
+                config,
+                seed=seed + number,
+                tolerance=tolerance,
+                timeout=timeout,
+                max_memory=max_memory,
+            )
+        )
         if progress is not None:
             progress(number, len(configs))
     return results
@@ -325,8 +524,6 @@ def impl_config(shape, kernel, cout: int, spec: ConvSpec) -> Config:
     UsageError
         When the flags ask for something the exercise's signature cannot express.
     """
-    from convcli.errors import UsageError
-
     if len(shape) != 4:
         raise UsageError("--impl checks 2-D layers: give --shape N,H,W,CIN")
     if len(kernel) == 2 and kernel[0] != kernel[1]:

@@ -26,6 +26,10 @@ def variant(tmp_path, name, old=None, new=None, text=None):
     return path
 
 
+# one configuration where every bug below shows (stride 2, pad 1, 3 output channels)
+ONE = ["--shape", "2,5,5,2", "--kernel", "2", "--cout", "3", "--stride", "2", "--pad", "1"]
+
+
 def run_impl(path, *args):
     result = runner.invoke(app, ["gradcheck", "--impl", str(path), "--json", *args])
     return result, (json.loads(result.stdout) if result.stdout.strip() else None)
@@ -54,7 +58,9 @@ def test_correct_implementation_passes(tmp_path):
     assert doc["passed"] is True
     assert len(doc["results"]) == len(SUITE)
     assert all(r["error"] is None for r in doc["results"])
-    assert doc["results"][0]["tensors"]["dx"]["passed"] is True
+    checks = doc["results"][0]["checks"]
+    assert checks["backward_vs_numeric"]["tensors"]["dA_prev"]["passed"] is True
+    assert [c["passed"] for c in checks.values()] == [True, True, True]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.py"]  # no __pycache__
 
@@ -111,7 +117,7 @@ def test_broken_implementations_fail_with_the_cause(tmp_path, bug):
     lines = path.read_text(encoding="utf-8").splitlines()
     if "{line}" in cause:
         cause = cause.format(line=lines.index("    raise IndexError('oops')") + 1)
-    result, doc = run_impl(path)
+    result, doc = run_impl(path, *ONE)
     assert result.exit_code == 1, (result.stdout, result.stderr)
     assert doc["passed"] is False
     errors = [r["error"] for r in doc["results"] if r["error"]]
@@ -122,10 +128,11 @@ def test_broken_implementations_fail_with_the_cause(tmp_path, bug):
 
 def test_table_names_the_cause(tmp_path):
     old, new, _ = BROKEN["stride ignored in backward"]
-    result = runner.invoke(app, ["gradcheck", "--impl", str(variant(tmp_path, "broken", old, new))])
+    path = variant(tmp_path, "broken", old, new)
+    result = runner.invoke(app, ["gradcheck", "--impl", str(path), *ONE])
     assert result.exit_code == 1
     assert "FAIL" in result.stdout
-    assert "PASS" in result.stdout
+    assert "PASS" in result.stdout  # the forward
     assert "dA_prev wrong at" in result.stdout
     assert "configurations pass" in result.stdout
 
@@ -214,7 +221,7 @@ def test_user_prints_do_not_corrupt_json(tmp_path):
         "    m, n_H_prev, n_W_prev, _ = A_prev.shape\n",
         "    m, n_H_prev, n_W_prev, _ = A_prev.shape\n    print('hello from forward')\n",
     )
-    result, doc = run_impl(path)
+    result, doc = run_impl(path, *ONE)
     assert result.exit_code == 0
     assert doc["passed"] is True
 

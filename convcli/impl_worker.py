@@ -1,0 +1,292 @@
+"""The child process of ``gradcheck --impl``: it runs the user's functions and nothing else.
+
+It runs as ``python -B impl_worker.py FILE OUTPUT FAULT MAX_MEMORY`` (a script, so the
+``convcli`` package is not imported) with single-threaded BLAS. The parent
+(:mod:`convcli.userproc`) writes requests to its stdin and reads answers from its stdout,
+each a length-prefixed message in the format of :func:`pack`: a JSON header and plain
+``.npy`` arrays, read with ``allow_pickle=False``; nothing the child sends is ever
+unpickled. The child
+
+- sends what the user's code printed (stdout and stderr, also from C) to a capture file;
+- writes a Python traceback to a fault file on a crash (faulthandler) and on ``SIGUSR1``
+  (the parent's time-out), and the line of any ``os._exit`` call;
+- limits its own address space (``RLIMIT_AS``) when asked;
+- turns anything the user's code raises, including ``SystemExit``, ``KeyboardInterrupt``
+  and ``GeneratorExit``, into a one-line answer naming the exception and the line.
+
+Only the standard library and NumPy are imported here: whatever the user's module patches
+stays in this process, and the verdicts are computed in the parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import importlib.util
+import io
+import json
+import os
+import signal
+import struct
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"CVC1"
+LENGTH = struct.Struct(">Q")
+EXIT_MARK = "convcli-exit: "
+FUNCTIONS = ("conv_forward", "conv_backward")
+
+
+def pack(header: dict, arrays: dict | None = None) -> bytes:
+    """A message: MAGIC, the JSON header's length and the header, then each array as .npy."""
+    blobs, names = [], []
+    for name, array in (arrays or {}).items():
+        buffer = io.BytesIO()
+        np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+        blobs.append(buffer.getvalue())
+        names.append([name, len(blobs[-1])])
+    head = json.dumps({**header, "arrays": names}).encode()
+    return MAGIC + struct.pack(">I", len(head)) + head + b"".join(blobs)
+
+
+def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """The header and arrays of a message; ValueError when it is malformed.
+
+    Arrays are read by NumPy's .npy reader with ``allow_pickle=False``: object arrays and
+    anything else that would need unpickling are refused.
+    """
+    if data[:4] != MAGIC or len(data) < 8:
+        raise ValueError("not a convcli message")
+    (length,) = struct.unpack(">I", data[4:8])
+    header = json.loads(data[8 : 8 + length].decode())
+    if not isinstance(header, dict) or not isinstance(header.get("arrays"), list):
+        raise ValueError("message header is not an object with arrays")
+    offset, arrays = 8 + length, {}
+    for entry in header.pop("arrays"):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise ValueError("bad array entry")
+        name, size = entry
+        if not isinstance(size, int) or size < 0 or offset + size > len(data):
+            raise ValueError("array runs past the end of the message")
+        arrays[name] = np.lib.format.read_array(
+            io.BytesIO(data[offset : offset + size]), allow_pickle=False
+        )
+        offset += size
+    if offset != len(data):
+        raise ValueError("trailing bytes after the arrays")
+    return header, arrays
+
+
+def user_line(path: Path, frames) -> int | None:
+    """The line of the innermost frame in the user's file, from (filename, lineno) pairs."""
+    line = None
+    for filename, lineno in frames:
+        with contextlib.suppress(OSError):
+            if Path(filename).resolve() == path:
+                line = lineno
+    return line
+
+
+def describe(error: BaseException, path: Path) -> str:
+    """``TypeError: message (impl.py line 12)``, citing the deepest frame in the user's file."""
+    frames = [(f.filename, f.lineno) for f in traceback.extract_tb(error.__traceback__)]
+    line = user_line(path, frames)
+    where = f" ({path.name} line {line})" if line is not None else ""
+    text = str(error).strip()
+    if isinstance(error, SystemExit) and error.code is None:
+        text = ""
+    message = text.splitlines()[0][:300] if text else ""
+    return f"{type(error).__name__}{': ' + message if message else ''}{where}"
+
+
+class _Pipe:
+    """Length-prefixed messages over two file descriptors (blocking; the child's side)."""
+
+    def __init__(self, read_fd: int, write_fd: int):
+        self.read_fd, self.write_fd = read_fd, write_fd
+
+    def send_bytes(self, data: bytes) -> None:
+        view = memoryview(LENGTH.pack(len(data)) + data)
+        while view:
+            view = view[os.write(self.write_fd, view) :]
+
+    def recv_bytes(self) -> bytes:
+        (length,) = LENGTH.unpack(self._read(LENGTH.size))
+        return self._read(length)
+
+    def _read(self, size: int) -> bytes:
+        chunks, left = [], size
+        while left:
+            chunk = os.read(self.read_fd, min(left, 1 << 20))
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+
+class _Child:
+    def __init__(self, conn, path: Path, fault):
+        self.conn, self.path, self.fault = conn, path, fault
+        self.functions: dict = {}
+        self.in_user_code = False
+        self.current = "conv_forward"
+
+    def send(self, header: dict, arrays: dict | None = None) -> None:
+        self.conn.send_bytes(pack(header, arrays))
+
+    def guard_exit(self) -> None:
+        """Record where the user's code calls os._exit, then exit as asked."""
+        real_exit = os._exit
+
+        def _exit(code):
+            if self.in_user_code:
+                frames = [(f.filename, f.lineno) for f in traceback.extract_stack()]
+                line = user_line(self.path, frames)
+                where = f" ({self.path.name} line {line})" if line is not None else ""
+                self.fault.write(f"{EXIT_MARK}os._exit({code!r}){where}\n")
+                self.fault.flush()
+            real_exit(code)
+
+        os._exit = _exit
+
+    def load(self) -> str | None:
+        name = f"convcli_user_impl_{abs(hash(self.path))}"
+        spec = importlib.util.spec_from_file_location(name, self.path)
+        if spec is None or spec.loader is None:
+            return f"{self.path}: cannot be loaded as a Python file"
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(self.path.parent))
+        sys.dont_write_bytecode = True
+        self.in_user_code = True
+        try:
+            spec.loader.exec_module(module)
+        except BaseException as error:
+            return f"{self.path}: running it raised {describe(error, self.path)}"
+        finally:
+            self.in_user_code = False
+        missing = [n for n in FUNCTIONS if not callable(getattr(module, n, None))]
+        if missing:
+            return (
+                f"{self.path} defines no {' and no '.join(missing)}; expected conv_forward("
+                "A_prev, W, b, hparameters) -> (Z, cache) and conv_backward(dZ, cache) -> "
+                "(dA_prev, dW, db)"
+            )
+        self.functions = {n: getattr(module, n) for n in FUNCTIONS}
+        return None
+
+    def call(self, name: str, *args):
+        self.current = name
+        self.in_user_code = True
+        try:
+            return self.functions[name](*args)
+        finally:
+            self.in_user_code = False
+
+    def serve(self) -> None:
+        while True:
+            try:
+                header, arrays = unpack(self.conn.recv_bytes())
+            except EOFError:
+                return
+            if header.get("op") == "stop":
+                return
+            try:
+                answer = self.answer(header, arrays)
+            except _Failure as failure:
+                self.send({"error": str(failure)})
+            except BaseException as error:
+                self.send({"error": f"{self.current} raised {describe(error, self.path)}"})
+            else:
+                self.send({"ok": True}, answer)
+
+    def answer(self, header: dict, arrays: dict) -> dict:
+        hparameters = {"stride": int(header["stride"]), "pad": int(header["pad"])}
+        x, w, b = arrays["A_prev"], arrays["W"], arrays["b"]
+        result = self.call("conv_forward", x.copy(), w.copy(), b.copy(), hparameters)
+        if not isinstance(result, tuple) or len(result) != 2:
+            raise _Failure("conv_forward must return a tuple (Z, cache)")
+        if header["op"] == "forward":
+            return {"Z": as_array(result[0], "Z", header["expect"]["Z"])}
+        grads = self.call("conv_backward", arrays["dZ"].copy(), result[1])
+        if not isinstance(grads, tuple) or len(grads) != 3:
+            raise _Failure("conv_backward must return a tuple (dA_prev, dW, db)")
+        return {
+            name: as_array(value, name, header["expect"][name])
+            for name, value in zip(("dA_prev", "dW", "db"), grads, strict=True)
+        }
+
+
+class _Failure(Exception):
+    """The user's function returned something unusable; the message says what."""
+
+
+def as_array(value, what: str, expected: list) -> np.ndarray:
+    """``value`` as float64, refused (with its shape) when it is not the expected size."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise _Failure(f"{what} is a {type(value).__name__}, not a numeric array") from None
+    if array.size != int(np.prod(expected)):
+        raise _Failure(f"{what} has shape {array.shape}, expected {tuple(expected)}")
+    return array
+
+
+def _redirect_output(path: str) -> _Pipe:
+    """Keep stdin/stdout as the message pipe (on new descriptors); fd 0 becomes /dev/null and
+    fd 1, 2 (and sys.stdout/sys.stderr, line-buffered) the capture file."""
+    pipe = _Pipe(os.dup(0), os.dup(1))
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)  # noqa: SIM115
+    return pipe
+
+
+def _limit_memory(extra_bytes: int | None) -> None:
+    """RLIMIT_AS: what the process maps now plus ``extra_bytes`` (Linux; elsewhere no-op)."""
+    if not extra_bytes:
+        return
+    import resource
+
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            pages = int(statm.read().split()[0])
+        now = pages * os.sysconf("SC_PAGE_SIZE")
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = now + extra_bytes
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def main(argv: list[str]) -> None:
+    """``FILE OUTPUT FAULT MAX_MEMORY``: load FILE, then answer requests until told to stop."""
+    path, output, fault, max_memory = argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which kills us
+    conn = _redirect_output(output)
+    fault_file = open(fault, "w", encoding="utf-8")  # noqa: SIM115 - open until the process ends
+    faulthandler.enable(file=fault_file, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=fault_file, all_threads=True)
+    _limit_memory(int(max_memory) or None)
+    child = _Child(conn, Path(path).resolve(), fault_file)
+    child.guard_exit()
+    error = child.load()
+    child.send({"error": error} if error else {"ready": True})
+    if error is None:
+        child.serve()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    del sys.path[0]  # this script's folder (convcli/): the user's imports must not see it
+    main(sys.argv[1:])

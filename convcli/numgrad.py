@@ -1,0 +1,174 @@
+"""Numerical gradients of an arbitrary forward function, grouped by its measured dependencies.
+
+:mod:`convcli.gradcheck` groups perturbations by a convolution's dependency pattern, which is
+only valid for a function that has that pattern. A user's forward may not (a stride bug reads
+other pixels), so here the pattern is measured first and the groups follow the measurement:
+
+1. **Probe.** For every index j along each axis of x (batch, rows, columns, channels), perturb
+   the whole slice ``x[..., j, ...]`` by random values and record which output indices along
+   the matching axis of z change (bitwise). Likewise each output channel of w and each bias.
+   If an output o depends on an input element e, perturbing any slice through e changes o
+   (up to a cancellation of probability zero), so o depends only on inputs in the product
+   over axes of the indices recorded for o's indices.
+2. **Colour.** Along each axis, give two indices different colours when some output index
+   is recorded for both (greedy colouring). For a convolution this gives residues modulo the
+   receptive-field span (or fewer colours); for a function that reads everything, one colour
+   per index, i.e. element by element.
+3. **Perturb and read back.** Perturb every element of one colour combination by ±eps at
+   once. Each output then depends on at most one perturbed element, so its change is that
+   element's alone: summing ``g ⊙ Δz / 2eps`` over the outputs each element may reach gives
+   exactly that element's own central difference (bit for bit the element-by-element value,
+   never an assumption about which outputs an input can reach).
+
+Layout: x ``(n, H, W, Cin)``, w ``(kh, kw, Cin, Cout)``, b ``(Cout,)``, z and g
+``(n, Ho, Wo, Cout)``, all float64.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_MAX_PASSES = 10_000
+BY_CHANNEL_LIMIT = 1 << 22  # elements of x times Cout kept for per-output-channel read-back
+
+
+class NumericUnavailable(Exception):
+    """The numerical gradients cannot be trusted or would take too long; the message says why."""
+
+
+@dataclass
+class NumericGradients:
+    """Central differences of ``L = Σ forward(x, w, b) ⊙ g``.
+
+    ``dx_by_cout`` (n, H, W, Cin, Cout) splits dx into the contribution of each output channel
+    (g zero except in that channel); None when too large (see BY_CHANNEL_LIMIT).
+    """
+
+    dx: np.ndarray
+    dw: np.ndarray
+    db: np.ndarray
+    dx_by_cout: np.ndarray | None
+    forward_passes: int
+
+
+def _colours(reach: np.ndarray) -> np.ndarray:
+    """Greedy colouring of inputs (rows of ``reach``) so no output column has two of a colour."""
+    overlap = (reach.astype(np.int64) @ reach.T.astype(np.int64)) > 0
+    colours = np.zeros(len(reach), dtype=np.int64)
+    for j in range(len(reach)):
+        used = set(colours[:j][overlap[j, :j]].tolist())
+        colours[j] = next(c for c in itertools.count() if c not in used)
+    return colours
+
+
+def planned_passes(x_colours: list[int], w_shape: tuple, w_colours: int, b_colours: int) -> int:
+    """Forward passes of step 3: two per colour combination of x, of w (per tap), of b."""
+    return 2 * (math.prod(x_colours) + math.prod(w_shape[:3]) * w_colours + b_colours)
+
+
+def numeric_gradients(
+    forward: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    x: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray,
+    g: np.ndarray,
+    *,
+    eps: float = 1e-3,
+    seed: int = 0,
+    max_passes: int = DEFAULT_MAX_PASSES,
+) -> NumericGradients:
+    """Central differences of ``Σ forward(x, w, b) ⊙ g`` for every element of x, w and b.
+
+    Raises
+    ------
+    NumericUnavailable
+        When ``forward`` gives different z for the same inputs, or when the measured
+        dependencies would need more than ``max_passes`` forward passes.
+    """
+    rng = np.random.default_rng(seed)
+    x, w, b, g = (np.asarray(a, dtype=np.float64) for a in (x, w, b, g))
+    passes = 0
+
+    def run(x_, w_, b_):
+        nonlocal passes
+        passes += 1
+        return np.asarray(forward(x_, w_, b_), dtype=np.float64)
+
+    z = run(x, w, b)
+    if not np.array_equal(run(x, w, b), z):
+        raise NumericUnavailable("conv_forward gives different Z for the same inputs")
+
+    def changed(x_, w_, b_) -> np.ndarray:
+        return run(x_, w_, b_) != z
+
+    x_reach = []  # per axis of x: (size along x, size along z) booleans
+    for axis in range(4):
+        reach = np.zeros((x.shape[axis], z.shape[axis]), dtype=bool)
+        others = tuple(a for a in range(4) if a != axis)
+        for j in range(x.shape[axis]):
+            probe = x.copy()
+            index = (slice(None),) * axis + (j,)
+            probe[index] += rng.standard_normal(probe[index].shape)
+            reach[j] = changed(probe, w, b).any(axis=others)
+        x_reach.append(reach)
+    w_reach = np.zeros((w.shape[3], z.shape[3]), dtype=bool)
+    b_reach = np.zeros((b.size, z.shape[3]), dtype=bool)
+    for c in range(w.shape[3]):
+        probe = w.copy()
+        probe[..., c] += rng.standard_normal(probe[..., c].shape)
+        w_reach[c] = changed(x, probe, b).any(axis=(0, 1, 2))
+    for c in range(b.size):
+        probe = b.copy()
+        probe[c] += 1.0 + rng.random()
+        b_reach[c] = changed(x, w, probe).any(axis=(0, 1, 2))
+
+    x_colours = [_colours(reach) for reach in x_reach]
+    w_colours, b_colours = _colours(w_reach), _colours(b_reach)
+    counts = [int(c.max()) + 1 for c in x_colours]
+    needed = planned_passes(counts, w.shape, int(w_colours.max()) + 1, int(b_colours.max()) + 1)
+    if needed > max_passes:
+        raise NumericUnavailable(
+            f"numerical gradients of this conv_forward would need {needed} forward passes "
+            f"(more than {max_passes}): its outputs depend on more inputs than a convolution's"
+        )
+
+    def weighted(x_plus, x_minus, w_plus, w_minus, b_plus, b_minus) -> np.ndarray:
+        return (run(x_plus, w_plus, b_plus) - run(x_minus, w_minus, b_minus)) / (2 * eps) * g
+
+    cout = z.shape[3]
+    dx = np.zeros_like(x)
+    by_cout = np.zeros((*x.shape, cout)) if x.size * cout <= BY_CHANNEL_LIMIT else None
+    for combination in itertools.product(*(range(k) for k in counts)):
+        members = [c == k for c, k in zip(x_colours, combination, strict=True)]
+        mask = np.einsum("a,b,c,d->abcd", *members).astype(bool)
+        step = np.where(mask, eps, 0.0)
+        spread = weighted(x + step, x - step, w, w, b, b)
+        for axis in range(3):  # (n, Ho, Wo, Cout) -> (n, H, W, Cout), each output to its owner
+            owners = x_reach[axis] & members[axis][:, None]
+            spread = np.moveaxis(np.tensordot(owners, spread, axes=([1], [axis])), 0, axis)
+        owners = (x_reach[3] & members[3][:, None]).astype(np.float64)  # (Cin, Cout)
+        per_cout = spread[..., None, :] * owners  # (n, H, W, Cin, Cout)
+        dx[mask] = per_cout.sum(axis=-1)[mask]
+        if by_cout is not None:
+            by_cout[mask] = per_cout[mask]
+
+    dw = np.zeros_like(w)
+    for tap in np.ndindex(w.shape[:3]):
+        for colour in range(int(w_colours.max()) + 1):
+            members = w_colours == colour
+            step = np.zeros_like(w)
+            step[tap][members] = eps
+            totals = weighted(x, x, w + step, w - step, b, b).sum(axis=(0, 1, 2))
+            dw[tap][members] = ((w_reach & members[:, None]) @ totals)[members]
+    db = np.zeros_like(b)
+    for colour in range(int(b_colours.max()) + 1):
+        members = b_colours == colour
+        step = np.where(members, eps, 0.0)
+        totals = weighted(x, x, w, w, b + step, b - step).sum(axis=(0, 1, 2))
+        db[members] = ((b_reach & members[:, None]) @ totals)[members]
+    return NumericGradients(dx=dx, dw=dw, db=db, dx_by_cout=by_cout, forward_passes=passes)

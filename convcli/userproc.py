@@ -1,0 +1,283 @@
+"""Running a user's ``conv_forward`` / ``conv_backward`` in a child process (``--impl``).
+
+One child per configuration (``python -B impl_worker.py``, NumPy with single-threaded BLAS;
+about 0.1 s to start), so a crash, a patched NumPy or a leaked global affects one
+configuration and never this process. The parent sends
+plain arrays and reads plain arrays back (``.npy`` with ``allow_pickle=False``, size-capped):
+nothing from the child is unpickled, and every answer is checked again here (shape, finite
+values) before a verdict uses it.
+
+Whatever the user's code does — raise anything, call ``exit()`` or ``os._exit``, crash,
+hang past the time-out, run out of the memory limit, print — ends as a
+:class:`UserCodeError` whose message is one line naming the function, the reason and, when
+known, the line of the user's file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from convcli import impl_worker
+
+DEFAULT_TIMEOUT = 30.0
+OUTPUT_LIMIT = 2000  # characters of captured output kept per configuration
+_SINGLE_THREAD = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
+
+
+class UserCodeError(Exception):
+    """The user's code failed (raised, crashed, hung, exited, returned junk); one-line message."""
+
+
+def _environment() -> dict:
+    environment = dict(os.environ)
+    environment.update(dict.fromkeys(_SINGLE_THREAD, "1"))
+    environment.pop("PYTHONSTARTUP", None)
+    return environment
+
+
+class UserProcess:
+    """A child process holding the user's module; use as a context manager.
+
+    Parameters
+    ----------
+    path : Path
+        The user's file.
+    timeout : float
+        Seconds for everything done with this child (load and every call).
+    max_memory : int or None
+        Bytes the child may map beyond what it maps after start-up (RLIMIT_AS).
+    """
+
+    def __init__(self, path, *, timeout: float = DEFAULT_TIMEOUT, max_memory: int | None = None):
+        self.path = Path(path).resolve()
+        self.timeout = timeout
+        self.max_memory = max_memory
+        self.calls = 0
+        self._dir = tempfile.TemporaryDirectory(prefix="convcli-impl-")
+        self._output = Path(self._dir.name) / "output"
+        self._fault = Path(self._dir.name) / "fault"
+        self._output.touch()
+        self._process: subprocess.Popen | None = None
+        self._deadline = 0.0
+        self._dead: str | None = None
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> UserProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start the child and load the user's file; UserCodeError if loading fails."""
+        self._deadline = time.monotonic() + self.timeout
+        with open(self._output, "ab") as capture:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-B",
+                    impl_worker.__file__,
+                    str(self.path),
+                    str(self._output),
+                    str(self._fault),
+                    str(self.max_memory or 0),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=capture,
+                env=_environment(),
+            )
+        header, _ = self._receive("loading it", 1 << 16)
+        if "error" in header:
+            raise UserCodeError(str(header["error"]))
+
+    def close(self) -> None:
+        """Stop the child (politely, then by force) and remove the temporary files."""
+        if self._process is not None:
+            if self._dead is None and self._process.poll() is None:
+                with contextlib.suppress(OSError, UserCodeError):
+                    self._deadline = min(self._deadline, time.monotonic() + 0.5)
+                    self._send("stop", impl_worker.pack({"op": "stop"}))
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._process.wait(0.5)
+            if self._process.poll() is None:
+                self._process.kill()
+                self._process.wait()
+            for stream in (self._process.stdin, self._process.stdout):
+                with contextlib.suppress(OSError):
+                    stream.close()
+            self._process = None
+        self._captured = self._read_output()
+        self._dir.cleanup()
+
+    def output(self) -> str:
+        """What the user's code printed (stdout and stderr), truncated to OUTPUT_LIMIT."""
+        text = getattr(self, "_captured", None)
+        return self._read_output() if text is None else text
+
+    def _read_output(self) -> str:
+        try:
+            with open(self._output, "rb") as f:
+                data = f.read(4 * OUTPUT_LIMIT + 1)
+                total = f.seek(0, os.SEEK_END)
+        except OSError:
+            return ""
+        text = data.decode("utf-8", errors="replace")
+        if len(text) > OUTPUT_LIMIT or total > len(data):
+            text = text[:OUTPUT_LIMIT] + f"\n[... output truncated: {total} bytes in all]"
+        return text
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def forward(self, x, w, b, stride: int, pad: int, z_shape: tuple) -> np.ndarray:
+        """The user's Z for x (n, H, W, Cin), w (f, f, Cin, Cout), b (Cout,)."""
+        header = {"op": "forward", "stride": stride, "pad": pad, "expect": {"Z": z_shape}}
+        arrays = {"A_prev": x, "W": w, "b": np.reshape(b, (1, 1, 1, -1))}
+        (z,) = self._call("conv_forward", header, arrays, {"Z": z_shape})
+        return z
+
+    def backward(self, dz, x, w, b, stride: int, pad: int) -> tuple:
+        """The user's (dA_prev, dW, db) for upstream dz, after a fresh forward on x, w, b."""
+        shapes = {"dA_prev": x.shape, "dW": w.shape, "db": (1, 1, 1, np.size(b))}
+        header = {"op": "backward", "stride": stride, "pad": pad, "expect": shapes}
+        arrays = {"A_prev": x, "W": w, "b": np.reshape(b, (1, 1, 1, -1)), "dZ": dz}
+        da, dw, db = self._call("conv_backward", header, arrays, shapes)
+        return da, dw, db.reshape(-1)
+
+    def _call(self, function: str, header: dict, arrays: dict, shapes: dict) -> list:
+        if self._dead is not None:
+            raise UserCodeError(self._dead)
+        self.calls += 1
+        self._send(function, impl_worker.pack(header, arrays))
+        limit = sum(8 * int(np.prod(s)) + 1024 for s in shapes.values()) + (1 << 16)
+        answer, received = self._receive(function, limit)
+        if "error" in answer:
+            raise UserCodeError(str(answer["error"])[:1000].splitlines()[0])
+        results = []
+        for name, shape in shapes.items():
+            value = received.get(name)
+            if value is None or value.dtype != np.float64:
+                raise self._die(f"{function}: the child process sent no float64 {name}")
+            if value.size != int(np.prod(shape)):
+                raise UserCodeError(f"{name} has shape {value.shape}, expected {tuple(shape)}")
+            if value.shape != tuple(shape) and not (name == "db" and value.size == shape[-1]):
+                raise UserCodeError(f"{name} has shape {value.shape}, expected {tuple(shape)}")
+            bad = ~np.isfinite(value)
+            if bad.any():
+                first = [int(i) for i in np.argwhere(bad)[0]]
+                raise UserCodeError(
+                    f"{name} has {int(bad.sum())} NaN/Inf values (first at {first})"
+                )
+            results.append(value.reshape(shape))
+        return results
+
+    # -- the pipe ------------------------------------------------------------------------------
+
+    def _remaining(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    def _send(self, function: str, data: bytes) -> None:
+        view = memoryview(impl_worker.LENGTH.pack(len(data)) + data)
+        fd = self._process.stdin.fileno()
+        while view:
+            _, ready, _ = select.select([], [fd], [], self._remaining())
+            if not ready:
+                raise self._timed_out(function)
+            try:
+                view = view[os.write(fd, view[: 1 << 16]) :]
+            except OSError:  # the child is gone
+                raise self._died(function) from None
+
+    def _read(self, function: str, size: int) -> bytes:
+        fd = self._process.stdout.fileno()
+        chunks, left = [], size
+        while left:
+            ready, _, _ = select.select([fd], [], [], self._remaining())
+            if not ready:
+                raise self._timed_out(function)
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                raise self._died(function)
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    def _receive(self, function: str, limit: int) -> tuple[dict, dict]:
+        (length,) = impl_worker.LENGTH.unpack(self._read(function, impl_worker.LENGTH.size))
+        if length > limit:
+            raise self._die(f"{function}: the child process sent an answer larger than expected")
+        data = self._read(function, length)
+        try:
+            return impl_worker.unpack(data)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise self._die(
+                f"{function}: the child process sent a malformed answer ({error})"
+            ) from None
+
+    def _die(self, reason: str) -> UserCodeError:
+        """Kill the child; later calls fail with the same reason."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._dead = reason
+        return UserCodeError(reason)
+
+    def _timed_out(self, function: str) -> UserCodeError:
+        with contextlib.suppress(OSError):
+            self._process.send_signal(signal.SIGUSR1)  # faulthandler dumps the stack
+            self._wait_for_fault()
+        where = self._where()
+        seconds = f"{self.timeout:g}"
+        return self._die(f"{function} timed out after {seconds} s{where}")
+
+    def _wait_for_fault(self) -> None:
+        for _ in range(50):
+            if self._fault.exists() and "File " in self._fault.read_text(errors="replace"):
+                return
+            time.sleep(0.01)
+
+    def _died(self, function: str) -> UserCodeError:
+        try:
+            code = self._process.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        fault = self._fault_text()
+        marks = [line for line in fault.splitlines() if line.startswith(impl_worker.EXIT_MARK)]
+        if marks:
+            reason = f"{function} called {marks[-1][len(impl_worker.EXIT_MARK) :]}"
+        elif code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            reason = f"{function} crashed ({name}){self._where()}"
+        else:
+            reason = f"{function} ended the process (exit status {code}){self._where()}"
+        return self._die(reason)
+
+    def _fault_text(self) -> str:
+        try:
+            return self._fault.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def _where(self) -> str:
+        """`` (impl.py line N)`` from faulthandler's dump: its first frame in the user's file."""
+        for match in _FRAME.finditer(self._fault_text()):
+            with contextlib.suppress(OSError):
+                if Path(match["file"]).resolve() == self.path:
+                    return f" ({self.path.name} line {match['line']})"
+        return ""
