@@ -534,9 +534,7 @@ class _Plan:
             maps = self._source_maps(starts, lengths, x.shape[1:-1])
             buffer[...] = x[tile.images][(slice(None), *np.ix_(*maps))]
             return buffer
-        target = tuple(
-            slice(sl.start - s, sl.stop - s) for sl, s in zip(inside, starts, strict=True)
-        )
+        target = _within_window(inside, starts, lengths)
         buffer[(slice(None), *target)] = x[(tile.images, *inside)]
         for region in _outside(target, lengths):
             buffer[(slice(None), *region)] = 0
@@ -611,9 +609,7 @@ class _Plan:
             np.add.at(target[tile.images], (slice(None), *np.ix_(*maps)), padded)
             return
         inside = _inside(starts, lengths, target.shape[1:-1])
-        source = tuple(
-            slice(sl.start - s, sl.stop - s) for sl, s in zip(inside, starts, strict=True)
-        )
+        source = _within_window(inside, starts, lengths)
         target[(tile.images, *inside)] += padded[(slice(None), *source)]
 
     # -- depthwise (one input channel per group) --------------------------------------------
@@ -666,6 +662,19 @@ def _inside(starts, lengths, sizes) -> list[slice]:
         lo = min(max(start, 0), size)
         slices.append(slice(lo, max(lo, min(start + length, size))))
     return slices
+
+
+def _within_window(inside: list[slice], starts, lengths) -> tuple[slice, ...]:
+    """The slices of :func:`_inside` in window coordinates (0 = ``start``), clamped to the window.
+
+    When a window lies wholly in the padding its inside is empty; the clamp keeps the empty
+    slice inside [0, length] so that :func:`_outside` then covers the whole window (an empty
+    slice at a negative offset would count from the end and leave stale rows unzeroed).
+    """
+    return tuple(
+        slice(min(max(sl.start - s, 0), n), min(max(sl.stop - s, 0), n))
+        for sl, s, n in zip(inside, starts, lengths, strict=True)
+    )
 
 
 def _outside(inner: tuple[slice, ...], lengths) -> list[tuple[slice, ...]]:

@@ -10,8 +10,16 @@ differed from the single-threaded one on most of these configurations within a f
 
 import numpy as np
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
-from convcli import ConvSpec, conv_backward, conv_backward_reference, conv_forward
+from convcli import (
+    ConvSpec,
+    conv_backward,
+    conv_backward_reference,
+    conv_forward,
+    conv_forward_reference,
+)
 from convcli import engine as engine_module
 from convcli.engine import DEFAULT_WORKSPACE
 
@@ -179,3 +187,33 @@ def test_concurrent_calls_from_user_threads_with_different_thread_counts():
         for dx in dxs:
             np.testing.assert_array_equal(dx, dx_one)
     assert engine_module.blas_threads() == before
+
+
+@given(
+    n=st.integers(1, 2),
+    size=st.integers(1, 6),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 3),
+    pads=st.tuples(st.integers(0, 9), st.integers(0, 9)),
+    threads=st.sampled_from([1, 2, 3]),
+    rank=st.sampled_from([1, 2]),
+)
+def test_row_tiles_wholly_inside_the_padding_read_zeros(
+    n, size, kernel, stride, pads, threads, rank
+):
+    """Row tiles whose receptive fields lie wholly in the zero padding (padding much wider than
+    the kernel) see zeros, never what an earlier tile left in the scratch buffer."""
+    assume(size + sum(pads) >= kernel)
+    rng = np.random.default_rng(size * 100 + kernel * 10 + stride)
+    x = rng.standard_normal((n, size, *(3,) * (rank - 1), 2))
+    w = rng.standard_normal((kernel, *(1,) * (rank - 1), 2, 3))
+    spec = ConvSpec(stride=stride, padding=(pads, *((0, 0),) * (rank - 1)))
+    z_ref, cache_ref = conv_forward_reference(x, w, None, spec)
+    dz = rng.standard_normal(z_ref.shape)
+    dx_ref, dw_ref, _ = conv_backward_reference(dz, cache_ref)
+    for _ in range(2):  # the second call reuses the first call's scratch buffers
+        z, cache = conv_forward(x, w, None, spec, workspace=64, threads=threads)
+        np.testing.assert_allclose(z, z_ref, rtol=1e-12, atol=1e-12)
+        dx, dw, _ = conv_backward(dz, cache)
+        np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dw, dw_ref, rtol=1e-12, atol=1e-12)
