@@ -115,7 +115,7 @@ class ConvcliGroup(TyperGroup):
 
 app = typer.Typer(
     cls=ConvcliGroup,
-    help="Run and check 2-D convolution layers (NHWC activations, HWIO weights).",
+    help="Run and check 1-D to 3-D convolution layers, channels last or first.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
@@ -188,7 +188,7 @@ def _root(
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
 ) -> None:
-    """Run and check 2-D convolution layers (NHWC activations, HWIO weights)."""
+    """Run and check 1-D to 3-D convolution layers, channels last or first."""
     _state["debug"] = debug
     _state["quiet"] = quiet
 
