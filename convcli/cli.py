@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -669,9 +670,11 @@ def gradcheck(
     if shape_ is not None and (kernel_ is None or cout is None):
         raise UsageError("--shape needs --kernel and --cout")
     from_files = bool(data or x or w or b or dz)
-    if timeout is not None and (impl is None or not timeout > 0):
+    if timeout is not None and (impl is None or not 0 < timeout < math.inf):
         raise UsageError(
-            "--timeout goes with --impl" if impl is None else f"--timeout {timeout}: must be > 0"
+            "--timeout goes with --impl"
+            if impl is None
+            else f"--timeout {timeout}: must be a positive number of seconds"
         )
     if shape_ is not None and from_files:
         raise UsageError("give either a data file (or --x/--w) or --shape, not both")

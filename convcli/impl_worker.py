@@ -201,38 +201,50 @@ class _Child:
             except BaseException as error:
                 self.send({"error": f"{self.current} raised {describe(error, self.path)}"})
             else:
-                self.send({"ok": True}, answer)
+                dtypes, arrays = answer
+                self.send({"ok": True, "dtypes": dtypes}, arrays)
 
-    def answer(self, header: dict, arrays: dict) -> dict:
+    def answer(self, header: dict, arrays: dict) -> tuple[dict, dict]:
+        """The user's results for one request: (their own dtype names, float64 arrays)."""
         hparameters = {"stride": int(header["stride"]), "pad": int(header["pad"])}
         x, w, b = arrays["A_prev"], arrays["W"], arrays["b"]
         result = self.call("conv_forward", x.copy(), w.copy(), b.copy(), hparameters)
         if not isinstance(result, tuple) or len(result) != 2:
             raise _Failure("conv_forward must return a tuple (Z, cache)")
         if header["op"] == "forward":
-            return {"Z": as_array(result[0], "Z", header["expect"]["Z"])}
-        grads = self.call("conv_backward", arrays["dZ"].copy(), result[1])
-        if not isinstance(grads, tuple) or len(grads) != 3:
-            raise _Failure("conv_backward must return a tuple (dA_prev, dW, db)")
-        return {
-            name: as_array(value, name, header["expect"][name])
-            for name, value in zip(("dA_prev", "dW", "db"), grads, strict=True)
-        }
+            outputs = {"Z": result[0]}
+        else:
+            grads = self.call("conv_backward", arrays["dZ"].copy(), result[1])
+            if not isinstance(grads, tuple) or len(grads) != 3:
+                raise _Failure("conv_backward must return a tuple (dA_prev, dW, db)")
+            outputs = dict(zip(("dA_prev", "dW", "db"), grads, strict=True))
+        converted = {name: as_array(v, name, header["expect"][name]) for name, v in outputs.items()}
+        dtypes = {name: dtype for name, (_, dtype) in converted.items()}
+        return dtypes, {name: array for name, (array, _) in converted.items()}
 
 
 class _Failure(Exception):
     """The user's function returned something unusable; the message says what."""
 
 
-def as_array(value, what: str, expected: list) -> np.ndarray:
-    """``value`` as float64, refused (with its shape) when it is not the expected size."""
+def as_array(value, what: str, expected: list) -> tuple[np.ndarray, str]:
+    """``value`` as float64 and the name of its own dtype; refused when it is not a real
+    number array (None, objects, complex, bool, strings) or not the expected size."""
     try:
-        array = np.asarray(value, dtype=np.float64)
+        given = np.asarray(value)
     except (TypeError, ValueError):
-        raise _Failure(f"{what} is a {type(value).__name__}, not a numeric array") from None
-    if array.size != int(np.prod(expected)):
-        raise _Failure(f"{what} has shape {array.shape}, expected {tuple(expected)}")
-    return array
+        given = None
+    if given is None or value is None or given.dtype.kind not in "fiu":
+        if value is None:
+            kind = "None"
+        elif isinstance(value, np.ndarray):
+            kind = f"an array of {value.dtype}"
+        else:
+            kind = f"a {type(value).__name__}"
+        raise _Failure(f"{what} is {kind}, not an array of real numbers")
+    if given.size != int(np.prod(expected)):
+        raise _Failure(f"{what} has shape {given.shape}, expected {tuple(expected)}")
+    return given.astype(np.float64), given.dtype.name
 
 
 def _redirect_output(path: str) -> _Pipe:

@@ -217,7 +217,8 @@ def print_sweep(console: Console, summary) -> None:
     counts = data["counts"]
     console.print(
         Text(
-            f"{data['total']} configurations: {data['ran']} run, {data['skipped']} already in "
+            f"{data['total']} configuration{'' if data['total'] == 1 else 's'}: "
+            f"{data['ran']} run, {data['skipped']} already in "
             f"{summary.out}; {counts['passed']} passed, {counts['failed']} failed, "
             f"{counts['errored']} errored · spec {summary.fingerprint} · {summary.seconds:.1f} s",
             style="bold green" if data["passed"] else "bold red",

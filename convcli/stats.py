@@ -42,8 +42,9 @@ class RunningStats:
         self.mean += delta * count / total
         self.m2 += m2 + delta * delta * self.count * count / total
         self.count = total
-        self.min = min(self.min, float(np.min(chunk)))
-        self.max = max(self.max, float(np.max(chunk)))
+        # np.minimum / np.maximum let a NaN through, as np.min does on the whole tensor
+        self.min = float(np.minimum(self.min, np.min(chunk)))
+        self.max = float(np.maximum(self.max, np.max(chunk)))
 
     def summary(self) -> dict:
         """``{"shape", "dtype", "nonfinite", "mean", "std", "min", "max"}``, plain Python.

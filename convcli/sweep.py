@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convcli.errors import ConvcliError, DataError, OutputError, UsageError
+from convcli.spec import ConvSpec
 
 try:
     import tomllib
@@ -119,7 +120,7 @@ class Sweep:
     def key(self, config: dict) -> str:
         """Stable key of one run: a hash of its configuration, actions and gradcheck options."""
         what = {
-            "config": config,
+            "config": _per_axis(config),
             "actions": list(self.actions),
             "gradcheck": self.gradcheck if "gradcheck" in self.actions else None,
         }
@@ -131,10 +132,26 @@ class Sweep:
 
         Each key hashes a normalised configuration, the actions and the gradcheck options
         (defaults filled in), so comments, whitespace, key order, the order of the
-        configurations, ``kernel = 3`` versus ``[3, 3]`` and defaults spelled out or left
-        out do not change it; any change to what would run does.
+        configurations, ``kernel = 3`` versus ``[3, 3]`` (likewise stride, pad and dilation:
+        one value, one per axis, or before/after pairs that say the same) and defaults spelled
+        out or left out do not change it; any change to what would run does.
         """
         return _digest(sorted({self.key(config) for config in self.configs}))
+
+
+def _per_axis(config: dict) -> dict:
+    """``config`` with stride and dilation one value per spatial axis and pad as
+    ``[[before, after], ...]`` (or ``"same"``), so equal runs spelled differently share a key.
+    A configuration whose values do not fit its rank is left as written (it will fail)."""
+    rank = len(config["shape"]) - 2
+    try:
+        spec = ConvSpec(stride=config["stride"], padding=config["pad"], dilation=config["dilation"])
+        stride, dilation = spec.per_axis(rank)
+        padding = spec.explicit_padding(rank)
+    except ConvcliError:
+        return config
+    pad = padding if isinstance(padding, str) else [list(pair) for pair in padding]
+    return {**config, "stride": list(stride), "dilation": list(dilation), "pad": pad}
 
 
 def _digest(value) -> str:

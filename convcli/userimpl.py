@@ -191,9 +191,12 @@ def load_impl(path, *, timeout: float = DEFAULT_TIMEOUT) -> UserImpl:
             process.start()
         except UserCodeError as error:
             message = str(error)
-            raise DataError(
-                message if message.startswith(str(path)) else f"{path}: {message}"
-            ) from None
+            resolved = str(path.resolve())  # the child names the file by its full path
+            if message.startswith(resolved):
+                message = str(path) + message[len(resolved) :]
+            elif not message.startswith(str(path)):
+                message = f"{path}: {message}"
+            raise DataError(message) from None
     return UserImpl(path=path)
 
 
@@ -359,15 +362,29 @@ def check_config(
     checks = {name: Check(passed=None) for name in CHECKS}
     result = ConfigResult(config=config, checks=checks)
     problems: list[str] = []
+    unrepeatable: list[str] = []
     with UserProcess(impl.path, timeout=timeout, max_memory=max_memory) as process:
         run = _Run(process, config, seed, tolerance)
         try:
             process.start()
             user_z = run.forward(run.x, run.w, run.b)
+            z_dtype = process.dtypes.get("Z", "float64")
             checks["forward_vs_engine"] = Check(
                 passed=None, tensors=_compare_all(["Z"], [user_z], [run.z], tolerance, config.cout)
             )
             user_grads = run.backward(run.g)
+            again = run.backward(run.g)  # a fresh forward, then backward, on the same inputs
+            unrepeatable = [
+                name
+                for name, first, second in zip(GRADIENTS, user_grads, again, strict=True)
+                if not np.array_equal(first, second)
+            ]
+            if unrepeatable:
+                problems.append(
+                    f"conv_backward returned different {', '.join(unrepeatable)} when called "
+                    "again with the same inputs (does it keep values between calls, such as "
+                    "an accumulator that is never reset?)"
+                )
             checks["backward_vs_engine"] = Check(
                 passed=None,
                 tensors=_compare_all(GRADIENTS, user_grads, run.engine, tolerance, config.cout),
@@ -377,6 +394,11 @@ def check_config(
                 lambda c: conv_backward(_only_channel(run.g, c), run.cache)[0],
             )
             try:
+                if z_dtype != "float64":
+                    raise NumericUnavailable(
+                        f"conv_forward returns {z_dtype} Z, whose rounding swamps central "
+                        "differences; return float64 to check the gradients numerically"
+                    )
                 numeric = numeric_gradients(
                     run.forward,
                     run.x,
@@ -416,6 +438,11 @@ def check_config(
     problems += _failures(checks)
     result.error = "; ".join(problems) or None
     result.diagnosis = diagnose(checks, problems[0] if problems else None)
+    if unrepeatable:
+        result.diagnosis = (
+            f"conv_backward is not repeatable: called twice with the same inputs it returned "
+            f"different {', '.join(unrepeatable)} (state kept between calls); " + result.diagnosis
+        )
     return result
 
 

@@ -65,6 +65,7 @@ class UserProcess:
         self.timeout = timeout
         self.max_memory = max_memory
         self.calls = 0
+        self.dtypes: dict[str, str] = {}  # the dtypes the user's last answer had, by name
         self._dir = tempfile.TemporaryDirectory(prefix="convcli-impl-")
         self._output = Path(self._dir.name) / "output"
         self._fault = Path(self._dir.name) / "fault"
@@ -166,6 +167,10 @@ class UserProcess:
         answer, received = self._receive(function, limit)
         if "error" in answer:
             raise UserCodeError(str(answer["error"])[:1000].splitlines()[0])
+        dtypes = answer.get("dtypes")
+        self.dtypes = (
+            {str(k): str(v) for k, v in dtypes.items()} if isinstance(dtypes, dict) else {}
+        )
         results = []
         for name, shape in shapes.items():
             value = received.get(name)

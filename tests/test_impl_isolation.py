@@ -254,3 +254,72 @@ def test_timeout_goes_with_impl():
     )
     assert result.exit_code == 2
     assert "--timeout goes with --impl" in result.stderr
+
+
+@pytest.mark.parametrize("bad_timeout", ["inf", "nan", "0", "-1"])
+def test_timeout_must_be_a_positive_number_of_seconds(bad_timeout):
+    result = runner.invoke(
+        app,
+        [
+            "gradcheck",
+            "--impl",
+            str(ROOT / "sample_data" / "classic_conv.py"),
+            *ONE,
+            "--timeout",
+            bad_timeout,
+        ],
+    )
+    assert result.exit_code == 2, result.stderr
+    assert "--timeout" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# What the user's code returns is taken at face value only when it can be
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_backward_that_keeps_state_between_calls_fails(tmp_path):
+    """A dW accumulator kept at module level is right on the first call only."""
+    path = variant(
+        tmp_path,
+        [("    dW = np.zeros(W.shape)\n", "    dW = _KEPT.setdefault('dW', np.zeros(W.shape))\n")],
+        prefix="_KEPT = {}\n",
+    )
+    result, doc = run_json(path, *ONE)
+    assert result.exit_code == 1
+    (entry,) = doc["results"]
+    assert entry["passed"] is False
+    assert "conv_backward returned different dW when called again" in entry["error"]
+    assert entry["diagnosis"].startswith("conv_backward is not repeatable")
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        ("dA_prev + 1j", "dA_prev is an array of complex128, not an array of real numbers"),
+        ("dA_prev > 0", "dA_prev is an array of bool, not an array of real numbers"),
+        ("None", "dA_prev is None, not an array of real numbers"),
+    ],
+)
+def test_values_that_are_not_real_numbers_are_refused(tmp_path, returned, message):
+    path = variant(tmp_path, [("    return dA_prev, dW, db", f"    return {returned}, dW, db")])
+    result, doc = run_json(path, *ONE)
+    assert result.exit_code == 1
+    assert message in doc["results"][0]["error"]
+
+
+def test_a_float32_forward_is_not_checked_against_noisy_differences(tmp_path):
+    """Central differences of float32 values are rounding noise at eps = 1e-3: the numeric
+    verdict is null with the reason, not a FAIL that contradicts the engine checks."""
+    path = variant(
+        tmp_path, [("    return Z, (A_prev", "    return Z.astype(np.float32), (A_prev")]
+    )
+    result, doc = run_json(path, *ONE)
+    (entry,) = doc["results"]
+    numeric = entry["checks"]["backward_vs_numeric"]
+    assert numeric["passed"] is None
+    assert "conv_forward returns float32 Z" in numeric["reason"]
+    assert entry["checks"]["backward_vs_engine"]["passed"] is True
+    assert "float32" in entry["diagnosis"]
+    assert result.exit_code == 1  # a check that could not run is not a pass

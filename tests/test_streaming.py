@@ -183,3 +183,18 @@ def test_threads_flag_gives_the_same_numbers(big_h5):
     for key in ("mean", "std", "min", "max"):
         assert one["tensors"]["z"][key] == pytest.approx(three["tensors"]["z"][key], rel=1e-12)
     assert runner.invoke(app, ["forward", str(big_h5), "--threads", "0"]).exit_code == 2
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_a_nan_in_any_chunk_makes_every_statistic_null(where):
+    """As np.min/np.max/np.mean do on the whole tensor: a NaN in a later chunk is not skipped."""
+    from convcli.stats import RunningStats
+
+    chunks = [np.arange(4.0) + 10 * k for k in range(3)]
+    chunks[where][1] = np.nan
+    stats = RunningStats((12,), np.float64)
+    for chunk in chunks:
+        stats.update(chunk)
+    summary = stats.summary()
+    assert summary["nonfinite"] == 1
+    assert [summary[k] for k in ("mean", "std", "min", "max")] == [None] * 4
