@@ -484,6 +484,22 @@ def _exhaustive_numeric(counter, g, x, w, b, geometry: Geometry, eps: float) -> 
     return numeric
 
 
+def compare_elements(got: np.ndarray, want: np.ndarray, tolerance: Tolerance, worst: int = WORST):
+    """The one element-wise comparison: ``(abs_errors, rel_errors, failed, order)``.
+
+    ``failed`` marks elements outside ``tolerance`` (NaN fails); ``order`` holds the flat
+    indices of the ``worst`` elements to show, failing ones first, each group by |error|
+    from the largest (NaN counts as largest). Arrays of the same shape, any layout.
+    """
+    abs_errors = np.abs(got - want)
+    scale = np.maximum(np.abs(got), np.abs(want))
+    failed = ~(abs_errors <= tolerance.atol + tolerance.rtol * scale)  # NaN fails
+    rel = np.divide(abs_errors, scale, out=np.zeros_like(abs_errors), where=scale > 0)
+    magnitude = np.nan_to_num(abs_errors, nan=np.inf).ravel()
+    order = np.lexsort((magnitude, failed.ravel()))[::-1][:worst]
+    return abs_errors, rel, failed, order
+
+
 def _channel_axis(name: str, layout: str) -> int:
     if layout == "nchw" and name in ("dx", "dw"):
         return 1 if name == "dx" else 0
@@ -495,14 +511,7 @@ def _compare_elements(
 ) -> TensorCheck:
     if analytic.shape != numeric.shape:
         raise ValueError(f"{name} has shape {analytic.shape}, expected {numeric.shape}")
-    abs_errors = np.abs(analytic - numeric)
-    scale = np.maximum(np.abs(analytic), np.abs(numeric))
-    allowed = tolerance.atol + tolerance.rtol * scale
-    failed = ~(abs_errors <= allowed)  # NaN fails
-    rel = np.divide(abs_errors, scale, out=np.zeros_like(abs_errors), where=scale > 0)
-    # failing elements first, each group by |error|, largest first (NaN counts as largest)
-    magnitude = np.nan_to_num(abs_errors, nan=np.inf).ravel()
-    order = np.lexsort((magnitude, failed.ravel()))[::-1][:WORST]
+    abs_errors, rel, failed, order = compare_elements(analytic, numeric, tolerance)
     worst = [
         {
             "index": [int(i) for i in np.unravel_index(flat, analytic.shape)],

@@ -27,7 +27,7 @@ import numpy as np
 
 from convcli.engine import conv_backward, conv_forward
 from convcli.errors import DataError, InputFileError, UsageError
-from convcli.gradcheck import Tolerance
+from convcli.gradcheck import Tolerance, compare_elements
 from convcli.numgrad import DEFAULT_MAX_PASSES, NumericUnavailable, numeric_gradients
 from convcli.spec import ConvSpec
 from convcli.userproc import DEFAULT_TIMEOUT, UserCodeError, UserProcess
@@ -84,7 +84,6 @@ SUITE = (
 
 CHECKS = ("forward_vs_engine", "backward_vs_numeric", "backward_vs_engine")
 GRADIENTS = ("dA_prev", "dW", "db")
-WORST = 5
 
 
 @dataclass(frozen=True)
@@ -203,11 +202,7 @@ def load_impl(path, *, timeout: float = DEFAULT_TIMEOUT) -> UserImpl:
 def compare(name: str, got, want, tolerance: Tolerance) -> Comparison:
     """Element-wise comparison under ``tolerance``; channels are the last axis."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64).reshape(np.shape(got))
-    failed = tolerance.fails(got, want)
-    errors = np.abs(got - want)
-    scale = np.maximum(np.abs(got), np.abs(want))
-    rel = np.divide(errors, scale, out=np.zeros_like(errors), where=scale > 0)
-    order = np.lexsort((errors.ravel(), failed.ravel()))[::-1][:WORST]
+    errors, rel, failed, order = compare_elements(got, want, tolerance)
     worst = [
         {
             "index": [int(i) for i in np.unravel_index(flat, got.shape)],
