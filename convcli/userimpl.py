@@ -350,15 +350,19 @@ def check_config(
     timeout: float = DEFAULT_TIMEOUT,
     max_memory: int | None = None,
     max_passes: int = DEFAULT_MAX_PASSES,
+    process: UserProcess | None = None,
 ) -> ConfigResult:
-    """Run the three checks of one configuration in a fresh child process; never raises for
+    """Run the three checks of one configuration in a fresh child process (``process``, if
+    given, must be a new one, perhaps launched already; it is closed here); never raises for
     the user's mistakes (they become the result's ``error``)."""
     tolerance = tolerance or Tolerance()
     checks = {name: Check(passed=None) for name in CHECKS}
     result = ConfigResult(config=config, checks=checks)
     problems: list[str] = []
     unrepeatable: list[str] = []
-    with UserProcess(impl.path, timeout=timeout, max_memory=max_memory) as process:
+    if process is None:
+        process = UserProcess(impl.path, timeout=timeout, max_memory=max_memory)
+    with process:
         run = _Run(process, config, seed, tolerance)
         try:
             process.start()
@@ -520,21 +524,38 @@ def check_impl(
     max_memory: int | None = None,
     progress=None,
 ) -> list[ConfigResult]:
-    """Check every configuration, each in its own child process; ``progress(done, total)``."""
-    results = []
-    for number, config in enumerate(configs, start=1):
-        results.append(
-            check_config(
-                impl,
-                config,
-                seed=seed + number,
-                tolerance=tolerance,
-                timeout=timeout,
-                max_memory=max_memory,
+    """Check every configuration, each in its own child process; ``progress(done, total)``.
+
+    The next configuration's child is launched while one is being checked, so its start-up
+    (Python and NumPy) overlaps the work instead of adding to it.
+    """
+
+    def launched() -> UserProcess:
+        process = UserProcess(impl.path, timeout=timeout, max_memory=max_memory)
+        process.launch()
+        return process
+
+    results: list[ConfigResult] = []
+    upcoming = launched() if configs else None
+    try:
+        for number, config in enumerate(configs, start=1):
+            process, upcoming = upcoming, launched() if number < len(configs) else None
+            results.append(
+                check_config(
+                    impl,
+                    config,
+                    seed=seed + number,
+                    tolerance=tolerance,
+                    timeout=timeout,
+                    max_memory=max_memory,
+                    process=process,
+                )
             )
-        )
-        if progress is not None:
-            progress(number, len(configs))
+            if progress is not None:
+                progress(number, len(configs))
+    finally:
+        if upcoming is not None:
+            upcoming.close()
     return results
 
 

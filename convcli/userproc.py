@@ -1,7 +1,8 @@
 """Running a user's ``conv_forward`` / ``conv_backward`` in a child process (``--impl``).
 
 One child per configuration (``python -B impl_worker.py``, NumPy with single-threaded BLAS;
-about 0.1 s to start), so a crash, a patched NumPy or a leaked global affects one
+about 0.1 s to start, so :meth:`UserProcess.launch` lets it start while other work goes on),
+so a crash, a patched NumPy or a leaked global affects one
 configuration and never this process. The parent sends
 plain arrays and reads plain arrays back (``.npy`` with ``allow_pickle=False``, size-capped):
 nothing from the child is unpickled, and every answer is checked again here (shape, finite
@@ -82,9 +83,11 @@ class UserProcess:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def start(self) -> None:
-        """Start the child and load the user's file; UserCodeError if loading fails."""
-        self._deadline = time.monotonic() + self.timeout
+    def launch(self) -> None:
+        """Start the child without waiting for it (it loads NumPy and the user's file while
+        this process does other work); :meth:`start` then waits for it."""
+        if self._process is not None:
+            return
         with open(self._output, "ab") as capture:
             self._process = subprocess.Popen(
                 [
@@ -101,6 +104,12 @@ class UserProcess:
                 stderr=capture,
                 env=_environment(),
             )
+
+    def start(self) -> None:
+        """Start the child (unless :meth:`launch` did) and wait until it has loaded the
+        user's file; UserCodeError if loading fails. The time-out counts from here."""
+        self.launch()
+        self._deadline = time.monotonic() + self.timeout
         header, _ = self._receive("loading it", 1 << 16)
         if "error" in header:
             raise UserCodeError(str(header["error"]))

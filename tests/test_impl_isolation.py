@@ -323,3 +323,30 @@ def test_a_float32_forward_is_not_checked_against_noisy_differences(tmp_path):
     assert entry["checks"]["backward_vs_engine"]["passed"] is True
     assert "float32" in entry["diagnosis"]
     assert result.exit_code == 1  # a check that could not run is not a pass
+
+
+def test_an_interrupted_suite_leaves_no_child_process(monkeypatch):
+    """The next configuration's child is launched ahead of time; an interrupt (here from the
+    progress callback) must still stop and reap every child started."""
+    from convcli import userproc
+    from convcli.userimpl import UserImpl, check_impl
+
+    started = []
+    launch = userproc.UserProcess.launch
+
+    def recording_launch(self):
+        if self not in started:  # start() calls launch() again; that launches nothing
+            started.append(self)
+        launch(self)
+
+    monkeypatch.setattr(userproc.UserProcess, "launch", recording_launch)
+
+    def progress(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    impl = UserImpl(path=ROOT / "sample_data" / "classic_conv.py")
+    with pytest.raises(KeyboardInterrupt):
+        check_impl(impl, SUITE[:4], progress=progress)
+    assert len(started) == 3  # configurations 1 and 2, and 3 launched ahead
+    assert all(process._process is None for process in started)
