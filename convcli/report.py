@@ -164,8 +164,12 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
         pad_edge=False,
         collapse_padding=True,
     )
-    for column in ("#", "shape", "kernel", "cout", "stride", "pad", *IMPL_COLUMNS.values()):
+    # on a narrow terminal the numbers and verdicts stay whole; the shape columns give way
+    table.add_column("#", no_wrap=True, min_width=len(str(len(run.impl_results))))
+    for column in ("shape", "kernel", "cout", "stride", "pad"):
         table.add_column(column, no_wrap=True)
+    for column in IMPL_COLUMNS.values():
+        table.add_column(column, no_wrap=True, min_width=4)
     for number, result in enumerate(run.impl_results, start=1):
         config = result.config.to_json()
         table.add_row(
