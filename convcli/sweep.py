@@ -193,6 +193,7 @@ def load_sweep(path) -> Sweep:
         checker.fail("actions", f"actions must be a list of {', '.join(ACTIONS)}, got {actions!r}")
     gradcheck = data.get("gradcheck", {})
     checker.table(gradcheck, "gradcheck")
+    checker.sources = dict.fromkeys(gradcheck, ("gradcheck", 0))
     checker.keys(gradcheck, set(GRADCHECK_KEYS), "[gradcheck]")
     for name, kind in GRADCHECK_KEYS.items():
         if name in gradcheck and not _is(gradcheck[name], kind):
@@ -226,29 +227,32 @@ def load_sweep(path) -> Sweep:
     defaults = dict(DEFAULTS)
     given_defaults = data.get("defaults", {})
     checker.table(given_defaults, "defaults")
-    checker.keys(given_defaults, set(CONFIG_KEYS), "[defaults]")
+    checker.keys(given_defaults, set(CONFIG_KEYS), "[defaults]", ("defaults", 0))
     defaults.update(given_defaults)
+    default_sources: dict[str, SpecTable] = dict.fromkeys(given_defaults, ("defaults", 0))
 
-    configs = []
+    configs = []  # (configuration, the table each of its keys came from)
     listed = data.get("configs", [])
     if not isinstance(listed, list) or not all(isinstance(c, dict) for c in listed):
         checker.fail("configs", "[[configs]] must be a list of tables")
-    for entry in listed:
-        checker.keys(entry, set(CONFIG_KEYS), "[[configs]]")
-        configs.append(defaults | entry)
+    for index, entry in enumerate(listed):
+        source = ("configs", index)
+        checker.keys(entry, set(CONFIG_KEYS), "[[configs]]", source)
+        configs.append((defaults | entry, default_sources | dict.fromkeys(entry, source)))
     grid = data.get("grid", {})
     checker.table(grid, "grid")
-    checker.keys(grid, set(CONFIG_KEYS), "[grid]")
+    checker.keys(grid, set(CONFIG_KEYS), "[grid]", ("grid", 0))
     if grid:
         for name, values in grid.items():
             if not isinstance(values, list) or not values:
-                checker.fail(name, f"grid {name} must be a non-empty list of values")
+                checker.fail(name, f"grid {name} must be a non-empty list of values", ("grid", 0))
         names = list(grid)
+        grid_sources = default_sources | dict.fromkeys(names, ("grid", 0))
         for combination in itertools.product(*(grid[name] for name in names)):
-            configs.append(defaults | dict(zip(names, combination, strict=True)))
+            configs.append((defaults | dict(zip(names, combination, strict=True)), grid_sources))
     if not configs:
         raise SpecError(f"{path}: no configurations: add [[configs]] tables or a [grid]")
-    checked = tuple(checker.config(config) for config in configs)
+    checked = tuple(checker.config(config, sources) for config, sources in configs)
     actions = tuple(a for a in ACTIONS if a in actions)  # normalised: one order, no repeats
     return Sweep(path=path, configs=checked, actions=actions, gradcheck=gradcheck)
 
@@ -259,40 +263,76 @@ def _is(value, kind) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
+# a table of the spec: ("configs", i) for the i-th [[configs]] (from 0), ("grid", 0), ...
+SpecTable = tuple[str, int]
+
+
 class _Checker:
-    """Type checks of a parsed spec, with errors that cite the line a key is on."""
+    """Type checks of a parsed spec, with errors that cite the table, key and line that hold
+    a bad value (``sources`` says which table each key of the configuration in hand came from)."""
 
     def __init__(self, path: Path, text: str):
         self.path = path
         self.lines = text.splitlines()
+        self.sources: dict[str, SpecTable] = {}
 
-    def line_of(self, key: str) -> int | None:
+    def _header_line(self, table: SpecTable) -> int | None:
+        name, index = table
+        header = f"[[{name}]]" if name == "configs" else f"[{name}]"
+        seen = -1
         for number, line in enumerate(self.lines, start=1):
-            stripped = line.strip()
-            if stripped.startswith((f"{key} ", f"{key}=", f"[{key}]", f"[[{key}]]")):
-                return number
+            if line.split("#", 1)[0].strip() == header:
+                seen += 1
+                if seen == index:
+                    return number
         return None
 
-    def fail(self, key: str, message: str):
-        line = self.line_of(key)
+    def line_of(self, key: str, table: SpecTable | None = None) -> int | None:
+        """The line holding ``key`` in ``table`` (the key's source by default), else the
+        table's header line; for top-level keys, the first line that sets ``key``."""
+        table = table or self.sources.get(key)
+        header = self._header_line(table) if table else None
+        for number in range(header + 1 if header else 1, len(self.lines) + 1):
+            stripped = self.lines[number - 1].strip()
+            if header and stripped.startswith("["):
+                break  # the next table begins
+            if stripped.startswith((f"{key} ", f"{key}=", f"[{key}]", f"[[{key}]]")):
+                return number
+        return header
+
+    def where(self, key: str, table: SpecTable | None = None) -> str:
+        """``spec.toml line 12 ([[configs]] table 2, key 'stride')``."""
+        table = table or self.sources.get(key)
+        line = self.line_of(key, table)
         where = f"{self.path} line {line}" if line else str(self.path)
-        raise SpecError(f"{where}: {message}")
+        if table is not None:
+            name, index = table
+            label = f"[[configs]] table {index + 1}" if name == "configs" else f"[{name}]"
+            where += f" ({label}, key {key!r})"
+        return where
+
+    def fail(self, key: str, message: str, table: SpecTable | None = None):
+        raise SpecError(f"{self.where(key, table)}: {message}")
 
     def table(self, value, name: str) -> None:
         if not isinstance(value, dict):
             self.fail(name, f"{name} must be a table")
 
-    def keys(self, table: dict, allowed: set, where: str) -> None:
+    def keys(self, table: dict, allowed: set, where: str, source: SpecTable | None = None) -> None:
         for key in table:
             if key not in allowed:
                 self.fail(
                     key,
                     f"unknown key {key!r} in {where}; expected one of {', '.join(sorted(allowed))}",
+                    source,
                 )
 
-    def config(self, config: dict) -> dict:
-        """One configuration with every key checked and normalised to plain JSON values."""
+    def config(self, config: dict, sources: dict[str, SpecTable]) -> dict:
+        """One configuration with every key checked and normalised to plain JSON values;
+        ``sources`` maps each key to the table that set it (none for built-in defaults)."""
         from convcli.hparams import from_file_value
+
+        self.sources = sources
 
         for required in ("shape", "kernel", "cout"):
             if required not in config:
@@ -333,10 +373,8 @@ class _Checker:
             ("padding_mode", "padding_mode"),
             ("layout", "layout"),
         ):
-            line = self.line_of(key)
-            origin = f"{self.path} line {line}" if line else str(self.path)
             try:
-                value = from_file_value(name, config[key], origin)
+                value = from_file_value(name, config[key], self.where(key))
             except ConvcliError as error:
                 raise SpecError(str(error)) from None
             normalised[key] = _plain(value)

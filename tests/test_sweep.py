@@ -210,8 +210,14 @@ def test_parallel_jobs_give_the_same_results(tmp_path):
         ),
         ('[grid]\nshape=[[1,4,4,1]]\nkernel=[1]\ncout=[1]\nstride=["two"]\n', "line 5"),
         ("[[configs]]\nkernel = 3\ncout = 2\n", "has no 'shape'"),
-        ("[[configs]]\nshape = [1, 4]\nkernel = 3\ncout = 2\n", "line 2: shape must be"),
-        ("[[configs]]\nshape = [1, 4, 4, 1]\nkernel = [3, 3, 3]\ncout = 2\n", "line 3: kernel"),
+        (
+            "[[configs]]\nshape = [1, 4]\nkernel = 3\ncout = 2\n",
+            "line 2 ([[configs]] table 1, key 'shape'): shape must be",
+        ),
+        (
+            "[[configs]]\nshape = [1, 4, 4, 1]\nkernel = [3, 3, 3]\ncout = 2\n",
+            "line 3 ([[configs]] table 1, key 'kernel'): kernel",
+        ),
         ('[[configs]]\nshape = [1, 4, 1]\nkernel = 3\ncout = 2\nlayout = "nwc"\n', "line 5"),
         (
             'actions = ["train"]\n[[configs]]\nshape=[1,4,4,1]\nkernel=1\ncout=1\n',
@@ -481,3 +487,33 @@ def test_per_axis_spellings_of_the_same_values_share_a_fingerprint(tmp_path, wri
     assert load_sweep(write(tmp_path, differs, "c.toml")).fingerprint != (
         load_sweep(write(tmp_path, base, "b.toml")).fingerprint
     )
+
+
+@pytest.mark.parametrize(
+    ("spec", "where"),
+    [
+        (
+            "[[configs]]\nshape = [1, 4, 4, 1]\nkernel = 3\ncout = 2\nstride = 1\n\n"
+            "[[configs]]\nshape = [1, 4, 4, 1]\nkernel = 3\ncout = 2\nstride = 0\n",
+            "line 11 ([[configs]] table 2, key 'stride')",
+        ),
+        (
+            "[[configs]]\nshape = [1, 4, 4, 1]\nkernel = 3\ncout = 2\n\n"
+            "[[configs]]\nshape = [1, 4, 4, 1]\nkernel = 3\ncout = 0\n",
+            "line 9 ([[configs]] table 2, key 'cout')",
+        ),
+        (
+            "[defaults]\nstride = 0\n\n[[configs]]\nshape = [1, 4, 4, 1]\nkernel = 3\ncout = 2\n",
+            "line 2 ([defaults], key 'stride')",
+        ),
+        (
+            "[[configs]]\nshape = [1, 4, 4, 1]\nkernel = 3\ncout = 2\n\n"
+            "[[configs]]\nshape = [1, 4, 4, 1]\nkernel = 3\ncout = 2\ncolour = 1\n",
+            "line 10 ([[configs]] table 2, key 'colour')",
+        ),
+    ],
+)
+def test_a_bad_value_is_reported_in_the_table_that_holds_it(tmp_path, spec, where):
+    result = sweep(write(tmp_path, spec), "--out", tmp_path / "r.jsonl")
+    assert result.exit_code == 65
+    assert where in result.stderr, result.stderr
