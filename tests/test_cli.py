@@ -299,22 +299,22 @@ def test_installed_command_in_subprocess(tmp_path):
 
 
 def test_interrupt_exits_130_with_one_line(monkeypatch):
-    import convcli.cli
+    import convcli.cli.commands
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convcli.cli, "run_forward", interrupted)
+    monkeypatch.setattr(convcli.cli.commands, "run_forward", interrupted)
     assert_error(run("forward", SAMPLE_H5), 130, "interrupted")
 
 
 def test_internal_error_is_70_without_traceback(monkeypatch):
-    import convcli.cli
+    import convcli.cli.commands
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(convcli.cli, "run_forward", broken)
+    monkeypatch.setattr(convcli.cli.commands, "run_forward", broken)
     assert_error(run("forward", SAMPLE_H5), 70, "internal error: RuntimeError: boom")
     result = run("--debug", "forward", SAMPLE_H5)
     assert result.exit_code == 70

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from convcli.cli import app
-from convcli.heatmap import RAMP, heatmap
+from convcli.cli.heatmap import RAMP, heatmap
 from tests.conftest import SAMPLE_H5, SAMPLE_NPZ
 
 runner = CliRunner()
@@ -190,7 +190,7 @@ def test_quiet_drops_notes_but_not_errors(tmp_path):
 def test_no_color_terminal_heatmap_uses_characters():
     from rich.console import Console
 
-    from convcli.heatmap import print_heatmap
+    from convcli.cli.heatmap import print_heatmap
 
     console = Console(force_terminal=True, no_color=True, record=True, width=80)
     print_heatmap(console, np.array([[0.0, 1.0], [2.0, 4.0]]), "t")

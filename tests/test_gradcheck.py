@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 import convcli.gradcheck as gc
 from convcli import ConvSpec, conv_backward, conv_forward
+from convcli.cli.heatmap import RAMP, heatmap
 from convcli.gradcheck import Tolerance, exhaustive_passes, gradcheck
-from convcli.heatmap import RAMP, heatmap
 from tests.strategies import conv_cases, nd_conv_cases
 
 

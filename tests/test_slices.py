@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from convcli import UsageError
-from convcli.slices import parse_slice, take
+from convcli.cli.slices import parse_slice, take
 
 TENSORS = {"z": np.arange(2 * 3 * 4).reshape(2, 3, 4), "dw": np.arange(6).reshape(1, 2, 3)}
 

@@ -21,6 +21,10 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from convcli import __version__
+from convcli.cli.heatmap import print_heatmap
+from convcli.cli.render import print_inventory, print_result, print_sweep, result_json
+from convcli.cli.report import gradcheck_json, print_gradcheck
+from convcli.cli.slices import check_slice, parse_slice, take
 from convcli.errors import (
     EXIT_CHECK_FAILED,
     EXIT_INTERNAL,
@@ -39,12 +43,9 @@ from convcli.gradcheck import (
     MODES,
     Tolerance,
 )
-from convcli.heatmap import print_heatmap
 from convcli.hparams import build_spec
 from convcli.inventory import inspect_file
 from convcli.loading import load_tensors
-from convcli.render import print_inventory, print_result, print_sweep, result_json
-from convcli.report import gradcheck_json, print_gradcheck
 from convcli.runs import (
     ENGINES,
     UPSTREAMS,
@@ -55,7 +56,6 @@ from convcli.runs import (
     run_gradcheck,
     run_impl_check,
 )
-from convcli.slices import check_slice, parse_slice, take
 from convcli.units import parse_memory, parse_size
 from convcli.userimpl import impl_config
 from convcli.writing import write_tensors

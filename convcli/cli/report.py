@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from convcli.heatmap import print_heatmap
-from convcli.render import format_hparams, format_padding, format_pair
+from convcli.cli.heatmap import print_heatmap
+from convcli.cli.render import format_hparams, format_padding, format_pair
 from convcli.runs import GradcheckRun
 
 LABELS = {"dx": "dx", "dw": "dw", "db": "db"}
