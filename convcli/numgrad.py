@@ -66,6 +66,36 @@ def _colours(reach: np.ndarray) -> np.ndarray:
     return colours
 
 
+def _measure_reach(changed, x, w, b, z_shape, rng):
+    """Step 1 (probe): which output indices each input slice reaches, per axis.
+
+    ``changed(x, w, b)`` is the boolean map of outputs that differ from the unperturbed z.
+    Returns ``x_reach`` (per axis of x, booleans of shape (size along x, size along z)),
+    ``w_reach`` and ``b_reach`` ((Cout of w or b, Cout of z) booleans).
+    """
+    x_reach = []
+    for axis in range(4):
+        reach = np.zeros((x.shape[axis], z_shape[axis]), dtype=bool)
+        others = tuple(a for a in range(4) if a != axis)
+        for j in range(x.shape[axis]):
+            probe = x.copy()
+            index = (slice(None),) * axis + (j,)
+            probe[index] += rng.standard_normal(probe[index].shape)
+            reach[j] = changed(probe, w, b).any(axis=others)
+        x_reach.append(reach)
+    w_reach = np.zeros((w.shape[3], z_shape[3]), dtype=bool)
+    b_reach = np.zeros((b.size, z_shape[3]), dtype=bool)
+    for c in range(w.shape[3]):
+        probe = w.copy()
+        probe[..., c] += rng.standard_normal(probe[..., c].shape)
+        w_reach[c] = changed(x, probe, b).any(axis=(0, 1, 2))
+    for c in range(b.size):
+        probe = b.copy()
+        probe[c] += 1.0 + rng.random()
+        b_reach[c] = changed(x, w, probe).any(axis=(0, 1, 2))
+    return x_reach, w_reach, b_reach
+
+
 def planned_passes(x_colours: list[int], w_shape: tuple, w_colours: int, b_colours: int) -> int:
     """Forward passes of step 3: two per colour combination of x, of w (per tap), of b."""
     return 2 * (math.prod(x_colours) + math.prod(w_shape[:3]) * w_colours + b_colours)
@@ -103,30 +133,7 @@ def numeric_gradients(
     if not np.array_equal(run(x, w, b), z):
         raise NumericUnavailable("conv_forward gives different Z for the same inputs")
 
-    def changed(x_, w_, b_) -> np.ndarray:
-        return run(x_, w_, b_) != z
-
-    x_reach = []  # per axis of x: (size along x, size along z) booleans
-    for axis in range(4):
-        reach = np.zeros((x.shape[axis], z.shape[axis]), dtype=bool)
-        others = tuple(a for a in range(4) if a != axis)
-        for j in range(x.shape[axis]):
-            probe = x.copy()
-            index = (slice(None),) * axis + (j,)
-            probe[index] += rng.standard_normal(probe[index].shape)
-            reach[j] = changed(probe, w, b).any(axis=others)
-        x_reach.append(reach)
-    w_reach = np.zeros((w.shape[3], z.shape[3]), dtype=bool)
-    b_reach = np.zeros((b.size, z.shape[3]), dtype=bool)
-    for c in range(w.shape[3]):
-        probe = w.copy()
-        probe[..., c] += rng.standard_normal(probe[..., c].shape)
-        w_reach[c] = changed(x, probe, b).any(axis=(0, 1, 2))
-    for c in range(b.size):
-        probe = b.copy()
-        probe[c] += 1.0 + rng.random()
-        b_reach[c] = changed(x, w, probe).any(axis=(0, 1, 2))
-
+    x_reach, w_reach, b_reach = _measure_reach(lambda *a: run(*a) != z, x, w, b, z.shape, rng)
     x_colours = [_colours(reach) for reach in x_reach]
     w_colours, b_colours = _colours(w_reach), _colours(b_reach)
     counts = [int(c.max()) + 1 for c in x_colours]
