@@ -708,4 +708,48 @@ def test_sigint_exits_130_and_cleans_up(moment, big_input, big_run, tmp_path):
         assert state == "new"
         return
     assert proc.returncode == 130, (proc.returncode, stderr)
-    assert stderr.splitlines() == ["convcli: error: interrupted"], stderr
+    lines = stderr.splitlines()
+    if state == "new":  # the signal came after the write: "wrote ..." may precede the line
+        lines = [line for line in lines if not line.startswith("wrote ")]
+    assert lines == ["convcli: error: interrupted"], stderr
+
+
+LATE_SIGINT = {
+    # Ctrl-C while the command's exit is already on its way (SystemExit unwinding)
+    "while-exiting": (
+        "def late():\n"
+        "    try:\n"
+        "        raise SystemExit(0)\n"
+        "    finally:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(0.05)\n",
+        130,
+    ),
+    # Ctrl-C during interpreter shutdown, after the command is over
+    "at-shutdown": (
+        "def late():\n"
+        "    atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.05)))\n"
+        "    raise SystemExit(0)\n",
+        0,
+    ),
+}
+
+
+@pytest.mark.parametrize("moment", list(LATE_SIGINT))
+def test_a_late_sigint_never_kills_the_process_by_signal(moment):
+    """Seen under load: SIGINT at the very end of a run killed convcli by signal (exit -2)
+    after it had written its output. The console script ends with 130 or its own code."""
+    body, expected = LATE_SIGINT[moment]
+    script = (
+        "import atexit, os, signal, sys, time\n"
+        "import convcli.cli\n" + body + "convcli.cli.main = late\n"
+        "from convcli.entry import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == expected, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    if expected == 130:
+        assert done.stderr.splitlines() == ["convcli: error: interrupted"]
