@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from convcli import ConvSpec, conv_backward, conv_forward
-from convcli.reference import conv_backward_reference, conv_forward_reference
+from convcli.engine.reference import conv_backward_reference, conv_forward_reference
 
 # name: (x shape (n, *spatial, Cin), kernel, Cout, ConvSpec kwargs)
 LAYERS = {

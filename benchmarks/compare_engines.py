@@ -124,7 +124,7 @@ def main(argv=None) -> list[dict]:
 
     from threadpoolctl import threadpool_info
 
-    import convcli.engine as current
+    import convcli.engine.fast as current
 
     blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     for info in blas:

@@ -20,24 +20,37 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 _EXPORTS = {
+    # the engines (layouts and dtypes: see conv_forward's docstring)
     "DEFAULT_WORKSPACE": "convcli.engine",
+    "ConvCache": "convcli.engine",
     "conv_backward": "convcli.engine",
     "conv_forward": "convcli.engine",
+    "conv_backward_reference": "convcli.engine",
+    "conv_forward_reference": "convcli.engine",
+    # hyperparameters and shapes
+    "ConvSpec": "convcli.spec",
+    "Geometry": "convcli.spec",
+    "output_size": "convcli.spec",
+    # checking
+    "GradcheckResult": "convcli.check",
+    "Tolerance": "convcli.check",
+    "gradcheck": "convcli.check",
+    # tensor files
+    "open_tensor_file": "convcli.io",
+    "write_tensors": "convcli.io",
+    # errors
     "ConvcliError": "convcli.errors",
     "ConvcliNotice": "convcli.errors",
     "DataError": "convcli.errors",
     "DtypeError": "convcli.errors",
     "HyperparameterError": "convcli.errors",
     "InputFileError": "convcli.errors",
+    "MemoryLimitError": "convcli.errors",
+    "NonFiniteError": "convcli.errors",
     "OutputError": "convcli.errors",
+    "OutputExistsError": "convcli.errors",
     "ShapeError": "convcli.errors",
     "UsageError": "convcli.errors",
-    "ConvCache": "convcli.operands",
-    "conv_backward_reference": "convcli.reference",
-    "conv_forward_reference": "convcli.reference",
-    "ConvSpec": "convcli.spec",
-    "Geometry": "convcli.spec",
-    "output_size": "convcli.spec",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -2,6 +2,12 @@
 
 The library never prints: it raises one of these, and the CLI turns it into a single
 ``convcli: error: ...`` line on stderr and the exit code named here.
+
+An error about one argument carries its name in ``param`` (``param="max_memory"``), and its
+message says ``{param}`` where that name belongs: ``str(error)`` reads "max_memory 1 GiB:
+...", and the CLI, which knows its flags, calls :meth:`ConvcliError.describe` with
+``--max-memory`` instead. Library messages never spell a flag; the CLI adds the hints that
+name one (see the subclasses below for the typed facts it uses).
 """
 
 from __future__ import annotations
@@ -18,9 +24,40 @@ EXIT_INTERRUPTED = 130
 
 
 class ConvcliError(Exception):
-    """Base class of every error convcli raises on purpose."""
+    """Base class of every error convcli raises on purpose.
+
+    Parameters
+    ----------
+    message : str
+        The message; ``{param}`` in it stands for the parameter's name.
+    param : str, optional
+        The library parameter (``"padding"``, ``"out"``, ``"max_memory"``) whose value is at
+        fault, when there is one.
+    """
 
     exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        self.template = message
+        self.param = param
+        super().__init__(self.describe())
+
+    def describe(self, label: str | None = None) -> str:
+        """The message, with the parameter called ``label`` (default: its library name)."""
+        if self.param is None:
+            return self.template
+        return self.template.replace("{param}", label or self.param)
+
+    def __reduce__(self):
+        # errors cross process boundaries (sweep workers): keep param and the typed facts
+        return (_restore, (type(self), dict(self.__dict__)))
+
+
+def _restore(cls: type[ConvcliError], state: dict) -> ConvcliError:
+    error = cls.__new__(cls)
+    error.__dict__.update(state)
+    error.args = (error.describe(),)
+    return error
 
 
 class UsageError(ConvcliError, ValueError):
@@ -54,9 +91,38 @@ class InputFileError(ConvcliError, OSError):
 
 
 class OutputError(ConvcliError, OSError):
-    """An output file that cannot be created (exists without --force, bad folder, ...)."""
+    """An output file that cannot be created (a missing folder, no permission, ...)."""
 
     exit_code = EXIT_CANT_CREATE
+
+
+class OutputExistsError(OutputError):
+    """An output file that exists already and may not be replaced (``force`` not given)."""
+
+
+class NonFiniteError(DataError):
+    """An input holding NaN or Inf where finite values are required.
+
+    ``allowable``: whether the caller may run anyway (``allow_nonfinite``); gradient checks
+    never can.
+    """
+
+    def __init__(self, message: str, *, allowable: bool = True) -> None:
+        self.allowable = allowable
+        super().__init__(message, param="allow_nonfinite" if allowable else None)
+
+
+class MemoryLimitError(DataError):
+    """Work whose estimated memory exceeds the caller's ``max_memory``.
+
+    ``needs`` maps what needs memory ("inputs", "workspace", ...) to bytes; ``limit`` is the
+    budget in bytes.
+    """
+
+    def __init__(self, message: str, *, needs: dict[str, int], limit: int) -> None:
+        self.needs = dict(needs)
+        self.limit = limit
+        super().__init__(message, param="max_memory")
 
 
 class ConvcliNotice(UserWarning):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from convcli.engine.operands import w_from_last, x_from_last
 from convcli.errors import HyperparameterError, UsageError
-from convcli.operands import w_from_last, x_from_last
 from convcli.spec import ConvSpec
 
 DTYPES = ("float32", "float64")
@@ -29,7 +29,7 @@ def check_generated_memory(shape, kernel, cout, spec, max_memory, *, dz=True, it
     """Refuse, before allocating, random tensors that would exceed ``max_memory`` bytes."""
     import math
 
-    from convcli.guards import check_memory
+    from convcli.memory import check_memory
 
     n, *spatial, cin = (int(v) for v in shape)
     taps = math.prod(_kernel_for(kernel, len(spatial)))

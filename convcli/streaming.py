@@ -2,7 +2,7 @@
 
 x (and dz, when it is an HDF5 dataset too) is read a block of images at a time, through
 one open handle per file for the whole run; after every block the file is checked to be
-the version that was loaded (:meth:`~convcli.loading.OpenDataset.verify`), so a file
+the version that was loaded (:meth:`~convcli.io.loading.OpenDataset.verify`), so a file
 replaced or written during the run fails it instead of mixing two versions. Each
 block goes through the engine; outputs are written block by block into the ``--out`` HDF5
 file (through a temporary file renamed into place, as every output); summary statistics
@@ -22,12 +22,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from convcli.engine.operands import as_float_array
 from convcli.errors import ConvcliNotice, ShapeError, UsageError
-from convcli.loading import DatasetRef, FileIdentity
-from convcli.operands import as_float_array
+from convcli.io.loading import DatasetRef, FileIdentity
+from convcli.io.writing import atomic_output, check_target, output_format, write_hdf5_attrs
 from convcli.spec import ConvSpec
 from convcli.stats import RunningStats
-from convcli.writing import atomic_output, check_target, output_format, write_hdf5_attrs
 
 
 def chunk_images(geometry, dtype, workspace: int, backward: bool) -> int:
@@ -60,11 +60,10 @@ def stream_run(
 ):
     """Run ``command`` ("forward" or "backward") with x a :class:`DatasetRef`.
 
-    Returns the same :class:`~convcli.runs.RunResult` as an in-memory run; streamed tensors
+    Returns the same :class:`~convcli.run.RunResult` as an in-memory run; streamed tensors
     carry their statistics, and (for ``--slice``) read from the input or output file.
     """
-    from convcli.runs import (
-        NONFINITE_HINT,
+    from convcli.run import (
         RunResult,
         Tensor,
         engine_functions,
@@ -99,7 +98,8 @@ def stream_run(
         )
     backward_run = command == "backward"
     per_chunk = chunk_images(geometry, dtype, workspace, backward_run)
-    from convcli.guards import check_finite, check_memory
+    from convcli.engine.operands import check_finite
+    from convcli.memory import check_memory
 
     check_memory(
         {
@@ -108,11 +108,10 @@ def stream_run(
         },
         max_memory,
     )
-    hint = "" if allow_nonfinite else NONFINITE_HINT
     if not allow_nonfinite:
-        check_finite("w", w, hint=hint)
+        check_finite("w", w)
         if b is not None:
-            check_finite("b", b, hint=hint)
+            check_finite("b", b)
     engine_workspace = max(1, workspace - workspace // 2)
     starts = list(range(0, geometry.n, per_chunk))
     stats = {"x": RunningStats(shapes["x"], x_ref.dtype), "z": RunningStats(shapes["z"], dtype)}
@@ -137,7 +136,7 @@ def stream_run(
                 stop = min(start + per_chunk, geometry.n)
                 x = inputs["x"].read(start, stop)
                 if not allow_nonfinite:
-                    check_finite(f"x (images {start}-{stop - 1})", x, offset=start, hint=hint)
+                    check_finite(f"x (images {start}-{stop - 1})", x, offset=start)
                 stats["x"].update(x)
                 z, cache = forward(x, w, b, spec, workspace=engine_workspace, threads=threads)
                 stats["z"].update(z)
@@ -147,9 +146,7 @@ def stream_run(
                     if dz_rows is not None:
                         dz = np.asarray(dz_rows[start:stop])
                         if not allow_nonfinite:
-                            check_finite(
-                                f"dz (images {start}-{stop - 1})", dz, offset=start, hint=hint
-                            )
+                            check_finite(f"dz (images {start}-{stop - 1})", dz, offset=start)
                     else:
                         dz = upstream_gradient(z, upstream, rng)
                     stats["dz"].update(dz)

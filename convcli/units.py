@@ -10,20 +10,22 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str, flag: str = "--max-workspace") -> int:
+def parse_size(text: str, param: str = "workspace") -> int:
     """Bytes in ``text``: a number with an optional K/M/G/T suffix (powers of 1024).
 
     Raises
     ------
     UsageError
-        Naming ``flag`` when the text is not a positive size.
+        For ``param`` when the text is not a positive size.
     """
     match = _SIZE.match(text)
     if not match:
-        raise UsageError(f"{flag} {text!r}: expected a size like 64M, 1G or 1048576")
+        raise UsageError(
+            f"{{param}} {text!r}: expected a size like 64M, 1G or 1048576", param=param
+        )
     value = float(match.group(1)) * _UNITS[match.group(2).upper()]
     if value < 1:
-        raise UsageError(f"{flag} {text!r}: must be at least 1 byte")
+        raise UsageError(f"{{param}} {text!r}: must be at least 1 byte", param=param)
     return int(value)
 
 
@@ -56,16 +58,16 @@ MEMORY_FRACTION = 0.8
 
 
 def default_max_memory() -> int | None:
-    """The memory guard when ``--max-memory`` is not given: 80 % of available memory."""
+    """The memory guard when no ``max_memory`` is given: 80 % of available memory."""
     available = available_memory()
     return None if available is None else int(available * MEMORY_FRACTION)
 
 
 def parse_memory(text: str) -> int | None:
-    """``--max-memory``: ``auto`` (80 % of available memory), ``none``, or a size."""
+    """A ``max_memory`` text: ``auto`` (80 % of available memory), ``none``, or a size."""
     lowered = text.strip().lower()
     if lowered == "auto":
         return default_max_memory()
     if lowered in ("none", "unlimited"):
         return None
-    return parse_size(text, "--max-memory")
+    return parse_size(text, "max_memory")

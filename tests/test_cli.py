@@ -148,7 +148,7 @@ def test_out_writes_outputs_and_hparams(tmp_path, suffix):
     out = tmp_path / f"grads{suffix}"
     result = run("backward", SAMPLE_H5, "--out", out)
     assert result.exit_code == 0, result.stderr
-    from convcli.tensorfile import open_tensor_file
+    from convcli.io.tensorfile import open_tensor_file
 
     with open_tensor_file(out) as f:
         assert set(f.keys()) >= {"db", "dw", "dx"}

@@ -99,7 +99,7 @@ def test_generate_bad_values(tmp_path, args, code, match):
 def test_inspect_lists_tensors_roles_and_hyperparameters_without_reading_data(
     tmp_path, monkeypatch
 ):
-    import convcli.tensorfile as tensorfile
+    import convcli.io.tensorfile as tensorfile
 
     read = []
     original = tensorfile.TensorFile.read

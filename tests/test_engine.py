@@ -231,7 +231,7 @@ def test_depthwise_groups_equal_cin():
 
 def test_engine_has_no_python_loop_over_batch_or_pixels():
     """Doubling n and H x W must not multiply the number of Python-level copies."""
-    import convcli.engine as engine
+    import convcli.engine.fast as engine
 
     calls = []
     original = engine._Plan.im2col

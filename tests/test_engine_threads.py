@@ -20,8 +20,8 @@ from convcli import (
     conv_forward,
     conv_forward_reference,
 )
-from convcli import engine as engine_module
-from convcli.engine import DEFAULT_WORKSPACE
+from convcli.engine import fast as engine_module
+from convcli.engine.fast import DEFAULT_WORKSPACE
 
 REPEATS = 12
 TOO_BIG_FOR_THE_LOOPS = 200_000  # elements of x; the reference engine is one Python step per output

@@ -5,10 +5,10 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-import convcli.gradcheck as gc
+import convcli.check.gradients as gc
 from convcli import ConvSpec, conv_backward, conv_forward
+from convcli.check.gradients import Tolerance, exhaustive_passes, gradcheck
 from convcli.cli.heatmap import RAMP, heatmap
-from convcli.gradcheck import Tolerance, exhaustive_passes, gradcheck
 from tests.strategies import conv_cases, nd_conv_cases
 
 
@@ -326,7 +326,7 @@ def test_padding_mode_gradient_bug_is_caught(padding_mode):
 
 
 def test_circular_padding_needs_a_longer_period_and_stays_exact():
-    from convcli.gradcheck import _periods
+    from convcli.check.gradients import _periods
 
     spec = ConvSpec(padding=2, padding_mode="circular")
     geometry = spec.geometry((1, 5, 9, 1), (3, 3, 1, 1))

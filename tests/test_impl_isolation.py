@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from convcli.check.userimpl import SUITE
 from convcli.cli import app
-from convcli.engine import conv_forward
-from convcli.runs import run_impl_check
+from convcli.engine.fast import conv_forward
+from convcli.run import run_impl_check
 from convcli.spec import ConvSpec
-from convcli.userimpl import SUITE
 from tests.conftest import ROOT
 
 CLASSIC = (ROOT / "sample_data" / "classic_conv.py").read_text(encoding="utf-8")
@@ -51,7 +51,7 @@ def test_numeric_gradients_are_the_true_central_differences_of_any_forward():
     """Grouping is driven by the measured dependencies, so a forward that is not a
     convolution (wrong stride, and one output that reads every input) still gets the
     element-by-element central differences."""
-    from convcli.numgrad import numeric_gradients  # the module this issue adds
+    from convcli.check.numgrad import numeric_gradients  # the module this issue adds
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 5, 4, 2))
@@ -328,8 +328,8 @@ def test_a_float32_forward_is_not_checked_against_noisy_differences(tmp_path):
 def test_an_interrupted_suite_leaves_no_child_process(monkeypatch):
     """The next configuration's child is launched ahead of time; an interrupt (here from the
     progress callback) must still stop and reap every child started."""
-    from convcli import userproc
-    from convcli.userimpl import UserImpl, check_impl
+    from convcli.check import userproc
+    from convcli.check.userimpl import UserImpl, check_impl
 
     started = []
     launch = userproc.UserProcess.launch

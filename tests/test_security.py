@@ -27,8 +27,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from convcli.errors import ConvcliError
-from convcli.loading import load_tensors
-from convcli.tensorfile import open_tensor_file
+from convcli.io.loading import load_tensors
+from convcli.io.tensorfile import open_tensor_file
 from tests.conftest import SAMPLE_H5, SAMPLE_NPZ
 
 ENV = {**os.environ, "NO_COLOR": "1"}

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from convcli import ConvSpec, DataError, conv_backward, conv_forward, runs
+from convcli import ConvSpec, DataError, conv_backward, conv_forward
 from convcli.cli import app
-from convcli.loading import DatasetRef, load_tensors
-from convcli.runs import run_backward, run_forward
+from convcli.io.loading import DatasetRef, load_tensors
+from convcli.run import run_backward, run_forward, tensor_shapes
 
 runner = CliRunner()
 BUDGET = "16K"  # every x below is bigger, so it is streamed one image per block
@@ -145,7 +145,7 @@ def test_tensor_shapes_are_the_shapes_the_engine_returns(layout, rank):
     z, cache = conv_forward(x, w, b, spec)
     dx, dw, db = conv_backward(z, cache)
     actual = {"x": x, "w": w, "b": b, "z": z, "dz": z, "dx": dx, "dw": dw, "db": db}
-    shapes = runs.tensor_shapes("backward", spec.geometry(x.shape, w.shape), b.shape)
+    shapes = tensor_shapes("backward", spec.geometry(x.shape, w.shape), b.shape)
     assert shapes == {name: value.shape for name, value in actual.items()}
     assert list(shapes) == list(actual)  # display order: inputs, then outputs
 
@@ -264,7 +264,7 @@ def test_a_streamed_input_replaced_before_the_run_is_refused(tmp_path):
 
 
 def test_cli_exits_65_when_the_streamed_file_is_replaced_mid_run(tmp_path, monkeypatch):
-    from convcli import loading
+    from convcli.io import loading
 
     data = tmp_path / "layer.h5"
     write_layer(data, "nchw", 2)

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from convcli.cli import app
-from convcli.sweep import SpecError, load_sweep
+from convcli.sweep.runner import SpecError, load_sweep
 from tests.conftest import ROOT
 
 runner = CliRunner()
@@ -119,7 +119,7 @@ cout = [4]
 
 
 def test_sweep_summary_counts_every_kind_of_result():
-    from convcli.sweep import SweepSummary
+    from convcli.sweep.runner import SweepSummary
 
     def record(key, status, error=None, gradcheck=None):
         return {
@@ -250,7 +250,7 @@ def test_interrupted_sweep_keeps_finished_results_and_resumes(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    from convcli.sweep import partial_path
+    from convcli.sweep.runner import partial_path
 
     partial = partial_path(out)  # results go there until the sweep ends or is interrupted
     deadline = time.monotonic() + 60
@@ -297,7 +297,7 @@ def test_sweep_on_a_dask_cluster(tmp_path):
 
 
 def test_a_killed_sweep_leaves_the_old_results_and_a_partial_file_to_resume(tmp_path):
-    from convcli.sweep import partial_path
+    from convcli.sweep.runner import partial_path
 
     spec, out = write(tmp_path, SMALL), tmp_path / "r.jsonl"
     assert sweep(spec, "--out", out).exit_code == 0
@@ -444,7 +444,7 @@ def test_append_and_force_do_not_go_together(tmp_path):
 
 
 def test_auto_mode_in_a_sweep_is_the_same_on_a_slow_machine(tmp_path, monkeypatch):
-    import convcli.gradcheck as gc
+    import convcli.check.gradients as gc
 
     spec = write(tmp_path, SMALL.replace('mode = "exhaustive"', 'mode = "auto"'))
     fast = sweep(spec, "--out", tmp_path / "fast.jsonl")

@@ -1,4 +1,4 @@
-"""Tests for convcli.tensorfile: format detection, references, reading, loading and writing."""
+"""Tests for convcli.io.tensorfile: format detection, references, reading, loading and writing."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convcli import tensorfile, writing
 from convcli.errors import DataError, InputFileError, OutputError, UsageError
-from convcli.loading import Loaded, load_tensors
-from convcli.tensorfile import (
+from convcli.io import tensorfile, writing
+from convcli.io.loading import Loaded, load_tensors
+from convcli.io.tensorfile import (
     TensorFile,
     detect_format,
     open_tensor_file,
     parse_ref,
 )
-from convcli.writing import write_tensors
+from convcli.io.writing import write_tensors
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from convcli import DataError
+from convcli.check.userimpl import SUITE, check_config, load_impl
 from convcli.cli import app
-from convcli.userimpl import SUITE, check_config, load_impl
 from tests.conftest import ROOT
 
 CLASSIC = (ROOT / "sample_data" / "classic_conv.py").read_text(encoding="utf-8")

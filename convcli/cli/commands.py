@@ -21,7 +21,18 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from convcli import __version__
+from convcli.check.gradients import (
+    DEFAULT_ATOL,
+    DEFAULT_EPS,
+    DEFAULT_PROBES,
+    DEFAULT_RTOL,
+    DEFAULT_SAMPLES,
+    MODES,
+    Tolerance,
+)
+from convcli.check.userimpl import impl_config
 from convcli.cli.heatmap import print_heatmap
+from convcli.cli.messages import explain
 from convcli.cli.render import print_inventory, print_result, print_sweep, result_json
 from convcli.cli.report import gradcheck_json, print_gradcheck
 from convcli.cli.slices import check_slice, parse_slice, take
@@ -34,19 +45,11 @@ from convcli.errors import (
     UsageError,
 )
 from convcli.generate import DTYPES, check_generated_memory, generate_layer
-from convcli.gradcheck import (
-    DEFAULT_ATOL,
-    DEFAULT_EPS,
-    DEFAULT_PROBES,
-    DEFAULT_RTOL,
-    DEFAULT_SAMPLES,
-    MODES,
-    Tolerance,
-)
 from convcli.hparams import build_spec
-from convcli.inventory import inspect_file
-from convcli.loading import load_tensors
-from convcli.runs import (
+from convcli.inspection import inspect_file
+from convcli.io.loading import load_tensors
+from convcli.io.writing import write_tensors
+from convcli.run import (
     ENGINES,
     UPSTREAMS,
     RunResult,
@@ -57,8 +60,6 @@ from convcli.runs import (
     run_impl_check,
 )
 from convcli.units import parse_memory, parse_size
-from convcli.userimpl import impl_config
-from convcli.writing import write_tensors
 
 _state = {"debug": False, "quiet": False}
 # Typer may use click or its own vendored copy: take the classes from Typer itself.
@@ -98,7 +99,7 @@ class ConvcliGroup(TyperGroup):
         except ConvcliError as error:
             if _state["debug"]:
                 traceback.print_exc()
-            _error_line(str(error))
+            _error_line(explain(error))
             code = error.exit_code
         except Exception as error:  # the last line of defence: no traceback unless --debug
             if _state["debug"]:
@@ -924,7 +925,7 @@ def sweep(
 
     Example: convcli sweep sample_data/sweep.toml --out results.jsonl --jobs 2
     """
-    from convcli.sweep import SpecMismatchError, load_sweep, run_sweep
+    from convcli.sweep.runner import SpecMismatchError, load_sweep, run_sweep
 
     if append and force:
         raise UsageError("--append adds to the results and --force starts them over: give one")

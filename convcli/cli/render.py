@@ -1,4 +1,4 @@
-"""Rendering a :class:`~convcli.runs.RunResult`: a Rich table for people, JSON for scripts."""
+"""Rendering a :class:`~convcli.run.RunResult`: a Rich table for people, JSON for scripts."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from convcli.runs import RunResult
-from convcli.sweep import record_verdict
+from convcli.run import RunResult
+from convcli.sweep.runner import record_verdict
 
 
 def result_json(

@@ -1,4 +1,4 @@
-"""Rendering gradient checks (:class:`~convcli.runs.GradcheckRun`): Rich tables, heatmaps, JSON."""
+"""Rendering gradient checks (:class:`~convcli.run.GradcheckRun`): Rich tables, heatmaps, JSON."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.text import Text
 
 from convcli.cli.heatmap import print_heatmap
 from convcli.cli.render import format_hparams, format_padding, format_pair
-from convcli.runs import GradcheckRun
+from convcli.run import GradcheckRun
 
 LABELS = {"dx": "dx", "dw": "dw", "db": "db"}
 

@@ -1,8 +1,8 @@
 """The reference engine: plain loops, written to be read, used as the oracle in tests.
 
-Same contract as :mod:`convcli.engine` (``conv_forward_reference`` / ``conv_backward_reference``
-take and return what ``conv_forward`` / ``conv_backward`` do: any layout, 1 to 3 spatial axes,
-every padding mode). Inside it works channels last: x ``(n, *spatial, Cin)``, w ``(*kernel,
+Same contract as :mod:`convcli.engine.fast`: ``conv_forward_reference`` and
+``conv_backward_reference`` take and return what ``conv_forward`` and ``conv_backward`` do
+(any layout, 1 to 3 spatial axes, every padding mode). Inside it works channels last: x ``(n, *spatial, Cin)``, w ``(*kernel,
 Cin/groups, Cout)``. The input is padded with :func:`numpy.pad` (``zeros`` = constant,
 ``reflect``, ``replicate`` = edge, ``circular`` = wrap). For output position ``o`` (a tuple,
 one index per axis) the kernel tap ``t`` reads padded position ``o * stride + t * dilation``;
@@ -17,7 +17,13 @@ import itertools
 
 import numpy as np
 
-from convcli.operands import ConvCache, finish_gradients, prepare, prepare_upstream, x_from_last
+from convcli.engine.operands import (
+    ConvCache,
+    finish_gradients,
+    prepare,
+    prepare_upstream,
+    x_from_last,
+)
 from convcli.spec import ConvSpec, padding_source
 
 NUMPY_PAD_MODES = {

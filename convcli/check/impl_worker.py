@@ -2,7 +2,7 @@
 
 It runs as ``python -B impl_worker.py FILE OUTPUT FAULT MAX_MEMORY`` (a script, so the
 ``convcli`` package is not imported) with single-threaded BLAS. The parent
-(:mod:`convcli.userproc`) writes requests to its stdin and reads answers from its stdout,
+(:mod:`convcli.check.userproc`) writes requests to its stdin and reads answers from its stdout,
 each a length-prefixed message in the format of :func:`pack`: a JSON header and plain
 ``.npy`` arrays, read with ``allow_pickle=False``; nothing the child sends is ever
 unpickled. The child

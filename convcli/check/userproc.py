@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convcli import impl_worker
+from convcli.check import impl_worker
 
 DEFAULT_TIMEOUT = 30.0
 OUTPUT_LIMIT = 2000  # characters of captured output kept per configuration

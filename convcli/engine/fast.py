@@ -55,8 +55,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from convcli.engine.operands import (
+    ConvCache,
+    finish_gradients,
+    prepare,
+    prepare_upstream,
+    x_from_last,
+)
 from convcli.errors import UsageError
-from convcli.operands import ConvCache, finish_gradients, prepare, prepare_upstream, x_from_last
 from convcli.spec import ConvSpec, Geometry, padding_source
 
 DEFAULT_WORKSPACE = 256 * 2**20  # bytes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from convcli.errors import DataError
 from convcli.hparams import build_spec
-from convcli.tensorfile import ALIASES, HPARAM_ALIASES, open_tensor_file, origin_text
+from convcli.io.tensorfile import ALIASES, HPARAM_ALIASES, open_tensor_file, origin_text
 
 
 def inspect_file(path) -> dict:

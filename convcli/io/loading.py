@@ -1,6 +1,6 @@
 """Gathering the tensors of one command from its data file and ``--x/--w/--b/--dz`` references.
 
-Roles (x, w, b, dz) are found by name (:data:`~convcli.tensorfile.ALIASES`) in the data file
+Roles (x, w, b, dz) are found by name (:data:`~convcli.io.tensorfile.ALIASES`) in the data file
 or taken from explicit references; hyperparameters come from the data file (or the file x
 came from). Big HDF5 tensors can be left on disk as :class:`DatasetRef` for streaming, and a
 memory guard refuses, before reading, tensors that would not fit.
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from convcli import tensorfile
 from convcli.errors import DataError, UsageError
-from convcli.tensorfile import (
+from convcli.io import tensorfile
+from convcli.io.tensorfile import (
     _CONTENT_ERRORS,
     ALIASES,
     TensorFile,

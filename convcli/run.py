@@ -3,7 +3,7 @@
 Takes arrays (x, w, b, optional dz, in the spec's layout) and a :class:`ConvSpec`, runs an engine,
 writes the outputs when asked (``out``), and returns a :class:`RunResult` holding every
 tensor with its role, origin and summary statistics. When x is an HDF5 dataset left on disk
-(:class:`~convcli.loading.DatasetRef`), the run streams it: see :mod:`convcli.streaming`.
+(:class:`~convcli.io.loading.DatasetRef`), the run streams it: see :mod:`convcli.streaming`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from convcli.engine import DEFAULT_WORKSPACE, conv_backward, conv_forward, scratch_bytes
+from convcli.engine.fast import DEFAULT_WORKSPACE, conv_backward, conv_forward, scratch_bytes
+from convcli.engine.reference import conv_backward_reference, conv_forward_reference
 from convcli.errors import ConvcliNotice, UsageError
-from convcli.reference import conv_backward_reference, conv_forward_reference
 from convcli.spec import ConvSpec, Geometry
 from convcli.stats import summarize
 
@@ -73,7 +73,7 @@ def engine_functions(name: str):
 
 
 def _is_streamed(arrays) -> bool:
-    from convcli.loading import DatasetRef
+    from convcli.io.loading import DatasetRef
 
     return isinstance(arrays.get("x"), DatasetRef)
 
@@ -228,9 +228,6 @@ def run_backward(
     return result
 
 
-NONFINITE_HINT = "; pass --allow-nonfinite to run anyway"
-
-
 def tensor_shapes(command: str, geometry: Geometry, b_shape: tuple | None) -> dict:
     """Shape of every tensor of a ``command`` run as the caller sees it, in display order.
 
@@ -274,8 +271,8 @@ def expected_shapes(command: str, arrays: dict, spec: ConvSpec, has_out: bool) -
 
 def _check_inputs(arrays, spec, workspace, max_memory, allow_nonfinite, *, backward) -> None:
     """Refuse NaN/Inf inputs (unless allowed) and runs that would not fit in max_memory."""
-    from convcli.guards import check_finite, check_memory, nbytes
-    from convcli.operands import check_float_dtype
+    from convcli.engine.operands import check_finite, check_float_dtype
+    from convcli.memory import check_memory, nbytes
 
     for name in ("x", "w", "b", "dz"):
         if arrays.get(name) is not None:
@@ -283,7 +280,7 @@ def _check_inputs(arrays, spec, workspace, max_memory, allow_nonfinite, *, backw
     if not allow_nonfinite:
         for name in ("x", "w", "b", "dz"):
             if arrays.get(name) is not None:
-                check_finite(name, arrays[name], hint=NONFINITE_HINT)
+                check_finite(name, arrays[name])
     x, w = np.asarray(arrays["x"]), np.asarray(arrays["w"])
     geometry = spec.geometry(x.shape, w.shape)
     dtype = np.result_type(*(np.float64 if a.dtype.kind in "iu" else a.dtype for a in (x, w)))
@@ -303,7 +300,7 @@ def _check_out(out, force: bool, protect) -> None:
     if out is not None:
         from pathlib import Path
 
-        from convcli.writing import check_target, output_format
+        from convcli.io.writing import check_target, output_format
 
         output_format(Path(out))
         check_target(Path(out), force=force, protect=protect)
@@ -311,7 +308,7 @@ def _check_out(out, force: bool, protect) -> None:
 
 def _write(result: RunResult, out, force: bool, protect) -> None:
     if out is not None:
-        from convcli.writing import write_tensors
+        from convcli.io.writing import write_tensors
 
         outputs = {name: result.tensors[name].array for name in result.outputs}
         write_tensors(out, outputs, result.hparams, force=force, protect=protect)
@@ -353,7 +350,7 @@ class GradcheckRun:
     """One or more gradient checks, as the ``gradcheck`` command reports them.
 
     ``results`` holds ``(config, GradcheckResult or None, error or None)`` per configuration;
-    with ``--impl``, ``impl_results`` holds a :class:`~convcli.userimpl.ConfigResult` each.
+    with ``--impl``, ``impl_results`` holds a :class:`~convcli.check.userimpl.ConfigResult` each.
     """
 
     mode: str
@@ -388,9 +385,9 @@ def run_gradcheck(
 ) -> GradcheckRun:
     """Gradient-check convcli's engine on x, w, b (and dz if given), in float64.
 
-    ``options`` go to :func:`convcli.gradcheck.gradcheck` (mode, samples, probes, tolerance).
+    ``options`` go to :func:`convcli.check.gradients.gradcheck` (mode, samples, probes, tolerance).
     """
-    from convcli.gradcheck import gradcheck
+    from convcli.check.gradients import gradcheck
 
     if upstream not in UPSTREAMS:
         raise UsageError(f"--upstream {upstream!r}: choose from {', '.join(UPSTREAMS)}")
@@ -451,9 +448,9 @@ def run_impl_check(
     """Check the user's conv_forward/conv_backward in ``path`` on ``configs`` (default: SUITE),
     each configuration in its own child process limited to ``timeout`` seconds and
     ``max_memory`` bytes."""
-    from convcli.gradcheck import Tolerance
-    from convcli.userimpl import SUITE, check_impl, load_impl
-    from convcli.userproc import DEFAULT_TIMEOUT
+    from convcli.check.gradients import Tolerance
+    from convcli.check.userimpl import SUITE, check_impl, load_impl
+    from convcli.check.userproc import DEFAULT_TIMEOUT
 
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     if not timeout > 0:

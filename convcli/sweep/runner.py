@@ -174,7 +174,7 @@ def load_sweep(path) -> Sweep:
     SpecError
         TOML syntax errors, unknown keys, wrong types or values; the message cites the line.
     """
-    from convcli.tensorfile import _regular_file_size
+    from convcli.io.tensorfile import _regular_file_size
 
     path = Path(path)
     _regular_file_size(path)
@@ -211,7 +211,7 @@ def load_sweep(path) -> Sweep:
         if value is not None and (value <= low if strict else value < low):
             bound = f"> {low}" if strict else f">= {low}"
             checker.fail(name, f"gradcheck {name} must be {bound}, got {value!r}")
-    from convcli.gradcheck import DEFAULT_PROBES, DEFAULT_SAMPLES, MODES, Tolerance
+    from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES, MODES, Tolerance
 
     if "mode" in gradcheck and gradcheck["mode"] not in MODES:
         checker.fail("mode", f"gradcheck mode must be one of {', '.join(MODES)}")
@@ -401,9 +401,9 @@ def run_config(config: dict, actions, gradcheck_options: dict, key: str) -> dict
     ``"errored"`` with a one-line ``"error"`` when an action raised, ``"failed"`` when the
     gradient check ran and failed, and ``"passed"`` otherwise.
     """
-    from convcli.engine import conv_backward, conv_forward
+    from convcli.check.gradients import Tolerance, gradcheck
+    from convcli.engine.fast import conv_backward, conv_forward
     from convcli.generate import generate_layer
-    from convcli.gradcheck import Tolerance, gradcheck
     from convcli.spec import ConvSpec
     from convcli.stats import summarize
 

@@ -10,9 +10,9 @@ with A_prev ``(n, H, W, Cin)``, W ``(f, f, Cin, Cout)``, b ``(1, 1, 1, Cout)``,
 
 Each configuration gets three verdicts: ``forward_vs_engine`` (the user's Z against convcli's
 engine), ``backward_vs_numeric`` (the user's backward against numerical gradients of the
-user's *own* forward, see :mod:`convcli.numgrad`) and ``backward_vs_engine``, plus a one-line
+user's *own* forward, see :mod:`convcli.check.numgrad`) and ``backward_vs_engine``, plus a one-line
 diagnosis naming the function to fix. The user's code runs in a child process, one per
-configuration (:mod:`convcli.userproc`); whatever it does wrong — raising anything, exiting,
+configuration (:mod:`convcli.check.userproc`); whatever it does wrong — raising anything, exiting,
 crashing, hanging, running out of memory, wrong shapes or types, NaN, wrong values — becomes
 a failed configuration with a one-line reason, never a crash or an exit code of the user's
 choosing. The user's file is executed, never modified (no bytecode is written beside it).
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from convcli.engine import conv_backward, conv_forward
+from convcli.check.gradients import Tolerance, compare_elements
+from convcli.check.numgrad import DEFAULT_MAX_PASSES, NumericUnavailable, numeric_gradients
+from convcli.check.userproc import DEFAULT_TIMEOUT, UserCodeError, UserProcess
+from convcli.engine.fast import conv_backward, conv_forward
 from convcli.errors import DataError, InputFileError, UsageError
-from convcli.gradcheck import Tolerance, compare_elements
-from convcli.numgrad import DEFAULT_MAX_PASSES, NumericUnavailable, numeric_gradients
 from convcli.spec import ConvSpec
-from convcli.userproc import DEFAULT_TIMEOUT, UserCodeError, UserProcess
 
 
 @dataclass(frozen=True)

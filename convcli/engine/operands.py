@@ -15,10 +15,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convcli.errors import ConvcliNotice, DtypeError, ShapeError
+from convcli.errors import ConvcliNotice, DtypeError, NonFiniteError, ShapeError
 from convcli.spec import ConvSpec, Geometry
 
 ACCEPTED_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_finite(name: str, array, *, offset: int = 0, allowable: bool = True) -> None:
+    """Refuse NaN or ±Inf in ``array`` (``offset`` shifts the first index, for chunks).
+
+    Raises
+    ------
+    NonFiniteError
+        With the count and the index of the first bad value; ``allowable`` says whether the
+        caller could choose to run anyway (``allow_nonfinite``).
+    """
+    array = np.asarray(array)
+    if array.dtype.kind not in "fc":
+        return
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    bad = array.size - int(np.count_nonzero(finite))
+    first = [int(i) for i in np.argwhere(~finite)[0]]
+    if first:
+        first[0] += offset
+    raise NonFiniteError(f"{name} has {bad} NaN/Inf values (first at {first})", allowable=allowable)
 
 
 def check_float_dtype(name: str, dtype) -> None:

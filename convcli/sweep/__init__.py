@@ -1,0 +1,1 @@
+"""Sweeps: many configurations from a TOML spec, run locally, in processes or on Dask."""
