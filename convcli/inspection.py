@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from convcli.errors import DataError
-from convcli.hparams import build_spec
-from convcli.io.tensorfile import ALIASES, HPARAM_ALIASES, open_tensor_file, origin_text
+from convcli.hparams import FILE_KEYS, build_spec
+from convcli.io.tensorfile import ALIASES, open_tensor_file, origin_text
 
 
 def inspect_file(path) -> dict:
@@ -41,13 +41,12 @@ def inspect_file(path) -> dict:
                 except DataError as error:
                     roles[role] = None
                     problems.append(str(error))
-        hparam_keys = {alias for names in HPARAM_ALIASES.values() for alias in names}
         by_key = {t["key"]: t for t in tensors}
         for role, key in roles.items():
             if key is not None and key in by_key:
                 by_key[key]["role"] = role
         for entry in tensors:
-            if tensor_file.format == "npz" and entry["key"] in hparam_keys:
+            if tensor_file.format == "npz" and entry["key"] in FILE_KEYS:
                 entry["role"] = "hyperparameter"
         raw = tensor_file.hparams(near_key=roles.get("x"))
         shapes = {role: by_key[key]["shape"] for role, key in roles.items() if key in by_key}
@@ -55,7 +54,9 @@ def inspect_file(path) -> dict:
         where = {role: origin_text(tensor_file, key) for role, key in roles.items() if key}
     hparams, origins = {}, {}
     try:
-        spec, origins = build_spec(raw, {})
+        rank = len(shapes["x"]) - 2 if "x" in shapes else None
+        resolved = build_spec(raw, {}, rank)
+        spec, origins = resolved.spec, resolved.origins
         hparams = {  # as stored: one value for every axis, or per axis
             "stride": list(spec.stride),
             "padding": spec.padding if spec.padding == "same" else _plain(spec.padding),

@@ -42,6 +42,10 @@ LAYOUTS = {
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 PaddingLike = int | str | tuple | list
+"""What ``ConvSpec(padding=...)`` accepts: an int, one int per axis, ((before, after), ...),
+"same" or "valid"."""
+Padding = tuple[int, ...] | tuple[tuple[int, int], ...] | str
+"""ConvSpec.padding once normalised: one int or one per axis, (before, after) pairs, or "same"."""
 
 
 def output_size(size: int, kernel: int, stride: int, dilation: int, before: int, after: int) -> int:
@@ -84,9 +88,9 @@ def _show(values: tuple) -> str:
     return str(values[0]) if len(set(values)) == 1 else str(tuple(values))
 
 
-def _normalise_padding(padding: PaddingLike):
-    """``"same"``, a tuple of ints (one for all axes, one per axis, or before/after pairs
-    flattened), or a tuple of (before, after) pairs."""
+def _normalise_padding(padding: PaddingLike) -> Padding:
+    """``"same"``, a tuple of ints (one for all axes, or one per axis), or a tuple of
+    (before, after) pairs, one per axis. ``"valid"`` is ``(0,)``."""
     padding = _plain(padding)
     if isinstance(padding, str):
         mode = padding.lower()
@@ -96,28 +100,24 @@ def _normalise_padding(padding: PaddingLike):
             return "same"
         raise HyperparameterError(f"padding must be 'same', 'valid' or ints, got {padding!r}")
     if _is_int(padding):
-        values = (int(padding),)
-    elif isinstance(padding, (tuple, list)) and padding and all(_is_int(v) for v in padding):
-        if len(padding) > 2 * MAX_SPATIAL_DIMS:
-            raise HyperparameterError(_padding_form_message(padding))
+        values: tuple[int, ...] = (int(padding),)
+    elif (
+        isinstance(padding, (tuple, list))
+        and 1 <= len(padding) <= MAX_SPATIAL_DIMS
+        and all(_is_int(v) for v in padding)
+    ):
         values = tuple(int(v) for v in padding)
     elif (
         isinstance(padding, (tuple, list))
         and 1 <= len(padding) <= MAX_SPATIAL_DIMS
-        and all(
-            _is_int(item) or (isinstance(item, (tuple, list)) and len(item) == 2)
-            for item in padding
-        )
+        and all(isinstance(item, (tuple, list)) and len(item) == 2 for item in padding)
     ):
-        pairs = []
-        for item in padding:
-            pair = (item, item) if _is_int(item) else tuple(item)
-            if not all(_is_int(v) for v in pair):
-                raise HyperparameterError(_padding_form_message(padding))
-            pairs.append((int(pair[0]), int(pair[1])))
+        if not all(_is_int(v) for item in padding for v in item):
+            raise HyperparameterError(_padding_form_message(padding))
+        pairs = tuple((int(item[0]), int(item[1])) for item in padding)
         if any(v < 0 for pair in pairs for v in pair):
-            raise HyperparameterError(f"padding must be >= 0, got {tuple(pairs)}")
-        return tuple(pairs)
+            raise HyperparameterError(f"padding must be >= 0, got {pairs}")
+        return pairs
     else:
         raise HyperparameterError(_padding_form_message(padding))
     if any(v < 0 for v in values):
@@ -152,10 +152,12 @@ class ConvSpec:
     ----------
     stride : int or one int per spatial axis
         Step between outputs. At least 1.
-    padding : int, per-axis ints, ((before, after), ...), flat before/after ints, "valid" or "same"
-        Padding per axis; for 2-D, ``(ph, pw)`` or ``((top, bottom), (left, right))`` or
-        ``(top, bottom, left, right)``. ``"same"`` gives ``ceil(in / stride)`` outputs per
-        axis with any odd extra pixel at the end (TensorFlow ``SAME``, ONNX ``SAME_UPPER``).
+    padding : int, one int per spatial axis, ((before, after), ...), "valid" or "same"
+        Padding per axis; for 2-D, ``1``, ``(ph, pw)`` or ``((top, bottom), (left, right))``.
+        ``"same"`` gives ``ceil(in / stride)`` outputs per axis with any odd extra pixel at
+        the end (TensorFlow ``SAME``, ONNX ``SAME_UPPER``). Flat before/after lists
+        (``1,2,0,1``) are a file and command-line spelling: :func:`convcli.hparams.spec_from`
+        reads them.
     dilation : int or one int per spatial axis
         Spacing between kernel taps, PyTorch convention (1 = no dilation).
     groups : int
@@ -169,9 +171,9 @@ class ConvSpec:
     (:meth:`geometry`), since the rank comes from x.
     """
 
-    stride: tuple = 1
-    padding: PaddingLike = 0
-    dilation: tuple = 1
+    stride: tuple[int, ...] | int = 1
+    padding: Padding | PaddingLike = 0
+    dilation: tuple[int, ...] | int = 1
     groups: int = 1
     padding_mode: str = "zeros"
     layout: str = "nhwc"
@@ -215,11 +217,10 @@ class ConvSpec:
             return ((padding[0], padding[0]),) * rank
         if len(padding) == rank:
             return tuple((p, p) for p in padding)
-        if len(padding) == 2 * rank:
-            return tuple((padding[2 * a], padding[2 * a + 1]) for a in range(rank))
         raise HyperparameterError(
-            f"padding has {len(padding)} values; x has {rank} spatial axes, so give 1, {rank} "
-            f"or {2 * rank} (before and after per axis)"
+            f"padding has {len(padding)} values but x has {rank} spatial "
+            f"{'axis' if rank == 1 else 'axes'} {AXIS_NAMES[rank]}: give 1 or {rank}, or "
+            "((before, after), ...) per axis"
         )
 
     def resolve_padding(self, in_sizes, kernel) -> tuple[tuple[int, int], ...]:

@@ -68,7 +68,9 @@ def nd_conv_cases(draw, dtypes=(np.float64, np.float32), ranks=(1, 2, 3)):
         st.one_of(
             st.integers(0, 2),
             st.lists(st.integers(0, 2), min_size=rank, max_size=rank).map(tuple),
-            st.lists(st.integers(0, 2), min_size=2 * rank, max_size=2 * rank).map(tuple),
+            st.lists(
+                st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=rank, max_size=rank
+            ).map(tuple),
             st.sampled_from(["same", "valid"]),
         )
     )

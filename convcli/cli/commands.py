@@ -321,8 +321,9 @@ def _load(data, refs, required, optional, lazy_above=None, max_bytes=None, **fla
     loaded = load_tensors(
         data, refs, required=required, optional=optional, lazy_above=lazy_above, max_bytes=max_bytes
     )
-    spec, _ = build_spec(loaded.hparams, flags)
-    return loaded, spec
+    x = loaded.arrays.get("x")
+    rank = None if x is None else len(x.shape) - 2
+    return loaded, build_spec(loaded.hparams, flags, rank).spec
 
 
 def _messages() -> Console:
@@ -699,7 +700,7 @@ def gradcheck(
                 )
             configs = None
             if shape_ is not None:
-                spec, _ = build_spec({}, flags)
+                spec = build_spec({}, flags, len(shape_) - 2).spec
                 configs = [impl_config(shape_, kernel_, cout, spec)]
             run = run_impl_check(
                 impl,
@@ -712,7 +713,7 @@ def gradcheck(
             )
         else:
             if shape_ is not None:
-                spec, _ = build_spec({}, flags)
+                spec = build_spec({}, flags, len(shape_) - 2).spec
                 check_generated_memory(shape_, kernel_, cout, spec, memory)
                 arrays, _ = generate_layer(shape_, kernel_, cout, spec, seed=seed)
             elif from_files:
@@ -821,7 +822,11 @@ def generate(
 
     Example: convcli generate layer.h5 --shape 8,32,32,16 --kernel 3 --cout 32 --pad same
     """
-    spec, _ = build_spec(
+    shape_, kernel_ = (
+        _int_list("--shape", shape, (3, 4, 5)),
+        _int_list("--kernel", kernel, (1, 2, 3)),
+    )
+    spec = build_spec(
         {},
         {
             "stride": stride,
@@ -831,11 +836,8 @@ def generate(
             "padding_mode": padding_mode,
             "layout": layout,
         },
-    )
-    shape_, kernel_ = (
-        _int_list("--shape", shape, (3, 4, 5)),
-        _int_list("--kernel", kernel, (1, 2, 3)),
-    )
+        len(shape_) - 2,
+    ).spec
     check_generated_memory(shape_, kernel_, cout, spec, parse_memory("auto"), dz=with_dz)
     tensors, attrs = generate_layer(
         shape_,

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from convcli.hparams import BY_NAME, format_hparams
 from convcli.run import RunResult
 from convcli.sweep.runner import record_verdict
 
@@ -99,36 +100,14 @@ def result_table(result: RunResult) -> Table:
     return table
 
 
-def format_hparams(h: dict) -> str:
-    """stride=2 padding=2 dilation=1 groups=1, plus the padding mode and layout when they are
-    not the defaults."""
-    text = (
-        f"stride={format_pair(h['stride'])} padding={format_padding(h['padding'])} "
-        f"dilation={format_pair(h['dilation'])} groups={h['groups']}"
-    )
-    if h.get("padding_mode", "zeros") != "zeros":
-        text += f" padding_mode={h['padding_mode']}"
-    if h.get("layout", "nhwc") != "nhwc":
-        text += f" layout={h['layout']}"
-    return text
-
-
 def format_pair(values) -> str:
-    return str(values[0]) if len(set(values)) == 1 else ",".join(map(str, values))
+    """Per-axis values in one word: ``[2, 2]`` -> ``2``, ``[1, 2]`` -> ``1,2``."""
+    return BY_NAME["stride"].format(values)
 
 
 def format_padding(pads) -> str:
     """((1, 1), (1, 1)) -> "1"; ((1, 1), (0, 0)) -> "1,0"; otherwise every before,after."""
-    if isinstance(pads, str):
-        return pads
-    if all(isinstance(v, int) for v in pads):  # as stored: one per axis or flat pairs
-        return format_pair(pads)
-    flat = [v for pair in pads for v in pair]
-    if len(set(flat)) == 1:
-        return str(flat[0])
-    if all(a == b for a, b in pads):
-        return ",".join(str(a) for a, _ in pads)
-    return ",".join(map(str, flat))
+    return BY_NAME["padding"].format(pads)
 
 
 def print_result(console: Console, result: RunResult, slices: dict[str, np.ndarray]) -> None:

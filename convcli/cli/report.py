@@ -11,7 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from convcli.cli.heatmap import print_heatmap
-from convcli.cli.render import format_hparams, format_padding, format_pair
+from convcli.cli.render import format_padding, format_pair
+from convcli.hparams import format_hparams
 from convcli.run import GradcheckRun
 
 LABELS = {"dx": "dx", "dw": "dw", "db": "db"}

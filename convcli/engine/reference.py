@@ -3,7 +3,8 @@
 Same contract as :mod:`convcli.engine.fast`: ``conv_forward_reference`` and
 ``conv_backward_reference`` take and return what ``conv_forward`` and ``conv_backward`` do
 (any layout, 1 to 3 spatial axes, every padding mode). Inside it works channels last:
-x ``(n, *spatial, Cin)``, w ``(*kernel, Cin/groups, Cout)``. The input is padded with :func:`numpy.pad` (``zeros`` = constant,
+x ``(n, *spatial, Cin)``, w ``(*kernel, Cin/groups, Cout)``. The input is padded with
+:func:`numpy.pad` (``zeros`` = constant,
 ``reflect``, ``replicate`` = edge, ``circular`` = wrap). For output position ``o`` (a tuple,
 one index per axis) the kernel tap ``t`` reads padded position ``o * stride + t * dilation``;
 output channel ``co`` belongs to group ``co // (Cout / groups)`` and sees only that group's

@@ -36,20 +36,13 @@ import h5py
 import numpy as np
 
 from convcli.errors import DataError, InputFileError
+from convcli.hparams import FILE_KEYS, HPARAMS
 
 ALIASES = {
     "x": ("x", "X", "A_prev", "input"),
     "w": ("w", "W", "weight", "weights"),
     "b": ("b", "bias"),
     "dz": ("dz", "dZ", "grad_output"),
-}
-HPARAM_ALIASES = {
-    "stride": ("stride",),
-    "padding": ("pad", "padding"),
-    "dilation": ("dilation",),
-    "groups": ("groups",),
-    "padding_mode": ("padding_mode",),
-    "layout": ("layout",),
 }
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -71,8 +64,6 @@ _CONTENT_ERRORS = (
     zipfile.BadZipFile,
     zlib.error,
 )
-
-_HPARAM_NAMES = {alias: canon for canon, names in HPARAM_ALIASES.items() for alias in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +308,7 @@ class TensorFile:
         """:meth:`keys` without the npz entries that store hyperparameters (``stride``, ...)."""
         if self.format != "npz":
             return self.keys()
-        return [key for key in self.keys() if key not in _HPARAM_NAMES]
+        return [key for key in self.keys() if key not in FILE_KEYS]
 
     def describe(self) -> str:
         """Short listing for error messages.
@@ -603,7 +594,7 @@ class TensorFile:
     def _npz_hparams(self) -> dict[str, tuple[object, str]]:
         entries = {}
         for key in self.keys():
-            if key not in _HPARAM_NAMES:
+            if key not in FILE_KEYS:
                 continue
             origin = f"{self.path} entry '{key}'"
             try:
@@ -624,7 +615,7 @@ class TensorFile:
             return {}
         entries = {}
         for name in group.attrs:
-            if name not in _HPARAM_NAMES:
+            if name not in FILE_KEYS:
                 continue
             origin = f"{self.path} attribute '{name}' on {group_path}"
             try:
@@ -700,14 +691,14 @@ def _group_chain(near_key: str | None) -> list[str]:
 def _canonical(entries: Mapping[str, tuple[object, str]], where: str) -> dict:
     """Map alias names to canonical ones, refusing two aliases of one name in one place."""
     result: dict[str, tuple[object, str]] = {}
-    for canon, names in HPARAM_ALIASES.items():
-        present = [name for name in names if name in entries]
+    for hparam in HPARAMS:
+        present = [name for name in hparam.file_keys if name in entries]
         if len(present) > 1:
             raise DataError(
                 f"{where}: both {' and '.join(repr(n) for n in present)} are given; keep one"
             )
         if present:
-            result[canon] = entries[present[0]]
+            result[hparam.name] = entries[present[0]]
     return result
 
 

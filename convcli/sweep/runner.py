@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convcli.errors import ConvcliError, DataError, OutputError, UsageError
-from convcli.spec import ConvSpec
+from convcli.hparams import HPARAMS, spec_from
 
 try:
     import tomllib
@@ -63,29 +63,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 ACTIONS = ("forward", "backward", "gradcheck")
-CONFIG_KEYS = (
-    "shape",
-    "kernel",
-    "cout",
-    "stride",
-    "pad",
-    "dilation",
-    "groups",
-    "padding_mode",
-    "layout",
-    "dtype",
-    "seed",
-)
-DEFAULTS = {
-    "stride": 1,
-    "pad": 0,
-    "dilation": 1,
-    "groups": 1,
-    "padding_mode": "zeros",
-    "layout": "nhwc",
-    "dtype": "float64",
-    "seed": 0,
-}
+# a configuration: the layer's sizes, the hyperparameters by their spec keys (``pad``), dtype, seed
+CONFIG_KEYS = ("shape", "kernel", "cout", *(h.key for h in HPARAMS), "dtype", "seed")
+DEFAULTS = {**{h.key: h.default for h in HPARAMS}, "dtype": "float64", "seed": 0}
 GRADCHECK_KEYS = {
     "mode": str,
     "samples": int,
@@ -145,7 +125,7 @@ def _per_axis(config: dict) -> dict:
     A configuration whose values do not fit its rank is left as written (it will fail)."""
     rank = len(config["shape"]) - 2
     try:
-        spec = ConvSpec(stride=config["stride"], padding=config["pad"], dilation=config["dilation"])
+        spec = spec_from({h.name: _hparam(config[h.key]) for h in HPARAMS}, rank)
         stride, dilation = spec.per_axis(rank)
         padding = spec.explicit_padding(rank)
     except ConvcliError:
@@ -330,8 +310,6 @@ class _Checker:
     def config(self, config: dict, sources: dict[str, SpecTable]) -> dict:
         """One configuration with every key checked and normalised to plain JSON values;
         ``sources`` maps each key to the table that set it (none for built-in defaults)."""
-        from convcli.hparams import from_file_value
-
         self.sources = sources
 
         for required in ("shape", "kernel", "cout"):
@@ -365,19 +343,12 @@ class _Checker:
         if not _is(config["seed"], int):
             self.fail("seed", f"seed must be an integer, got {config['seed']!r}")
         normalised = {"shape": shape, "kernel": kernel, "cout": config["cout"]}
-        for name, key in (
-            ("stride", "stride"),
-            ("padding", "pad"),
-            ("dilation", "dilation"),
-            ("groups", "groups"),
-            ("padding_mode", "padding_mode"),
-            ("layout", "layout"),
-        ):
+        for hparam in HPARAMS:
             try:
-                value = from_file_value(name, config[key], self.where(key))
+                value = hparam.from_value(config[hparam.key], self.where(hparam.key))
             except ConvcliError as error:
                 raise SpecError(str(error)) from None
-            normalised[key] = _plain(value)
+            normalised[hparam.key] = _plain(value)
         normalised["dtype"] = config["dtype"]
         normalised["seed"] = config["seed"]
         return normalised
@@ -404,7 +375,6 @@ def run_config(config: dict, actions, gradcheck_options: dict, key: str) -> dict
     from convcli.check.gradients import Tolerance, gradcheck
     from convcli.engine.fast import conv_backward, conv_forward
     from convcli.generate import generate_layer
-    from convcli.spec import ConvSpec
     from convcli.stats import summarize
 
     record = {
@@ -416,15 +386,8 @@ def run_config(config: dict, actions, gradcheck_options: dict, key: str) -> dict
     }
     start = time.perf_counter()
     try:
-        pad = config["pad"]
-        spec = ConvSpec(
-            stride=_hparam(config["stride"]),
-            padding=_hparam(pad),
-            dilation=_hparam(config["dilation"]),
-            groups=config["groups"],
-            padding_mode=config.get("padding_mode", "zeros"),
-            layout=config.get("layout", "nhwc"),
-        )
+        rank = len(config["shape"]) - 2
+        spec = spec_from({h.name: _hparam(config[h.key]) for h in HPARAMS}, rank)
         tensors, _ = generate_layer(
             config["shape"],
             config["kernel"],
