@@ -6,7 +6,7 @@ The library never prints: it raises one of these, and the CLI turns it into a si
 An error about one argument carries its name in ``param`` (``param="max_memory"``), and its
 message says ``{param}`` where that name belongs: ``str(error)`` reads "max_memory 1 GiB:
 ...", and the CLI, which knows its flags, calls :meth:`ConvcliError.describe` with
-``--max-memory`` instead. Library messages never spell a flag; the CLI adds the hints that
+the flag's spelling instead. Library messages never spell a flag; the CLI adds the hints that
 name one (see the subclasses below for the typed facts it uses).
 """
 
@@ -19,7 +19,7 @@ EXIT_USAGE = 2
 EXIT_DATA = 65  # EX_DATAERR: bad shapes, dtypes, hyperparameters or unreadable content
 EXIT_NO_INPUT = 66  # EX_NOINPUT: input file missing or unreadable
 EXIT_INTERNAL = 70  # EX_SOFTWARE
-EXIT_CANT_CREATE = 73  # EX_CANTCREAT: output exists (without --force) or cannot be written
+EXIT_CANT_CREATE = 73  # EX_CANTCREAT: output exists (and may not be replaced) or cannot be written
 EXIT_INTERRUPTED = 130
 
 

@@ -20,7 +20,8 @@ def _kernel_for(kernel, rank: int) -> tuple[int, ...]:
         return tuple(kernel) * rank
     if len(kernel) != rank:
         raise UsageError(
-            f"--kernel has {len(kernel)} values; give 1 or {rank} (one per spatial axis)"
+            f"{{param}} has {len(kernel)} values; give 1 or {rank} (one per spatial axis)",
+            param="kernel",
         )
     return tuple(kernel)
 
@@ -61,7 +62,7 @@ def generate_layer(
     attrs : resolved hyperparameters as the other commands read them back
     """
     if str(dtype) not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+        raise UsageError(f"{{param}} {dtype!r}: choose from {', '.join(DTYPES)}", param="dtype")
     n, *spatial, cin = (int(v) for v in shape)
     kernel = _kernel_for(kernel, len(spatial))
     if cin % spec.groups:

@@ -175,8 +175,9 @@ def _whole(value: object, where: str) -> int:
         raise HyperparameterError(f"{where}: expected whole numbers")
     if isinstance(value, numbers.Integral):
         return int(value)
-    if float(value).is_integer():
-        return int(value)
+    number = float(value)
+    if number.is_integer():
+        return int(number)
     raise HyperparameterError(f"{where}: must be a whole number")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from convcli.errors import DataError
 from convcli.hparams import FILE_KEYS, build_spec
 from convcli.io.tensorfile import ALIASES, open_tensor_file, origin_text
@@ -20,7 +22,7 @@ def inspect_file(path) -> dict:
     """
     problems: list[str] = []
     with open_tensor_file(path) as tensor_file:
-        tensors = []
+        tensors: list[dict[str, Any]] = []
         keys = tensor_file.keys()
         for key in keys:
             shape, dtype = tensor_file.shape_dtype(key)
@@ -42,9 +44,9 @@ def inspect_file(path) -> dict:
                     roles[role] = None
                     problems.append(str(error))
         by_key = {t["key"]: t for t in tensors}
-        for role, key in roles.items():
-            if key is not None and key in by_key:
-                by_key[key]["role"] = role
+        for role, found in roles.items():
+            if found is not None and found in by_key:
+                by_key[found]["role"] = role
         for entry in tensors:
             if tensor_file.format == "npz" and entry["key"] in FILE_KEYS:
                 entry["role"] = "hyperparameter"
@@ -52,7 +54,8 @@ def inspect_file(path) -> dict:
         shapes = {role: by_key[key]["shape"] for role, key in roles.items() if key in by_key}
         fmt = tensor_file.format
         where = {role: origin_text(tensor_file, key) for role, key in roles.items() if key}
-    hparams, origins = {}, {}
+    hparams: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     try:
         rank = len(shapes["x"]) - 2 if "x" in shapes else None
         resolved = build_spec(raw, {}, rank)

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from convcli.errors import HyperparameterError, ShapeError
 
@@ -53,7 +55,7 @@ def output_size(size: int, kernel: int, stride: int, dilation: int, before: int,
     return (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> TypeGuard[numbers.Integral]:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -67,6 +69,7 @@ def _plain(value):
 def _ints(name: str, value, minimum: int) -> tuple[int, ...]:
     """An int (for every axis) or a sequence of per-axis ints, as a tuple."""
     value = _plain(value)
+    values: tuple[int, ...]
     if _is_int(value):
         values = (int(value),)
     elif (
@@ -144,7 +147,7 @@ def _for_rank(name: str, values: tuple, rank: int) -> tuple:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ConvSpec:
     """Hyperparameters of a convolution with 1 to 3 spatial axes.
 
@@ -171,52 +174,61 @@ class ConvSpec:
     (:meth:`geometry`), since the rank comes from x.
     """
 
-    stride: tuple[int, ...] | int = 1
-    padding: Padding | PaddingLike = 0
-    dilation: tuple[int, ...] | int = 1
-    groups: int = 1
-    padding_mode: str = "zeros"
-    layout: str = "nhwc"
+    # the normalised values (the constructor takes the wider forms the docstring lists)
+    stride: tuple[int, ...]
+    padding: Padding
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str
+    layout: str
 
-    def __post_init__(self):
-        object.__setattr__(self, "stride", _ints("stride", self.stride, 1))
-        object.__setattr__(self, "dilation", _ints("dilation", self.dilation, 1))
-        object.__setattr__(self, "padding", _normalise_padding(self.padding))
-        if not _is_int(self.groups) or self.groups < 1:
-            raise HyperparameterError(f"groups must be an int >= 1, got {self.groups!r}")
-        object.__setattr__(self, "groups", int(self.groups))
-        mode = str(self.padding_mode).lower()
+    def __init__(
+        self,
+        stride: int | Sequence[int] = 1,
+        padding: PaddingLike = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        layout: str = "nhwc",
+    ) -> None:
+        setattr_ = object.__setattr__  # frozen: set once, here
+        setattr_(self, "stride", _ints("stride", stride, 1))
+        setattr_(self, "padding", _normalise_padding(padding))
+        setattr_(self, "dilation", _ints("dilation", dilation, 1))
+        if not _is_int(groups) or groups < 1:
+            raise HyperparameterError(f"groups must be an int >= 1, got {groups!r}")
+        setattr_(self, "groups", int(groups))
+        mode = str(padding_mode).lower()
         if mode not in PADDING_MODES:
             raise HyperparameterError(
-                f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {self.padding_mode!r}"
+                f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}"
             )
-        object.__setattr__(self, "padding_mode", mode)
-        layout = LAYOUTS.get(str(self.layout).lower())
-        if layout is None:
+        setattr_(self, "padding_mode", mode)
+        canonical = LAYOUTS.get(str(layout).lower())
+        if canonical is None:
             raise HyperparameterError(
-                f"layout must be nhwc (channels last) or nchw (channels first), got {self.layout!r}"
+                f"layout must be nhwc (channels last) or nchw (channels first), got {layout!r}"
             )
-        object.__setattr__(self, "layout", layout)
+        setattr_(self, "layout", canonical)
 
     @property
     def channels_first(self) -> bool:
         return self.layout == "nchw"
 
-    def per_axis(self, rank: int) -> tuple[tuple, tuple]:
+    def per_axis(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(stride, dilation) with one value per spatial axis."""
         return _for_rank("stride", self.stride, rank), _for_rank("dilation", self.dilation, rank)
 
     def explicit_padding(self, rank: int) -> tuple[tuple[int, int], ...] | str:
         """``"same"``, or ((before, after), ...) per axis, without input sizes."""
         padding = self.padding
-        if padding == "same":
+        if isinstance(padding, str):
             return "same"
-        if isinstance(padding[0], tuple):
-            return _for_rank("padding", padding, rank)
-        if len(padding) == 1:
-            return ((padding[0], padding[0]),) * rank
-        if len(padding) == rank:
-            return tuple((p, p) for p in padding)
+        pairs = tuple((p, p) if isinstance(p, int) else p for p in padding)
+        if len(pairs) == 1:
+            return pairs * rank
+        if len(pairs) == rank:
+            return pairs
         raise HyperparameterError(
             f"padding has {len(padding)} values but x has {rank} spatial "
             f"{'axis' if rank == 1 else 'axes'} {AXIS_NAMES[rank]}: give 1 or {rank}, or "
@@ -227,7 +239,7 @@ class ConvSpec:
         """Explicit ((before, after), ...) padding for these input and kernel sizes."""
         rank = len(in_sizes)
         padding = self.explicit_padding(rank)
-        if padding != "same":
+        if not isinstance(padding, str):
             return padding
         stride, dilation = self.per_axis(rank)
         pairs = []

@@ -407,3 +407,19 @@ def test_hdf5_file_locked_by_a_writer_is_66(tmp_path):
     assert done.returncode == 66, done.stderr
     assert "locked by another process" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_choice_enums_list_exactly_the_library_names():
+    """The CLI spells its choices out (for type checkers); they must not drift from the library."""
+    from convcli.check.gradients import MODES
+    from convcli.cli.commands import DtypeName, EngineName, ModeName, UpstreamName
+    from convcli.generate import DTYPES
+    from convcli.run import ENGINES, UPSTREAMS
+
+    for choices, names in (
+        (EngineName, ENGINES),
+        (UpstreamName, UPSTREAMS),
+        (ModeName, MODES),
+        (DtypeName, DTYPES),
+    ):
+        assert [c.value for c in choices] == list(names)

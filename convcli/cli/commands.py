@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -27,12 +28,11 @@ from convcli.check.gradients import (
     DEFAULT_PROBES,
     DEFAULT_RTOL,
     DEFAULT_SAMPLES,
-    MODES,
     Tolerance,
 )
 from convcli.check.userimpl import impl_config
 from convcli.cli.heatmap import print_heatmap
-from convcli.cli.messages import explain
+from convcli.cli.messages import explain, flag_for
 from convcli.cli.render import print_inventory, print_result, print_sweep, result_json
 from convcli.cli.report import gradcheck_json, print_gradcheck
 from convcli.cli.slices import check_slice, parse_slice, take
@@ -44,14 +44,12 @@ from convcli.errors import (
     ConvcliError,
     UsageError,
 )
-from convcli.generate import DTYPES, check_generated_memory, generate_layer
-from convcli.hparams import build_spec
+from convcli.generate import check_generated_memory, generate_layer
+from convcli.hparams import BY_NAME, build_spec
 from convcli.inspection import inspect_file
 from convcli.io.loading import load_tensors
 from convcli.io.writing import write_tensors
 from convcli.run import (
-    ENGINES,
-    UPSTREAMS,
     RunResult,
     expected_shapes,
     run_backward,
@@ -219,48 +217,51 @@ WRef = Annotated[
 BRef = Annotated[
     str | None, typer.Option("--b", metavar="REF", help="b (Cout,) or (1,1,1,Cout) as FILE[:KEY].")
 ]
-Stride = Annotated[
-    str | None,
-    typer.Option("--stride", metavar="S", help="N, or one per axis (H,W). Default: file, else 1."),
-]
-Pad = Annotated[
-    str | None,
-    typer.Option(
-        "--pad",
-        metavar="P",
-        help="N; one per axis (H,W); before,after per axis (TOP,BOTTOM,LEFT,RIGHT); same; "
-        "valid. Default: file, else 0.",
-    ),
-]
-Dilation = Annotated[
-    str | None,
-    typer.Option(
-        "--dilation", metavar="D", help="N, or one per axis (1 = none). Default: file, else 1."
-    ),
-]
-Groups = Annotated[
-    str | None, typer.Option("--groups", metavar="G", help="Channel groups. Default: file, else 1.")
-]
-EngineName = Enum("EngineName", {name: name for name in ENGINES}, type=str)
-UpstreamName = Enum("UpstreamName", {name: name for name in UPSTREAMS}, type=str)
-ModeName = Enum("ModeName", {name: name for name in MODES}, type=str)
-PaddingMode = Annotated[
-    str | None,
-    typer.Option(
-        "--padding-mode",
-        metavar="MODE",
-        help="zeros, reflect, replicate or circular (PyTorch's). Default: file, else zeros.",
-    ),
-]
-Layout = Annotated[
-    str | None,
-    typer.Option(
-        "--layout",
-        metavar="L",
-        help="nhwc (channels last, weights HWIO) or nchw (channels first, weights OIHW); "
-        "any rank. Default: file, else nhwc.",
-    ),
-]
+
+
+def _hparam_option(name: str):
+    """The option for one row of the hyperparameter table (its text is parsed by the table)."""
+    hparam = BY_NAME[name]
+    return typer.Option(
+        flag_for(name),
+        metavar=hparam.metavar,
+        help=f"{hparam.help} Default: file, else {hparam.default}.",
+    )
+
+
+Stride = Annotated[str | None, _hparam_option("stride")]
+Pad = Annotated[str | None, _hparam_option("padding")]
+Dilation = Annotated[str | None, _hparam_option("dilation")]
+Groups = Annotated[str | None, _hparam_option("groups")]
+PaddingMode = Annotated[str | None, _hparam_option("padding_mode")]
+Layout = Annotated[str | None, _hparam_option("layout")]
+
+
+# Choices as Typer wants them (enums), spelled out so that type checkers see their members;
+# tests/test_cli.py checks that each lists exactly the library's names.
+class EngineName(str, Enum):
+    fast = "fast"
+    reference = "reference"
+
+
+class UpstreamName(str, Enum):
+    z = "z"
+    ones = "ones"
+    random = "random"
+
+
+class ModeName(str, Enum):
+    auto = "auto"
+    exhaustive = "exhaustive"
+    sample = "sample"
+    fast = "fast"
+
+
+class DtypeName(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
 Engine = Annotated[
     EngineName, typer.Option("--engine", help="fast (vectorized) or reference (plain loops).")
 ]
@@ -549,9 +550,29 @@ def _run(
     _finish(result, slices, as_json, out, pictures)
 
 
-def _int_list(flag: str, text: str | None, counts: tuple[int, ...]) -> list[int] | None:
-    if text is None:
+@dataclass(frozen=True)
+class _Layer:
+    """A layer given by --shape, --kernel and --cout."""
+
+    shape: list[int]
+    kernel: list[int]
+    cout: int
+
+
+def _layer_flags(shape: str | None, kernel: str | None, cout: int | None) -> _Layer | None:
+    """The layer --shape/--kernel/--cout describe (all three, or none: None)."""
+    shape_ = None if shape is None else _int_list("--shape", shape, (3, 4, 5))
+    kernel_ = None if kernel is None else _int_list("--kernel", kernel, (1, 2, 3))
+    if shape_ is None:
+        if kernel_ is not None or cout is not None:
+            raise UsageError("--kernel and --cout go with --shape")
         return None
+    if kernel_ is None or cout is None:
+        raise UsageError("--shape needs --kernel and --cout")
+    return _Layer(shape_, kernel_, cout)
+
+
+def _int_list(flag: str, text: str, counts: tuple[int, ...]) -> list[int]:
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
@@ -664,13 +685,8 @@ def gradcheck(
         "padding_mode": padding_mode,
         "layout": layout,
     }
-    shape_ = _int_list("--shape", shape, (3, 4, 5))
-    kernel_ = _int_list("--kernel", kernel, (1, 2, 3))
+    layer = _layer_flags(shape, kernel, cout)
     memory = parse_memory(max_memory)
-    if shape_ is None and (kernel_ is not None or cout is not None):
-        raise UsageError("--kernel and --cout go with --shape")
-    if shape_ is not None and (kernel_ is None or cout is None):
-        raise UsageError("--shape needs --kernel and --cout")
     from_files = bool(data or x or w or b or dz)
     if timeout is not None and (impl is None or not 0 < timeout < math.inf):
         raise UsageError(
@@ -678,7 +694,7 @@ def gradcheck(
             if impl is None
             else f"--timeout {timeout}: must be a positive number of seconds"
         )
-    if shape_ is not None and from_files:
+    if layer is not None and from_files:
         raise UsageError("give either a data file (or --x/--w) or --shape, not both")
     with _blas_threads(threads), _progress(as_json, "gradcheck") as progress:
         if impl is not None:
@@ -688,7 +704,7 @@ def gradcheck(
                 "--samples": samples is not None,
                 "--probes": probes is not None,
                 "--upstream": upstream is not None,
-                "hyperparameter flags without --shape": shape_ is None
+                "hyperparameter flags without --shape": layer is None
                 and any(v is not None for v in flags.values()),
             }
             unused = [name for name, given in ignored.items() if given]
@@ -699,9 +715,9 @@ def gradcheck(
                     + ", ".join(unused)
                 )
             configs = None
-            if shape_ is not None:
-                spec = build_spec({}, flags, len(shape_) - 2).spec
-                configs = [impl_config(shape_, kernel_, cout, spec)]
+            if layer is not None:
+                spec = build_spec({}, flags, len(layer.shape) - 2).spec
+                configs = [impl_config(layer.shape, layer.kernel, layer.cout, spec)]
             run = run_impl_check(
                 impl,
                 configs,
@@ -712,10 +728,10 @@ def gradcheck(
                 max_memory=memory,
             )
         else:
-            if shape_ is not None:
-                spec = build_spec({}, flags, len(shape_) - 2).spec
-                check_generated_memory(shape_, kernel_, cout, spec, memory)
-                arrays, _ = generate_layer(shape_, kernel_, cout, spec, seed=seed)
+            if layer is not None:
+                spec = build_spec({}, flags, len(layer.shape) - 2).spec
+                check_generated_memory(layer.shape, layer.kernel, layer.cout, spec, memory)
+                arrays, _ = generate_layer(layer.shape, layer.kernel, layer.cout, spec, seed=seed)
             elif from_files:
                 loaded, spec = _load(
                     data,
@@ -764,26 +780,26 @@ def _progress(as_json: bool, label: str):
         return
     from rich.progress import Progress
 
-    bar = {"progress": None, "task": None}
+    bar: Progress | None = None
+    task = None
     start = time.perf_counter()
 
     def update(done: int, total: int) -> None:
-        if bar["progress"] is None:
+        nonlocal bar, task
+        if bar is None:
             if time.perf_counter() - start < 0.5:
                 return
-            bar["progress"] = Progress(console=Console(stderr=True), transient=True)
-            bar["progress"].start()
-            bar["task"] = bar["progress"].add_task(label, total=total)
-        bar["progress"].update(bar["task"], completed=done, total=total)
+            bar = Progress(console=Console(stderr=True), transient=True)
+            bar.start()
+            task = bar.add_task(label, total=total)
+        if task is not None:
+            bar.update(task, completed=done, total=total)
 
     try:
         yield update
     finally:
-        if bar["progress"] is not None:
-            bar["progress"].stop()
-
-
-DtypeName = Enum("DtypeName", {name: name for name in DTYPES}, type=str)
+        if bar is not None:
+            bar.stop()
 
 
 @app.command()

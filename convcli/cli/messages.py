@@ -7,13 +7,17 @@ facts (:mod:`convcli.errors`); only here do flags appear.
 from __future__ import annotations
 
 from convcli.errors import ConvcliError, MemoryLimitError, NonFiniteError, OutputExistsError
+from convcli.hparams import BY_NAME
 
-# parameters whose flag is not ``--`` + the name with dashes
-_FLAGS = {"padding": "--pad", "spec": "SPEC", "workspace": "--max-workspace"}
+# library parameters whose flag is not ``--`` + the name with dashes (hyperparameters: their
+# key in the table, ``padding`` -> ``--pad``)
+_FLAGS = {"spec": "SPEC", "workspace": "--max-workspace"}
 
 
 def flag_for(param: str) -> str:
     """The flag (or argument) that sets the library parameter ``param``."""
+    if param in BY_NAME:
+        param = BY_NAME[param].key
     return _FLAGS.get(param, "--" + param.replace("_", "-"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 from rich import box
@@ -39,7 +40,14 @@ def _jsonable(value: np.ndarray):
     value = np.asarray(value, dtype=np.float64)
     if np.isfinite(value).all():
         return value.tolist()
-    return np.where(np.isfinite(value), value, None).tolist()
+    return _finite_or_none(value.tolist())
+
+
+def _finite_or_none(item):
+    """Nested lists of floats with NaN and ±Inf as None (JSON has no such numbers)."""
+    if isinstance(item, list):
+        return [_finite_or_none(v) for v in item]
+    return item if math.isfinite(item) else None
 
 
 def _number(value) -> str:

@@ -158,7 +158,8 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
     """One row per configuration with its three verdicts; below, each failing or printing
     configuration's diagnosis, reason and output; then the worst elements of the first."""
     table = Table(
-        title=f"gradcheck --impl {Path(run.impl).name} · {len(run.impl_results)} configurations"
+        title=f"gradcheck --impl {Path(run.impl or '').name} · {len(run.impl_results)} "
+        "configurations"
         f" · {run.seconds:.2f} s",
         box=box.SIMPLE_HEAD,
         show_edge=False,

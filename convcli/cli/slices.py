@@ -51,6 +51,8 @@ def parse_slice(expr: str, flag: str = "--slice") -> SliceExpr:
         node = ast.parse(f"_[{text}]", mode="eval").body
     except SyntaxError:
         raise UsageError(f"{flag} {expr!r}: cannot parse the index {text!r}") from None
+    if not isinstance(node, ast.Subscript):  # "_[...]" parses as a subscript or not at all
+        raise UsageError(f"{flag} {expr!r}: cannot parse the index {text!r}")
     index = _index(node.slice, f"{flag} {expr!r}")
     index = index if isinstance(index, tuple) else (index,)
     return SliceExpr(name=name, index=index, text=re.sub(r"\s+", "", text))
