@@ -13,7 +13,7 @@ from convcli.hparams import (
     format_hparams,
     spec_from,
 )
-from convcli.sweep.runner import CONFIG_KEYS, DEFAULTS
+from convcli.sweep import CONFIG_KEYS, DEFAULTS
 
 
 def parse_flag(name, text):

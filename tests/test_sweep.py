@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from convcli.cli import app
-from convcli.sweep.runner import SpecError, load_sweep
+from convcli.sweep import SpecError, SweepSummary, load_sweep, partial_path
 from tests.conftest import ROOT
 
 runner = CliRunner()
@@ -49,7 +49,7 @@ def test_sample_spec_lists_configs_and_grid():
     keys = [plan.key(c) for c in plan.configs]
     assert len(set(keys)) == len(keys)
     assert keys == [load_sweep(SAMPLE_SPEC).key(c) for c in load_sweep(SAMPLE_SPEC).configs]
-    assert plan.configs[0] == {
+    assert plan.configs[0].to_json() == {
         "shape": [10, 4, 4, 3],
         "kernel": [2, 2],
         "cout": 8,
@@ -119,8 +119,6 @@ cout = [4]
 
 
 def test_sweep_summary_counts_every_kind_of_result():
-    from convcli.sweep.runner import SweepSummary
-
     def record(key, status, error=None, gradcheck=None):
         return {
             "key": key,
@@ -250,8 +248,6 @@ def test_interrupted_sweep_keeps_finished_results_and_resumes(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    from convcli.sweep.runner import partial_path
-
     partial = partial_path(out)  # results go there until the sweep ends or is interrupted
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (
@@ -297,8 +293,6 @@ def test_sweep_on_a_dask_cluster(tmp_path):
 
 
 def test_a_killed_sweep_leaves_the_old_results_and_a_partial_file_to_resume(tmp_path):
-    from convcli.sweep.runner import partial_path
-
     spec, out = write(tmp_path, SMALL), tmp_path / "r.jsonl"
     assert sweep(spec, "--out", out).exit_code == 0
     complete = out.read_text()
@@ -517,3 +511,25 @@ def test_a_bad_value_is_reported_in_the_table_that_holds_it(tmp_path, spec, wher
     result = sweep(write(tmp_path, spec), "--out", tmp_path / "r.jsonl")
     assert result.exit_code == 65
     assert where in result.stderr, result.stderr
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(tmp_path):
+    from convcli.cli.messages import explain
+    from convcli.errors import UsageError
+    from convcli.sweep import ResultsExistError, SweepOptions, run_sweep
+
+    with pytest.raises(UsageError) as bad_jobs:
+        SweepOptions(jobs=0)
+    assert (bad_jobs.value.param, str(bad_jobs.value)) == ("jobs", "jobs 0: must be at least 1")
+    assert explain(bad_jobs.value) == "--jobs 0: must be at least 1"
+    with pytest.raises(UsageError, match=r"^resume continues a sweep and force starts it over"):
+        SweepOptions(resume=True, force=True)
+    out = tmp_path / "r.jsonl"
+    out.write_text("keep\n")
+    with pytest.raises(ResultsExistError) as exists:
+        run_sweep(load_sweep(write(tmp_path, SMALL)), out)
+    assert str(exists.value) == f"{out} exists"
+    assert explain(exists.value).endswith(
+        "; pass --resume to continue the sweep or --force to start over"
+    )
+    assert out.read_text() == "keep\n"

@@ -57,6 +57,7 @@ from convcli.run import (
     run_gradcheck,
     run_impl_check,
 )
+from convcli.sweep import SweepOptions, load_sweep, run_sweep
 from convcli.units import parse_memory, parse_size
 
 _state = {"debug": False, "quiet": False}
@@ -943,28 +944,17 @@ def sweep(
 
     Example: convcli sweep sample_data/sweep.toml --out results.jsonl --jobs 2
     """
-    from convcli.sweep.runner import SpecMismatchError, load_sweep, run_sweep
-
     if append and force:
         raise UsageError("--append adds to the results and --force starts them over: give one")
     plan = load_sweep(spec)
+    if resume and force:
+        raise UsageError("--resume continues a sweep and --force starts it over: give one")
     out = out if out is not None else Path(spec.with_suffix(".jsonl").name)
+    options = SweepOptions(
+        jobs=jobs, resume=resume, append=append, force=force, scheduler=scheduler
+    )
     with _progress(as_json, "sweep") as progress:
-        try:
-            summary = run_sweep(
-                plan,
-                out,
-                jobs=jobs,
-                resume=resume,
-                append=append,
-                force=force,
-                scheduler=scheduler,
-                progress=progress,
-            )
-        except SpecMismatchError as error:
-            raise SpecMismatchError(
-                f"{error}: pass --append to add this spec's runs to them, or --force to start over"
-            ) from None
+        summary = run_sweep(plan, out, options, progress=progress)
     with _data_output():
         if as_json:
             print(json.dumps(summary.to_json()))

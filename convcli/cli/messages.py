@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from convcli.errors import ConvcliError, MemoryLimitError, NonFiniteError, OutputExistsError
 from convcli.hparams import BY_NAME
+from convcli.sweep import ResultsExistError, SpecMismatchError
 
 # library parameters whose flag is not ``--`` + the name with dashes (hyperparameters: their
 # key in the table, ``padding`` -> ``--pad``)
@@ -32,6 +33,14 @@ def explain(error: ConvcliError) -> str:
         )
     elif isinstance(error, MemoryLimitError):
         text += "; stream the input from HDF5, lower --max-workspace, or raise --max-memory"
+    elif isinstance(error, ResultsExistError):
+        text += (
+            "; pass --resume to continue it or --force to start over"
+            if error.interrupted
+            else "; pass --resume to continue the sweep or --force to start over"
+        )
+    elif isinstance(error, SpecMismatchError):
+        text += ": pass --append to add this spec's runs to them, or --force to start over"
     elif isinstance(error, OutputExistsError):
         text += "; pass --force to overwrite"
     return text

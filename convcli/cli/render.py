@@ -13,7 +13,7 @@ from rich.text import Text
 
 from convcli.hparams import BY_NAME, format_hparams
 from convcli.run import RunResult
-from convcli.sweep.runner import record_verdict
+from convcli.sweep import record_verdict
 
 
 def result_json(

@@ -1,1 +1,63 @@
-"""Sweeps: many configurations from a TOML spec, run locally, in processes or on Dask."""
+"""Sweeps (``convcli sweep SPEC.toml``): many configurations from a TOML spec, run locally, in
+processes or on Dask, results as JSON Lines.
+
+- :mod:`convcli.sweep.schema`: the spec file, read and checked into a :class:`Sweep` of
+  :class:`Config` values (:func:`load_sweep`); run keys and spec fingerprints.
+- :mod:`convcli.sweep.runner`: running one configuration (:func:`run_config`) and a whole
+  sweep (:func:`run_sweep`, with :class:`SweepOptions`).
+- :mod:`convcli.sweep.results`: the results file (partial file, fsync, resume, torn lines,
+  fingerprint checks) and the verdicts (:func:`record_verdict`, :class:`SweepSummary`).
+
+Example::
+
+    from convcli.sweep import SweepOptions, load_sweep, run_sweep
+
+    summary = run_sweep(load_sweep("sweep.toml"), "results.jsonl", SweepOptions(jobs=2))
+    print(summary.counts)
+"""
+
+from convcli.sweep.results import (
+    VERDICTS,
+    ResultsExistError,
+    ResultsFile,
+    SpecMismatchError,
+    SweepSummary,
+    open_results,
+    partial_path,
+    read_results,
+    record_verdict,
+)
+from convcli.sweep.runner import SweepOptions, run_config, run_sweep
+from convcli.sweep.schema import (
+    ACTIONS,
+    CONFIG_KEYS,
+    DEFAULTS,
+    Config,
+    GradcheckOptions,
+    SpecError,
+    Sweep,
+    load_sweep,
+)
+
+__all__ = [
+    "ACTIONS",
+    "CONFIG_KEYS",
+    "DEFAULTS",
+    "VERDICTS",
+    "Config",
+    "GradcheckOptions",
+    "ResultsExistError",
+    "ResultsFile",
+    "SpecError",
+    "SpecMismatchError",
+    "Sweep",
+    "SweepOptions",
+    "SweepSummary",
+    "load_sweep",
+    "open_results",
+    "partial_path",
+    "read_results",
+    "record_verdict",
+    "run_config",
+    "run_sweep",
+]
