@@ -9,7 +9,12 @@ from __future__ import annotations
 from convcli.errors import ConvcliError, MemoryLimitError, NonFiniteError, OutputExistsError
 
 # parameters whose flag is not ``--`` + the name with dashes
-_FLAGS = {"padding": "--pad", "spec": "SPEC", "workspace": "--max-workspace"}
+_FLAGS = {
+    "padding": "--pad",
+    "spec": "SPEC",
+    "workspace": "--max-workspace",
+    "generate_out": "OUT",  # generate's positional output file
+}
 
 
 def flag_for(param: str) -> str:

@@ -154,10 +154,10 @@ def load_sweep(path) -> Sweep:
     SpecError
         TOML syntax errors, unknown keys, wrong types or values; the message cites the line.
     """
-    from convcli.io.tensorfile import _regular_file_size
+    from convcli.io.detect import regular_file_size
 
     path = Path(path)
-    _regular_file_size(path)
+    regular_file_size(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
