@@ -99,16 +99,16 @@ def test_generate_bad_values(tmp_path, args, code, match):
 def test_inspect_lists_tensors_roles_and_hyperparameters_without_reading_data(
     tmp_path, monkeypatch
 ):
-    import convcli.io.tensorfile as tensorfile
+    from convcli.io.npz import NpzReader
 
     read = []
-    original = tensorfile.TensorFile.read
+    original = NpzReader.read_array
 
     def recording_read(self, key):
         read.append(key)
         return original(self, key)
 
-    monkeypatch.setattr(tensorfile.TensorFile, "read", recording_read)
+    monkeypatch.setattr(NpzReader, "read_array", recording_read)  # every data read of an npz
     doc = json.loads(invoke("inspect", SAMPLE_NPZ, "--json").stdout)
     assert set(read) <= {"pad", "stride"}  # only the small hyperparameter entries
     assert doc["format"] == "npz"

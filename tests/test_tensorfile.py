@@ -1,4 +1,4 @@
-"""Tests for convcli.io.tensorfile: format detection, references, reading, loading and writing."""
+"""Tests for convcli.io: format detection, references, reading, loading and writing."""
 
 from __future__ import annotations
 
@@ -13,15 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convcli.errors import DataError, InputFileError, OutputError, UsageError
-from convcli.io import tensorfile, writing
+from convcli.cli.messages import explain
+from convcli.errors import DataError, InputFileError, OutputError, OutputExistsError, UsageError
+from convcli.io import detect, read_tensor, tensorfile, writing
+from convcli.io.detect import detect_format, parse_ref
 from convcli.io.loading import Loaded, load_tensors
-from convcli.io.tensorfile import (
-    TensorFile,
-    detect_format,
-    open_tensor_file,
-    parse_ref,
-)
+from convcli.io.tensorfile import TensorFile, open_tensor_file
 from convcli.io.writing import write_tensors
 
 
@@ -184,7 +181,7 @@ def test_detect_format_read_denied_simulated(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tensorfile, "open", denied, raising=False)
+    monkeypatch.setattr(detect, "open", denied, raising=False)
     with pytest.raises(InputFileError, match=named(path) + ": no read permission"):
         detect_format(path)
 
@@ -388,12 +385,15 @@ def test_load_missing_required_lists_contents(tmp_path):
     message = str(info.value)
     assert message.startswith(f"no x found in {path} (looked for x, X, A_prev, input)")
     assert "W (1, 1, 1, 1) float64" in message
-    assert "pass --x FILE:KEY" in message
+    assert "pass x FILE:KEY" in message  # the library names the parameter...
+    assert info.value.param == "x"
+    assert "pass --x FILE:KEY" in explain(info.value)  # ...the command line its flag
 
 
 def test_load_nothing_given():
-    with pytest.raises(UsageError, match=r"no x given: pass a data file or --x FILE\[:KEY\]"):
+    with pytest.raises(UsageError, match=r"no x given: pass a data file or x FILE\[:KEY\]") as info:
         load_tensors(None, {"x": None, "w": None}, ("x", "w"))
+    assert explain(info.value) == "no x given: pass a data file or --x FILE[:KEY]"
 
 
 def test_load_optional_absent_is_skipped(tmp_path, rng):
@@ -408,8 +408,9 @@ def test_load_optional_absent_is_skipped(tmp_path, rng):
 def test_load_npy_data_file_refused(tmp_path):
     path = tmp_path / "x.npy"
     np.save(path, np.ones(3))
-    with pytest.raises(DataError, match=named(path) + r".*--x"):
+    with pytest.raises(DataError, match=named(path)) as info:
         load_tensors(str(path), {}, ("x", "w"))
+    assert explain(info.value).endswith(f"pass it as the file of one tensor, e.g. --x {path}")
 
 
 def test_load_explicit_refs_win_and_files_opened_once(tmp_path, rng, monkeypatch):
@@ -672,8 +673,10 @@ def test_write_hparams_round_trip_property(tmp_path_factory, stride, padding, su
 def test_write_refuses_existing_without_force(tmp_path):
     path = tmp_path / "out.h5"
     path.write_bytes(b"old")
-    with pytest.raises(OutputError, match=named(path) + " exists; pass --force to overwrite"):
+    with pytest.raises(OutputExistsError, match=named(path) + " exists$") as info:
         write_tensors(path, {"z": np.ones(2)}, {})
+    assert info.value.param == "out"
+    assert explain(info.value) == f"{path} exists; pass --force to overwrite"
     assert path.read_bytes() == b"old"
 
 
@@ -717,8 +720,13 @@ def test_write_refuses_protected_through_symlink(tmp_path):
 
 @pytest.mark.parametrize("name", ["out.npy", "out.txt", "out"])
 def test_write_unknown_extension(tmp_path, name):
-    with pytest.raises(UsageError, match=r"--out must end in \.npz, \.h5 or \.hdf5.*" + name):
+    expected = r"^out must end in \.npz, \.h5 or \.hdf5.*" + name
+    with pytest.raises(UsageError, match=expected) as info:
         write_tensors(tmp_path / name, {"z": np.ones(2)}, {})
+    assert explain(info.value).startswith("--out must end in .npz, .h5 or .hdf5")
+    with pytest.raises(UsageError) as info:
+        write_tensors(tmp_path / name, {"z": np.ones(2)}, {}, param="generate_out")
+    assert explain(info.value).startswith("OUT must end in .npz, .h5 or .hdf5")
 
 
 def test_write_missing_folder(tmp_path):
@@ -797,3 +805,54 @@ def test_tensorfile_closes(tmp_path):
     with pytest.raises(DataError, match="closed"):
         tf.read("x")
     tf.close()  # closing twice is harmless
+
+
+# ---------------------------------------------------------------------------------------------
+# read_tensor (public API)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_read_tensor_from_every_format(tmp_path, rng):
+    arrays = layer(rng)
+    npy = tmp_path / "w.npy"
+    np.save(npy, arrays["w"])
+    npz = tmp_path / "layer.npz"
+    np.savez(npz, x=arrays["x"], W=arrays["w"], stride=2)
+    single = tmp_path / "single.npz"
+    np.savez(single, kernel=arrays["w"], pad=1)  # one tensor besides a hyperparameter
+    h5 = make_h5(tmp_path / "layer.h5", {"net/A_prev": arrays["x"], "net/W": arrays["w"]})
+    np.testing.assert_array_equal(read_tensor(npy), arrays["w"])
+    np.testing.assert_array_equal(read_tensor(str(npy)), arrays["w"])
+    np.testing.assert_array_equal(read_tensor(npz, "W"), arrays["w"])
+    np.testing.assert_array_equal(read_tensor(f"{npz}:x"), arrays["x"])
+    np.testing.assert_array_equal(read_tensor(single), arrays["w"])
+    np.testing.assert_array_equal(read_tensor(h5, "/net/W"), arrays["w"])
+    np.testing.assert_array_equal(read_tensor(f"{h5}:net/A_prev"), arrays["x"])
+    assert read_tensor(npz, "W").dtype == np.float64
+
+
+def test_read_tensor_errors_are_typed(tmp_path, rng):
+    npz = tmp_path / "layer.npz"
+    np.savez(npz, **layer(rng))
+    with pytest.raises(DataError, match=r"holds 3 arrays; say which one.*holds: b \(4,\)"):
+        read_tensor(npz)
+    with pytest.raises(DataError, match=r"no entry 'nope'"):
+        read_tensor(npz, "nope")
+    with pytest.raises(InputFileError, match="no such file"):
+        read_tensor(tmp_path / "missing.h5")
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([{}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="never unpickles"):
+        read_tensor(objects)
+
+
+def test_memory_guard_names_its_parameter(tmp_path):
+    path = tmp_path / "big.npz"
+    np.savez(path, x=np.ones((64, 64)))
+    with open_tensor_file(path) as tf, pytest.raises(DataError) as info:
+        tf.read("x", max_bytes=1024)
+    assert info.value.param == "max_memory"
+    assert "left of max_memory); raise max_memory" in str(info.value)
+    assert "(1 KiB left of --max-memory); raise --max-memory, or store it in HDF5" in explain(
+        info.value
+    )

@@ -865,7 +865,7 @@ def generate(
         dtype=dtype.value,
         dz=with_dz,
     )
-    write_tensors(out, tensors, attrs, force=force, flag="OUT")
+    write_tensors(out, tensors, attrs, force=force, param="generate_out")
     with _data_output():
         _print_generated(out, tensors, attrs, dtype.value, as_json)
 

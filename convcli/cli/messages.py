@@ -12,7 +12,11 @@ from convcli.sweep import ResultsExistError, SpecMismatchError
 
 # library parameters whose flag is not ``--`` + the name with dashes (hyperparameters: their
 # key in the table, ``padding`` -> ``--pad``)
-_FLAGS = {"spec": "SPEC", "workspace": "--max-workspace"}
+_FLAGS = {
+    "spec": "SPEC",
+    "workspace": "--max-workspace",
+    "generate_out": "OUT",  # generate's positional output file
+}
 
 
 def flag_for(param: str) -> str:

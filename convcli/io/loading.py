@@ -1,9 +1,11 @@
-"""Gathering the tensors of one command from its data file and ``--x/--w/--b/--dz`` references.
+"""Gathering the tensors of one command from its data file and per-role references.
 
 Roles (x, w, b, dz) are found by name (:data:`~convcli.io.tensorfile.ALIASES`) in the data file
-or taken from explicit references; hyperparameters come from the data file (or the file x
-came from). Big HDF5 tensors can be left on disk as :class:`DatasetRef` for streaming, and a
-memory guard refuses, before reading, tensors that would not fit.
+or taken from explicit references (``PATH`` or ``PATH:KEY``, one per role); hyperparameters
+come from the data file (or the file x came from). Big tensors of a format that can read rows
+(:meth:`convcli.io.reader.Reader.rows`; today HDF5) can be left on disk as :class:`DatasetRef`
+for streaming, and a memory guard refuses, before reading, tensors that would not fit.
+Errors about one role carry ``param=`` the role's name (``"x"``, ``"w"``, ...).
 """
 
 from __future__ import annotations
@@ -13,19 +15,15 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from convcli.errors import DataError, UsageError
 from convcli.io import tensorfile
-from convcli.io.tensorfile import (
-    _CONTENT_ERRORS,
-    ALIASES,
-    TensorFile,
-    _reason,
-    origin_text,
-    parse_ref,
-)
+from convcli.io.detect import parse_ref
+from convcli.io.reader import Hparams, RowReader
+from convcli.io.tensorfile import ALIASES, TensorFile, origin_text
 
 _IDENTITY_LABELS = (
     ("device", "device"),
@@ -70,24 +68,38 @@ class FileIdentity:
 
 @dataclass(frozen=True)
 class DatasetRef:
-    """An HDF5 dataset left on disk, read in blocks of its first axis (for streaming).
+    """An array left on disk, read in blocks of its first axis (for streaming).
+
+    Any format whose reader can read rows (:meth:`convcli.io.reader.Reader.rows`) can be
+    referred to; the format is detected again when the file is opened.
 
     Attributes
     ----------
-    path, key : where it is; shape, dtype : what it holds; origin : ``file.h5:/key`` text.
-    identity : the version of the file whose shape and dtype these are; every read checks
-        that it still reads that version (see :class:`OpenDataset`).
+    path : pathlib.Path
+        The file (resolved).
+    key : str
+        The array inside it (HDF5: its dataset path).
+    shape : tuple of int
+        The array's shape; its first axis is the one read in blocks (the batch, n).
+    dtype : numpy.dtype
+        Its dtype.
+    origin : str
+        Where it is, for messages: ``"file.h5:/key"``.
+    identity : FileIdentity
+        The version of the file whose shape and dtype these are; every read checks that it
+        still reads that version (see :class:`OpenDataset`).
     """
 
     path: Path
     key: str
-    shape: tuple
+    shape: tuple[int, ...]
     dtype: np.dtype
     origin: str
     identity: FileIdentity
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the whole array in memory."""
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def open(self, name: str | None = None) -> OpenDataset:
@@ -98,10 +110,11 @@ class DatasetRef:
         return OpenDataset(self, name or self.origin)
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of the first axis, in memory."""
+        """Rows ``start:stop`` of the first axis, in memory: ``(stop - start, *shape[1:])``."""
         return self[start:stop]
 
-    def __getitem__(self, index) -> np.ndarray:
+    def __getitem__(self, index: Any) -> np.ndarray:
+        """Any basic index (``ref[0, ..., -1]``), read through a freshly opened, verified file."""
         with self.open() as dataset:
             rows = dataset[index]
             dataset.verify()
@@ -123,26 +136,29 @@ class OpenDataset:
         On opening, when the file is missing or unreadable.
     """
 
-    def __init__(self, ref: DatasetRef, name: str):
+    def __init__(self, ref: DatasetRef, name: str) -> None:
         self.ref = ref
         self.name = name
         self._file = tensorfile.open_tensor_file(ref.path)
         try:
             self.verify()
-            self._dataset = self._file._dataset(ref.key)
+            rows = self._file.rows(ref.key)
+            if rows is None:
+                raise DataError(
+                    f"{ref.origin}: a {self._file.format} file cannot be read in blocks of rows"
+                )
+            self._rows: RowReader = rows
         except BaseException:
             self._file.close()
             raise
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of the first axis, in memory."""
-        return self[start:stop]
+        """Rows ``start:stop`` of the first axis, in memory: ``(stop - start, *shape[1:])``."""
+        return self._rows.read(start, stop)
 
-    def __getitem__(self, index) -> np.ndarray:
-        try:
-            return np.asarray(self._dataset[index])
-        except _CONTENT_ERRORS as exc:
-            raise DataError(f"{self.ref.origin}: cannot read ({_reason(exc)})") from exc
+    def __getitem__(self, index: Any) -> np.ndarray:
+        """Any basic index of the array (``[start:stop]``, ``[0, ..., -1]``), in memory."""
+        return self._rows[index]
 
     def verify(self) -> None:
         """Refuse (DataError) if the open file or the file now at the path is another version."""
@@ -162,12 +178,13 @@ class OpenDataset:
             )
 
     def close(self) -> None:
+        """Close the file (safe to call twice)."""
         self._file.close()
 
     def __enter__(self) -> OpenDataset:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
@@ -179,7 +196,7 @@ class Loaded:
     ----------
     arrays : dict of str to numpy.ndarray or DatasetRef
         Role (``"x"``, ``"w"``, ``"b"``, ``"dz"``) -> array, only for roles that were found;
-        a :class:`DatasetRef` for HDF5 tensors left on disk (see ``lazy_above``).
+        a :class:`DatasetRef` for tensors left on disk (see ``lazy_above``).
     origins : dict of str to str
         Role -> where it came from, e.g. ``"run.h5:/A_prev"``.
     hparams : dict of str to (object, str)
@@ -188,20 +205,20 @@ class Loaded:
         Resolved path of every file read (an output must not overwrite any of them).
     """
 
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray | DatasetRef] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
-    hparams: dict[str, tuple[object, str]] = field(default_factory=dict)
+    hparams: Hparams = field(default_factory=dict)
     sources: list[Path] = field(default_factory=list)
 
 
 class _FileCache:
     """Opens each distinct file once and closes them all at the end."""
 
-    def __init__(self, stack: contextlib.ExitStack):
+    def __init__(self, stack: contextlib.ExitStack) -> None:
         self._stack = stack
         self._files: dict[Path, TensorFile] = {}
 
-    def open(self, path) -> TensorFile:
+    def open(self, path: str | os.PathLike[str]) -> TensorFile:
         resolved = Path(path).resolve()
         if resolved not in self._files:
             self._files[resolved] = self._stack.enter_context(tensorfile.open_tensor_file(path))
@@ -213,7 +230,7 @@ class _FileCache:
 
 
 def load_tensors(
-    data,
+    data: str | os.PathLike[str] | None,
     refs: Mapping[str, str | None],
     required: Iterable[str],
     optional: Iterable[str] = (),
@@ -227,21 +244,22 @@ def load_tensors(
     Parameters
     ----------
     data : str or os.PathLike or None
-        Positional data file (``.npz`` or HDF5) searched by name with :meth:`TensorFile.find`.
+        Data file (``.npz`` or HDF5) searched by name with :meth:`TensorFile.find`.
     refs : mapping of role to str or None
-        Explicit references from ``--x``, ``--w``, ``--b``, ``--dz`` (``PATH`` or
-        ``PATH:KEY``); an explicit reference wins over the data file.
+        Explicit references per role (``PATH`` or ``PATH:KEY``); an explicit reference wins
+        over the data file.
     required : iterable of str
         Roles that must be found, e.g. ``("x", "w")``.
     optional : iterable of str
         Roles that may be absent, e.g. ``("b", "dz")``.
     lazy_above : int, optional
-        HDF5 tensors of ``lazy_roles`` larger than this many bytes are not read: they come
-        back as :class:`DatasetRef`, to be streamed.
+        Tensors of ``lazy_roles`` larger than this many bytes, in a format that can read
+        rows (HDF5), are not read: they come back as :class:`DatasetRef`, to be streamed.
     lazy_roles : iterable of str
         Roles that may be left on disk (the batch-sized ones).
     max_bytes : int, optional
-        Memory guard: refuse, before reading, tensors whose declared sizes add up to more.
+        Memory guard: refuse, before reading, tensors whose declared sizes add up to more
+        (the error has ``param="max_memory"``).
 
     Returns
     -------
@@ -253,11 +271,14 @@ def load_tensors(
     ------
     InputFileError
         A referenced file is missing or unreadable.
+    UsageError
+        A required role has neither a data file nor a reference (``param=`` the role).
     DataError
         A required role is found nowhere, a name is ambiguous, a key is missing, the data
         file is a ``.npy``, or content is unreadable.
     """
     required = tuple(required)
+    lazy_roles = tuple(lazy_roles)
     loaded = Loaded()
     keys: dict[str, tuple[TensorFile, str]] = {}
     with contextlib.ExitStack() as stack:
@@ -271,7 +292,7 @@ def load_tensors(
             keys[role] = found
             remaining = None if max_bytes is None else max_bytes - _in_memory(loaded.arrays)
             loaded.arrays[role] = _read_or_refer(
-                tensor_file, key, lazy_above if role in tuple(lazy_roles) else None, remaining
+                tensor_file, key, lazy_above if role in lazy_roles else None, remaining
             )
             loaded.origins[role] = origin_text(tensor_file, key)
         loaded.hparams = _hparams_for(data_file, keys.get("x"))
@@ -279,36 +300,44 @@ def load_tensors(
     return loaded
 
 
-def _in_memory(arrays: dict) -> int:
+def _in_memory(arrays: Mapping[str, np.ndarray | DatasetRef]) -> int:
     return sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
 
 
 def _read_or_refer(
     tensor_file: TensorFile, key: str, lazy_above: int | None, max_bytes: int | None = None
-):
-    """The array, or a DatasetRef for an HDF5 dataset larger than ``lazy_above`` bytes."""
-    if lazy_above is not None and tensor_file.format == "hdf5":
-        dataset = tensor_file._dataset(key)
-        ref = DatasetRef(
-            path=tensor_file.path.resolve(),
-            key=dataset.name,
-            shape=tuple(dataset.shape or ()),
-            dtype=dataset.dtype,
-            origin=origin_text(tensor_file, key),
-            identity=FileIdentity.of(tensor_file.stat()),
-        )
-        if ref.shape and ref.nbytes > lazy_above and ref.dtype.kind in "fiu":
-            tensor_file.check_readable(key)  # no external storage or virtual data
+) -> np.ndarray | DatasetRef:
+    """The array, or a DatasetRef for one larger than ``lazy_above`` bytes that can stream."""
+    if lazy_above is not None:
+        ref = _stream_ref(tensor_file, key)
+        if ref is not None and ref.shape and ref.nbytes > lazy_above and ref.dtype.kind in "fiu":
+            tensor_file.check_readable(key)  # no absurd header, no data in other files
             return ref
     return tensor_file.read(key, max_bytes=max_bytes)
 
 
-def _open_data_file(cache: _FileCache, data) -> TensorFile:
+def _stream_ref(tensor_file: TensorFile, key: str) -> DatasetRef | None:
+    """A reference to ``key`` on disk, if its format can read rows (None otherwise)."""
+    if tensor_file.rows(key) is None:  # the format cannot read rows
+        return None
+    shape, dtype = tensor_file.shape_dtype(key)
+    return DatasetRef(
+        path=tensor_file.path.resolve(),
+        key=key,
+        shape=shape,
+        dtype=dtype,
+        origin=origin_text(tensor_file, key),
+        identity=FileIdentity.of(tensor_file.stat()),
+    )
+
+
+def _open_data_file(cache: _FileCache, data: str | os.PathLike[str]) -> TensorFile:
     data_file = cache.open(data)
     if data_file.format == "npy":
         raise DataError(
             f"{data}: a .npy file holds one unnamed array, so it cannot supply tensors by "
-            f"name; pass it with --x {data} (or --w, --b, --dz)"
+            "name; pass it as the file of one tensor, e.g. {param} " + f"{data}",
+            param="x",
         )
     return data_file
 
@@ -328,11 +357,12 @@ def _locate(
         if required:
             raise DataError(
                 f"no {role} found in {data_file.path} (looked for {', '.join(ALIASES[role])}); "
-                f"it {data_file.describe()}; pass --{role} FILE:KEY"
+                f"it {data_file.describe()}; pass {{param}} FILE:KEY",
+                param=role,
             )
         return None
     if required:
-        raise UsageError(f"no {role} given: pass a data file or --{role} FILE[:KEY]")
+        raise UsageError(f"no {role} given: pass a data file or {{param}} FILE[:KEY]", param=role)
     return None
 
 
@@ -346,16 +376,15 @@ def _default_key(tensor_file: TensorFile, role: str) -> str:
     key = tensor_file.find(role)
     if key is None:
         raise DataError(
-            f"--{role} {tensor_file.path}: the file holds {len(tensors)} arrays and none is "
-            f"named {', '.join(ALIASES[role])}; pass --{role} {tensor_file.path}:KEY; "
-            f"it {tensor_file.describe()}"
+            f"{{param}} {tensor_file.path}: the file holds {len(tensors)} arrays and none is "
+            f"named {', '.join(ALIASES[role])}; pass {{param}} {tensor_file.path}:KEY; "
+            f"it {tensor_file.describe()}",
+            param=role,
         )
     return key
 
 
-def _hparams_for(
-    data_file: TensorFile | None, x_found: tuple[TensorFile, str] | None
-) -> dict[str, tuple[object, str]]:
+def _hparams_for(data_file: TensorFile | None, x_found: tuple[TensorFile, str] | None) -> Hparams:
     """Hyperparameters from the data file, else from the file x came from."""
     if data_file is not None:
         near = x_found[1] if x_found and x_found[0] is data_file else None

@@ -1,8 +1,11 @@
-"""Writing results: atomically, never over an input, never over a file without ``--force``.
+"""Writing results: atomically, never over an input, never over a file unless forced.
 
-Every file convcli writes goes to a ``.convcli-*`` temporary file in the target's folder,
-is flushed and fsynced, then renamed over the target; on any failure the temporary file is
-removed, so an existing target is either replaced whole or left byte-for-byte unchanged.
+:func:`write_tensors` picks the format's writer by the target's extension
+(:data:`~convcli.io.formats.WRITERS`). Every file convcli writes goes to a ``.convcli-*``
+temporary file in the target's folder, is flushed and fsynced, then renamed over the target;
+on any failure the temporary file is removed, so an existing target is either replaced whole
+or left byte-for-byte unchanged. Errors about the target carry ``param=`` the caller's name
+for it (``"out"`` by default).
 """
 
 from __future__ import annotations
@@ -14,29 +17,33 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from convcli.errors import DataError, OutputError, UsageError
+from convcli.errors import DataError, OutputError, OutputExistsError, UsageError
+from convcli.io.formats import WRITERS, spoken_list
+from convcli.io.hdf5 import write_hdf5_attrs
+from convcli.io.reader import Writer, reason
+
+__all__ = [
+    "TEMP_PREFIX",
+    "atomic_output",
+    "check_target",
+    "output_format",
+    "write_hdf5_attrs",
+    "write_tensors",
+]
 
 TEMP_PREFIX = ".convcli-"
-WRITE_FORMATS = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5"}
-
-
-def _reason(exc: BaseException) -> str:
-    """One line describing ``exc`` for an error message."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def write_tensors(
-    path,
+    path: str | os.PathLike[str],
     tensors: Mapping[str, np.ndarray],
     attrs: Mapping[str, object],
     *,
     force: bool = False,
-    protect: Iterable = (),
-    flag: str = "--out",
+    protect: Iterable[str | os.PathLike[str]] = (),
+    param: str = "out",
 ) -> None:
     """Write arrays and attributes atomically to ``.npz`` or HDF5 (format from the extension).
 
@@ -55,14 +62,18 @@ def write_tensors(
         Overwrite an existing target.
     protect : iterable of path
         Input files that must never be overwritten.
+    param : str
+        The caller's name for ``path``, carried by the errors about it (``error.param``).
 
     Raises
     ------
     UsageError
         Unknown extension.
+    OutputExistsError
+        Target exists and ``force`` is false.
     OutputError
-        Target exists without ``force``, is an input file, is not a regular file, its folder
-        is missing or not writable, or writing fails with an OS error.
+        Target is an input file, is not a regular file, its folder is missing or not
+        writable, or writing fails with an OS error.
     DataError
         An array or attribute holds Python objects, or an npz name is used twice.
 
@@ -73,36 +84,63 @@ def write_tensors(
     left byte-for-byte unchanged; the temporary file is removed on any failure.
     """
     path = Path(path)
-    fmt = output_format(path, flag)
-    check_target(path, force=force, protect=protect)
-    members = _writable(path, fmt, tensors, attrs)
-    _atomic_write(path, fmt, members, attrs)
+    writer = _writer_for(path, param)
+    check_target(path, force=force, protect=protect, param=param)
+    arrays = {name: _numeric_array(path, name, value) for name, value in tensors.items()}
+    attr_arrays = {name: _numeric_array(path, name, value) for name, value in attrs.items()}
+    writer.check(path, arrays, attr_arrays)
+    with atomic_output(path) as (fd, temp):
+        writer.write(fd, temp, arrays, attrs)
 
 
-def output_format(path: Path, flag: str = "--out") -> str:
-    fmt = WRITE_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise UsageError(f"{flag} must end in .npz, .h5 or .hdf5, got {path}")
-    return fmt
+def _writer_for(path: Path, param: str) -> type[Writer]:
+    suffix = path.suffix.lower()
+    for writer in WRITERS:
+        if suffix in writer.suffixes:
+            return writer
+    known = spoken_list([s for writer in WRITERS for s in writer.suffixes])
+    raise UsageError(f"{{param}} must end in {known}, got {path}", param=param)
 
 
-def check_target(path: Path, *, force: bool, protect: Iterable) -> None:
-    """Refuse inputs, existing files without ``force``, special files and bad folders."""
+def output_format(path: str | os.PathLike[str], param: str = "out") -> str:
+    """The format written to ``path``, from its extension: ``"npz"`` or ``"hdf5"``.
+
+    Raises
+    ------
+    UsageError
+        For an extension no writer handles (``param=`` as given).
+    """
+    return _writer_for(Path(path), param).format
+
+
+def check_target(
+    path: Path, *, force: bool, protect: Iterable[str | os.PathLike[str]], param: str = "out"
+) -> None:
+    """Refuse inputs, existing files without ``force``, special files and bad folders.
+
+    Raises
+    ------
+    OutputExistsError
+        ``path`` exists and ``force`` is false.
+    OutputError
+        ``path`` is one of ``protect``, a directory or another non-regular file, or its
+        folder is missing or not writable.
+    """
     for source in protect:
         if _same_file(path, Path(source)):
-            raise OutputError(f"{path}: refusing to write over input file {source}")
+            raise OutputError(f"{path}: refusing to write over input file {source}", param=param)
     if path.is_dir():
-        raise OutputError(f"{path}: is a directory")
+        raise OutputError(f"{path}: is a directory", param=param)
     if os.path.lexists(path):
         if not force:
-            raise OutputError(f"{path} exists; pass --force to overwrite")
+            raise OutputExistsError(f"{path} exists", param=param)
         if not path.is_file():
-            raise OutputError(f"{path}: exists and is not a regular file")
+            raise OutputError(f"{path}: exists and is not a regular file", param=param)
     folder = path.parent
     if not folder.is_dir():
-        raise OutputError(f"{path}: folder {folder} does not exist")
+        raise OutputError(f"{path}: folder {folder} does not exist", param=param)
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{path}: folder {folder} is not writable")
+        raise OutputError(f"{path}: folder {folder} is not writable", param=param)
 
 
 def _same_file(first: Path, second: Path) -> bool:
@@ -112,33 +150,11 @@ def _same_file(first: Path, second: Path) -> bool:
     return first.resolve() == second.resolve()
 
 
-def _writable(path: Path, fmt: str, tensors: Mapping, attrs: Mapping) -> dict[str, np.ndarray]:
-    """Tensors (and, for npz, attributes) as arrays, refusing objects and clashing names."""
-    members = {name: _numeric_array(path, name, value) for name, value in tensors.items()}
-    for name, value in attrs.items():
-        array = _numeric_array(path, name, value)
-        if fmt == "npz":
-            if name in members:
-                raise DataError(f"{path}: '{name}' is given both as a tensor and an attribute")
-            members[name] = array
-    return members
-
-
-def _numeric_array(path: Path, name: str, value) -> np.ndarray:
+def _numeric_array(path: Path, name: str, value: object) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype.hasobject:
         raise DataError(f"{path}: cannot store '{name}': it holds Python objects")
     return array
-
-
-def _atomic_write(path: Path, fmt: str, members: Mapping, attrs: Mapping) -> None:
-    """Write to a temporary file next to ``path``, fsync it, then rename it over ``path``."""
-    with atomic_output(path) as (fd, temp):
-        if fmt == "npz":
-            _write_npz(fd, members)
-        else:
-            os.close(fd)
-            _write_hdf5(temp, members, attrs)
 
 
 @contextlib.contextmanager
@@ -170,7 +186,7 @@ def atomic_output(path: Path) -> Iterator[tuple[int, Path]]:
         with contextlib.suppress(OSError):
             temp.unlink()
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
-            raise OutputError(f"{path}: cannot write ({_reason(exc)})") from exc
+            raise OutputError(f"{path}: cannot write ({reason(exc)})") from exc
         raise
     _fsync_folder(path.parent)
 
@@ -181,36 +197,6 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_npz(fd: int, members: Mapping[str, np.ndarray]) -> None:
-    with os.fdopen(fd, "wb") as handle:
-        np.savez(handle, **members)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _write_hdf5(temp: Path, datasets: Mapping[str, np.ndarray], attrs: Mapping) -> None:
-    with h5py.File(temp, "w") as h5:
-        for name, array in datasets.items():
-            h5.create_dataset(name, data=array)
-        write_hdf5_attrs(h5, attrs)
-
-
-def write_hdf5_attrs(h5: h5py.File, attrs: Mapping) -> None:
-    """Store hyperparameters as root attributes that :meth:`TensorFile.hparams` reads back."""
-    for name, value in attrs.items():
-        h5.attrs[name] = _hdf5_attr(value)
-
-
-def _hdf5_attr(value):
-    """An attribute value h5py can store (numpy unicode arrays become variable-length str)."""
-    if isinstance(value, str):
-        return value
-    array = np.asarray(value)
-    if array.dtype.kind == "U":
-        return array.astype(h5py.string_dtype())
-    return array
 
 
 def _target_mode(path: Path) -> int:

@@ -52,7 +52,7 @@ from typing import Any, NoReturn
 from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES, MODES, Tolerance
 from convcli.errors import ConvcliError, DataError
 from convcli.hparams import HPARAMS, spec_from
-from convcli.io.tensorfile import _regular_file_size  # to become public (io's work)
+from convcli.io.detect import regular_file_size
 from convcli.spec import ConvSpec
 
 if sys.version_info >= (3, 11):
@@ -312,7 +312,7 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     """The text of the spec and its TOML tables."""
-    _regular_file_size(path)
+    regular_file_size(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:

@@ -1,0 +1,266 @@
+"""The HDF5 format: datasets reached through hard links only, hyperparameters as attributes.
+
+Soft and external links, external storage and virtual datasets can point into other files,
+so they are never followed or read. Hyperparameters are attributes of the root group,
+overridden by those of each group on the way to the dataset holding x. Datasets can be read
+a block of rows at a time (:meth:`Hdf5Reader.rows`), which is what streaming uses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from convcli.errors import DataError
+from convcli.hparams import FILE_KEYS
+from convcli.io.reader import (
+    CONTENT_ERRORS,
+    Hparams,
+    Reader,
+    Shape,
+    Writer,
+    canonical_hparams,
+    plain,
+    reason,
+)
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+class Hdf5Reader(Reader):
+    """An HDF5 file held open (read-only, through h5py) until :meth:`close`."""
+
+    format = "hdf5"
+    label = "HDF5"
+
+    def __init__(self, path: Path, h5: h5py.File) -> None:
+        super().__init__(path)
+        self._h5: h5py.File | None = h5
+
+    @classmethod
+    def sniff(cls, path: Path, head: bytes) -> bool:
+        """The signature at offset 0, or after a user block (offset 512, 1024, ...)."""
+        if head.startswith(HDF5_MAGIC):
+            return True
+        try:
+            return bool(h5py.is_hdf5(str(path)))
+        except (OSError, ValueError):
+            return False
+
+    @classmethod
+    def open(cls, path: Path) -> Hdf5Reader:
+        return cls(path, h5py.File(path, "r"))
+
+    def _root(self) -> h5py.File:
+        if self._h5 is None:
+            raise DataError(f"{self.path}: file is closed")
+        return self._h5
+
+    def where(self, key: str) -> str:
+        return f"{self.path}:/{key.lstrip('/')}"
+
+    def list_keys(self) -> list[str]:
+        """Paths (no leading ``/``) of every dataset reachable through hard links."""
+        root = self._root()
+        found: list[str] = []
+        seen = {_address(root)}
+        pending: list[tuple[str, h5py.Group]] = [("", root)]
+        while pending:
+            prefix, group = pending.pop()
+            for name in group:
+                if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+                    continue
+                child = group[name]
+                path = prefix + name
+                if isinstance(child, h5py.Dataset):
+                    found.append(path)
+                elif isinstance(child, h5py.Group) and _address(child) not in seen:
+                    seen.add(_address(child))
+                    pending.append((path + "/", child))
+        return found
+
+    def dataset(self, key: str) -> h5py.Dataset:
+        """The dataset at ``key`` (leading ``/`` optional), reached through hard links only.
+
+        Raises
+        ------
+        DataError
+            No such dataset, a group, or a soft or external link on the way.
+        """
+        node = self._root()
+        parts = [part for part in key.strip("/").split("/") if part]
+        for depth, part in enumerate(parts):
+            where = "/" + "/".join(parts[: depth + 1])
+            if not isinstance(node, h5py.Group):
+                raise DataError(f"{self.path}:{where}: no such dataset; it {self.describe()}")
+            link = node.get(part, getlink=True)
+            if link is None:
+                raise DataError(f"{self.path}:{where}: no such dataset; it {self.describe()}")
+            if not isinstance(link, h5py.HardLink):
+                raise DataError(
+                    f"{self.path}:{where}: is a soft or external link, which can point into "
+                    "other files; refused (name the dataset itself)"
+                )
+            node = node[part]
+        if not isinstance(node, h5py.Dataset):
+            raise DataError(
+                f"{self.path}:/{'/'.join(parts)}: is a group, not a dataset; it {self.describe()}"
+            )
+        return node
+
+    def header(self, key: str) -> tuple[Shape, np.dtype]:
+        dataset = self.dataset(key)
+        return tuple(dataset.shape or ()), dataset.dtype
+
+    def stored_bytes(self, key: str) -> int | None:
+        """None (HDF5 checks its own storage); refuses virtual and external datasets."""
+        dataset = self.dataset(key)
+        if dataset.is_virtual:
+            raise DataError(
+                f"{self.where(key)}: is a virtual dataset, which reads other files; refused"
+            )
+        if dataset.external:
+            raise DataError(
+                f"{self.where(key)}: keeps its data in external files "
+                f"({', '.join(str(e[0]) for e in dataset.external)}); refused"
+            )
+        return None
+
+    def read_array(self, key: str) -> np.ndarray:
+        dataset = self.dataset(key)
+        try:
+            value = dataset[()]
+        except CONTENT_ERRORS as exc:
+            if "filter" in str(exc).lower():
+                raise DataError(
+                    f"{self.where(key)}: compressed with a filter this HDF5 library does not "
+                    f"have ({reason(exc)})"
+                ) from exc
+            raise DataError(f"{self.where(key)}: cannot read ({reason(exc)})") from exc
+        if isinstance(value, h5py.Empty):
+            raise DataError(f"{self.where(key)}: empty dataset (no data space)")
+        return np.asarray(value)
+
+    def rows(self, key: str) -> Hdf5Rows:
+        """Blocks of rows of ``key`` (checked first: no virtual or external data)."""
+        self.stored_bytes(key)
+        return Hdf5Rows(self.dataset(key), self.where(key))
+
+    def hparams(self, near_key: str | None = None) -> Hparams:
+        """Attributes of the root group, overridden by each group down to ``near_key``'s.
+
+        Parameters
+        ----------
+        near_key : str, optional
+            Key of the x dataset; without it only the root's attributes count.
+        """
+        found: Hparams = {}
+        try:
+            for group_path in _group_chain(near_key):
+                found.update(self._attr_hparams(group_path))
+        except DataError:
+            raise
+        except CONTENT_ERRORS as exc:
+            raise DataError(
+                f"{self.path}: cannot read its attributes (corrupt file: {reason(exc)})"
+            ) from exc
+        return found
+
+    def _attr_hparams(self, group_path: str) -> Hparams:
+        group = self._root().get(group_path)
+        if not isinstance(group, h5py.Group):
+            return {}
+        entries = {}
+        for name in group.attrs:
+            if name not in FILE_KEYS:
+                continue
+            origin = f"{self.path} attribute '{name}' on {group_path}"
+            try:
+                value = group.attrs[name]
+            except CONTENT_ERRORS as exc:
+                raise DataError(f"{origin}: cannot read ({reason(exc)})") from exc
+            entries[name] = (None if isinstance(value, h5py.Empty) else plain(value), origin)
+        return canonical_hparams(entries, f"{self.path} (on {group_path})")
+
+    def stat(self) -> os.stat_result:
+        return os.fstat(self._root().id.get_vfd_handle())
+
+    def close(self) -> None:
+        h5, self._h5 = self._h5, None
+        if h5 is not None:
+            h5.close()
+
+
+class Hdf5Rows:
+    """One HDF5 dataset read a block at a time through its open file."""
+
+    def __init__(self, dataset: h5py.Dataset, where: str) -> None:
+        self._dataset = dataset
+        self._where = where
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the first axis: shape ``(stop - start, *shape[1:])``."""
+        return self[start:stop]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        try:
+            return np.asarray(self._dataset[index])
+        except CONTENT_ERRORS as exc:
+            raise DataError(f"{self._where}: cannot read ({reason(exc)})") from exc
+
+
+class Hdf5Writer(Writer):
+    """Tensors as datasets at the root, hyperparameters as root attributes."""
+
+    format = "hdf5"
+    suffixes = (".h5", ".hdf5")
+
+    @classmethod
+    def write(
+        cls, fd: int, temp: Path, tensors: Mapping[str, np.ndarray], attrs: Mapping[str, object]
+    ) -> None:
+        os.close(fd)
+        with h5py.File(temp, "w") as h5:
+            for name, array in tensors.items():
+                h5.create_dataset(name, data=array)
+            write_hdf5_attrs(h5, attrs)
+
+
+def write_hdf5_attrs(h5: h5py.Group, attrs: Mapping[str, object]) -> None:
+    """Store hyperparameters as attributes of ``h5`` that :meth:`Hdf5Reader.hparams` reads back.
+
+    Parameters
+    ----------
+    h5 : h5py.Group
+        Usually the root of a file open for writing.
+    attrs : mapping of str to object
+        Int, float, str or (nested) lists of them, e.g. ``{"stride": [2, 2], "groups": 1}``.
+    """
+    for name, value in attrs.items():
+        h5.attrs[name] = _hdf5_attr(value)
+
+
+def _hdf5_attr(value: object) -> Any:
+    """An attribute value h5py can store (numpy unicode arrays become variable-length str)."""
+    if isinstance(value, str):
+        return value
+    array = np.asarray(value)
+    if array.dtype.kind == "U":
+        return array.astype(h5py.string_dtype())
+    return array
+
+
+def _address(group: h5py.Group) -> int:
+    """The object-header address of a group: the same for every hard link to it."""
+    return int(h5py.h5o.get_info(group.id).addr)
+
+
+def _group_chain(near_key: str | None) -> list[str]:
+    """Groups from the root down to the one holding ``near_key``: ``["/", "/a", "/a/b"]``."""
+    parts = [part for part in (near_key or "").strip("/").split("/") if part][:-1]
+    return ["/"] + ["/" + "/".join(parts[: depth + 1]) for depth in range(len(parts))]

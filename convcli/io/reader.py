@@ -1,0 +1,304 @@
+"""The interface every file format's reader and writer implements, and what they share.
+
+A format is one module (:mod:`~convcli.io.npy`, :mod:`~convcli.io.npz`,
+:mod:`~convcli.io.hdf5`) with a :class:`Reader` subclass (and, for output formats, a
+:class:`Writer` subclass), listed once in :mod:`convcli.io.formats`. Readers answer from
+headers where they can (keys, shape, dtype, stored bytes) and read data only in
+:meth:`Reader.read_array` and through :meth:`Reader.rows`; they never unpickle.
+
+Reader methods may raise what numpy, zipfile and h5py raise on damaged content
+(:data:`CONTENT_ERRORS`); :class:`~convcli.io.tensorfile.TensorFile` turns those into
+:class:`~convcli.errors.DataError`. Messages that only a format can word well (a missing
+HDF5 dataset, a filter that is not available) are raised by the reader as ``DataError``.
+"""
+
+from __future__ import annotations
+
+import os
+import tokenize
+import zipfile
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from convcli.errors import DataError
+from convcli.hparams import HPARAMS
+from convcli.memory import nbytes
+
+MAX_LISTED = 20
+
+#: What numpy, zipfile and h5py raise on truncated, corrupt or unsupported content.
+CONTENT_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    OSError,
+    EOFError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    SyntaxError,
+    tokenize.TokenError,  # a .npy header numpy cannot tokenize
+    zipfile.BadZipFile,
+    zlib.error,
+)
+
+#: Found hyperparameters: canonical name -> (plain value, origin text).
+Hparams = dict[str, tuple[object, str]]
+Shape = tuple[int, ...]
+
+
+def reason(exc: BaseException) -> str:
+    """One line describing ``exc`` for an error message (its first line, else its type)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class RowReader(Protocol):
+    """Rows of one array read on demand: blocks of its first axis, or any basic index."""
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the first axis: shape ``(stop - start, *shape[1:])``."""
+        ...
+
+    def __getitem__(self, index: Any) -> np.ndarray: ...
+
+
+class Reader(ABC):
+    """One open file of one format.
+
+    Keys name the arrays: npz member names (without ``.npy``), HDF5 dataset paths without
+    the leading ``/`` (``"layer1/W"``), ``""`` for the single unnamed array of a ``.npy``.
+    Subclasses implement the abstract hooks; this class adds the sorted, cached key list,
+    header errors as :class:`~convcli.errors.DataError` and :meth:`describe`.
+
+    Attributes
+    ----------
+    format : str
+        Short name: ``"npy"``, ``"npz"``, ``"hdf5"``.
+    label : str
+        Name in messages: ``".npy"``, ``".npz"``, ``"HDF5"``.
+    path : pathlib.Path
+        The file, as it was given.
+    """
+
+    format: ClassVar[str]
+    label: ClassVar[str]
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._keys: list[str] | None = None
+
+    # -- hooks of each format ---------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def sniff(cls, path: Path, head: bytes) -> bool:
+        """True if a regular file whose first bytes are ``head`` is of this format."""
+
+    @classmethod
+    @abstractmethod
+    def open(cls, path: Path) -> Reader:
+        """Open ``path`` (known to be of this format); may raise :data:`CONTENT_ERRORS`."""
+
+    @abstractmethod
+    def list_keys(self) -> list[str]:
+        """Every array in the file, in any order."""
+
+    @abstractmethod
+    def header(self, key: str) -> tuple[Shape, np.dtype]:
+        """Shape and dtype of ``key`` from its header only (no data is read)."""
+
+    @abstractmethod
+    def stored_bytes(self, key: str) -> int | None:
+        """Bytes of data the file really holds for ``key``; None when not knowable.
+
+        Raises :class:`~convcli.errors.DataError` for arrays that must never be read
+        (HDF5 data kept in other files).
+        """
+
+    @abstractmethod
+    def read_array(self, key: str) -> np.ndarray:
+        """Load ``key`` into memory (checks of the header are the caller's)."""
+
+    @abstractmethod
+    def stat(self) -> os.stat_result:
+        """``fstat`` of the file being read (``stat`` of its path if it is not held open)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the file (safe to call twice)."""
+
+    def hparams(self, near_key: str | None = None) -> Hparams:
+        """Hyperparameters stored in the file (none unless the format overrides this)."""
+        return {}
+
+    def rows(self, key: str) -> RowReader | None:
+        """A reader of ``key``'s rows without loading it whole; None if the format cannot."""
+        return None
+
+    def where(self, key: str) -> str:
+        """Where an array is, for messages: ``"run.npz:W"`` (formats may override)."""
+        return f"{self.path}:{key}"
+
+    def tensor_keys(self) -> list[str]:
+        """:meth:`keys` without entries that hold hyperparameters rather than tensors."""
+        return self.keys()
+
+    # -- shared -----------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        """Every array in the file, sorted (cached after the first call)."""
+        if self._keys is None:
+            try:
+                self._keys = sorted(self.list_keys())
+            except CONTENT_ERRORS as exc:
+                raise DataError(
+                    f"{self.path}: cannot list its contents (corrupt file: {reason(exc)})"
+                ) from exc
+        return list(self._keys)
+
+    def shape_dtype(self, key: str) -> tuple[Shape, np.dtype]:
+        """:meth:`header`, with damaged headers raised as :class:`~convcli.errors.DataError`."""
+        try:
+            return self.header(key)
+        except DataError:
+            raise
+        except CONTENT_ERRORS as exc:
+            raise DataError(f"{self.where(key)}: unreadable header ({reason(exc)})") from exc
+
+    def declared_bytes(self, key: str) -> int:
+        """Check what the header of ``key`` declares before any data is read; return its bytes.
+
+        Refuses object dtypes, a declared size the file cannot hold (an absurd header, or a
+        compressed member that would expand beyond its declared length), and what the
+        format refuses in :meth:`stored_bytes` (HDF5 data kept in other files).
+        """
+        shape, dtype = self.shape_dtype(key)
+        if dtype.hasobject:
+            raise DataError(
+                f"{self.where(key)}: holds Python objects; convcli never unpickles data"
+            )
+        declared = nbytes(shape, dtype)
+        try:
+            available = self.stored_bytes(key)
+        except DataError:
+            raise
+        except CONTENT_ERRORS as exc:
+            raise DataError(f"{self.where(key)}: unreadable header ({reason(exc)})") from exc
+        if available is not None and declared > available:
+            raise DataError(
+                f"{self.where(key)}: header declares shape {shape} {dtype} ({declared:,} bytes) "
+                f"but only {available:,} bytes of data follow (truncated or corrupt)"
+            )
+        return declared
+
+    def read(self, key: str) -> np.ndarray:
+        """Load one array after :meth:`declared_bytes`; refuse objects and strings.
+
+        Returns
+        -------
+        numpy.ndarray
+            The array, with the file's shape and dtype.
+        """
+        self.declared_bytes(key)
+        array = self.read_array(key)
+        if array.dtype.hasobject:
+            raise DataError(f"{self.where(key)}: holds Python objects or strings, not numbers")
+        return array
+
+    def describe(self) -> str:
+        """Short listing for error messages, from headers only.
+
+        Returns
+        -------
+        str
+            E.g. ``"holds: A_prev (10, 4, 4, 3) float64, W (2, 2, 3, 8) float64, pad ()"``.
+        """
+        keys = self.keys()
+        if not keys:
+            return "holds no arrays"
+        items = [f"{key} {self._info(key)}" for key in keys[:MAX_LISTED]]
+        if len(keys) > MAX_LISTED:
+            items.append(f"... and {len(keys) - MAX_LISTED} more")
+        return "holds: " + ", ".join(items)
+
+    def _info(self, key: str) -> str:
+        """``"(shape) dtype"`` of one array, read from its header only."""
+        try:
+            shape, dtype = self.shape_dtype(key)
+        except DataError:
+            return "(unreadable)"
+        return f"{shape} {dtype}"
+
+
+class Writer(ABC):
+    """How one output format stores named arrays and hyperparameters.
+
+    :func:`convcli.io.writing.write_tensors` checks the target, validates the arrays and
+    hands the writer a temporary file that it renames into place afterwards.
+
+    Attributes
+    ----------
+    format : str
+        Short name, as :attr:`Reader.format`.
+    suffixes : tuple of str
+        Lower-case extensions that select this writer (``(".h5", ".hdf5")``).
+    """
+
+    format: ClassVar[str]
+    suffixes: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def check(
+        cls, path: Path, tensors: Mapping[str, np.ndarray], attrs: Mapping[str, np.ndarray]
+    ) -> None:
+        """Refuse (DataError) what this format cannot store, before any file is created."""
+        return None
+
+    @classmethod
+    @abstractmethod
+    def write(
+        cls, fd: int, temp: Path, tensors: Mapping[str, np.ndarray], attrs: Mapping[str, object]
+    ) -> None:
+        """Write the file at ``temp`` (its descriptor ``fd`` is open for writing).
+
+        ``tensors`` are numeric arrays; ``attrs`` are hyperparameters as given (int, float,
+        str or nested lists), already checked to hold no Python objects. A writer that
+        opens ``temp`` by name closes ``fd`` first.
+        """
+
+
+def canonical_hparams(entries: Mapping[str, tuple[object, str]], where: str) -> Hparams:
+    """Map file names (``pad``, ``strides``) to canonical ones, refusing two in one place.
+
+    Parameters
+    ----------
+    entries : mapping of str to (object, str)
+        File name -> (value, origin) as found in one place (an npz, one HDF5 group).
+    where : str
+        That place, for the message.
+    """
+    result: Hparams = {}
+    for hparam in HPARAMS:
+        present = [name for name in hparam.file_keys if name in entries]
+        if len(present) > 1:
+            raise DataError(
+                f"{where}: both {' and '.join(repr(n) for n in present)} are given; keep one"
+            )
+        if present:
+            result[hparam.name] = entries[present[0]]
+    return result
+
+
+def plain(value: object) -> object:
+    """Convert numpy scalars/arrays and bytes to plain Python (int, float, str, lists)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, (np.ndarray, np.generic)):
+        return plain(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
