@@ -211,7 +211,8 @@ def load_sweep(path) -> Sweep:
         if value is not None and (value <= low if strict else value < low):
             bound = f"> {low}" if strict else f">= {low}"
             checker.fail(name, f"gradcheck {name} must be {bound}, got {value!r}")
-    from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES, MODES, Tolerance
+    from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES, MODES
+    from convcli.check.tolerance import Tolerance
 
     if "mode" in gradcheck and gradcheck["mode"] not in MODES:
         checker.fail("mode", f"gradcheck mode must be one of {', '.join(MODES)}")
@@ -401,7 +402,7 @@ def run_config(config: dict, actions, gradcheck_options: dict, key: str) -> dict
     ``"errored"`` with a one-line ``"error"`` when an action raised, ``"failed"`` when the
     gradient check ran and failed, and ``"passed"`` otherwise.
     """
-    from convcli.check.gradients import Tolerance, gradcheck
+    from convcli.check import Tolerance, gradcheck
     from convcli.engine.fast import conv_backward, conv_forward
     from convcli.generate import generate_layer
     from convcli.spec import ConvSpec
