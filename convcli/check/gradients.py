@@ -211,8 +211,11 @@ def gradcheck(
     """
     if mode not in MODES:
         raise UsageError(f"{{param}} {mode!r}: choose from {', '.join(MODES)}", param="mode")
-    x, w, b, g_given = _finite_float64(x, w, b, upstream)
-    geometry = spec.geometry(x.shape, w.shape)
+    x, w, b, g_given = _float64(x, w, b, upstream)
+    geometry = spec.geometry(x.shape, w.shape)  # shapes first, then values
+    for name, value in (("x", x), ("w", w), ("b", b), ("dz", g_given)):
+        if value is not None:
+            check_finite(name, value, allowable=False)
     rng = np.random.default_rng(seed)
     g = rng.standard_normal(geometry.user_out_shape) if g_given is None else g_given
     # Work channels last (perturbation groups follow spatial axes); call the functions in the
@@ -252,15 +255,12 @@ def gradcheck(
     )
 
 
-def _finite_float64(x, w, b, upstream):
-    """x, w, b (flattened) and upstream as float64, refusing NaN and Inf in any of them."""
+def _float64(x, w, b, upstream):
+    """x, w, b (flattened) and upstream as float64 arrays (b and upstream may be None)."""
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64)
     b = None if b is None else np.asarray(b, dtype=np.float64).reshape(-1)
     g = None if upstream is None else np.asarray(upstream, dtype=np.float64)
-    for name, value in (("x", x), ("w", w), ("b", b), ("dz", upstream)):
-        if value is not None:
-            check_finite(name, value, allowable=False)
     return x, w, b, g
 
 
