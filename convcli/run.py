@@ -448,7 +448,7 @@ def run_impl_check(
     """Check the user's conv_forward/conv_backward in ``path`` on ``configs`` (default: SUITE),
     each configuration in its own child process limited to ``timeout`` seconds and
     ``max_memory`` bytes."""
-    from convcli.check.gradients import Tolerance
+    from convcli.check.tolerance import Tolerance
     from convcli.check.userimpl import SUITE, check_impl, load_impl
     from convcli.check.userproc import DEFAULT_TIMEOUT
 

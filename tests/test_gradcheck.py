@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 import convcli.check.gradients as gc
 from convcli import ConvSpec, conv_backward, conv_forward
-from convcli.check.gradients import Tolerance, exhaustive_passes, gradcheck
+from convcli.check import Tolerance, gradcheck
+from convcli.check.exhaustive import exhaustive_passes, perturbation_periods
 from convcli.cli.heatmap import RAMP, heatmap
 from tests.strategies import conv_cases, nd_conv_cases
 
@@ -326,11 +327,9 @@ def test_padding_mode_gradient_bug_is_caught(padding_mode):
 
 
 def test_circular_padding_needs_a_longer_period_and_stays_exact():
-    from convcli.check.gradients import _periods
-
     spec = ConvSpec(padding=2, padding_mode="circular")
     geometry = spec.geometry((1, 5, 9, 1), (3, 3, 1, 1))
-    periods = _periods(geometry)
+    periods = perturbation_periods(geometry)
     assert periods[0] > 3  # the span alone would put wrapped neighbours in one group
     rng = np.random.default_rng(3)
     result = gradcheck(

@@ -1,18 +1,19 @@
 """Gradient checking: analytic dx, dw, db against central differences of forward passes.
 
 The scalar checked is ``L = Σ z ⊙ g`` for a fixed upstream gradient ``g`` (shape of z), so
-the analytic gradients are ``backward(g)``. Everything runs in float64. Layout as everywhere:
-x NHWC ``(n, H, W, Cin)``, w HWIO ``(kh, kw, Cin/groups, Cout)``, b ``(Cout,)``.
+the analytic gradients are ``backward(g)``. Everything runs in float64 and is reported in the
+caller's layout: x NHWC ``(n, H, W, Cin)``, w HWIO ``(kh, kw, Cin/groups, Cout)`` (channels
+first: NCHW, OIHW; 1-D and 3-D alike), b ``(Cout,)``. Elements pass under the one rule of
+:mod:`convcli.check.tolerance`.
 
 Modes
 -----
+Each mode is a strategy: a function of one :class:`CheckSetup` returning the verdicts,
+beside a function giving the forward passes it plans, chosen from :data:`STRATEGIES`.
+
 exhaustive
-    Every element of x, w and b. Elements whose effects on z cannot overlap are perturbed
-    together in one pair of forward passes and each one's difference is read back from its
-    own region of z: input pixels whose rows (columns) are a receptive-field span apart,
-    in every image and every channel group at once; the weights ``w[i, j, c, :]`` of all
-    output channels at once; all biases at once. The number of forward passes is
-    ``2 · (span_h · span_w · Cin/groups + kh · kw · Cin/groups + 1)``, independent of n, H, W.
+    Every element of x, w and b, perturbed in groups whose effects on z cannot overlap
+    (:mod:`convcli.check.exhaustive`); the number of forward passes does not grow with n, H, W.
 sample
     ``samples`` random elements per tensor, each perturbed alone (2 passes each).
 fast
@@ -23,15 +24,12 @@ auto
     :func:`auto_mode` — is at most ``AUTO_MAX_WORK``, otherwise sample + fast. Chosen from
     sizes alone, never from timing, so a rerun chooses the same mode.
 
-Why central differences are so accurate here: z is linear in x, in w and in b separately,
-so the central difference has no truncation error at all; only rounding error remains,
-about ``u · |z| / eps``. That lets the default ``eps`` be large (1e-3) and the default
-tolerances tight (see :data:`DEFAULT_RTOL`, :data:`DEFAULT_ATOL`).
+The random upstream gradient, samples and probes come from a generator of their own seeded
+with ``seed``; the caller's global NumPy state is never used.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable
@@ -39,13 +37,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from convcli.engine.operands import w_from_last, w_to_last, x_from_last, x_to_last
+from convcli.check.exhaustive import exhaustive_numeric, exhaustive_passes
+from convcli.check.tolerance import DEFAULT_TOLERANCE, Tolerance, compare_elements
+from convcli.engine.fast import conv_backward, conv_forward
+from convcli.engine.operands import check_finite, w_from_last, w_to_last, x_from_last, x_to_last
 from convcli.errors import UsageError
-from convcli.spec import ConvSpec, Geometry, padding_source
+from convcli.spec import ConvSpec, Geometry
 
-DEFAULT_EPS = 1e-3
-DEFAULT_RTOL = 1e-6
-DEFAULT_ATOL = 1e-8
 DEFAULT_SAMPLES = 64
 DEFAULT_PROBES = 8
 # auto: exhaustive when passes * (multiply-adds per pass + PASS_OVERHEAD) <= AUTO_MAX_WORK.
@@ -55,7 +53,6 @@ DEFAULT_PROBES = 8
 AUTO_MAX_WORK = 2 * 10**10
 PASS_OVERHEAD = 10**6
 MODES = ("auto", "exhaustive", "sample", "fast")
-WORST = 5
 
 # forward(x, w, b) -> z ; backward(g, x, w, b) -> (dx, dw, db), all float64 arrays.
 ForwardFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
@@ -63,26 +60,14 @@ BackwardFn = Callable[..., tuple]
 Progress = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """Per element: pass when ``|a - n| <= atol + rtol * max(|a|, |n|)``; eps is the step."""
-
-    eps: float = DEFAULT_EPS
-    rtol: float = DEFAULT_RTOL
-    atol: float = DEFAULT_ATOL
-
-    def fails(self, got: np.ndarray, want: np.ndarray) -> np.ndarray:
-        """Elements where ``got`` and ``want`` differ by more than allowed (NaN fails)."""
-        allowed = self.atol + self.rtol * np.maximum(np.abs(got), np.abs(want))
-        return ~(np.abs(got - want) <= allowed)
-
-
 @dataclass
 class TensorCheck:
-    """The verdict for one gradient (dx, dw or db).
+    """The verdict for one gradient (dx, dw or db), in the caller's layout.
 
     ``abs_errors`` holds |analytic - numeric| in the tensor's shape when every element was
-    checked (NaN elsewhere in sample mode; None in fast mode, where probes are not elements).
+    checked (NaN elsewhere in sample mode; None in fast mode, where probes are not elements);
+    ``failed`` the elements outside the tolerance (booleans, same shape, or None). ``probes``
+    holds the fast mode's verdict beside a sample check (mode sample+fast).
     """
 
     name: str
@@ -101,6 +86,7 @@ class TensorCheck:
     layout: str = "nhwc"
 
     def to_json(self) -> dict:
+        """The verdict as JSON values (non-finite errors become None)."""
         return {
             "checked": self.checked,
             "total": self.total,
@@ -136,7 +122,8 @@ class TensorCheck:
 
     def _worst_channel(self, errors: np.ndarray) -> int:
         if self.failures_per_channel:
-            return max(self.failures_per_channel, key=self.failures_per_channel.get)
+            failures = self.failures_per_channel
+            return max(failures, key=lambda channel: failures[channel])
         per_channel = errors.reshape(-1, errors.shape[-1]).max(axis=0)
         return int(np.argmax(per_channel))
 
@@ -150,7 +137,11 @@ def _json_float(value):
 
 @dataclass
 class GradcheckResult:
-    """All tensors' verdicts plus how the check was run."""
+    """All tensors' verdicts (``"dx"``, ``"dw"``, ``"db"``) plus how the check was run.
+
+    ``mode`` is the mode that ran (``"sample+fast"`` when auto chose both); ``notes`` says
+    why auto chose it.
+    """
 
     mode: str
     forward_passes: int
@@ -161,6 +152,7 @@ class GradcheckResult:
 
     @property
     def passed(self) -> bool:
+        """Whether every tensor passed."""
         return all(check.passed for check in self.tensors.values())
 
 
@@ -180,7 +172,7 @@ def gradcheck(
     samples: int = DEFAULT_SAMPLES,
     probes: int = DEFAULT_PROBES,
     seed: int = 0,
-    tolerance: Tolerance = Tolerance(),
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
     forward: ForwardFn | None = None,
     backward: BackwardFn | None = None,
     progress: Progress | None = None,
@@ -189,106 +181,70 @@ def gradcheck(
 
     Parameters
     ----------
-    x : ndarray (n, H, W, Cin); w : ndarray (kh, kw, Cin/groups, Cout); b : None or (Cout,)
+    x : ndarray (n, *spatial, Cin), or (n, Cin, *spatial) when ``spec.layout`` is "nchw"
         Converted to float64 (the caller says so to the user when that upcasts).
+    w : ndarray (*kernel, Cin/groups, Cout), or (Cout, Cin/groups, *kernel) channels first
+    b : ndarray (Cout,), or None
     spec : ConvSpec
-        Gives the geometry used to group perturbations in exhaustive mode.
-    upstream : ndarray (n, Ho, Wo, Cout), optional
+        The convolution; its geometry groups the perturbations in exhaustive mode.
+    upstream : ndarray shaped like z, optional
         g in L = Σ z ⊙ g. Default: standard normal from ``seed``.
     mode : "auto", "exhaustive", "sample" or "fast"
+    samples, probes : int
+        Elements per tensor in sample mode; random directions per tensor in fast mode.
+    seed : int
+        Seeds the check's own generator (upstream, samples, probes).
+    tolerance : Tolerance
+        The step and the pass rule.
     forward, backward : callables, optional
-        ``forward(x, w, b) -> z`` and ``backward(g, x, w, b) -> (dx, dw, db)``. Default:
-        convcli's fast engine. Used to check another implementation.
+        ``forward(x, w, b) -> z`` and ``backward(g, x, w, b) -> (dx, dw, db)`` in the layout
+        of ``spec``. Default: convcli's fast engine. Used to check another implementation.
     progress : callable(done, total), optional
         Called after every forward pass.
+
+    Raises
+    ------
+    UsageError
+        For an unknown ``mode`` (``param="mode"``).
+    NonFiniteError
+        When x, w, b or upstream hold NaN or Inf.
     """
-    from convcli.engine.fast import conv_backward, conv_forward
-
     if mode not in MODES:
-        raise UsageError(f"--mode {mode!r}: choose from {', '.join(MODES)}")
-    x = np.asarray(x, dtype=np.float64)
-    w = np.asarray(w, dtype=np.float64)
-    b = None if b is None else np.asarray(b, dtype=np.float64).reshape(-1)
-    geometry = spec.geometry(x.shape, w.shape)
-    from convcli.engine.operands import check_finite
-
-    for name, value in (("x", x), ("w", w), ("b", b), ("dz", upstream)):
+        raise UsageError(f"{{param}} {mode!r}: choose from {', '.join(MODES)}", param="mode")
+    x, w, b, g_given = _float64(x, w, b, upstream)
+    geometry = spec.geometry(x.shape, w.shape)  # shapes first, then values
+    for name, value in (("x", x), ("w", w), ("b", b), ("dz", g_given)):
         if value is not None:
             check_finite(name, value, allowable=False)
-    if forward is None:
-
-        def forward(x_, w_, b_):
-            return conv_forward(x_, w_, b_, spec)[0]
-
-    if backward is None:
-
-        def backward(g_, x_, w_, b_):
-            return conv_backward(g_, conv_forward(x_, w_, b_, spec)[1])
-
-    layout = geometry.layout
-    user_shapes = {"dx": x.shape, "dw": w.shape, "db": None if b is None else b.shape}
     rng = np.random.default_rng(seed)
-    g = (
-        rng.standard_normal(geometry.user_out_shape)
-        if upstream is None
-        else np.asarray(upstream, np.float64)
-    )
+    g = rng.standard_normal(geometry.user_out_shape) if g_given is None else g_given
     # Work channels last (perturbation groups follow spatial axes); call the functions in the
     # caller's layout; report in the caller's layout.
-    forward, backward = _channels_last(forward, backward, layout)
-    x, w, g = x_to_last(x, layout), w_to_last(w, layout), x_to_last(g, layout)
-    counter = _Counter(forward, progress)
+    layout = geometry.layout
+    forward_cl, backward_cl = _channels_last(*_functions(spec, forward, backward), layout)
+    counter = _Counter(forward_cl, progress)
     start = time.perf_counter()
     notes = []
     resolved = mode
     if mode == "auto":
         resolved, note = auto_mode(geometry, b is not None)
         notes.append(note)
-    names = ["dx", "dw"] + ([] if b is None else ["db"])
-    counter.total = counter.calls + _planned_passes(resolved, geometry, x, w, b, samples, probes)
-
-    checks: dict[str, TensorCheck] = {}
-    to_user = {"dx": lambda a: x_from_last(a, layout), "dw": lambda a: w_from_last(a, layout)}
-    to_user["db"] = lambda a: a
-    if resolved == "exhaustive":
-        analytic = _analytic(backward, g, x, w, b)
-        numeric = _exhaustive_numeric(counter, g, x, w, b, geometry, tolerance.eps)
-        for name in names:
-            checks[name] = _compare_elements(
-                name,
-                to_user[name](analytic[name]),
-                to_user[name](numeric[name]),
-                tolerance,
-                layout,
-            )
-    if resolved in ("sample", "sample+fast"):
-        analytic = _analytic(backward, g, x, w, b)
-        for name in names:
-            checks[name] = _sample_check(
-                counter,
-                name,
-                g,
-                x,
-                w,
-                b,
-                analytic[name],
-                samples,
-                rng,
-                tolerance,
-                to_user[name],
-                layout,
-            )
-    for check in checks.values():
-        check.layout = layout
-    if resolved in ("fast", "sample+fast"):
-        fast = _fast_checks(counter, backward, x, w, b, geometry, probes, rng, tolerance)
-        for name in names:
-            fast[name].shape = user_shapes[name]
-            if name in checks:
-                checks[name].probes = fast[name]
-                checks[name].passed = checks[name].passed and fast[name].passed
-            else:
-                checks[name] = fast[name]
+    setup = CheckSetup(
+        forward=counter,
+        backward=backward_cl,
+        x=x_to_last(x, layout),
+        w=w_to_last(w, layout),
+        b=b,
+        g=x_to_last(g, layout),
+        geometry=geometry,
+        tolerance=tolerance,
+        samples=samples,
+        probes=probes,
+        rng=rng,
+    )
+    strategy = STRATEGIES[resolved]
+    counter.total = strategy.passes(setup)
+    checks = strategy.check(setup)
     return GradcheckResult(
         mode=resolved,
         forward_passes=counter.calls,
@@ -299,7 +255,33 @@ def gradcheck(
     )
 
 
-def _channels_last(forward, backward, layout: str):
+def _float64(x, w, b, upstream):
+    """x, w, b (flattened) and upstream as float64 arrays (b and upstream may be None)."""
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    b = None if b is None else np.asarray(b, dtype=np.float64).reshape(-1)
+    g = None if upstream is None else np.asarray(upstream, dtype=np.float64)
+    return x, w, b, g
+
+
+def _functions(
+    spec: ConvSpec, forward: ForwardFn | None, backward: BackwardFn | None
+) -> tuple[ForwardFn, BackwardFn]:
+    """The functions to check: the caller's, or convcli's fast engine where None."""
+
+    def engine_forward(x_, w_, b_):
+        return conv_forward(x_, w_, b_, spec)[0]
+
+    def engine_backward(g_, x_, w_, b_):
+        return conv_backward(g_, conv_forward(x_, w_, b_, spec)[1])
+
+    return (
+        engine_forward if forward is None else forward,
+        engine_backward if backward is None else backward,
+    )
+
+
+def _channels_last(forward: ForwardFn, backward: BackwardFn, layout: str):
     """forward/backward taking and returning channels-last arrays, calling the originals in
     the caller's layout."""
     if layout != "nchw":
@@ -334,8 +316,9 @@ def auto_mode(geometry: Geometry, has_bias: bool) -> tuple[str, str]:
     """The mode ``auto`` resolves to, and a one-line note saying why.
 
     ``"exhaustive"`` when ``passes · (multiply-adds per pass + PASS_OVERHEAD)`` is at most
-    ``AUTO_MAX_WORK``, where passes is :func:`exhaustive_passes`; otherwise ``"sample+fast"``.
-    Only sizes go in — never a measured time — so the same layer always gets the same mode.
+    ``AUTO_MAX_WORK``, where passes is :func:`~convcli.check.exhaustive.exhaustive_passes`;
+    otherwise ``"sample+fast"``. Only sizes go in — never a measured time — so the same layer
+    always gets the same mode.
     """
     passes = exhaustive_passes(geometry, has_bias)
     per_pass = forward_multiply_adds(geometry)
@@ -347,18 +330,6 @@ def auto_mode(geometry: Geometry, has_bias: bool) -> tuple[str, str]:
         f"auto chose sample + fast: exhaustive would need {sizes}, work "
         f"{work:.2g} > {AUTO_MAX_WORK:.2g} (mode exhaustive checks every element anyway)"
     )
-
-
-def _planned_passes(mode, geometry, x, w, b, samples, probes) -> int:
-    arrays = [x, w] + ([] if b is None else [b])
-    passes = 0
-    if mode == "exhaustive":
-        passes += exhaustive_passes(geometry, b is not None)
-    if mode in ("sample", "sample+fast"):
-        passes += sum(2 * min(samples, a.size) for a in arrays)
-    if mode in ("fast", "sample+fast"):
-        passes += 2 * probes * len(arrays)
-    return passes
 
 
 class _Counter:
@@ -378,244 +349,248 @@ class _Counter:
         return z
 
 
-def _analytic(backward, g, x, w, b) -> dict[str, np.ndarray]:
-    dx, dw, db = backward(g, x, w, b)
-    grads = {"dx": np.asarray(dx, np.float64), "dw": np.asarray(dw, np.float64)}
-    if b is not None:
-        grads["db"] = np.asarray(db, np.float64).reshape(-1)
-    return grads
-
-
 # ---------------------------------------------------------------------------------------------
-# Exhaustive mode: grouped perturbations, read back per region of z
+# The modes: strategies of one signature, chosen from a table
 # ---------------------------------------------------------------------------------------------
 
 
-def _feeds(axis: int, geometry: Geometry) -> list[set[int]]:
-    """For each output position along ``axis``, the input positions that feed it (through
-    any tap, after the padding mode maps padded positions back onto the input)."""
-    size, k = geometry.in_sizes[axis], geometry.kernel[axis]
-    s, d = geometry.stride[axis], geometry.dilation[axis]
-    before = geometry.pads[axis][0]
-    taps = np.arange(k) * d - before
-    return [
-        {int(i) for i in padding_source(o * s + taps, size, geometry.padding_mode) if i >= 0}
-        for o in range(geometry.out_sizes[axis])
-    ]
+@dataclass(frozen=True)
+class CheckSetup:
+    """What every mode works on: channels-last float64 operands and the functions to check.
 
-
-def _periods(geometry: Geometry) -> list[int]:
-    """Per axis, the smallest spacing P such that no output is fed by two different inputs
-    with the same position modulo P: inputs P apart can then be perturbed together. It is the
-    receptive-field span d·(k - 1) + 1 for zero padding; wrapped or mirrored padding can
-    need more."""
-    periods = []
-    for axis in range(geometry.rank):
-        feeds = _feeds(axis, geometry)
-        size = geometry.in_sizes[axis]
-        span = geometry.dilation[axis] * (geometry.kernel[axis] - 1) + 1
-        period = min(span, size)
-        while period < size and any(len({i % period for i in f}) < len(f) for f in feeds):
-            period += 1
-        periods.append(period)
-    return periods
-
-
-def exhaustive_passes(geometry: Geometry, has_bias: bool) -> int:
-    """Forward passes an exhaustive check of this geometry uses."""
-    cin_group = geometry.cin // geometry.groups
-    return 2 * (
-        math.prod(_periods(geometry)) * cin_group
-        + math.prod(geometry.kernel) * cin_group
-        + int(has_bias)
-    )
-
-
-def _owner_matrices(axis: int, geometry: Geometry, period: int) -> list[np.ndarray]:
-    """For each residue r: A[r][i, o] = 1 when input i (i % period == r) feeds output o.
-
-    With the period from :func:`_periods`, at most one input of each residue feeds an output.
+    Attributes
+    ----------
+    forward : callable(x, w, b) -> z
+        Counts its calls; channels last.
+    backward : callable(g, x, w, b) -> (dx, dw, db)
+        Channels last.
+    x : ndarray (n, *spatial, Cin); w : ndarray (*kernel, Cin/groups, Cout); b : (Cout,) or None
+    g : ndarray (n, *out, Cout)
+        The upstream gradient.
+    geometry : Geometry
+        Its ``layout`` is the caller's, in which verdicts are reported.
+    tolerance : Tolerance
+    samples, probes : int
+    rng : numpy.random.Generator
+        The check's own generator (never NumPy's global state).
     """
-    size, out = geometry.in_sizes[axis], geometry.out_sizes[axis]
-    matrices = [np.zeros((size, out)) for _ in range(period)]
-    for o, inputs in enumerate(_feeds(axis, geometry)):
-        for i in inputs:
-            matrices[i % period][i, o] = 1.0
-    return matrices
+
+    forward: ForwardFn
+    backward: BackwardFn
+    x: np.ndarray
+    w: np.ndarray
+    b: np.ndarray | None
+    g: np.ndarray
+    geometry: Geometry
+    tolerance: Tolerance
+    samples: int
+    probes: int
+    rng: np.random.Generator
+
+    @property
+    def layout(self) -> str:
+        """The caller's layout, "nhwc" or "nchw"."""
+        return self.geometry.layout
+
+    @property
+    def operands(self) -> dict[str, np.ndarray]:
+        """The tensors checked, by their gradient's name: ``dx`` -> x, ``dw`` -> w, ``db`` -> b."""
+        return {"dx": self.x, "dw": self.w} | ({} if self.b is None else {"db": self.b})
+
+    def to_user(self, name: str, array: np.ndarray) -> np.ndarray:
+        """A channels-last array shaped like operand ``name``, in the caller's layout."""
+        if name == "dx":
+            return x_from_last(array, self.layout)
+        if name == "dw":
+            return w_from_last(array, self.layout)
+        return array
+
+    def perturbed(self, name: str, step: np.ndarray) -> tuple[list, list]:
+        """Arguments ``(x, w, b)`` of two forward passes with operand ``name`` ± ``step``."""
+        position = ("dx", "dw", "db").index(name)
+        plus, minus = [self.x, self.w, self.b], [self.x, self.w, self.b]
+        target = self.operands[name]
+        plus[position], minus[position] = target + step, target - step
+        return plus, minus
+
+    def analytic(self, g: np.ndarray) -> dict[str, np.ndarray]:
+        """``backward(g, x, w, b)`` as float64 arrays by name (``db`` flat, when there is b)."""
+        dx, dw, db = self.backward(g, self.x, self.w, self.b)
+        grads = {"dx": np.asarray(dx, np.float64), "dw": np.asarray(dw, np.float64)}
+        if self.b is not None:
+            grads["db"] = np.asarray(db, np.float64).reshape(-1)
+        return grads
 
 
-def _exhaustive_numeric(counter, g, x, w, b, geometry: Geometry, eps: float) -> dict:
-    """Central differences of every element of x, w, b (channels last), grouped."""
-    rank, groups, cout = geometry.rank, geometry.groups, geometry.cout
-    cin_group = geometry.cin // groups
-    periods = _periods(geometry)
-    owners = [_owner_matrices(a, geometry, p) for a, p in enumerate(periods)]
-
-    def difference(xp, xm, wp, wm, bp, bm):
-        return (counter(xp, wp, bp) - counter(xm, wm, bm)) / (2 * eps) * g
-
-    numeric = {"dx": np.zeros_like(x), "dw": np.zeros_like(w)}
-    step = np.zeros_like(x)
-    for residues in itertools.product(*(range(p) for p in periods)):
-        lattice = tuple(slice(r, None, p) for r, p in zip(residues, periods, strict=True))
-        for channel in range(cin_group):
-            channels = slice(channel, None, cin_group)  # this channel of every group
-            step[...] = 0
-            step[(slice(None), *lattice, channels)] = eps
-            weighted = difference(x + step, x - step, w, w, b, b)
-            spread = weighted.reshape(*weighted.shape[:-1], groups, cout // groups).sum(axis=-1)
-            for axis, residue in enumerate(residues):  # (n, *out, g) -> (n, *in, g)
-                spread = np.moveaxis(
-                    np.tensordot(owners[axis][residue], spread, axes=([1], [1 + axis])), 0, 1 + axis
-                )
-            numeric["dx"][(slice(None), *lattice, channels)] = spread[(slice(None), *lattice)]
-    w_step = np.zeros_like(w)
-    every_output = tuple(range(rank + 1))
-    for taps in itertools.product(*(range(k) for k in geometry.kernel)):
-        for channel in range(cin_group):
-            w_step[...] = 0
-            w_step[(*taps, channel)] = eps
-            weighted = difference(x, x, w + w_step, w - w_step, b, b)
-            numeric["dw"][(*taps, channel)] = weighted.sum(axis=every_output)
-    if b is not None:
-        weighted = difference(x, x, w, w, b + eps, b - eps)
-        numeric["db"] = weighted.sum(axis=every_output)
-    return numeric
+Checks = Callable[[CheckSetup], dict[str, TensorCheck]]
+Passes = Callable[[CheckSetup], int]
 
 
-def compare_elements(got: np.ndarray, want: np.ndarray, tolerance: Tolerance, worst: int = WORST):
-    """The one element-wise comparison: ``(abs_errors, rel_errors, failed, order)``.
+@dataclass(frozen=True)
+class Strategy:
+    """One mode: ``check(setup)`` gives the verdicts by name, ``passes(setup)`` the forward
+    passes it plans (the total shown by progress)."""
 
-    ``failed`` marks elements outside ``tolerance`` (NaN fails); ``order`` holds the flat
-    indices of the ``worst`` elements to show, failing ones first, each group by |error|
-    from the largest (NaN counts as largest). Arrays of the same shape, any layout.
-    """
-    abs_errors = np.abs(got - want)
-    scale = np.maximum(np.abs(got), np.abs(want))
-    failed = ~(abs_errors <= tolerance.atol + tolerance.rtol * scale)  # NaN fails
-    rel = np.divide(abs_errors, scale, out=np.zeros_like(abs_errors), where=scale > 0)
-    magnitude = np.nan_to_num(abs_errors, nan=np.inf).ravel()
-    order = np.lexsort((magnitude, failed.ravel()))[::-1][:worst]
-    return abs_errors, rel, failed, order
+    check: Checks
+    passes: Passes
 
 
-def _channel_axis(name: str, layout: str) -> int:
-    if layout == "nchw" and name in ("dx", "dw"):
-        return 1 if name == "dx" else 0
-    return -1
-
-
-def _compare_elements(
-    name, analytic, numeric, tolerance: Tolerance, layout: str = "nhwc"
+def _tensor_check(
+    name: str,
+    analytic: np.ndarray,
+    numeric: np.ndarray,
+    tolerance: Tolerance,
+    layout: str,
+    unchecked: np.ndarray | None = None,
 ) -> TensorCheck:
+    """The verdict on one gradient from element-wise values in the caller's layout;
+    ``unchecked`` (booleans, same shape) marks elements not checked (equal values there)."""
     if analytic.shape != numeric.shape:
         raise ValueError(f"{name} has shape {analytic.shape}, expected {numeric.shape}")
-    abs_errors, rel, failed, order = compare_elements(analytic, numeric, tolerance)
+    errors = compare_elements(analytic, numeric, tolerance)
     worst = [
         {
             "index": [int(i) for i in np.unravel_index(flat, analytic.shape)],
             "analytic": float(analytic.flat[flat]),
             "numeric": float(numeric.flat[flat]),
-            "abs_err": float(abs_errors.flat[flat]),
+            "abs_err": float(errors.abs_errors.flat[flat]),
         }
-        for flat in order
+        for flat in errors.order
     ]
-    by_channel = np.moveaxis(failed, _channel_axis(name, layout), -1)
+    channel_axis = {"dx": 1, "dw": 0}.get(name, -1) if layout == "nchw" else -1
+    by_channel = np.moveaxis(errors.failed, channel_axis, -1)
     per_channel = by_channel.reshape(-1, by_channel.shape[-1]).sum(axis=0)
+    abs_errors = errors.abs_errors
+    if unchecked is not None:
+        abs_errors = np.where(unchecked, np.nan, abs_errors)
     return TensorCheck(
         name=name,
         shape=analytic.shape,
-        checked=int(analytic.size),
+        checked=int(analytic.size if unchecked is None else analytic.size - unchecked.sum()),
         total=int(analytic.size),
-        max_abs_err=_finite_max(abs_errors),
-        max_rel_err=_finite_max(rel),
-        passed=not failed.any(),
+        max_abs_err=errors.max_abs,
+        max_rel_err=errors.max_rel,
+        passed=not errors.failed.any(),
         worst=worst,
         failures_per_channel={int(c): int(k) for c, k in enumerate(per_channel) if k},
         abs_errors=abs_errors,
-        failed=failed,
+        failed=errors.failed,
+        layout=layout,
     )
 
 
-def _finite_max(values: np.ndarray) -> float:
-    if values.size == 0:
-        return 0.0
-    if np.isnan(values).any():
-        return float("nan")
-    return float(values.max())
+def exhaustive_checks(setup: CheckSetup) -> dict[str, TensorCheck]:
+    """Mode exhaustive: every element, perturbed in groups (:mod:`convcli.check.exhaustive`)."""
+    analytic = setup.analytic(setup.g)
+    numeric = exhaustive_numeric(
+        setup.forward, setup.g, setup.x, setup.w, setup.b, setup.geometry, setup.tolerance.eps
+    )
+    return {
+        name: _tensor_check(
+            name,
+            setup.to_user(name, analytic[name]),
+            setup.to_user(name, numeric[name]),
+            setup.tolerance,
+            setup.layout,
+        )
+        for name in setup.operands
+    }
 
 
-# ---------------------------------------------------------------------------------------------
-# Sample mode
-# ---------------------------------------------------------------------------------------------
+def sample_checks(setup: CheckSetup) -> dict[str, TensorCheck]:
+    """Mode sample: ``setup.samples`` random elements per tensor, each perturbed alone."""
+    analytic = setup.analytic(setup.g)
+    checks = {}
+    eps = setup.tolerance.eps
+    for name, target in setup.operands.items():
+        picked = setup.rng.choice(target.size, size=min(setup.samples, target.size), replace=False)
+        numeric = analytic[name].copy()  # unchecked elements compare equal, then are masked out
+        for flat in picked:
+            step = np.zeros_like(target)
+            step.flat[flat] = eps
+            plus, minus = setup.perturbed(name, step)
+            difference = setup.forward(*plus) - setup.forward(*minus)
+            numeric.flat[flat] = np.vdot(difference, setup.g) / (2 * eps)
+        unchecked = np.ones(target.shape, dtype=bool)
+        unchecked.flat[picked] = False
+        checks[name] = _tensor_check(
+            name,
+            setup.to_user(name, analytic[name]),
+            setup.to_user(name, numeric),
+            setup.tolerance,
+            setup.layout,
+            unchecked=setup.to_user(name, unchecked),
+        )
+    return checks
 
 
-def _sample_check(
-    counter, name, g, x, w, b, analytic, samples, rng, tolerance, to_user, layout
-) -> TensorCheck:
-    position = {"dx": 0, "dw": 1, "db": 2}[name]
-    target = (x, w, b)[position]
-    picked = rng.choice(target.size, size=min(samples, target.size), replace=False)
-    numeric = analytic.copy()  # unchecked elements compare equal, then are masked out
-    eps = tolerance.eps
-    for flat in picked:
-        step = np.zeros_like(target)
-        step.flat[flat] = eps
-        plus, minus = [x, w, b], [x, w, b]
-        plus[position], minus[position] = target + step, target - step
-        numeric.flat[flat] = np.vdot(counter(*plus) - counter(*minus), g) / (2 * eps)
-    check = _compare_elements(name, to_user(analytic), to_user(numeric), tolerance, layout)
-    unchecked = np.ones(target.shape, dtype=bool)
-    unchecked.flat[picked] = False
-    check.abs_errors[to_user(unchecked)] = np.nan
-    check.checked = int(picked.size)
-    return check
-
-
-# ---------------------------------------------------------------------------------------------
-# Fast mode: random projections
-# ---------------------------------------------------------------------------------------------
-
-
-def _fast_checks(counter, backward, x, w, b, geometry, probes, rng, tolerance) -> dict:
-    arrays = {"dx": x, "dw": w} | ({} if b is None else {"db": b})
-    rows = {name: [] for name in arrays}  # (analytic, numeric, scale) per probe
-    eps = tolerance.eps
-    for _ in range(probes):
-        v = rng.standard_normal(geometry.out_shape)  # channels last, like x and w here
-        analytic = _analytic(backward, v, x, w, b)
-        for position, (name, array) in enumerate(arrays.items()):
-            u = rng.standard_normal(array.shape)
-            plus, minus = [x, w, b], [x, w, b]
-            plus[position], minus[position] = array + eps * u, array - eps * u
-            numeric = np.vdot(counter(*plus) - counter(*minus), v) / (2 * eps)
+def fast_checks(setup: CheckSetup) -> dict[str, TensorCheck]:
+    """Mode fast: ``setup.probes`` random projections ``vᵀ J u`` per tensor against
+    ``⟨backward(v), u⟩``; the rule's scale is ``Σ |backward(v) ⊙ u|``."""
+    operands = setup.operands
+    rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in operands}
+    eps = setup.tolerance.eps
+    for _ in range(setup.probes):
+        v = setup.rng.standard_normal(setup.geometry.out_shape)  # channels last, like x and w
+        analytic = setup.analytic(v)
+        for name, array in operands.items():
+            u = setup.rng.standard_normal(array.shape)
+            plus, minus = setup.perturbed(name, eps * u)
+            numeric = np.vdot(setup.forward(*plus) - setup.forward(*minus), v) / (2 * eps)
             products = analytic[name] * u
             rows[name].append((products.sum(), numeric, np.abs(products).sum()))
     checks = {}
-    for name, array in arrays.items():
+    for name, array in operands.items():
         a, n_, scale = np.array(rows[name], dtype=np.float64).T
-        abs_errors = np.abs(a - n_)
-        allowed = tolerance.atol + tolerance.rtol * scale
-        failed = ~(abs_errors <= allowed)
-        rel = np.divide(abs_errors, scale, out=np.zeros_like(abs_errors), where=scale > 0)
+        errors = compare_elements(a, n_, setup.tolerance, scale=scale)
         worst = [
             {
                 "probe": int(i),
                 "analytic": float(a[i]),
                 "numeric": float(n_[i]),
-                "abs_err": float(abs_errors[i]),
+                "abs_err": float(errors.abs_errors[i]),
             }
-            for i in np.lexsort((abs_errors, failed))[::-1][:WORST]
+            for i in errors.order
         ]
         checks[name] = TensorCheck(
             name=name,
-            shape=array.shape,
-            checked=probes,
-            total=probes,
+            shape=setup.to_user(name, array).shape,
+            checked=setup.probes,
+            total=setup.probes,
             unit="probes",
-            max_abs_err=_finite_max(abs_errors),
-            max_rel_err=_finite_max(rel),
-            passed=not failed.any(),
+            max_abs_err=errors.max_abs,
+            max_rel_err=errors.max_rel,
+            passed=not errors.failed.any(),
             worst=worst,
+            layout=setup.layout,
         )
     return checks
+
+
+def sample_and_fast_checks(setup: CheckSetup) -> dict[str, TensorCheck]:
+    """What auto does for big layers: sample checks, each with its fast probes beside it."""
+    checks = sample_checks(setup)
+    for name, probes in fast_checks(setup).items():
+        checks[name].probes = probes
+        checks[name].passed = checks[name].passed and probes.passed
+    return checks
+
+
+def _sample_passes(setup: CheckSetup) -> int:
+    return sum(2 * min(setup.samples, a.size) for a in setup.operands.values())
+
+
+def _fast_passes(setup: CheckSetup) -> int:
+    return 2 * setup.probes * len(setup.operands)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "exhaustive": Strategy(
+        exhaustive_checks, lambda setup: exhaustive_passes(setup.geometry, setup.b is not None)
+    ),
+    "sample": Strategy(sample_checks, _sample_passes),
+    "fast": Strategy(fast_checks, _fast_passes),
+    "sample+fast": Strategy(
+        sample_and_fast_checks, lambda setup: _sample_passes(setup) + _fast_passes(setup)
+    ),
+}

@@ -1,4 +1,5 @@
-"""The child process of ``gradcheck --impl``: it runs the user's functions and nothing else.
+"""The child process that runs a user's functions, and nothing else, when checking a user's
+implementation.
 
 It runs as ``python -B impl_worker.py FILE OUTPUT FAULT MAX_MEMORY`` (a script, so the
 ``convcli`` package is not imported) with single-threaded BLAS. The parent

@@ -1,6 +1,6 @@
 """Numerical gradients of an arbitrary forward function, grouped by its measured dependencies.
 
-:mod:`convcli.check.gradients` groups perturbations by a convolution's dependency pattern, which is
+:mod:`convcli.check.exhaustive` groups perturbations by a convolution's dependency pattern, which is
 only valid for a function that has that pattern. A user's forward may not (a stride bug reads
 other pixels), so here the pattern is measured first and the groups follow the measurement:
 

@@ -1,4 +1,4 @@
-"""Checking a user's own ``conv_forward`` / ``conv_backward`` (``gradcheck --impl FILE.py``).
+"""Checking a user's own ``conv_forward`` / ``conv_backward``, defined in a Python file.
 
 The user's file defines the classic exercise's functions::
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convcli.check.gradients import Tolerance, compare_elements
 from convcli.check.numgrad import DEFAULT_MAX_PASSES, NumericUnavailable, numeric_gradients
+from convcli.check.tolerance import ElementErrors, Tolerance, compare_elements
 from convcli.check.userproc import DEFAULT_TIMEOUT, UserCodeError, UserProcess
 from convcli.engine.fast import conv_backward, conv_forward
 from convcli.errors import DataError, InputFileError, UsageError
@@ -47,7 +47,8 @@ class Config:
     pad: int
 
     def spec(self) -> ConvSpec:
-        return ConvSpec(stride=self.stride, padding=self.pad)
+        """The configuration's hyperparameters as a :class:`~convcli.spec.ConvSpec`."""
+        return ConvSpec(stride=(self.stride,), padding=self.pad)
 
     def to_json(self) -> dict:
         """The same keys as an engine check's config (resolved per-axis values)."""
@@ -200,27 +201,39 @@ def load_impl(path, *, timeout: float = DEFAULT_TIMEOUT) -> UserImpl:
 
 
 def compare(name: str, got, want, tolerance: Tolerance) -> Comparison:
-    """Element-wise comparison under ``tolerance``; channels are the last axis."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64).reshape(np.shape(got))
-    errors, rel, failed, order = compare_elements(got, want, tolerance)
+    """Element-wise comparison of the user's ``got`` with ``want`` under ``tolerance``.
+
+    ``got`` : array-like, any shape with channels on the last axis; ``want`` : the same
+    number of elements (reshaped to ``got``'s shape). Both are compared as float64.
+    """
+    got, want = _float64_pair(got, want)
+    return _comparison(name, got, want, compare_elements(got, want, tolerance))
+
+
+def _float64_pair(got, want) -> tuple[np.ndarray, np.ndarray]:
+    got = np.asarray(got, np.float64)
+    return got, np.asarray(want, np.float64).reshape(got.shape)
+
+
+def _comparison(name: str, got: np.ndarray, want: np.ndarray, errors: ElementErrors) -> Comparison:
     worst = [
         {
             "index": [int(i) for i in np.unravel_index(flat, got.shape)],
             "yours": float(got.flat[flat]),
             "expected": float(want.flat[flat]),
-            "abs_err": float(errors.flat[flat]),
+            "abs_err": float(errors.abs_errors.flat[flat]),
         }
-        for flat in order
-        if failed.flat[flat]
+        for flat in errors.order
+        if errors.failed.flat[flat]
     ]
-    per_channel = failed.reshape(-1, got.shape[-1]).sum(axis=0)
+    per_channel = errors.failed.reshape(-1, got.shape[-1]).sum(axis=0)
     return Comparison(
         name=name,
-        passed=not failed.any(),
+        passed=not errors.failed.any(),
         checked=int(got.size),
-        failed=int(failed.sum()),
-        max_abs_err=float(errors.max(initial=0.0)),
-        max_rel_err=float(rel.max(initial=0.0)),
+        failed=int(errors.failed.sum()),
+        max_abs_err=errors.max_abs,
+        max_rel_err=errors.max_rel,
         worst=worst,
         failures_per_channel={int(c): int(k) for c, k in enumerate(per_channel) if k},
     )
@@ -240,7 +253,7 @@ def _pixels(mask: np.ndarray) -> str:
     h, w = mask.shape
     if mask.all():
         return "at every pixel"
-    rows, cols = mask.any(axis=1), mask.any(axis=0)
+    rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
     for width in range(1, (min(h, w) + 1) // 2):
         frame = np.ones_like(mask)
         frame[width : h - width, width : w - width] = False
@@ -279,22 +292,24 @@ def _locate(comparison: Comparison, failed_mask: np.ndarray, cout: int) -> None:
         comparison.where = (
             _channels(comparison.failures_per_channel, cout, "output channel")
             + ", "
-            + _pixels(failed_mask.any(axis=(0, 3)))
+            + _pixels(np.any(failed_mask, axis=(0, 3)))
         )
     else:
         cin = failed_mask.shape[-1]
         comparison.where = (
             _channels(comparison.failures_per_channel, cin, "input channel")
             + ", "
-            + _pixels(failed_mask.any(axis=(0, 3)))
+            + _pixels(np.any(failed_mask, axis=(0, 3)))
         )
 
 
 def _compare_all(names, got, want, tolerance, cout) -> dict[str, Comparison]:
     tensors = {}
     for name, mine, reference in zip(names, got, want, strict=True):
-        comparison = compare(name, mine, reference, tolerance)
-        _locate(comparison, tolerance.fails(mine, np.reshape(reference, np.shape(mine))), cout)
+        mine, reference = _float64_pair(mine, reference)
+        errors = compare_elements(mine, reference, tolerance)
+        comparison = _comparison(name, mine, reference, errors)
+        _locate(comparison, errors.failed, cout)
         tensors[name] = comparison
     return tensors
 
@@ -560,37 +575,77 @@ def check_impl(
 
 
 def impl_config(shape, kernel, cout: int, spec: ConvSpec) -> Config:
-    """The one configuration given by flags, in the exercise's terms (square kernel, int pad).
+    """The one configuration given by parameters, in the exercise's terms (square kernel,
+    one integer stride and pad).
+
+    Parameters
+    ----------
+    shape : sequence of int
+        x's shape (n, H, W, Cin).
+    kernel : sequence of int
+        ``(f,)`` or ``(f, f)``.
+    cout : int
+    spec : ConvSpec
+        Its stride and padding must be one integer each; dilation 1, groups 1, zero padding,
+        channels last.
 
     Raises
     ------
     UsageError
-        When the flags ask for something the exercise's signature cannot express.
+        When the parameters ask for something the exercise's signature cannot express; its
+        ``param`` names the first such parameter (shape, kernel, stride, padding, dilation,
+        groups, padding_mode or layout).
     """
     if len(shape) != 4:
-        raise UsageError("--impl checks 2-D layers: give --shape N,H,W,CIN")
-    if len(kernel) == 2 and kernel[0] != kernel[1]:
-        raise UsageError("--impl checks square kernels (f, f, Cin, Cout): give --kernel F")
-    stride_axes, dilation_axes = spec.per_axis(2)
-    stride = set(stride_axes)
-    padding = spec.explicit_padding(2)
-    pads = {v for pair in padding for v in pair} if padding != "same" else {None}
-    if (
-        len(stride) != 1
-        or len(pads) != 1
-        or None in pads
-        or set(dilation_axes) != {1}
-        or spec.groups != 1
-        or spec.padding_mode != "zeros"
-        or spec.layout != "nhwc"
-    ):
         raise UsageError(
-            "--impl checks the exercise's hparameters {'stride': s, 'pad': p}: give one integer "
-            "--stride and --pad, and no --dilation, --groups, --padding-mode or --layout"
+            f"{{param}} has {len(shape)} values: {_NEEDS} a 2-D layer (n, H, W, Cin)",
+            param="shape",
         )
+    if len(kernel) == 2 and kernel[0] != kernel[1]:
+        raise UsageError(
+            f"{{param}} {_shown(tuple(kernel))}: {_NEEDS} square kernels (f, f, Cin, Cout); "
+            "give one size",
+            param="kernel",
+        )
+    stride, pad = _exercise_hparameters(spec)
     n, h, w, cin = shape
-    config = Config(
-        n=n, h=h, w=w, cin=cin, kernel=kernel[0], cout=cout, stride=stride.pop(), pad=pads.pop()
-    )
+    config = Config(n=n, h=h, w=w, cin=cin, kernel=kernel[0], cout=cout, stride=stride, pad=pad)
     config.spec().geometry((n, h, w, cin), (kernel[0], kernel[0], cin, cout))
     return config
+
+
+_NEEDS = "checking a user's implementation needs"
+_EXERCISE = "the exercise's hparameters {'stride': s, 'pad': p}"
+
+
+def _exercise_hparameters(spec: ConvSpec) -> tuple[int, int]:
+    """``(stride, pad)`` of ``spec`` when the exercise's signature can express it."""
+    stride_axes, dilation_axes = spec.per_axis(2)
+    padding = spec.explicit_padding(2)
+    pads = set() if isinstance(padding, str) else {v for pair in padding for v in pair}
+    one_integer = f"{_NEEDS} one integer, as in {_EXERCISE}"
+    if len(set(stride_axes)) != 1:
+        raise UsageError(f"{{param}} {_shown(spec.stride)}: {one_integer}", param="stride")
+    if len(pads) != 1:
+        raise UsageError(f"{{param}} {_shown(spec.padding)}: {one_integer}", param="padding")
+    unsupported = (  # (param, whether its value is unsupported, the value, the exercise's)
+        ("dilation", set(dilation_axes) != {1}, spec.dilation, 1),
+        ("groups", spec.groups != 1, spec.groups, 1),
+        ("padding_mode", spec.padding_mode != "zeros", spec.padding_mode, "zeros"),
+        ("layout", spec.layout != "nhwc", spec.layout, "nhwc"),
+    )
+    for param, bad, value, only in unsupported:
+        if bad:
+            raise UsageError(
+                f"{{param}} {_shown(value)}: must be {_shown(only)} to check a user's "
+                f"implementation ({_EXERCISE} have no {param})",
+                param=param,
+            )
+    return int(stride_axes[0]), pads.pop()
+
+
+def _shown(value) -> str:
+    """A parameter's value as the user wrote it: ``2``, ``1,2``, ``'same'``."""
+    if isinstance(value, tuple) and all(isinstance(v, int) for v in value):
+        return ",".join(map(str, value))
+    return repr(value) if isinstance(value, str) else str(value)

@@ -1,4 +1,5 @@
-"""Running a user's ``conv_forward`` / ``conv_backward`` in a child process (``--impl``).
+"""Running a user's ``conv_forward`` / ``conv_backward`` in a child process, for checking a
+user's implementation.
 
 One child per configuration (``python -B impl_worker.py``, NumPy with single-threaded BLAS;
 about 0.1 s to start, so :meth:`UserProcess.launch` lets it start while other work goes on),
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -127,8 +129,9 @@ class UserProcess:
                 self._process.kill()
                 self._process.wait()
             for stream in (self._process.stdin, self._process.stdout):
-                with contextlib.suppress(OSError):
-                    stream.close()
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
             self._process = None
         self._captured = self._read_output()
         self._dir.cleanup()
@@ -205,7 +208,7 @@ class UserProcess:
 
     def _send(self, function: str, data: bytes) -> None:
         view = memoryview(impl_worker.LENGTH.pack(len(data)) + data)
-        fd = self._process.stdin.fileno()
+        fd = self._pipe(function, self._running(function).stdin)
         while view:
             _, ready, _ = select.select([], [fd], [], self._remaining())
             if not ready:
@@ -216,7 +219,7 @@ class UserProcess:
                 raise self._died(function) from None
 
     def _read(self, function: str, size: int) -> bytes:
-        fd = self._process.stdout.fileno()
+        fd = self._pipe(function, self._running(function).stdout)
         chunks, left = [], size
         while left:
             ready, _, _ = select.select([fd], [], [], self._remaining())
@@ -241,6 +244,19 @@ class UserProcess:
                 f"{function}: the child process sent a malformed answer ({error})"
             ) from None
 
+    def _running(self, function: str) -> subprocess.Popen:
+        """The child process, once launched and until closed."""
+        if self._process is None:
+            raise UserCodeError(f"{function}: the child process is not running")
+        return self._process
+
+    @staticmethod
+    def _pipe(function: str, stream: IO[bytes] | None) -> int:
+        """The file descriptor of one of the child's pipes (stdin and stdout are pipes)."""
+        if stream is None:
+            raise UserCodeError(f"{function}: the child process has no pipe to talk through")
+        return stream.fileno()
+
     def _die(self, reason: str) -> UserCodeError:
         """Kill the child; later calls fail with the same reason."""
         if self._process is not None and self._process.poll() is None:
@@ -250,9 +266,10 @@ class UserProcess:
         return UserCodeError(reason)
 
     def _timed_out(self, function: str) -> UserCodeError:
-        with contextlib.suppress(OSError):
-            self._process.send_signal(signal.SIGUSR1)  # faulthandler dumps the stack
-            self._wait_for_fault()
+        if self._process is not None:
+            with contextlib.suppress(OSError):
+                self._process.send_signal(signal.SIGUSR1)  # faulthandler dumps the stack
+                self._wait_for_fault()
         where = self._where()
         seconds = f"{self.timeout:g}"
         return self._die(f"{function} timed out after {seconds} s{where}")
@@ -264,10 +281,10 @@ class UserProcess:
             time.sleep(0.01)
 
     def _died(self, function: str) -> UserCodeError:
-        try:
-            code = self._process.wait(5)
-        except subprocess.TimeoutExpired:
-            code = None
+        code: int | None = None
+        if self._process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self._process.wait(5)
         fault = self._fault_text()
         marks = [line for line in fault.splitlines() if line.startswith(impl_worker.EXIT_MARK)]
         if marks:

@@ -22,14 +22,8 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from convcli import __version__
-from convcli.check.gradients import (
-    DEFAULT_ATOL,
-    DEFAULT_EPS,
-    DEFAULT_PROBES,
-    DEFAULT_RTOL,
-    DEFAULT_SAMPLES,
-    Tolerance,
-)
+from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES
+from convcli.check.tolerance import DEFAULT_ATOL, DEFAULT_EPS, DEFAULT_RTOL, Tolerance
 from convcli.check.userimpl import impl_config
 from convcli.cli.heatmap import print_heatmap
 from convcli.cli.messages import explain, flag_for

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from convcli.check.gradients import gradcheck
+from convcli.check import gradcheck
 from convcli.engine.fast import conv_backward, conv_forward
 from convcli.errors import ConvcliError, UsageError
 from convcli.generate import generate_layer

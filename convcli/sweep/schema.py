@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES, MODES, Tolerance
+from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES, MODES
+from convcli.check.tolerance import Tolerance
 from convcli.errors import ConvcliError, DataError
 from convcli.hparams import HPARAMS, spec_from
 from convcli.io.detect import regular_file_size
