@@ -37,6 +37,7 @@ _EXPORTS = {
     "gradcheck": "convcli.check",
     # tensor files
     "open_tensor_file": "convcli.io",
+    "read_tensor": "convcli.io",
     "write_tensors": "convcli.io",
     # errors
     "ConvcliError": "convcli.errors",

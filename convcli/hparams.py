@@ -47,7 +47,7 @@ class Hparam:
     key : str
         The name in files, sweep specs and on the command line (``"pad"``).
     aliases : tuple of str
-        Other names accepted in files and sweep specs (``("padding",)``).
+        Other names accepted in files (``("padding",)``); sweep specs use :attr:`key` only.
     default : int or str
         The value when nothing is given.
     kind : str
@@ -78,7 +78,7 @@ class Hparam:
 
     @property
     def file_keys(self) -> tuple[str, ...]:
-        """Every name a file or sweep spec may use for this hyperparameter."""
+        """Every name a file may use for this hyperparameter (:attr:`key` first)."""
         return tuple(dict.fromkeys((self.key, *self.aliases)))
 
     def from_text(self, text: str) -> Spelling:
