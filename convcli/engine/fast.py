@@ -22,7 +22,7 @@ Threads and ownership. Tiles run on several worker threads; no two tiles that ru
 time ever write the same memory:
 
 - every worker has its own :class:`~convcli.engine.tiling.Plan`, with its own scratch
-  buffers (lent by ``SCRATCH``, never shared) and, in the backward pass, its own dw
+  buffers (lent by ``_SCRATCH``, never shared) and, in the backward pass, its own dw
   accumulator; the accumulators are summed once, after all tiles;
 - a forward tile writes only its own output rows of z (tiles partition the output);
 - a backward tile first adds its patch gradients into its own padded buffer, then folds that
@@ -32,7 +32,7 @@ time ever write the same memory:
   The tiles are therefore grouped into *waves* (:meth:`~convcli.engine.tiling.Plan.waves`): a
   greedy colouring of the row blocks by the exact set of dx rows each one folds into
   (computed by the same function the fold uses), so that the tiles of one wave own disjoint
-  (image, row) sets. :func:`run_plans` runs the waves one after another; inside a wave each
+  (image, row) sets. :func:`_run_plans` runs the waves one after another; inside a wave each
   dx element has exactly one writer. Blocks of whole images never overlap and form a single
   wave.
 
@@ -122,7 +122,7 @@ def conv_forward(
         if bias is not None:
             z_tile += bias  # while the tile is in cache
 
-    for_each_tile(geometry, x_last.dtype, workspace, threads, backward=False, work=work)
+    _for_each_tile(geometry, x_last.dtype, workspace, threads, backward=False, work=work)
     cache = ConvCache(
         x=x_last,
         w=w_last,
@@ -164,7 +164,7 @@ def conv_backward(
         w_groups = weights_by_group(w, geometry)
         dx = None if transposed is not None else np.zeros(x.shape, dtype=dtype)
         work, dw_shape = _gemm_backward_work(x, w_groups, dz_last, dx), w_groups.shape
-    plans = for_each_tile(
+    plans = _for_each_tile(
         geometry,
         dtype,
         cache.workspace,
@@ -210,7 +210,7 @@ def _depthwise_backward_work(x: np.ndarray, w: np.ndarray, dz: np.ndarray, dx: n
     """A depthwise tile's dw (into its plan's accumulator) and dx, by per-tap kernels."""
 
     def work(plan: Plan, tile: Tile) -> None:
-        assert plan.dw is not None  # set by run_plans for the backward pass
+        assert plan.dw is not None  # set by _run_plans for the backward pass
         depthwise_backward(plan, x, w, plan.output_rows(dz, tile), tile, dx, plan.dw)
 
     return work
@@ -219,7 +219,7 @@ def _depthwise_backward_work(x: np.ndarray, w: np.ndarray, dz: np.ndarray, dx: n
 def _sum_accumulators(plans: Sequence[Plan]) -> np.ndarray:
     """The workers' dw accumulators summed, in worker order."""
     dw = plans[0].dw
-    assert dw is not None  # run_plans sets every accumulator when given dw_shape
+    assert dw is not None  # _run_plans sets every accumulator when given dw_shape
     for plan in plans[1:]:
         dw += plan.dw
     return dw
@@ -247,13 +247,13 @@ def scratch_bytes(
 
     ``threads`` as for :func:`conv_forward`; see :func:`convcli.engine.tiling.scratch_bound`.
     """
-    return scratch_bound(geometry, dtype, workspace, worker_count(threads))
+    return scratch_bound(geometry, dtype, workspace, _worker_count(threads))
 
 
 # -- scratch kept between calls ---------------------------------------------------------------
 
 
-class ScratchPool:
+class _ScratchPool:
     """Scratch buffers kept between calls, so repeated convolutions do not pay for fresh
     pages each time. Each call borrows sets of buffers and gives them back; concurrent calls
     never share one. A kept buffer is at most one tile's scratch (the workspace bounds it)."""
@@ -279,7 +279,7 @@ class ScratchPool:
                     plan.buffers = {}
 
 
-SCRATCH = ScratchPool()
+_SCRATCH = _ScratchPool()
 
 
 # -- tiles in parallel -----------------------------------------------------------------------
@@ -305,7 +305,7 @@ def blas_threads() -> int:
     return max(counts, default=1)
 
 
-def worker_count(threads: int | None) -> int:
+def _worker_count(threads: int | None) -> int:
     """Worker threads for a call: ``threads``, or as many as BLAS uses; at least 1."""
     return max(1, int(threads) if threads is not None else blas_threads())
 
@@ -326,10 +326,10 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 # threadpoolctl lets only the thread that lowered OpenBLAS's thread count raise it again, so
 # the limit must be set and restored by one thread at a time. Calls from a user's own threads
 # queue here.
-PARALLEL = threading.Lock()
+_PARALLEL = threading.Lock()
 
 
-def for_each_tile(
+def _for_each_tile(
     geometry: Geometry,
     dtype: npt.DTypeLike,
     workspace: int,
@@ -344,16 +344,16 @@ def for_each_tile(
     Each worker has its own plan (scratch buffers, and a dw accumulator of ``dw_shape`` when
     given) and gets an equal share of the workspace. Returns the plans, worker by worker.
     """
-    workers = worker_count(threads)
+    workers = _worker_count(threads)
     plans = [
         Plan(geometry, dtype, max(1, workspace // workers), backward=backward)
         for _ in range(workers)
     ]
-    with SCRATCH.lend(plans):
-        return run_plans(plans, work, dw_shape, dtype)
+    with _SCRATCH.lend(plans):
+        return _run_plans(plans, work, dw_shape, dtype)
 
 
-def run_plans(
+def _run_plans(
     plans: list[Plan],
     work: Work,
     dw_shape: tuple[int, ...] | None,
@@ -381,7 +381,7 @@ def run_plans(
             work(plan, tile)
 
     executor = _executor(workers)
-    with PARALLEL, _blas_controller().limit(limits=1, user_api="blas"):
+    with _PARALLEL, _blas_controller().limit(limits=1, user_api="blas"):
         for wave in waves:  # a wave ends before the next begins: its tiles own their writes
             futures = [executor.submit(run, plans[k], wave[k::workers]) for k in range(workers)]
             for future in futures:
