@@ -51,6 +51,36 @@ def test_gradcheck_benchmark_smoke(tmp_path):
     assert cases[0]["forward_passes"] == 290
 
 
+def _have_revision(revision: str) -> bool:
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "cat-file", "-e", f"{revision}^{{commit}}"],
+        capture_output=True,
+        check=False,
+    )
+    return found.returncode == 0
+
+
+# the last revision with convcli/engine.py (before the engine/ package), and this checkout
+@pytest.mark.parametrize("baseline", ["c5985f6", "HEAD"])
+def test_compare_engines_smoke(baseline):
+    """The baseline engine loads from a single engine.py and from the engine/ package."""
+    if not _have_revision(baseline):
+        pytest.skip(f"not a git checkout with revision {baseline}")
+    done = run_script("compare_engines.py", "--baseline", baseline, "--smoke", "--dtype", "float64")
+    lines = done.stdout.splitlines()
+    header = next(k for k, line in enumerate(lines) if line.startswith("layer"))
+    rows = [line.split() for line in lines[header + 1 :]]
+    assert [row[0] for row in rows] == [
+        "cifar",
+        "depthwise",
+        "conv1d",
+        "conv3d",
+        "classic",
+        "reflect-s2",
+    ]
+    assert {row[-1] for row in rows} <= {"yes", "no"}  # same bits or not, both engines ran
+
+
 def test_engine_benchmark_full_path_on_one_small_layer(tmp_path):
     """The non-smoke code path (warm-up, rounds) on the classic layer only."""
     out = tmp_path / "one.json"

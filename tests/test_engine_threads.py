@@ -20,8 +20,8 @@ from convcli import (
     conv_forward,
     conv_forward_reference,
 )
-from convcli.engine import fast as engine_module
-from convcli.engine.fast import DEFAULT_WORKSPACE
+from convcli.engine.fast import DEFAULT_WORKSPACE, blas_threads
+from convcli.engine.tiling import Plan
 
 REPEATS = 12
 TOO_BIG_FOR_THE_LOOPS = 200_000  # elements of x; the reference engine is one Python step per output
@@ -123,7 +123,7 @@ def test_threaded_row_tiles_match_reference_every_time(name):
 
 
 def _row_tiled(cache) -> bool:
-    plan = engine_module._Plan(cache.geometry, np.float64, cache.workspace, backward=True)
+    plan = Plan(cache.geometry, np.float64, cache.workspace, backward=True)
     return plan.rows_per_tile < cache.geometry.out_sizes[0]
 
 
@@ -139,19 +139,19 @@ def test_tiles_of_one_wave_write_disjoint_dx_rows(name, monkeypatch):
     _, cache = conv_forward(x, w, None, spec, workspace=share, threads=1)
     geometry = cache.geometry
     writes = {}
-    fold = engine_module._Plan._add_interior
+    fold = Plan.add_interior
 
-    def recording_fold(plan, padded, target, tile, starts, lengths):
+    def recording_fold(plan, padded, target, tile):
         before = target.copy()
-        fold(plan, padded, target, tile, starts, lengths)
+        fold(plan, padded, target, tile)
         changed = (target != before).reshape(geometry.n, geometry.in_sizes[0], -1).any(axis=-1)
         writes[(tile.images.start, tile.rows.start)] = changed
 
-    monkeypatch.setattr(engine_module._Plan, "_add_interior", recording_fold)
+    monkeypatch.setattr(Plan, "add_interior", recording_fold)
     dz = np.random.default_rng(5).standard_normal(geometry.user_out_shape)
     conv_backward(dz, cache)
 
-    plan = engine_module._Plan(geometry, np.float64, share, backward=True)
+    plan = Plan(geometry, np.float64, share, backward=True)
     waves = plan.waves()
     tiles = [(t.images.start, t.rows.start) for wave in waves for t in wave]
     assert sorted(tiles) == sorted((t.images.start, t.rows.start) for t in plan.tiles())
@@ -173,7 +173,7 @@ def test_concurrent_calls_from_user_threads_with_different_thread_counts():
     _, cache_one = conv_forward(x, w, None, spec, workspace=workspace // 2, threads=1)
     dz = np.random.default_rng(7).standard_normal(cache_one.geometry.user_out_shape)
     dx_one = conv_backward(dz, cache_one)[0]
-    before = engine_module.blas_threads()
+    before = blas_threads()
 
     def call(threads):
         _, cache = conv_forward(
@@ -186,7 +186,7 @@ def test_concurrent_calls_from_user_threads_with_different_thread_counts():
     for dxs in results:
         for dx in dxs:
             np.testing.assert_array_equal(dx, dx_one)
-    assert engine_module.blas_threads() == before
+    assert blas_threads() == before
 
 
 @given(

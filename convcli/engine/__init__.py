@@ -5,7 +5,12 @@ default: x ``(n, *spatial, Cin)``, w ``(*kernel, Cin/groups, Cout)``), float32 o
 
 - :mod:`convcli.engine.operands`: checking and converting the arrays a call receives, the
   :class:`ConvCache` a forward pass hands to backward.
-- :mod:`convcli.engine.fast`: the tiled im2col + GEMM engine, its thread pool and scratch.
+- :mod:`convcli.engine.fast`: the fast engine's two calls, its worker threads (and how
+  parallel tiles stay race-free), the scratch kept between calls.
+- :mod:`convcli.engine.tiling`: how a call is cut into cache-sized tiles under the workspace,
+  each tile's patch matrix and padded buffers, the waves of tiles that may run together.
+- :mod:`convcli.engine.kernels`: the arithmetic of a tile: grouped GEMM, depthwise per-tap
+  kernels, dx as a transposed convolution.
 - :mod:`convcli.engine.reference`: one loop per output element; the readable oracle.
 """
 

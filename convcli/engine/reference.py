@@ -4,8 +4,8 @@ Same contract as :mod:`convcli.engine.fast`: ``conv_forward_reference`` and
 ``conv_backward_reference`` take and return what ``conv_forward`` and ``conv_backward`` do
 (any layout, 1 to 3 spatial axes, every padding mode). Inside it works channels last:
 x ``(n, *spatial, Cin)``, w ``(*kernel, Cin/groups, Cout)``. The input is padded with
-:func:`numpy.pad` (``zeros`` = constant,
-``reflect``, ``replicate`` = edge, ``circular`` = wrap). For output position ``o`` (a tuple,
+:func:`numpy.pad` (``zeros`` = constant, ``reflect``, ``replicate`` = edge, ``circular`` =
+wrap). For output position ``o`` (a tuple,
 one index per axis) the kernel tap ``t`` reads padded position ``o * stride + t * dilation``;
 output channel ``co`` belongs to group ``co // (Cout / groups)`` and sees only that group's
 input channels. It is slow (one Python iteration per output element) and meant for small
@@ -15,19 +15,24 @@ tensors.
 from __future__ import annotations
 
 import itertools
+from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from convcli.engine.operands import (
     ConvCache,
+    Index,
     finish_gradients,
     prepare,
     prepare_upstream,
     x_from_last,
 )
-from convcli.spec import ConvSpec, padding_source
+from convcli.spec import ConvSpec, Geometry, padding_source
 
-NUMPY_PAD_MODES = {
+NumpyPadMode = Literal["constant", "reflect", "edge", "wrap"]
+#: convcli's padding modes as :func:`numpy.pad` names them
+NUMPY_PAD_MODES: dict[str, NumpyPadMode] = {
     "zeros": "constant",
     "reflect": "reflect",
     "replicate": "edge",
@@ -35,13 +40,13 @@ NUMPY_PAD_MODES = {
 }
 
 
-def _pad(x: np.ndarray, geo) -> np.ndarray:
+def _pad(x: np.ndarray, geo: Geometry) -> np.ndarray:
     """x (n, *spatial, C) padded on its spatial axes as the padding mode says."""
-    widths = ((0, 0), *geo.pads, (0, 0))
+    widths = [(0, 0), *geo.pads, (0, 0)]
     return np.pad(x, widths, mode=NUMPY_PAD_MODES[geo.padding_mode])
 
 
-def _window(geo, out_position) -> tuple[slice, ...]:
+def _window(geo: Geometry, out_position: tuple[int, ...]) -> tuple[slice, ...]:
     """Padded-input slices, one per spatial axis, under the kernel at an output position."""
     return tuple(
         slice(o * s, o * s + d * (k - 1) + 1, d)
@@ -50,32 +55,57 @@ def _window(geo, out_position) -> tuple[slice, ...]:
 
 
 def conv_forward_reference(
-    x, w, b=None, spec: ConvSpec | None = None, *, workspace: int = 0, threads: int | None = None
-):
-    """Loop implementation of :func:`convcli.conv_forward` (``workspace``, ``threads`` ignored)."""
+    x: npt.ArrayLike,
+    w: npt.ArrayLike,
+    b: npt.ArrayLike | None = None,
+    spec: ConvSpec | None = None,
+    *,
+    workspace: int = 0,
+    threads: int | None = None,
+) -> tuple[np.ndarray, ConvCache]:
+    """Loop implementation of :func:`convcli.conv_forward` (``workspace``, ``threads`` ignored).
+
+    Same arguments and results: x (n, *spatial, Cin), w (*kernel, Cin/groups, Cout), b (Cout,)
+    or None, in the spec's layout (channels first swaps the channel axes to the front); returns
+    z (n, *out, Cout) and the cache for :func:`conv_backward_reference`.
+    """
     spec = spec if spec is not None else ConvSpec()
-    x, w, b, b_shape, geo = prepare(x, w, b, spec)
-    x_padded = _pad(x, geo)
+    operands = prepare(x, w, b, spec)
+    geo, bias = operands.geometry, operands.b
+    x_last, w_last = operands.x, operands.w
+    x_padded = _pad(x_last, geo)
     in_per_group = geo.cin // geo.groups
     out_per_group = geo.cout // geo.groups
 
-    z = np.zeros(geo.out_shape, dtype=x.dtype)
+    z = np.zeros(geo.out_shape, dtype=x_last.dtype)
     for i in range(geo.n):
         for position in itertools.product(*(range(o) for o in geo.out_sizes)):
-            window = x_padded[(i, *_window(geo, position))]  # (*kernel, Cin)
+            under: Index = (i, *_window(geo, position))
+            window = x_padded[under]  # (*kernel, Cin)
             for co in range(geo.cout):
                 group = co // out_per_group
                 channels = slice(group * in_per_group, (group + 1) * in_per_group)
-                z[(i, *position, co)] = np.sum(window[..., channels] * w[..., co])
-                if b is not None:
-                    z[(i, *position, co)] += b[co]
-    cache = ConvCache(x=x, w=w, b_shape=b_shape, spec=spec, geometry=geo, workspace=workspace)
+                out: Index = (i, *position, co)
+                z[out] = np.sum(window[..., channels] * w_last[..., co])
+                if bias is not None:
+                    z[out] += bias[co]
+    cache = ConvCache(
+        x=x_last,
+        w=w_last,
+        b_shape=operands.b_shape,
+        spec=spec,
+        geometry=geo,
+        workspace=workspace,
+    )
     return x_from_last(z, geo.layout), cache
 
 
-def conv_backward_reference(dz, cache: ConvCache):
-    """Loop implementation of :func:`convcli.conv_backward`."""
-    dz, dtype = prepare_upstream(dz, cache)
+def conv_backward_reference(
+    dz_in: npt.ArrayLike, cache: ConvCache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Loop implementation of :func:`convcli.conv_backward`: dz of the shape of z in, dx, dw
+    of the shapes of x and w and db (None without a bias) out."""
+    dz, dtype = prepare_upstream(dz_in, cache)
     geo = cache.geometry
     x, w = cache.x.astype(dtype), cache.w.astype(dtype)
     x_padded = _pad(x, geo)
@@ -91,16 +121,17 @@ def conv_backward_reference(dz, cache: ConvCache):
             for co in range(geo.cout):
                 group = co // out_per_group
                 channels = slice(group * in_per_group, (group + 1) * in_per_group)
-                g = dz[(i, *position, co)]
-                dx_padded[(i, *window, channels)] += w[..., co] * g
-                dw[..., co] += x_padded[(i, *window, channels)] * g
+                out: Index = (i, *position, co)
+                under: Index = (i, *window, channels)
+                g = dz[out]
+                dx_padded[under] += w[..., co] * g
+                dw[..., co] += x_padded[under] * g
                 db[co] += g
     dx = _unpad(dx_padded, geo)
-    db = db if cache.b_shape is not None else None
-    return finish_gradients(dx, dw, db, cache)
+    return finish_gradients(dx, dw, db if cache.b_shape is not None else None, cache)
 
 
-def _unpad(dx_padded: np.ndarray, geo) -> np.ndarray:
+def _unpad(dx_padded: np.ndarray, geo: Geometry) -> np.ndarray:
     """The adjoint of :func:`_pad`: every padded position's gradient goes back to the input
     pixel it was copied from (and is dropped for zero padding)."""
     dx = np.zeros((geo.n, *geo.in_sizes, geo.cin), dtype=dx_padded.dtype)
@@ -111,5 +142,7 @@ def _unpad(dx_padded: np.ndarray, geo) -> np.ndarray:
     for position in itertools.product(*(range(len(s)) for s in sources)):
         source = tuple(int(s[p]) for s, p in zip(sources, position, strict=True))
         if min(source) >= 0:
-            dx[(slice(None), *source)] += dx_padded[(slice(None), *position)]
+            into: Index = (slice(None), *source)
+            outof: Index = (slice(None), *position)
+            dx[into] += dx_padded[outof]
     return dx

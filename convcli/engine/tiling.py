@@ -1,0 +1,399 @@
+"""How the fast engine cuts one convolution into tiles, and the data movement of one tile.
+
+Arrays are channels last: x ``(n, *spatial, Cin)``, z and dz ``(n, *out, Cout)``; the first
+spatial axis is called *rows*.
+
+A :class:`Tile` is a block of whole images, or, when one image is too big, a block of output
+rows of one image. A :class:`Plan` chooses the tiles of one call under a scratch budget
+(:meth:`Plan.tile_bytes` is the model of a tile's scratch; tiles aim at ``TILE_BYTES`` so
+that patch matrices stay in the CPU cache) and owns the scratch buffers its tiles reuse. For
+a tile it
+
+1. copies the input rows the tile needs into a small padded buffer (:meth:`Plan.padded_input`;
+   skipped when there is no padding), so that every kernel tap reads valid memory;
+2. shows every receptive field as a strided view ``(images, *out_tile, *kernel, Cin)``
+   (:meth:`Plan.windows`) and copies it into the patch matrix ``cols`` of shape
+   ``(groups, tile_pixels, kernel_taps·Cin/groups)`` (:meth:`Plan.im2col`);
+3. in the backward pass, scatters patch gradients back with one strided add per kernel tap
+   into its own padded buffer (:meth:`Plan.col2im`) and folds that buffer into dx
+   (:meth:`Plan.add_interior`, the adjoint of padding).
+
+Neighbouring row tiles of one image fold into overlapping dx rows. :meth:`Plan.waves` groups
+the tiles so that the tiles of one wave write disjoint dx rows; :mod:`convcli.engine.fast`
+explains how the waves make parallel tiles race-free.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from numpy.lib.stride_tricks import as_strided
+
+from convcli.engine.operands import Index
+from convcli.spec import Geometry, padding_source
+
+TILE_BYTES = 4 * 2**20  # target scratch per tile: patch matrices that stay in L2/L3
+
+
+class Tile:
+    """A block of images (all output rows) or a block of output rows of one image.
+
+    Attributes
+    ----------
+    images : slice of the batch axis
+    rows : slice of the first output spatial axis
+    n_images, n_rows : their lengths
+    """
+
+    __slots__ = ("images", "n_images", "n_rows", "rows")
+
+    def __init__(self, n0: int, n1: int, r0: int, r1: int):
+        self.images = slice(n0, n1)
+        self.rows = slice(r0, r1)
+        self.n_images = n1 - n0
+        self.n_rows = r1 - r0
+
+
+class Plan:
+    """Tiling of one convolution under a scratch budget, with buffers reused across tiles.
+
+    Spatial axes are handled generically: the first one is split into row blocks, the
+    others are always whole.
+
+    Parameters
+    ----------
+    geometry : the convolution's resolved shapes (channels last)
+    dtype : float32 or float64, the compute dtype
+    workspace : int
+        Scratch budget in bytes of this plan (one worker's share).
+    backward : bool
+        Size tiles for the backward pass (patch gradients and a dx buffer besides the
+        forward scratch) and colour them into waves.
+
+    Attributes
+    ----------
+    images_per_tile, rows_per_tile : int
+        The tile size chosen: whole images (``rows_per_tile`` = output rows) or one image.
+    depthwise : bool
+        One input channel per group (groups > 1): per-tap kernels instead of a GEMM.
+    pointwise : bool
+        1x1 kernel, stride 1, no padding, one group: x itself is the patch matrix.
+    buffers : dict
+        Scratch arrays by (name, dtype); lent by the caller for one call.
+    dw : ndarray or None
+        This worker's dw accumulator in the backward pass.
+    """
+
+    def __init__(self, geometry: Geometry, dtype: npt.DTypeLike, workspace: int, *, backward: bool):
+        self.geometry = geometry
+        self.dtype = np.dtype(dtype)
+        g = geometry.groups
+        self.cin_group = geometry.cin // g
+        self.depthwise = self.cin_group == 1 and g > 1
+        self.taps = int(np.prod(geometry.kernel))
+        self.k_group = self.taps * self.cin_group
+        self.spans = [
+            d * (k - 1) + 1 for d, k in zip(geometry.dilation, geometry.kernel, strict=True)
+        ]
+        # padded extent needed along each spatial axis for the whole output
+        self.extent = [
+            (o - 1) * s + span
+            for o, s, span in zip(geometry.out_sizes, geometry.stride, self.spans, strict=True)
+        ]
+        self.padded = any(lo or hi for lo, hi in geometry.pads)
+        self.pointwise = (
+            self.taps == 1 and set(geometry.stride) == {1} and not self.padded and g == 1
+        )
+        self.backward = backward
+        self.rows_per_tile, self.images_per_tile = self._choose_tiles(workspace)
+        self.offsets = list(itertools.product(*(range(k) for k in geometry.kernel)))
+        self.buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
+        self.dw: np.ndarray | None = None
+
+    # -- sizing ----------------------------------------------------------------------------
+
+    def tile_bytes(self, images: int, rows: int) -> int:
+        """Scratch bytes for a tile of ``images`` x ``rows`` output rows."""
+        geometry = self.geometry
+        rest_out = math.prod(geometry.out_sizes[1:])
+        pixels = images * rows * rest_out
+        in_rows = (rows - 1) * geometry.stride[0] + self.spans[0]
+        padded_input = images * in_rows * math.prod(self.extent[1:]) * geometry.cin
+        elements = 0
+        if self.pointwise:
+            elements += pixels * geometry.cout  # x is used in place; keep the z tile cache-sized
+        elif not self.depthwise:
+            elements += pixels * geometry.groups * self.k_group  # cols
+            if geometry.groups > 1:
+                elements += pixels * geometry.cout  # group transpose temporary
+        else:
+            elements += 2 * pixels * geometry.cout  # per-tap product and accumulator
+        if self.padded or self.depthwise:
+            elements += padded_input
+        if self.backward:
+            elements += elements  # dcols / dx buffer mirror the forward ones
+        return elements * self.dtype.itemsize
+
+    def _choose_tiles(self, workspace: int) -> tuple[int, int]:
+        """(rows, images) per tile: whole images when one fits the cache target, else rows."""
+        geometry = self.geometry
+        out_rows = geometry.out_sizes[0]
+        budget = min(workspace, TILE_BYTES)
+        per_image = max(1, self.tile_bytes(1, out_rows))
+        if per_image <= budget:
+            return out_rows, max(1, min(geometry.n, budget // per_image))
+        return self._rows_fitting(budget), 1
+
+    def _rows_fitting(self, budget: int) -> int:
+        rows = self.geometry.out_sizes[0]
+        per_row = max(1, self.tile_bytes(1, 1))
+        guess = max(1, min(rows, budget // per_row))
+        while guess > 1 and self.tile_bytes(1, guess) > budget:
+            guess -= 1
+        return guess
+
+    def tiles(self) -> Iterator[Tile]:
+        """Every tile, image by image and row block by row block."""
+        geometry = self.geometry
+        out_rows = geometry.out_sizes[0]
+        if self.rows_per_tile == out_rows:
+            for n0 in range(0, geometry.n, self.images_per_tile):
+                yield Tile(n0, min(n0 + self.images_per_tile, geometry.n), 0, out_rows)
+        else:
+            for n0 in range(geometry.n):
+                for r0 in range(0, out_rows, self.rows_per_tile):
+                    yield Tile(n0, n0 + 1, r0, min(r0 + self.rows_per_tile, out_rows))
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    def waves(self) -> list[list[Tile]]:
+        """The tiles in waves whose dx footprints are pairwise disjoint.
+
+        The row blocks of one image are coloured greedily by the exact set of dx rows each
+        one folds into (:meth:`fold_rows`, computed as :meth:`add_interior` writes them):
+        a block joins the first wave none of whose blocks touches its rows. Tiles of
+        different images never share rows, so every image's block at the same rows gets
+        the same wave. Without a scatter into dx (forward, stride-1 backward) or with whole
+        images per tile, no two tiles write the same memory: one wave.
+        """
+        tiles = list(self.tiles())
+        if not self.backward or self.rows_per_tile == self.geometry.out_sizes[0]:
+            return [tiles]
+        occupied: list[np.ndarray] = []  # per wave, the dx rows its blocks fold into
+        colour: dict[int, int] = {}  # first output row of a block -> its wave
+        for tile in tiles[: len(tiles) // self.geometry.n]:  # the row blocks of one image
+            rows = self.fold_rows(tile)
+            wave = next((k for k, mask in enumerate(occupied) if not mask[rows].any()), None)
+            if wave is None:
+                wave = len(occupied)
+                occupied.append(np.zeros(self.geometry.in_sizes[0], dtype=bool))
+            occupied[wave][rows] = True
+            colour[tile.rows.start] = wave
+        waves: list[list[Tile]] = [[] for _ in occupied]
+        for tile in tiles:
+            waves[colour[tile.rows.start]].append(tile)
+        return waves
+
+    def fold_rows(self, tile: Tile) -> np.ndarray:
+        """Indices along the first spatial axis of the dx rows :meth:`add_interior` writes for
+        this tile: the rows under its receptive fields, folded back as the padding mode says."""
+        starts, lengths = self.input_window(tile)
+        size = self.geometry.in_sizes[0]
+        if self.geometry.padding_mode == "zeros":
+            rows = _inside(starts[:1], lengths[:1], (size,))[0]
+            return np.arange(rows.start, rows.stop)
+        return np.unique(self._source_maps(starts[:1], lengths[:1], (size,))[0])
+
+    # -- scratch -----------------------------------------------------------------------------
+
+    def buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A scratch array of ``shape``, carved from a buffer kept for the whole plan."""
+        size = math.prod(shape)
+        key = (name, self.dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.size < size:
+            buffer = np.empty(size, dtype=self.dtype)
+            self.buffers[key] = buffer
+        return buffer[:size].reshape(shape)
+
+    # -- tensors of a tile -----------------------------------------------------------------
+
+    def output_rows(self, z: np.ndarray, tile: Tile) -> np.ndarray:
+        """z (n, *out, Cout) rows of this tile as a (pixels, Cout) view."""
+        return z[tile.images, tile.rows].reshape(-1, z.shape[-1])  # contiguous: a view
+
+    def input_window(self, tile: Tile) -> tuple[list[int], list[int]]:
+        """Input index range per spatial axis (starts, lengths) that this tile's receptive
+        fields cover; starts may be negative and ranges may pass the end (the padding)."""
+        geometry = self.geometry
+        first_row = tile.rows.start * geometry.stride[0] - geometry.pads[0][0]
+        starts = [first_row] + [-before for before, _ in geometry.pads[1:]]
+        lengths = [(tile.n_rows - 1) * geometry.stride[0] + self.spans[0], *self.extent[1:]]
+        return starts, lengths
+
+    def padded_input(self, x: np.ndarray, tile: Tile, name: str = "padded") -> np.ndarray:
+        """x values under this tile's receptive fields, zero where they fall in the padding.
+
+        Returns an array (images, rows_in, *rest_in, Cin) whose index 0 along each spatial
+        axis is input position ``start`` of :meth:`input_window`. Without padding this is a
+        view of x; otherwise a buffer whose padding is filled as the padding mode says.
+        """
+        starts, lengths = self.input_window(tile)
+        inside = _inside(starts, lengths, x.shape[1:-1])
+        source: Index = (tile.images, *inside)
+        if not self.padded:
+            return x[source]
+        buffer = self.buffer(name, (tile.n_images, *lengths, x.shape[-1]))
+        if self.geometry.padding_mode != "zeros":  # gather the padding from x itself
+            maps = self._source_maps(starts, lengths, x.shape[1:-1])
+            gather: Index = (slice(None), *np.ix_(*maps))
+            buffer[...] = x[tile.images][gather]
+            return buffer
+        within = _within_window(inside, starts, lengths)
+        target: Index = (slice(None), *within)
+        buffer[target] = x[source]
+        for region in _outside(within, lengths):
+            padding: Index = (slice(None), *region)
+            buffer[padding] = 0
+        return buffer
+
+    def windows(self, padded: np.ndarray, tile: Tile) -> np.ndarray:
+        """Read-only strided view (images, *out_tile, *kernel, Cin) of every receptive field
+        of ``padded`` (as returned by :meth:`padded_input`)."""
+        geometry = self.geometry
+        strides = padded.strides
+        spatial = strides[1:-1]
+        out_tile = (tile.n_rows, *geometry.out_sizes[1:])
+        shape = (padded.shape[0], *out_tile, *geometry.kernel, padded.shape[-1])
+        view_strides = (
+            strides[0],
+            *(st * s for st, s in zip(spatial, geometry.stride, strict=True)),
+            *(st * d for st, d in zip(spatial, geometry.dilation, strict=True)),
+            strides[-1],
+        )
+        return as_strided(padded, shape=shape, strides=view_strides, writeable=False)
+
+    def writable_windows(self, padded: np.ndarray, tile: Tile) -> np.ndarray:
+        """:meth:`windows`, writable: for adding patch gradients into a padded dx buffer."""
+        view = self.windows(padded, tile)
+        return as_strided(padded, shape=view.shape, strides=view.strides, writeable=True)
+
+    def im2col(self, x: np.ndarray, tile: Tile) -> np.ndarray:
+        """Patch matrix (g, pixels, taps·Cin/g) of x (n, *spatial, Cin) for this tile."""
+        geometry = self.geometry
+        g = geometry.groups
+        if self.pointwise:  # 1x1, stride 1, no padding, one group: x itself is the matrix
+            return x[tile.images, tile.rows].reshape(1, -1, geometry.cin)
+        windows = self.windows(self.padded_input(x, tile), tile)
+        # (images, *out, *kernel, g, Cin/g) -> (g, images, *out, *kernel, Cin/g)
+        windows = windows.reshape(*windows.shape[:-1], g, self.cin_group)
+        windows = np.moveaxis(windows, -2, 0)
+        cols = self.buffer("cols", windows.shape)
+        np.copyto(cols, windows)
+        return cols.reshape(g, -1, self.k_group)
+
+    def dcols(self, tile: Tile) -> np.ndarray:
+        """Scratch (g, pixels, taps·Cin/g) for the patch gradients."""
+        pixels = tile.n_images * tile.n_rows * math.prod(self.geometry.out_sizes[1:])
+        return self.buffer("dcols", (self.geometry.groups, pixels, self.k_group))
+
+    def dx_buffer(self, tile: Tile) -> np.ndarray:
+        """A zeroed padded dx buffer (images, *window lengths, Cin) for this tile."""
+        _, lengths = self.input_window(tile)
+        dx_padded = self.buffer("dx_padded", (tile.n_images, *lengths, self.geometry.cin))
+        dx_padded[...] = 0
+        return dx_padded
+
+    def col2im(self, dcols: np.ndarray, dx: np.ndarray, tile: Tile) -> None:
+        """Add the patch gradients dcols (g, pixels, taps·Cin/g) into dx (n, *spatial, Cin)."""
+        g = self.geometry.groups
+        dx_padded = self.dx_buffer(tile)
+        windows = self.writable_windows(dx_padded, tile)
+        windows = np.moveaxis(windows.reshape(*windows.shape[:-1], g, self.cin_group), -2, 0)
+        patches = dcols.reshape(windows.shape)
+        for offset in self.offsets:
+            index: Index = (Ellipsis, *offset, slice(None))
+            windows[index] += patches[index]
+        self.add_interior(dx_padded, dx, tile)
+
+    def add_interior(self, padded: np.ndarray, target: np.ndarray, tile: Tile) -> None:
+        """target[images] += padded, folded back onto the input (the adjoint of padding):
+        zeros drop the padding; other modes add it onto the pixels it was copied from.
+
+        ``padded`` is (images, *window lengths, Cin) as from :meth:`dx_buffer`; ``target``
+        is dx (n, *spatial, Cin). The dx rows written are :meth:`fold_rows`.
+        """
+        starts, lengths = self.input_window(tile)
+        if self.geometry.padding_mode != "zeros":
+            maps = self._source_maps(starts, lengths, target.shape[1:-1])
+            # numpy's stub for ufunc.at admits only integer arrays; slices work at runtime
+            scatter: tuple[Any, ...] = (slice(None), *np.ix_(*maps))
+            np.add.at(target[tile.images], scatter, padded)
+            return
+        inside = _inside(starts, lengths, target.shape[1:-1])
+        into: Index = (tile.images, *inside)
+        source: Index = (slice(None), *_within_window(inside, starts, lengths))
+        target[into] += padded[source]
+
+    def _source_maps(
+        self, starts: Sequence[int], lengths: Sequence[int], sizes: Sequence[int]
+    ) -> list[np.ndarray]:
+        """Per axis, the input index each position of a padded window reads."""
+        mode = self.geometry.padding_mode
+        return [
+            padding_source(np.arange(start, start + length), size, mode)
+            for start, length, size in zip(starts, lengths, sizes, strict=True)
+        ]
+
+
+def scratch_bound(geometry: Geometry, dtype: npt.DTypeLike, workspace: int, workers: int) -> int:
+    """An upper bound in bytes of the scratch ``workers`` plans sharing ``workspace`` use.
+
+    Each worker's plan gets ``workspace // workers``; the bound is the workspace unless even
+    the smallest tile (one output row of one image) is bigger.
+    """
+    plan = Plan(geometry, dtype, max(1, workspace // workers), backward=True)
+    one_tile = plan.tile_bytes(plan.images_per_tile, plan.rows_per_tile)
+    return min(workspace, workers * one_tile) if one_tile <= workspace else workers * one_tile
+
+
+def _inside(starts: Sequence[int], lengths: Sequence[int], sizes: Sequence[int]) -> list[slice]:
+    """Per axis, the part of [start, start + length) that lies in [0, size) (may be empty)."""
+    slices = []
+    for start, length, size in zip(starts, lengths, sizes, strict=True):
+        lo = min(max(start, 0), size)
+        slices.append(slice(lo, max(lo, min(start + length, size))))
+    return slices
+
+
+def _within_window(
+    inside: list[slice], starts: Sequence[int], lengths: Sequence[int]
+) -> tuple[slice, ...]:
+    """The slices of :func:`_inside` in window coordinates (0 = ``start``), clamped to the window.
+
+    When a window lies wholly in the padding its inside is empty; the clamp keeps the empty
+    slice inside [0, length] so that :func:`_outside` then covers the whole window (an empty
+    slice at a negative offset would count from the end and leave stale rows unzeroed).
+    """
+    return tuple(
+        slice(min(max(sl.start - s, 0), n), min(max(sl.stop - s, 0), n))
+        for sl, s, n in zip(inside, starts, lengths, strict=True)
+    )
+
+
+def _outside(inner: tuple[slice, ...], lengths: Sequence[int]) -> list[Index]:
+    """Index tuples covering the parts of a box of ``lengths`` outside the ``inner`` box."""
+    regions: list[Index] = []
+    for axis, (sl, length) in enumerate(zip(inner, lengths, strict=True)):
+        before = list(inner[:axis])
+        after = [slice(None)] * (len(lengths) - axis - 1)
+        if sl.start > 0:
+            regions.append((*before, slice(0, sl.start), *after))
+        if sl.stop < length:
+            regions.append((*before, slice(sl.stop, length), *after))
+    return regions
