@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from convcli import ConvSpec
 from convcli.cli import app
-from convcli.streaming import chunk_images
+from convcli.memory import chunk_images
 
 runner = CliRunner()
 BUDGET = "256K"
