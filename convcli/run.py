@@ -175,7 +175,7 @@ class RunOptions:
         object.__setattr__(self, "protect", tuple(Path(p) for p in self.protect))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
 class RunInputs:
     """The tensors of one run, in the spec's layout, and where each came from.
 
@@ -237,7 +237,7 @@ class RunInputs:
         return self.origins.get(name, default)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
 class Tensor:
     """A tensor in a run: its data, role (``"input"`` or ``"output"``) and origin.
 
@@ -261,7 +261,7 @@ class Tensor:
         return summarize(np.asarray(self.array))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
 class RunResult:
     """Everything a run produced: ``tensors`` in display order (inputs, then outputs).
 
