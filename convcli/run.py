@@ -1,55 +1,275 @@
-"""One forward or backward run: the library behind ``convcli forward`` / ``convcli backward``.
+"""One forward or backward run, in memory or streamed: the library behind ``forward``/``backward``.
 
-Takes arrays (x, w, b, optional dz, in the spec's layout) and a :class:`ConvSpec`, runs an engine,
-writes the outputs when asked (``out``), and returns a :class:`RunResult` holding every
-tensor with its role, origin and summary statistics. When x is an HDF5 dataset left on disk
-(:class:`~convcli.io.loading.DatasetRef`), the run streams it: see :mod:`convcli.streaming`.
+:func:`run_forward` and :func:`run_backward` take the tensors of a layer (:class:`RunInputs`:
+x, w, b and dz in the spec's layout), a :class:`~convcli.spec.ConvSpec` and
+:class:`RunOptions`, and return a :class:`RunResult` holding every tensor with its role,
+origin and summary statistics.
+
+There is one pipeline. The batch is cut into blocks of images along its first axis and each
+block goes through the same steps: read (and check for NaN/Inf), forward, upstream gradient,
+backward, statistics, output rows; dw and db are summed over the blocks. A run whose tensors
+are all in memory is one block. When x (or dz) is left on disk (a row source such as
+:class:`~convcli.io.loading.DatasetRef`), the run is *streamed*: blocks are sized so that
+they take half the workspace (:func:`convcli.memory.chunk_images`), each input file is read
+through one handle and checked after every block to be the version that was loaded
+(:meth:`~convcli.io.loading.OpenDataset.verify`), statistics are merged block by block
+(:class:`~convcli.stats.RunningStats`) and the output rows go to an HDF5 file as they are
+computed (through a temporary file renamed into place, as every output).
+
+:func:`run_gradcheck` and :func:`run_impl_check` are the library behind ``gradcheck``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
+import h5py
 import numpy as np
 
+from convcli.check import Tolerance, gradcheck
+from convcli.check.userimpl import SUITE, check_impl, load_impl
+from convcli.check.userproc import DEFAULT_TIMEOUT
 from convcli.engine.fast import DEFAULT_WORKSPACE, conv_backward, conv_forward, scratch_bytes
+from convcli.engine.operands import check_finite, check_float_dtype
 from convcli.engine.reference import conv_backward_reference, conv_forward_reference
-from convcli.errors import ConvcliNotice, UsageError
+from convcli.errors import ConvcliNotice, ShapeError, UsageError
+from convcli.io.loading import DatasetRef, FileIdentity, Loaded
+from convcli.io.writing import (
+    atomic_output,
+    check_target,
+    output_format,
+    write_hdf5_attrs,
+    write_tensors,
+)
+from convcli.memory import (
+    check_memory,
+    chunk_images,
+    in_memory_run_needs,
+    streamed_run_needs,
+)
 from convcli.spec import ConvSpec, Geometry
-from convcli.stats import summarize
+from convcli.stats import RunningStats, summarize
 
 ENGINES = {
     "fast": (conv_forward, conv_backward),
     "reference": (conv_forward_reference, conv_backward_reference),
 }
 UPSTREAMS = ("z", "ones", "random")
+Progress = Callable[[int, int], None]
 
 
-@dataclass
-class Tensor:
-    """A tensor in a run: its data, role ("input" or "output") and where it came from.
+class OpenRows(Protocol):
+    """A row source held open for a whole run (see :class:`RowSource`)."""
 
-    ``array`` is an ndarray, or for a streamed tensor something indexable that reads from
-    disk (or None when it was not kept); ``stats`` then holds its streamed summary.
+    def read(self, start: int, stop: int) -> np.ndarray: ...
+
+    def verify(self) -> None: ...
+
+    def __enter__(self) -> OpenRows: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """A batch-sized tensor left on disk and read in blocks of its first axis.
+
+    :class:`~convcli.io.loading.DatasetRef` is one. ``open(name)`` holds the file open for
+    the run; its ``read(start, stop)`` returns rows ``start:stop`` and ``verify()`` refuses
+    a file that changed since it was loaded. Indexing reads a part (for slices).
     """
 
-    array: object
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    @property
+    def origin(self) -> str: ...
+
+    def open(self, name: str | None = None) -> OpenRows: ...
+
+    def __getitem__(self, index: Any) -> np.ndarray: ...
+
+
+Batch = np.ndarray | RowSource  # x or dz: in memory, or rows on disk
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """How dz is made when none is given.
+
+    ``mode``: ``"z"`` (dz = z, the loss ½‖z‖²), ``"ones"`` (the loss Σz) or ``"random"``
+    (standard normal from a generator seeded with ``seed``). A generated dz's origin is this
+    object (the command line shows it in its own words).
+    """
+
+    mode: str = "z"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in UPSTREAMS:
+            raise UsageError(
+                f"{{param}} {self.mode!r}: choose from {', '.join(UPSTREAMS)}", param="upstream"
+            )
+
+    def generator(self) -> np.random.Generator:
+        """A fresh generator for one run (seeded with ``seed``)."""
+        return np.random.default_rng(self.seed)
+
+    def gradient(self, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """dz for z (any shape; the dtype of z): z itself, ones, or standard normal from ``rng``.
+
+        Called block by block with one ``rng``, it draws the same numbers as one call on the
+        whole z.
+        """
+        if self.mode == "z":
+            return z.copy()
+        if self.mode == "ones":
+            return np.ones_like(z)
+        return rng.standard_normal(z.shape).astype(z.dtype)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run: engine, budgets, output and checks (every field has a default).
+
+    Attributes
+    ----------
+    engine : ``"fast"`` or ``"reference"``.
+    workspace : scratch budget in bytes; a run whose x is bigger is streamed by the loader,
+        and a streamed run keeps its blocks within half of it.
+    threads : tiles processed in parallel by the fast engine (None: as many as BLAS threads).
+    out : ``.npz`` or ``.h5`` path to write the outputs and hyperparameters to (atomically);
+        HDF5 only for a streamed run.
+    force : replace an existing ``out``.
+    protect : files ``out`` must never be (the inputs).
+    allow_nonfinite : run even when inputs hold NaN or Inf.
+    max_memory : refuse, before it starts, a run estimated to need more bytes (None: no limit).
+    upstream : how dz is made when none is given (backward).
+    """
+
+    engine: str = "fast"
+    workspace: int = DEFAULT_WORKSPACE
+    threads: int | None = None
+    out: Path | None = None
+    force: bool = False
+    protect: tuple[Path, ...] = ()
+    allow_nonfinite: bool = False
+    max_memory: int | None = None
+    upstream: Upstream = field(default_factory=Upstream)
+
+    def __post_init__(self) -> None:
+        engine_functions(self.engine)
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "protect", tuple(Path(p) for p in self.protect))
+
+
+@dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
+class RunInputs:
+    """The tensors of one run, in the spec's layout, and where each came from.
+
+    Attributes
+    ----------
+    x : ndarray or RowSource
+        ``(n, *spatial, Cin)`` channels last or ``(n, Cin, *spatial)`` channels first.
+    w : ndarray
+        ``(*kernel, Cin/groups, Cout)`` channels last or ``(Cout, Cin/groups, *kernel)``.
+    b : ndarray, optional
+        ``(Cout,)`` or broadcastable against z.
+    dz : ndarray or RowSource, optional
+        The upstream gradient, shape of z (backward only).
+    origins : mapping of str to str
+        Role -> where it came from (``"layer.h5:/x"``); "given" when absent (a row source
+        names its own origin).
+    """
+
+    x: Batch
+    w: np.ndarray
+    b: np.ndarray | None = None
+    dz: Batch | None = None
+    origins: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, Any], origins: Mapping[str, str] | None = None) -> RunInputs:
+        """From role -> array-like (``"x"``, ``"w"``, optional ``"b"``, ``"dz"``)."""
+
+        def held(value: Any) -> Any:
+            return value if value is None or isinstance(value, RowSource) else np.asarray(value)
+
+        return cls(
+            x=held(arrays["x"]),
+            w=np.asarray(arrays["w"]),
+            b=held(arrays.get("b")),
+            dz=held(arrays.get("dz")),
+            origins=dict(origins or {}),
+        )
+
+    @classmethod
+    def from_loaded(cls, loaded: Loaded) -> RunInputs:
+        """The tensors gathered from a command's files (:func:`convcli.io.loading.load_tensors`)."""
+        return cls.of(loaded.arrays, loaded.origins)
+
+    def given(self) -> dict[str, Batch]:
+        """Role -> tensor for the tensors given, in the order x, w, b, dz."""
+        values = {"x": self.x, "w": self.w, "b": self.b, "dz": self.dz}
+        return {name: value for name, value in values.items() if value is not None}
+
+    @property
+    def streamed(self) -> bool:
+        """True when x or dz is left on disk, to be read in blocks."""
+        return isinstance(self.x, RowSource) or isinstance(self.dz, RowSource)
+
+    def origin(self, name: str) -> str:
+        """Where the tensor ``name`` came from."""
+        value = self.given()[name]
+        default = value.origin if isinstance(value, RowSource) else "given"
+        return self.origins.get(name, default)
+
+
+@dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
+class Tensor:
+    """A tensor in a run: its data, role (``"input"`` or ``"output"``) and origin.
+
+    ``array`` is an ndarray; for a streamed tensor, a :class:`RowSource` that reads it from
+    disk, or None when it was not kept; ``stats`` then holds its streamed summary.
+    ``origin`` is text (``"layer.h5:/x"``, ``"given"``, ``"computed"``) or, for a dz made
+    by the run, the :class:`Upstream` that made it.
+    """
+
+    array: np.ndarray | RowSource | None
     role: str
-    origin: str
+    origin: str | Upstream
     stats: dict | None = None
 
     def summary(self) -> dict:
-        """shape, dtype, mean, std, min, max (see :func:`convcli.stats.summarize`)."""
-        if self.stats is None:
-            self.stats = summarize(self.array)
-        return self.stats
+        """shape, dtype, nonfinite, mean, std, min, max (see :func:`convcli.stats.summarize`)."""
+        return self.stats if self.stats is not None else self._summary
+
+    @cached_property
+    def _summary(self) -> dict:
+        return summarize(np.asarray(self.array))
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
 class RunResult:
-    """Everything a run produced, in display order (inputs first)."""
+    """Everything a run produced: ``tensors`` in display order (inputs, then outputs).
+
+    ``outputs`` names the tensors written to ``out``: ``("z",)`` forward, ``("dx", "dw")``
+    or ``("dx", "dw", "db")`` backward. ``hparams`` are the resolved hyperparameters
+    (:meth:`~convcli.spec.Geometry.hparams`); ``notices`` the distinct
+    :class:`~convcli.errors.ConvcliNotice` messages raised on the way.
+    """
 
     command: str
     engine: str
@@ -60,180 +280,73 @@ class RunResult:
     notices: list[str] = field(default_factory=list)
     streamed: bool = False
 
-    def arrays(self) -> dict:
-        """Name -> data for ``--slice``: arrays, or readers of streamed tensors on disk."""
+    def arrays(self) -> dict[str, np.ndarray | RowSource]:
+        """Name -> data for slices: arrays, or readers of streamed tensors on disk."""
         return {name: t.array for name, t in self.tensors.items() if t.array is not None}
 
 
-def engine_functions(name: str):
+def engine_functions(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """(forward, backward) of the engine called ``name``."""
     if name not in ENGINES:
-        raise UsageError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+        raise UsageError(
+            f"unknown {{param}} {name!r}; choose from {', '.join(ENGINES)}", param="engine"
+        )
     return ENGINES[name]
 
 
-def _is_streamed(arrays) -> bool:
-    from convcli.io.loading import DatasetRef
-
-    return isinstance(arrays.get("x"), DatasetRef)
-
-
 def run_forward(
-    arrays: dict,
+    inputs: RunInputs,
     spec: ConvSpec,
-    *,
-    engine: str = "fast",
-    origins: dict[str, str] | None = None,
-    workspace: int = DEFAULT_WORKSPACE,
-    threads: int | None = None,
-    out=None,
-    force: bool = False,
-    protect=(),
-    progress=None,
-    allow_nonfinite: bool = False,
-    max_memory: int | None = None,
+    options: RunOptions | None = None,
+    progress: Progress | None = None,
 ) -> RunResult:
-    """Run ``z = conv(x, w) + b``; ``arrays`` holds x, w and b in ``spec.layout``.
+    """Run ``z = conv(x, w) + b`` on ``inputs`` (in ``spec.layout``); z is in the same layout.
 
-    x is ``(n, *spatial, Cin)`` and w ``(*kernel, Cin/groups, Cout)`` channels last, or
-    ``(n, Cin, *spatial)`` and ``(Cout, Cin/groups, *kernel)`` channels first; every tensor
-    of the result (z, and its statistics) is in the same layout.
+    Parameters
+    ----------
+    inputs : RunInputs
+        x ``(n, *spatial, Cin)`` and w ``(*kernel, Cin/groups, Cout)`` channels last, or
+        ``(n, Cin, *spatial)`` and ``(Cout, Cin/groups, *kernel)`` channels first; b
+        optional. float32/float64 (integers are computed in float64, with a notice).
+    spec : ConvSpec
+    options : RunOptions, optional
+        ``out`` gets z and the hyperparameters.
+    progress : callable, optional
+        ``progress(done, total)`` after every block of images.
 
-    ``out``: a ``.npz`` or ``.h5`` path to write z and the hyperparameters to (atomically;
-    an existing file only with ``force``; never one of ``protect``). NaN/Inf in the inputs
-    are refused unless ``allow_nonfinite``; a run whose inputs, outputs and workspace would
-    exceed ``max_memory`` bytes is refused before it starts.
+    Raises
+    ------
+    NonFiniteError
+        NaN/Inf in an input, unless ``allow_nonfinite``.
+    MemoryLimitError
+        The run would need more than ``max_memory``; refused before it starts.
+    DataError, UsageError, OutputError
+        Bad tensors, options or output target (checked before any work).
     """
-    if _is_streamed(arrays):
-        from convcli.streaming import stream_run
-
-        return stream_run(
-            "forward",
-            arrays,
-            spec,
-            engine=engine,
-            origins=origins,
-            workspace=workspace,
-            threads=threads,
-            out=out,
-            force=force,
-            protect=protect,
-            progress=progress,
-            allow_nonfinite=allow_nonfinite,
-            max_memory=max_memory,
-        )
-    forward, _ = engine_functions(engine)
-    origins = origins or {}
-    _check_out(out, force, protect)
-    _check_inputs(arrays, spec, workspace, max_memory, allow_nonfinite, backward=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvcliNotice)
-        start = time.perf_counter()
-        z, cache = forward(
-            arrays["x"], arrays["w"], arrays.get("b"), spec, workspace=workspace, threads=threads
-        )
-        seconds = time.perf_counter() - start
-    tensors = _inputs(arrays, ("x", "w", "b"), origins)
-    tensors["z"] = Tensor(z, "output", "computed")
-    result = RunResult(
-        command="forward",
-        engine=engine,
-        hparams=cache.geometry.hparams(),
-        tensors=tensors,
-        seconds=seconds,
-        outputs=("z",),
-        notices=notices_of(caught),
-    )
-    _write(result, out, force, protect)
-    return result
+    return _run("forward", inputs, spec, options or RunOptions(), progress)
 
 
 def run_backward(
-    arrays: dict,
+    inputs: RunInputs,
     spec: ConvSpec,
-    *,
-    engine: str = "fast",
-    upstream: str = "z",
-    seed: int | None = None,
-    origins: dict[str, str] | None = None,
-    workspace: int = DEFAULT_WORKSPACE,
-    threads: int | None = None,
-    out=None,
-    force: bool = False,
-    protect=(),
-    progress=None,
-    allow_nonfinite: bool = False,
-    max_memory: int | None = None,
+    options: RunOptions | None = None,
+    progress: Progress | None = None,
 ) -> RunResult:
-    """Run forward then backward; dz is ``arrays["dz"]`` when present, else from ``upstream``.
+    """Run forward, then backward for dz = ``inputs.dz`` (else made by ``options.upstream``).
 
-    ``upstream``: ``"z"`` (dz = z, the loss ½‖z‖²), ``"ones"`` (loss Σz) or ``"random"``
-    (standard normal, seeded by ``seed``). ``out``, ``allow_nonfinite`` and ``max_memory``
-    as in :func:`run_forward`; ``out`` gets dx, dw, db.
+    As :func:`run_forward`; dz has the shape of z, dx of x, dw of w and db of b (all in
+    ``spec.layout``). ``out`` gets dx, dw and db.
     """
-    if upstream not in UPSTREAMS:
-        raise UsageError(f"--upstream {upstream!r}: choose from {', '.join(UPSTREAMS)}")
-    if _is_streamed(arrays):
-        from convcli.streaming import stream_run
-
-        return stream_run(
-            "backward",
-            arrays,
-            spec,
-            engine=engine,
-            upstream=upstream,
-            seed=seed,
-            origins=origins,
-            workspace=workspace,
-            threads=threads,
-            out=out,
-            force=force,
-            protect=protect,
-            progress=progress,
-            allow_nonfinite=allow_nonfinite,
-            max_memory=max_memory,
-        )
-    forward, backward = engine_functions(engine)
-    origins = dict(origins or {})
-    _check_out(out, force, protect)
-    _check_inputs(arrays, spec, workspace, max_memory, allow_nonfinite, backward=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvcliNotice)
-        start = time.perf_counter()
-        z, cache = forward(
-            arrays["x"], arrays["w"], arrays.get("b"), spec, workspace=workspace, threads=threads
-        )
-        dz = arrays.get("dz")
-        if dz is None:
-            dz = upstream_gradient(z, upstream, np.random.default_rng(seed))
-            origins["dz"] = upstream_origin(upstream, seed)
-        dx, dw, db = backward(dz, cache)
-        seconds = time.perf_counter() - start
-    tensors = _inputs(arrays, ("x", "w", "b"), origins)
-    tensors["z"] = Tensor(z, "output", "computed")
-    tensors["dz"] = Tensor(np.asarray(dz), "input", origins.get("dz", "given"))
-    for name, value in zip(("dx", "dw", "db"), (dx, dw, db), strict=True):
-        if value is not None:
-            tensors[name] = Tensor(value, "output", "computed")
-    result = RunResult(
-        command="backward",
-        engine=engine,
-        hparams=cache.geometry.hparams(),
-        tensors=tensors,
-        seconds=seconds,
-        outputs=("dx", "dw") if db is None else ("dx", "dw", "db"),
-        notices=notices_of(caught),
-    )
-    _write(result, out, force, protect)
-    return result
+    return _run("backward", inputs, spec, options or RunOptions(), progress)
 
 
-def tensor_shapes(command: str, geometry: Geometry, b_shape: tuple | None) -> dict:
+def tensor_shapes(
+    command: str, geometry: Geometry, b_shape: tuple[int, ...] | None
+) -> dict[str, tuple[int, ...]]:
     """Shape of every tensor of a ``command`` run as the caller sees it, in display order.
 
-    Both pipelines (in memory and streamed) take their shapes from here, in the spec's
-    layout (:meth:`~convcli.spec.Geometry.user_shapes`), never from the engine's
-    channels-last view. ``b_shape``: the shape b was given in, None without a bias.
+    Shapes are in the spec's layout (:meth:`~convcli.spec.Geometry.user_shapes`), never the
+    engine's channels-last view. ``b_shape``: the shape b was given in, None without a bias.
     """
     user = geometry.user_shapes()
     shapes = {"x": user["x"], "w": user["w"]}
@@ -247,102 +360,358 @@ def tensor_shapes(command: str, geometry: Geometry, b_shape: tuple | None) -> di
     return shapes
 
 
-def expected_shapes(command: str, arrays: dict, spec: ConvSpec, has_out: bool) -> dict:
-    """Shape of every tensor a run will have, before running it (for checking --slice).
+def expected_shapes(
+    command: str, inputs: RunInputs, spec: ConvSpec, has_out: bool
+) -> dict[str, tuple[int, ...] | None]:
+    """Shape of every tensor a run will have, before running it (for checking slices).
 
-    A tensor that a streamed run does not keep (and cannot read back) maps to None: z and
-    dx unless written to ``--out`` (forward's z), z in backward, and dz when it is made
-    block by block from ``--upstream``.
+    A tensor that a streamed run does not keep (and cannot read back) maps to None: z
+    (forward: unless written to an output file) and dx without an output file, and dz when
+    it is made block by block.
     """
-    x, w, b = arrays["x"], arrays["w"], arrays.get("b")
-    geometry = spec.geometry(tuple(x.shape), tuple(np.shape(w)))
-    shapes = tensor_shapes(command, geometry, None if b is None else np.shape(b))
-    if _is_streamed(arrays):
-        passed_through = {
+    b = inputs.b
+    geometry = spec.geometry(tuple(inputs.x.shape), tuple(inputs.w.shape))
+    shapes: dict[str, tuple[int, ...] | None] = dict(
+        tensor_shapes(command, geometry, None if b is None else tuple(b.shape))
+    )
+    if inputs.streamed:
+        dropped = {
             "z": command == "backward" or not has_out,
-            "dz": arrays.get("dz") is None,
+            "dz": inputs.dz is None,
             "dx": not has_out,
         }
-        for name, dropped in passed_through.items():
-            if dropped and name in shapes:
+        for name, gone in dropped.items():
+            if gone and name in shapes:
                 shapes[name] = None
     return shapes
 
 
-def _check_inputs(arrays, spec, workspace, max_memory, allow_nonfinite, *, backward) -> None:
-    """Refuse NaN/Inf inputs (unless allowed) and runs that would not fit in max_memory."""
-    from convcli.engine.operands import check_finite, check_float_dtype
-    from convcli.memory import check_memory, nbytes
-
-    for name in ("x", "w", "b", "dz"):
-        if arrays.get(name) is not None:
-            check_float_dtype(name, np.asarray(arrays[name]).dtype)
-    if not allow_nonfinite:
-        for name in ("x", "w", "b", "dz"):
-            if arrays.get(name) is not None:
-                check_finite(name, arrays[name])
-    x, w = np.asarray(arrays["x"]), np.asarray(arrays["w"])
-    geometry = spec.geometry(x.shape, w.shape)
-    dtype = np.result_type(*(np.float64 if a.dtype.kind in "iu" else a.dtype for a in (x, w)))
-    needs = {
-        "inputs": sum(np.asarray(a).nbytes for a in arrays.values() if a is not None),
-        "outputs": nbytes(geometry.out_shape, dtype)
-        * (2 if backward else 1),  # z (and dz when it is made)
-        "workspace": scratch_bytes(geometry, dtype, workspace),
-    }
-    if backward:
-        needs["gradients"] = nbytes(x.shape, dtype) + nbytes(w.shape, dtype)
-    check_memory(needs, max_memory)
-
-
-def _check_out(out, force: bool, protect) -> None:
-    """Refuse a bad --out before any work is done."""
-    if out is not None:
-        from pathlib import Path
-
-        from convcli.io.writing import check_target, output_format
-
-        output_format(Path(out))
-        check_target(Path(out), force=force, protect=protect)
-
-
-def _write(result: RunResult, out, force: bool, protect) -> None:
-    if out is not None:
-        from convcli.io.writing import write_tensors
-
-        outputs = {name: result.tensors[name].array for name in result.outputs}
-        write_tensors(out, outputs, result.hparams, force=force, protect=protect)
-
-
-def upstream_origin(mode: str, seed: int | None) -> str:
-    return f"--upstream {mode}" + (f" --seed {seed}" if mode == "random" else "")
-
-
-def upstream_gradient(z: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndarray:
-    """dz for ``--upstream``: z itself, ones, or standard normal from ``rng`` (dtype of z).
-
-    Streamed runs call this per chunk with one ``rng``, which draws the same numbers as one
-    call on the whole z.
-    """
-    if mode == "z":
-        return z.copy()
-    if mode == "ones":
-        return np.ones_like(z)
-    return rng.standard_normal(z.shape).astype(z.dtype)
-
-
-def _inputs(arrays, names, origins) -> dict[str, Tensor]:
-    return {
-        name: Tensor(np.asarray(arrays[name]), "input", origins.get(name, "given"))
-        for name in names
-        if arrays.get(name) is not None
-    }
-
-
-def notices_of(caught) -> list[str]:
+def notices_of(caught: Iterable[warnings.WarningMessage]) -> list[str]:
     """Distinct ConvcliNotice messages among caught warnings, in order."""
     messages = [str(w.message) for w in caught if issubclass(w.category, ConvcliNotice)]
     return list(dict.fromkeys(messages))
+
+
+# -- the pipeline --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A checked run: its shapes, its blocks of images and the engine's budget."""
+
+    command: str
+    geometry: Geometry
+    shapes: dict[str, tuple[int, ...]]
+    blocks: tuple[tuple[int, int], ...]
+    engine_workspace: int
+    streamed: bool
+
+    @property
+    def backward(self) -> bool:
+        return self.command == "backward"
+
+    @property
+    def written(self) -> str:
+        """The batch-sized output written to the output file."""
+        return "dx" if self.backward else "z"
+
+
+def _run(
+    command: str,
+    inputs: RunInputs,
+    spec: ConvSpec,
+    options: RunOptions,
+    progress: Progress | None,
+) -> RunResult:
+    forward, backward = engine_functions(options.engine)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvcliNotice)
+        plan = _plan(command, inputs, spec, options)
+        sink: _Sink = _StreamedSink(plan, options) if plan.streamed else _KeptSink(plan, options)
+        with contextlib.ExitStack() as stack:
+            sink.open(stack)
+            rows = _open_rows(stack, inputs, options)
+            start = time.perf_counter()
+            totals = _Totals()
+            rng = options.upstream.generator()
+            for number, (first, stop) in enumerate(plan.blocks, start=1):
+                x = rows["x"].read(first, stop)
+                sink.add("x", x, first, stop)
+                z, cache = forward(
+                    x,
+                    inputs.w,
+                    inputs.b,
+                    spec,
+                    workspace=plan.engine_workspace,
+                    threads=options.threads,
+                )
+                sink.add("z", z, first, stop)
+                if plan.backward:
+                    dz_rows = rows.get("dz")
+                    if dz_rows is not None:
+                        dz = dz_rows.read(first, stop)
+                    else:
+                        dz = options.upstream.gradient(z, rng)
+                    sink.add("dz", dz, first, stop)
+                    dx, dw, db = backward(dz, cache)
+                    sink.add("dx", dx, first, stop)
+                    totals.add(dw, db)
+                if progress is not None:
+                    progress(number, len(plan.blocks))
+                for opened in rows.values():  # after every block, so after the last too
+                    opened.verify()
+            seconds = time.perf_counter() - start
+            sink.finish(totals.arrays(), plan.geometry.hparams())
+    return RunResult(
+        command=command,
+        engine=options.engine,
+        hparams=plan.geometry.hparams(),
+        tensors=_tensors(plan, inputs, options, sink, totals),
+        seconds=seconds,
+        outputs=("z",) if not plan.backward else ("dx", *totals.arrays()),
+        notices=notices_of(caught),
+        streamed=plan.streamed,
+    )
+
+
+def _plan(command: str, inputs: RunInputs, spec: ConvSpec, options: RunOptions) -> _Plan:
+    """Check everything that can be checked before any work; cut the batch into blocks.
+
+    In order: the output target, dtypes, NaN/Inf in the tensors held in memory (streamed
+    rows are checked as they are read), shapes and hyperparameters, memory.
+    """
+    streamed = inputs.streamed
+    _check_out(inputs, options)
+    given = inputs.given()
+    for name, value in given.items():
+        check_float_dtype(name, value.dtype)
+    if not options.allow_nonfinite:
+        for name, value in given.items():
+            if not isinstance(value, RowSource):
+                check_finite(name, value)
+    geometry = spec.geometry(tuple(inputs.x.shape), tuple(inputs.w.shape))
+    b_shape = None if inputs.b is None else tuple(inputs.b.shape)
+    shapes = tensor_shapes(command, geometry, b_shape)
+    if command == "backward" and inputs.dz is not None and tuple(inputs.dz.shape) != shapes["z"]:
+        raise ShapeError(
+            f"dz has shape {tuple(inputs.dz.shape)}; the forward output z has shape {shapes['z']}"
+        )
+    dtype = _compute_dtype(value.dtype for name, value in given.items() if name != "dz")
+    backward = command == "backward"
+    workspace = options.workspace
+    if streamed:
+        weights = inputs.w.nbytes + (0 if inputs.b is None else inputs.b.nbytes)
+        check_memory(
+            streamed_run_needs(weight_bytes=weights, workspace=workspace), options.max_memory
+        )
+        per_block = chunk_images(geometry, dtype, workspace, backward)
+        engine_workspace = max(1, workspace - workspace // 2)
+    else:
+        needs = in_memory_run_needs(
+            geometry,
+            dtype,
+            input_bytes=sum(np.asarray(value).nbytes for value in given.values()),
+            scratch=scratch_bytes(geometry, dtype, workspace),
+            backward=backward,
+        )
+        check_memory(needs, options.max_memory)
+        per_block, engine_workspace = max(1, geometry.n), workspace
+    blocks = tuple((i, min(i + per_block, geometry.n)) for i in range(0, geometry.n, per_block))
+    return _Plan(command, geometry, shapes, blocks or ((0, 0),), engine_workspace, streamed)
+
+
+def _compute_dtype(dtypes: Iterable[np.dtype]) -> np.dtype:
+    """The dtype the engine computes in (integers count as float64)."""
+    floats = [np.float64 if np.dtype(d).kind in "iu" else np.dtype(d) for d in dtypes]
+    return np.result_type(*floats)
+
+
+def _check_out(inputs: RunInputs, options: RunOptions) -> None:
+    """Refuse a bad output target before any work is done."""
+    out = options.out
+    if out is None:
+        return
+    if output_format(out) != "hdf5" and inputs.streamed:
+        name = "x" if isinstance(inputs.x, RowSource) else "dz"
+        raise UsageError(
+            f"{{param}} {out}: {name} is streamed from disk (larger than the workspace), so "
+            "outputs are written chunk by chunk to HDF5; use {param} FILE.h5",
+            param="out",
+        )
+    check_target(out, force=options.force, protect=options.protect)
+
+
+class _Rows:
+    """Blocks of x or dz: slices of an array, or reads through an open row source (checked
+    for NaN/Inf as they are read, and for a changed file after every block)."""
+
+    def __init__(self, name: str, data: np.ndarray | OpenRows, check: bool):
+        self.name = name
+        self.data = data
+        self.check = check
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if isinstance(self.data, np.ndarray):
+            return self.data[start:stop]
+        rows = self.data.read(start, stop)
+        if self.check:
+            check_finite(f"{self.name} (images {start}-{stop - 1})", rows, offset=start)
+        return rows
+
+    def verify(self) -> None:
+        if not isinstance(self.data, np.ndarray):
+            self.data.verify()
+
+
+def _open_rows(
+    stack: contextlib.ExitStack, inputs: RunInputs, options: RunOptions
+) -> dict[str, _Rows]:
+    """x and dz as blocks; each row source is opened once, for the whole run."""
+    rows = {}
+    for name, value in (("x", inputs.x), ("dz", inputs.dz)):
+        if value is None:
+            continue
+        data = stack.enter_context(value.open(name)) if isinstance(value, RowSource) else value
+        rows[name] = _Rows(name, data, check=not options.allow_nonfinite)
+    return rows
+
+
+class _Totals:
+    """dw and db summed over the blocks."""
+
+    def __init__(self) -> None:
+        self.dw: np.ndarray | None = None
+        self.db: np.ndarray | None = None
+
+    def add(self, dw: np.ndarray, db: np.ndarray | None) -> None:
+        self.dw = dw if self.dw is None else self.dw + dw
+        if db is not None:
+            self.db = db if self.db is None else self.db + db
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``{"dw", "db"}`` as far as computed (none for a forward run)."""
+        return {name: a for name, a in (("dw", self.dw), ("db", self.db)) if a is not None}
+
+
+class _Sink(Protocol):
+    """Where the batch-sized tensors of a run go, block by block."""
+
+    def open(self, stack: contextlib.ExitStack) -> None: ...
+
+    def add(self, name: str, rows: np.ndarray, start: int, stop: int) -> None: ...
+
+    def finish(self, totals: Mapping[str, np.ndarray], hparams: dict) -> None: ...
+
+    def tensor(
+        self, name: str, role: str, origin: str | Upstream, source: Any = None
+    ) -> Tensor: ...
+
+
+class _KeptSink:
+    """In memory: blocks are kept (one block: the engine's array itself); the output file,
+    if any, is written at the end (:func:`~convcli.io.writing.write_tensors`)."""
+
+    def __init__(self, plan: _Plan, options: RunOptions):
+        self.plan = plan
+        self.options = options
+        self.blocks: dict[str, list[np.ndarray]] = {}
+
+    def open(self, stack: contextlib.ExitStack) -> None:
+        pass
+
+    def add(self, name: str, rows: np.ndarray, start: int, stop: int) -> None:
+        self.blocks.setdefault(name, []).append(rows)
+
+    def finish(self, totals: Mapping[str, np.ndarray], hparams: dict) -> None:
+        out = self.options.out
+        if out is not None:
+            outputs = {self.plan.written: self._array(self.plan.written), **totals}
+            write_tensors(
+                out, outputs, hparams, force=self.options.force, protect=self.options.protect
+            )
+
+    def tensor(self, name: str, role: str, origin: str | Upstream, source: Any = None) -> Tensor:
+        array = self._array(name) if source is None else source
+        return Tensor(np.asarray(array), role, origin)
+
+    def _array(self, name: str) -> np.ndarray:
+        blocks = self.blocks[name]
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+
+class _StreamedSink:
+    """Streamed: statistics merged block by block, the written output's rows going straight
+    into the HDF5 output file (a temporary file until the run succeeds)."""
+
+    def __init__(self, plan: _Plan, options: RunOptions):
+        self.plan = plan
+        self.out = options.out
+        self.stats: dict[str, RunningStats] = {}
+        self.h5: h5py.File | None = None
+
+    def open(self, stack: contextlib.ExitStack) -> None:
+        if self.out is not None:
+            fd, temp = stack.enter_context(atomic_output(self.out))
+            os.close(fd)
+            self.h5 = stack.enter_context(h5py.File(temp, "w"))
+
+    def add(self, name: str, rows: np.ndarray, start: int, stop: int) -> None:
+        if name not in self.stats:
+            self.stats[name] = RunningStats(self.plan.shapes[name], rows.dtype)
+        self.stats[name].update(rows)
+        if self.h5 is not None and name == self.plan.written:
+            if name not in self.h5:
+                self.h5.create_dataset(name, shape=self.plan.shapes[name], dtype=rows.dtype)
+            self.h5[name][start:stop] = rows
+
+    def finish(self, totals: Mapping[str, np.ndarray], hparams: dict) -> None:
+        if self.h5 is not None:
+            for name, array in totals.items():
+                self.h5.create_dataset(name, data=array)
+            write_hdf5_attrs(self.h5, hparams)
+
+    def tensor(self, name: str, role: str, origin: str | Upstream, source: Any = None) -> Tensor:
+        if source is None and name == self.plan.written:
+            source = self._written()
+        return Tensor(source, role, origin, self.stats[name].summary())
+
+    def _written(self) -> DatasetRef | None:
+        """The written output, read back from the output file (once it is in place)."""
+        if self.out is None:
+            return None
+        name = self.plan.written
+        stats = self.stats[name]
+        return DatasetRef(
+            path=self.out.resolve(),
+            key=f"/{name}",
+            shape=stats.shape,
+            dtype=stats.dtype,
+            origin=f"{self.out}:/{name}",
+            identity=FileIdentity.of(self.out.stat()),
+        )
+
+
+def _tensors(
+    plan: _Plan, inputs: RunInputs, options: RunOptions, sink: _Sink, totals: _Totals
+) -> dict[str, Tensor]:
+    """Every tensor of the run, in display order: x, w, b, z, then dz, dx, dw, db."""
+    tensors = {"x": sink.tensor("x", "input", inputs.origin("x"), inputs.x)}
+    tensors["w"] = Tensor(inputs.w, "input", inputs.origin("w"))
+    if inputs.b is not None:
+        tensors["b"] = Tensor(inputs.b, "input", inputs.origin("b"))
+    tensors["z"] = sink.tensor("z", "output", "computed")
+    if plan.backward:
+        if inputs.dz is not None:
+            tensors["dz"] = sink.tensor("dz", "input", inputs.origin("dz"), inputs.dz)
+        else:
+            tensors["dz"] = sink.tensor("dz", "input", options.upstream)
+        tensors["dx"] = sink.tensor("dx", "output", "computed")
+        for name, array in totals.arrays().items():
+            tensors[name] = Tensor(array, "output", "computed")
+    return tensors
+
+
+# -- gradient checks -----------------------------------------------------------------------
 
 
 @dataclass
@@ -350,7 +719,8 @@ class GradcheckRun:
     """One or more gradient checks, as the ``gradcheck`` command reports them.
 
     ``results`` holds ``(config, GradcheckResult or None, error or None)`` per configuration;
-    with ``--impl``, ``impl_results`` holds a :class:`~convcli.check.userimpl.ConfigResult` each.
+    for a user implementation, ``impl_results`` holds a
+    :class:`~convcli.check.userimpl.ConfigResult` each.
     """
 
     mode: str
@@ -359,7 +729,9 @@ class GradcheckRun:
     notices: list[str] = field(default_factory=list)
     impl: str | None = None
     impl_results: list = field(default_factory=list)
-    tolerance: object = None  # the Tolerance of an --impl run (engine checks carry their own)
+    tolerance: Tolerance | None = (
+        None  # of a user-implementation run (engine checks carry their own)
+    )
 
     @property
     def passed(self) -> bool:
@@ -375,57 +747,58 @@ class GradcheckRun:
 
 
 def run_gradcheck(
-    arrays: dict[str, np.ndarray],
+    inputs: RunInputs,
     spec: ConvSpec,
     *,
-    upstream: str = "random",
-    seed: int | None = None,
-    progress=None,
-    **options,
+    upstream: Upstream | None = None,
+    progress: Progress | None = None,
+    **options: Any,
 ) -> GradcheckRun:
     """Gradient-check convcli's engine on x, w, b (and dz if given), in float64.
 
-    ``options`` go to :func:`convcli.check.gradients.gradcheck` (mode, samples, probes, tolerance).
+    ``inputs`` are in memory, in ``spec.layout`` (see :class:`RunInputs`). g (the upstream
+    gradient) is ``inputs.dz`` when given, else made by ``upstream`` (default: random, seed
+    None); the check's own random choices are seeded with ``upstream.seed`` (0 when None).
+    ``options`` go to :func:`convcli.check.gradcheck` (mode, samples, probes, tolerance).
     """
-    from convcli.check.gradients import gradcheck
-
-    if upstream not in UPSTREAMS:
-        raise UsageError(f"--upstream {upstream!r}: choose from {', '.join(UPSTREAMS)}")
+    upstream = upstream or Upstream("random")
+    if inputs.streamed:
+        raise UsageError("gradcheck needs x and dz in memory, not read from disk in blocks")
+    x = np.asarray(inputs.x)
     notices = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvcliNotice)
-        z, cache = conv_forward(arrays["x"], arrays["w"], arrays.get("b"), spec)
+        z, cache = conv_forward(x, inputs.w, inputs.b, spec)
     notices += notices_of(caught)
     if cache.dtype != np.float64:
         notices.append(f"gradcheck runs in float64: inputs upcast from {cache.dtype}")
     geometry = cache.geometry
-    g = arrays.get("dz")
+    g = inputs.dz
     if g is None:
-        g = upstream_gradient(z.astype(np.float64), upstream, np.random.default_rng(seed))
+        g = upstream.gradient(z.astype(np.float64), upstream.generator())
     elif np.shape(g) != geometry.user_out_shape:
-        from convcli.errors import ShapeError
-
         raise ShapeError(
             f"dz has shape {np.shape(g)}; the forward output z has shape {geometry.user_out_shape}"
         )
-    b = arrays.get("b")
+    b = inputs.b
     start = time.perf_counter()
     check = gradcheck(  # in the caller's layout; float64 (cache.x is channels last)
-        np.asarray(arrays["x"], dtype=np.float64),
-        np.asarray(arrays["w"], dtype=np.float64),
+        x.astype(np.float64, copy=False),
+        np.asarray(inputs.w, dtype=np.float64),
         None if b is None else np.asarray(b).reshape(-1),
         spec,
         upstream=np.asarray(g, dtype=np.float64),
-        seed=0 if seed is None else seed,
+        seed=0 if upstream.seed is None else upstream.seed,
         progress=progress,
         **options,
     )
+    hparams = geometry.hparams()
     config = {
-        "shape": list(np.shape(arrays["x"])),  # as given (channels first for nchw)
+        "shape": list(x.shape),  # as given (channels first for nchw)
         "kernel": list(geometry.kernel),
         "cout": geometry.cout,
-        **{k: v for k, v in geometry.hparams().items() if k != "padding"},
-        "pad": geometry.hparams()["padding"],
+        **{k: v for k, v in hparams.items() if k != "padding"},
+        "pad": hparams["padding"],
     }
     return GradcheckRun(
         mode=check.mode,
@@ -436,32 +809,29 @@ def run_gradcheck(
 
 
 def run_impl_check(
-    path,
-    configs=None,
+    path: str | os.PathLike[str],
+    configs: Iterable[Any] | None = None,
     *,
     seed: int | None = None,
-    progress=None,
-    tolerance=None,
+    progress: Progress | None = None,
+    tolerance: Tolerance | None = None,
     timeout: float | None = None,
     max_memory: int | None = None,
 ) -> GradcheckRun:
-    """Check the user's conv_forward/conv_backward in ``path`` on ``configs`` (default: SUITE),
-    each configuration in its own child process limited to ``timeout`` seconds and
-    ``max_memory`` bytes."""
-    from convcli.check.tolerance import Tolerance
-    from convcli.check.userimpl import SUITE, check_impl, load_impl
-    from convcli.check.userproc import DEFAULT_TIMEOUT
-
+    """Check the user's conv_forward/conv_backward in ``path`` on ``configs`` (default: the
+    suite, :data:`~convcli.check.userimpl.SUITE`), each configuration in its own child
+    process limited to ``timeout`` seconds and ``max_memory`` bytes."""
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     if not timeout > 0:
-        raise UsageError(f"timeout {timeout}: must be > 0 seconds")
+        raise UsageError(f"{{param}} {timeout}: must be > 0 seconds", param="timeout")
     impl = load_impl(path, timeout=timeout)
+    tolerance = tolerance or Tolerance()
     start = time.perf_counter()
     results = check_impl(
         impl,
         SUITE if configs is None else configs,
         seed=0 if seed is None else seed,
-        tolerance=tolerance or Tolerance(),
+        tolerance=tolerance,
         timeout=timeout,
         max_memory=max_memory,
         progress=progress,
@@ -472,5 +842,5 @@ def run_impl_check(
         seconds=time.perf_counter() - start,
         impl=str(path),
         impl_results=results,
-        tolerance=tolerance or Tolerance(),
+        tolerance=tolerance,
     )

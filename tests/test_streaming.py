@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from convcli import ConvSpec
 from convcli.cli import app
-from convcli.streaming import chunk_images
+from convcli.errors import UsageError
+from convcli.memory import chunk_images
+from convcli.run import RunOptions, Upstream
 
 runner = CliRunner()
 BUDGET = "256K"
@@ -109,6 +111,35 @@ def test_backward_streamed_equals_in_memory(big_h5, tmp_path, upstream):
         np.testing.assert_allclose(
             read(tmp_path / "s.h5", key), read(tmp_path / "m.h5", key), rtol=1e-12, atol=1e-12
         )
+
+
+def test_a_dz_bigger_than_the_workspace_is_streamed_with_x_in_memory(tmp_path):
+    """x (11 KiB) fits the budget, dz (720 KiB, Cout 64) does not: dz alone is streamed."""
+    rng = np.random.default_rng(5)
+    data = tmp_path / "wide.h5"
+    with h5py.File(data, "w") as f:
+        f["x"] = rng.standard_normal((16, 10, 9, 1))
+        f["w"] = rng.standard_normal((3, 3, 1, 64))
+        f["dz"] = rng.standard_normal((16, 10, 9, 64))
+        f.attrs["pad"] = 1
+    runs = {}
+    for kind, extra in (("streamed", ["--max-workspace", "100K"]), ("memory", [])):
+        runs[kind] = run_json("backward", data, *extra, "--out", tmp_path / f"{kind}.h5")
+    assert_same_stats(runs["streamed"], runs["memory"])
+    for key in ("dx", "dw"):
+        np.testing.assert_allclose(
+            read(tmp_path / "streamed.h5", key), read(tmp_path / "memory.h5", key), rtol=1e-12
+        )
+
+
+def test_run_options_name_the_parameter_at_fault():
+    with pytest.raises(UsageError) as bad_upstream:
+        Upstream("twice")
+    assert bad_upstream.value.param == "upstream"
+    assert str(bad_upstream.value) == "upstream 'twice': choose from z, ones, random"
+    with pytest.raises(UsageError) as bad_engine:
+        RunOptions(engine="gpu")
+    assert bad_engine.value.param == "engine"
 
 
 def test_chunks_respect_the_budget():

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from convcli import ConvSpec, DataError, conv_backward, conv_forward
 from convcli.cli import app
 from convcli.io.loading import DatasetRef, load_tensors
-from convcli.run import run_backward, run_forward, tensor_shapes
+from convcli.run import RunInputs, RunOptions, run_backward, run_forward, tensor_shapes
 
 runner = CliRunner()
 BUDGET = "16K"  # every x below is bigger, so it is streamed one image per block
@@ -244,11 +244,10 @@ def test_a_streamed_input_changed_during_the_run_is_refused(tmp_path, command, c
     run = run_forward if command == "forward" else run_backward
     with pytest.raises(DataError, match=r"layer\.h5 changed while it was read"):
         run(
-            loaded.arrays,
+            RunInputs.from_loaded(loaded),
             ConvSpec(padding=1),
-            workspace=16 * 1024,
+            RunOptions(workspace=16 * 1024, out=tmp_path / "out.h5"),
             progress=between_blocks,
-            out=tmp_path / "out.h5",
         )
     assert blocks[0] == 1
     assert not (tmp_path / "out.h5").exists()
@@ -260,7 +259,9 @@ def test_a_streamed_input_replaced_before_the_run_is_refused(tmp_path):
     loaded = load_streamed(data)
     os.replace(other_file(tmp_path), data)
     with pytest.raises(DataError, match=r"layer\.h5 changed"):
-        run_forward(loaded.arrays, ConvSpec(padding=1), workspace=16 * 1024)
+        run_forward(
+            RunInputs.from_loaded(loaded), ConvSpec(padding=1), RunOptions(workspace=16 * 1024)
+        )
 
 
 def test_cli_exits_65_when_the_streamed_file_is_replaced_mid_run(tmp_path, monkeypatch):

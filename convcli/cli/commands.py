@@ -44,7 +44,10 @@ from convcli.inspection import inspect_file
 from convcli.io.loading import load_tensors
 from convcli.io.writing import write_tensors
 from convcli.run import (
+    RunInputs,
+    RunOptions,
     RunResult,
+    Upstream,
     expected_shapes,
     run_backward,
     run_forward,
@@ -337,7 +340,7 @@ def _data_console() -> Console:
 
 def _check_slices(command, loaded, spec, out, slices, pictures) -> None:
     """Refuse bad --slice/--heatmap expressions before any work or any output file."""
-    shapes = expected_shapes(command, loaded.arrays, spec, out is not None)
+    shapes = expected_shapes(command, RunInputs.from_loaded(loaded), spec, out is not None)
     first = "z" if command == "forward" else "dx"
     for expr in slices:
         check_slice(expr, shapes, first)
@@ -516,6 +519,8 @@ def _run(
     max_workspace,
     max_memory,
     threads,
+    upstream="z",
+    seed=None,
     **options,
 ) -> None:
     """The shared body of forward and backward: load, check, run, render."""
@@ -531,16 +536,18 @@ def _run(
     run = run_forward if command == "forward" else run_backward
     with _blas_threads(threads), _progress(as_json, "chunks") as progress:
         result = run(
-            loaded.arrays,
+            RunInputs.from_loaded(loaded),
             spec,
-            origins=loaded.origins,
-            workspace=workspace,
-            threads=threads,
-            out=out,
-            protect=loaded.sources,
-            progress=progress,
-            max_memory=memory,
-            **options,
+            RunOptions(
+                workspace=workspace,
+                threads=threads,
+                out=out,
+                protect=tuple(loaded.sources),
+                max_memory=memory,
+                upstream=Upstream(upstream, seed),
+                **options,
+            ),
+            progress,
         )
     _finish(result, slices, as_json, out, pictures)
 
@@ -742,10 +749,9 @@ def gradcheck(
                     "give a data file, --x/--w, --shape with --kernel and --cout, or --impl"
                 )
             run = run_gradcheck(
-                arrays,
+                RunInputs.of(arrays),
                 spec,
-                upstream=(upstream or UpstreamName.random).value,
-                seed=seed,
+                upstream=Upstream((upstream or UpstreamName.random).value, seed),
                 mode=(mode or ModeName.auto).value,
                 samples=samples or DEFAULT_SAMPLES,
                 probes=probes or DEFAULT_PROBES,

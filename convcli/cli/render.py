@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from convcli.hparams import BY_NAME, format_hparams
-from convcli.run import RunResult
+from convcli.run import RunResult, Upstream
 from convcli.sweep import record_verdict
 
 
@@ -22,7 +22,11 @@ def result_json(
     """The ``--json`` document (command, hparams, engine, tensors, slices, heatmaps, ...)."""
     tensors = {}
     for name, tensor in result.tensors.items():
-        tensors[name] = {"role": tensor.role, "origin": tensor.origin, **tensor.summary()}
+        tensors[name] = {
+            "role": tensor.role,
+            "origin": origin_text(tensor.origin),
+            **tensor.summary(),
+        }
     document = {
         "command": result.command,
         "hparams": result.hparams,
@@ -34,6 +38,14 @@ def result_json(
         "streamed": result.streamed,
     }
     return json.dumps(document, allow_nan=False)
+
+
+def origin_text(origin: str | Upstream) -> str:
+    """Where a tensor came from, in the command line's words (a made dz: the flags that made it)."""
+    if isinstance(origin, Upstream):
+        seed = f" --seed {origin.seed}" if origin.mode == "random" else ""
+        return f"--upstream {origin.mode}{seed}"
+    return origin
 
 
 def _jsonable(value: np.ndarray):
@@ -64,7 +76,7 @@ def result_table(result: RunResult) -> Table:
     """
     h = result.hparams
     sources = "\n".join(
-        f"{name} ← {tensor.origin}"
+        f"{name} ← {origin_text(tensor.origin)}"
         for name, tensor in result.tensors.items()
         if tensor.role == "input"
     )

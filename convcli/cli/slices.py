@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -17,6 +19,15 @@ from convcli.errors import UsageError
 
 _EXPR = re.compile(r"^\s*(?:([A-Za-z_]\w*)\s*\[([^\[\]]*)\]|([^\[\]]*))\s*$", re.DOTALL)
 MAX_INDEX = 2**62
+
+
+class Sliceable(Protocol):
+    """An array, or a tensor left on disk that reads the part an index selects."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, index: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,7 @@ def _int(node, where) -> int:
     raise UsageError(f"{where}: only integers, start:stop:step and ... are allowed in an index")
 
 
-def take(expr: SliceExpr, tensors: dict[str, np.ndarray], default_name: str) -> np.ndarray:
+def take(expr: SliceExpr, tensors: Mapping[str, Sliceable], default_name: str) -> np.ndarray:
     """Apply the slice to the named tensor (or ``default_name``) and return the result.
 
     Raises
@@ -102,7 +113,12 @@ def take(expr: SliceExpr, tensors: dict[str, np.ndarray], default_name: str) -> 
     return np.asarray(array[expr.index])
 
 
-def check_slice(expr: SliceExpr, shapes: dict[str, tuple], default_name: str, flag="--slice"):
+def check_slice(
+    expr: SliceExpr,
+    shapes: Mapping[str, tuple[int, ...] | None],
+    default_name: str,
+    flag: str = "--slice",
+) -> tuple[int, ...]:
     """Check, before any work is done, that ``expr`` names a tensor and fits its shape.
 
     ``shapes`` maps the tensors a command will have to their shapes (None: the tensor exists
@@ -113,12 +129,13 @@ def check_slice(expr: SliceExpr, shapes: dict[str, tuple], default_name: str, fl
         raise UsageError(
             f"{flag} {expr.label(default_name)}: no tensor {name!r}; available: {', '.join(shapes)}"
         )
-    if shapes[name] is None:
+    shape = shapes[name]
+    if shape is None:
         raise UsageError(
             f"{flag} {expr.label(default_name)}: {name} is streamed through, not kept; "
             "give --out FILE.h5 to slice it from the written file"
         )
-    return _check_index(expr, name, tuple(shapes[name]), default_name, flag)
+    return _check_index(expr, name, tuple(shape), default_name, flag)
 
 
 def _check_index(expr, name, shape, default_name, flag="--slice") -> tuple:

@@ -153,7 +153,7 @@ def _run_actions(
         record["backward"] = {
             "dx": summarize(dx),
             "dw": summarize(dw),
-            "db": summarize(db),
+            "db": None if db is None else summarize(db),
             "seconds": time.perf_counter() - began,
         }
     if "gradcheck" in actions:
