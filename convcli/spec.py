@@ -80,10 +80,10 @@ def _ints(name: str, value, minimum: int) -> tuple[int, ...]:
         values = tuple(int(v) for v in value)
     else:
         raise HyperparameterError(
-            f"{name} must be an int or one int per spatial axis, got {value!r}"
+            f"{name} must be an int or one int per spatial axis, got {value!r}", param=name
         )
     if any(v < minimum for v in values):
-        raise HyperparameterError(f"{name} must be >= {minimum}, got {_show(values)}")
+        raise HyperparameterError(f"{name} must be >= {minimum}, got {_show(values)}", param=name)
     return values
 
 
@@ -101,7 +101,9 @@ def _normalise_padding(padding: PaddingLike) -> Padding:
             return (0,)
         if mode == "same":
             return "same"
-        raise HyperparameterError(f"padding must be 'same', 'valid' or ints, got {padding!r}")
+        raise HyperparameterError(
+            f"padding must be 'same', 'valid' or ints, got {padding!r}", param="padding"
+        )
     if _is_int(padding):
         values: tuple[int, ...] = (int(padding),)
     elif (
@@ -116,15 +118,15 @@ def _normalise_padding(padding: PaddingLike) -> Padding:
         and all(isinstance(item, (tuple, list)) and len(item) == 2 for item in padding)
     ):
         if not all(_is_int(v) for item in padding for v in item):
-            raise HyperparameterError(_padding_form_message(padding))
+            raise HyperparameterError(_padding_form_message(padding), param="padding")
         pairs = tuple((int(item[0]), int(item[1])) for item in padding)
         if any(v < 0 for pair in pairs for v in pair):
-            raise HyperparameterError(f"padding must be >= 0, got {pairs}")
+            raise HyperparameterError(f"padding must be >= 0, got {pairs}", param="padding")
         return pairs
     else:
-        raise HyperparameterError(_padding_form_message(padding))
+        raise HyperparameterError(_padding_form_message(padding), param="padding")
     if any(v < 0 for v in values):
-        raise HyperparameterError(f"padding must be >= 0, got {_show(values)}")
+        raise HyperparameterError(f"padding must be >= 0, got {_show(values)}", param="padding")
     return values
 
 
@@ -143,7 +145,8 @@ def _for_rank(name: str, values: tuple, rank: int) -> tuple:
         return values
     raise HyperparameterError(
         f"{name} has {len(values)} values but x has {rank} spatial "
-        f"{'axis' if rank == 1 else 'axes'} {AXIS_NAMES[rank]}"
+        f"{'axis' if rank == 1 else 'axes'} {AXIS_NAMES[rank]}",
+        param=name,
     )
 
 
@@ -196,18 +199,20 @@ class ConvSpec:
         setattr_(self, "padding", _normalise_padding(padding))
         setattr_(self, "dilation", _ints("dilation", dilation, 1))
         if not _is_int(groups) or groups < 1:
-            raise HyperparameterError(f"groups must be an int >= 1, got {groups!r}")
+            raise HyperparameterError(f"groups must be an int >= 1, got {groups!r}", param="groups")
         setattr_(self, "groups", int(groups))
         mode = str(padding_mode).lower()
         if mode not in PADDING_MODES:
             raise HyperparameterError(
-                f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}"
+                f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}",
+                param="padding_mode",
             )
         setattr_(self, "padding_mode", mode)
         canonical = LAYOUTS.get(str(layout).lower())
         if canonical is None:
             raise HyperparameterError(
-                f"layout must be nhwc (channels last) or nchw (channels first), got {layout!r}"
+                f"layout must be nhwc (channels last) or nchw (channels first), got {layout!r}",
+                param="layout",
             )
         setattr_(self, "layout", canonical)
 
@@ -232,7 +237,8 @@ class ConvSpec:
         raise HyperparameterError(
             f"padding has {len(padding)} values but x has {rank} spatial "
             f"{'axis' if rank == 1 else 'axes'} {AXIS_NAMES[rank]}: give 1 or {rank}, or "
-            "((before, after), ...) per axis"
+            "((before, after), ...) per axis",
+            param="padding",
         )
 
     def resolve_padding(self, in_sizes, kernel) -> tuple[tuple[int, int], ...]:
@@ -294,7 +300,9 @@ class ConvSpec:
         *kernel, cin_per_group, cout = w_shape
         g = self.groups
         if cin % g or cout % g:
-            raise HyperparameterError(f"groups={g} must divide both Cin={cin} and Cout={cout}")
+            raise HyperparameterError(
+                f"groups={g} must divide both Cin={cin} and Cout={cout}", param="groups"
+            )
         if cin_per_group * g != cin:
             raise ShapeError(
                 f"Cin of x is {cin} but w {self._user(w_shape, 'w')} expects Cin/groups = "

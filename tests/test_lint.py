@@ -20,7 +20,9 @@ def _run(*command: str) -> subprocess.CompletedProcess:
 
 def test_ruff_structure_rules():
     # ``python -m ruff``: the ruff installed with this interpreter, whatever PATH says
-    done = _run(sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "C901,TID251", "convcli")
+    done = _run(
+        sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "C901,TID251", "convcli"
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 

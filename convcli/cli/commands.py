@@ -12,7 +12,7 @@ import traceback
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import numpy as np
 import typer
@@ -39,7 +39,7 @@ from convcli.errors import (
     UsageError,
 )
 from convcli.generate import check_generated_memory, generate_layer
-from convcli.hparams import BY_NAME, build_spec
+from convcli.hparams import BY_NAME, HPARAMS, build_spec
 from convcli.inspection import inspect_file
 from convcli.io.loading import load_tensors
 from convcli.io.writing import write_tensors
@@ -225,6 +225,15 @@ def _hparam_option(name: str):
         metavar=hparam.metavar,
         help=f"{hparam.help} Default: file, else {hparam.default}.",
     )
+
+
+def _hparam_texts(arguments: dict[str, object]) -> dict[str, str | None]:
+    """The hyperparameter flags among a command's ``locals()``, by library name.
+
+    Every command names its hyperparameter arguments by the table's keys (``pad`` for
+    padding), so the table, not each command, says which arguments are hyperparameters.
+    """
+    return {row.name: cast("str | None", arguments[row.key]) for row in HPARAMS}
 
 
 Stride = Annotated[str | None, _hparam_option("stride")]
@@ -417,14 +426,7 @@ def forward(
         "forward",
         data,
         {"x": x, "w": w, "b": b},
-        {
-            "stride": stride,
-            "padding": pad,
-            "dilation": dilation,
-            "groups": groups,
-            "padding_mode": padding_mode,
-            "layout": layout,
-        },
+        _hparam_texts(locals()),
         engine=engine.value,
         slice_exprs=slice_,
         heatmap_exprs=heatmap,
@@ -483,14 +485,7 @@ def backward(
         "backward",
         data,
         {"x": x, "w": w, "b": b, "dz": dz},
-        {
-            "stride": stride,
-            "padding": pad,
-            "dilation": dilation,
-            "groups": groups,
-            "padding_mode": padding_mode,
-            "layout": layout,
-        },
+        _hparam_texts(locals()),
         engine=engine.value,
         slice_exprs=slice_,
         heatmap_exprs=heatmap,
@@ -679,14 +674,7 @@ def gradcheck(
     if not eps > 0:
         raise UsageError(f"--eps {eps}: must be > 0")
     tolerance = Tolerance(eps=eps, rtol=rtol, atol=atol)
-    flags = {
-        "stride": stride,
-        "padding": pad,
-        "dilation": dilation,
-        "groups": groups,
-        "padding_mode": padding_mode,
-        "layout": layout,
-    }
+    flags = _hparam_texts(locals())
     layer = _layer_flags(shape, kernel, cout)
     memory = parse_memory(max_memory)
     from_files = bool(data or x or w or b or dz)
@@ -845,14 +833,7 @@ def generate(
     )
     spec = build_spec(
         {},
-        {
-            "stride": stride,
-            "padding": pad,
-            "dilation": dilation,
-            "groups": groups,
-            "padding_mode": padding_mode,
-            "layout": layout,
-        },
+        _hparam_texts(locals()),
         len(shape_) - 2,
     ).spec
     check_generated_memory(shape_, kernel_, cout, spec, parse_memory("auto"), dz=with_dz)
