@@ -21,7 +21,7 @@ import numpy as np
 
 from convcli.errors import DataError, UsageError
 from convcli.io import tensorfile
-from convcli.io.detect import parse_ref
+from convcli.io.detect import parse_ref, regular_file_size
 from convcli.io.reader import Hparams, RowReader
 from convcli.io.tensorfile import ALIASES, TensorFile, origin_text
 
@@ -219,6 +219,7 @@ class _FileCache:
         self._files: dict[Path, TensorFile] = {}
 
     def open(self, path: str | os.PathLike[str]) -> TensorFile:
+        regular_file_size(path)  # a missing path or a link loop fails here, not in resolve()
         resolved = Path(path).resolve()
         if resolved not in self._files:
             self._files[resolved] = self._stack.enter_context(tensorfile.open_tensor_file(path))

@@ -129,25 +129,43 @@ def check_target(
     for source in protect:
         if _same_file(path, Path(source)):
             raise OutputError(f"{path}: refusing to write over input file {source}", param=param)
-    if path.is_dir():
+    info = _status(path, param)
+    if info is not None and stat.S_ISDIR(info.st_mode):
         raise OutputError(f"{path}: is a directory", param=param)
     if os.path.lexists(path):
         if not force:
             raise OutputExistsError(f"{path} exists", param=param)
-        if not path.is_file():
+        if info is None or not stat.S_ISREG(info.st_mode):
             raise OutputError(f"{path}: exists and is not a regular file", param=param)
     folder = path.parent
-    if not folder.is_dir():
+    folder_info = _status(folder, param)
+    if folder_info is None or not stat.S_ISDIR(folder_info.st_mode):
         raise OutputError(f"{path}: folder {folder} does not exist", param=param)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: folder {folder} is not writable", param=param)
+
+
+def _status(path: Path, param: str) -> os.stat_result | None:
+    """``stat`` of ``path`` (links followed); None if it (or a folder on the way) is absent.
+
+    A symbolic-link loop or a name longer than the file system allows is an OutputError.
+    """
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})", param=param) from None
 
 
 def _same_file(first: Path, second: Path) -> bool:
     with contextlib.suppress(OSError):
         if os.path.samefile(first, second):
             return True
-    return first.resolve() == second.resolve()
+    try:
+        return first.resolve() == second.resolve()
+    except (OSError, RuntimeError):  # a symbolic-link loop (RuntimeError before Python 3.13)
+        return False
 
 
 def _numeric_array(path: Path, name: str, value: object) -> np.ndarray:
