@@ -112,6 +112,14 @@ class NonFiniteError(DataError):
         super().__init__(message, param="allow_nonfinite" if allowable else None)
 
 
+class SparseDataError(DataError):
+    """A tensor whose header declares far more data than the file stores (a never-written
+    dataset or a compression bomb); the caller may read it anyway (``allow_sparse``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="allow_sparse")
+
+
 class MemoryLimitError(DataError):
     """Work whose estimated memory exceeds the caller's ``max_memory``.
 

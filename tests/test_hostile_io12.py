@@ -236,7 +236,7 @@ def test_compound_attribute_is_a_data_error(tmp_path):
 
 def test_huge_attribute_gives_a_short_line(tmp_path):
     path = tmp_path / "long.h5"
-    with h5py.File(path, "w") as h5:
+    with h5py.File(path, "w", libver="latest") as h5:  # dense storage: big attributes
         for key, array in layer().items():
             h5[key] = array
         h5.attrs["stride"] = np.ones(2_000_000, dtype=np.int64)
@@ -417,7 +417,8 @@ def with_filter(path: Path, filter_id: int) -> Path:
     # v1 pipeline entry: id 2 (shuffle), name length 8, flags, 1 client value, "shuffle\0"
     entry = b"\x02\x00\x08\x00"
     at = raw.find(entry)
-    assert at > 0 and raw[at + 8 : at + 16] == b"shuffle\x00", "pipeline message not found"
+    assert at > 0, "pipeline message not found"
+    assert raw[at + 8 : at + 16] == b"shuffle\x00", "pipeline message not found"
     raw[at : at + 2] = filter_id.to_bytes(2, "little")
     path.write_bytes(bytes(raw))
     return path
@@ -437,6 +438,10 @@ def with_filter(path: Path, filter_id: int) -> Path:
 def test_missing_filter_is_named(filter_id, name, out, tmp_path):
     path = with_filter(tmp_path / "filtered.h5", filter_id)
     line = refused(tmp_path, 65, "forward", path, out=out)
+    if h5py.h5z.filter_avail(filter_id):  # h5py has LZF: it fails on shuffled bytes
+        assert "corrupt" in line, line
+        assert name in line, line
+        return
     assert str(filter_id) in line, line
     if name:
         assert name in line, line
@@ -456,5 +461,6 @@ def test_checksum_failure_is_corruption(out, tmp_path):
     raw[offset + 10] ^= 0xFF
     path.write_bytes(bytes(raw))
     line = refused(tmp_path, 65, "forward", path, out=out)
-    assert "checksum" in line.lower() and "corrupt" in line.lower(), line
+    assert "checksum" in line.lower(), line
+    assert "corrupt" in line.lower(), line
     assert "does not have" not in line, line

@@ -49,6 +49,7 @@ from convcli.run import (
     RunResult,
     Upstream,
     expected_shapes,
+    header_check,
     run_backward,
     run_forward,
     run_gradcheck,
@@ -312,6 +313,13 @@ AllowNonfinite = Annotated[
     bool,
     typer.Option("--allow-nonfinite", help="Run even when x, w, b or dz hold NaN or Inf."),
 ]
+AllowSparse = Annotated[
+    bool,
+    typer.Option(
+        "--allow-sparse",
+        help="Read tensors declaring over 1000x more data than their file stores (over 16 MiB).",
+    ),
+]
 Threads = Annotated[
     int | None,
     typer.Option(
@@ -320,14 +328,32 @@ Threads = Annotated[
 ]
 
 
-def _load(data, refs, required, optional, lazy_above=None, max_bytes=None, **flags):
+def _load(
+    command,
+    data,
+    refs,
+    required,
+    optional,
+    lazy_above=None,
+    max_bytes=None,
+    allow_sparse=False,
+    **flags,
+):
     """Tensors from files, and the ConvSpec from the file's hyperparameters and the flags.
 
+    Shapes and dtypes are checked against the spec from the headers before any data is read;
     HDF5 tensors bigger than ``lazy_above`` bytes stay on disk, to be streamed; tensors
     adding up to more than ``max_bytes`` are refused before they are read.
     """
     loaded = load_tensors(
-        data, refs, required=required, optional=optional, lazy_above=lazy_above, max_bytes=max_bytes
+        data,
+        refs,
+        required=required,
+        optional=optional,
+        lazy_above=lazy_above,
+        max_bytes=max_bytes,
+        allow_sparse=allow_sparse,
+        check=header_check(command, flags),
     )
     x = loaded.arrays.get("x")
     rank = None if x is None else len(x.shape) - 2
@@ -416,6 +442,7 @@ def forward(
     max_workspace: Workspace = "256M",
     max_memory: MaxMemory = "auto",
     allow_nonfinite: AllowNonfinite = False,
+    allow_sparse: AllowSparse = False,
     threads: Threads = None,
 ) -> None:
     """Compute z = conv(x, w) + b and summarise every tensor.
@@ -436,6 +463,7 @@ def forward(
         max_workspace=max_workspace,
         max_memory=max_memory,
         allow_nonfinite=allow_nonfinite,
+        allow_sparse=allow_sparse,
         threads=threads,
     )
 
@@ -475,6 +503,7 @@ def backward(
     max_workspace: Workspace = "256M",
     max_memory: MaxMemory = "auto",
     allow_nonfinite: AllowNonfinite = False,
+    allow_sparse: AllowSparse = False,
     threads: Threads = None,
 ) -> None:
     """Compute dx, dw, db for an upstream gradient dz and summarise every tensor.
@@ -495,6 +524,7 @@ def backward(
         max_workspace=max_workspace,
         max_memory=max_memory,
         allow_nonfinite=allow_nonfinite,
+        allow_sparse=allow_sparse,
         threads=threads,
         upstream=upstream.value,
         seed=seed,
@@ -514,6 +544,7 @@ def _run(
     max_workspace,
     max_memory,
     threads,
+    allow_sparse=False,
     upstream="z",
     seed=None,
     **options,
@@ -525,7 +556,15 @@ def _run(
     pictures = [parse_slice(expr, flag="--heatmap") for expr in heatmap_exprs or []]
     optional = ("b",) if command == "forward" else ("b", "dz")
     loaded, spec = _load(
-        data, refs, ("x", "w"), optional, lazy_above=workspace, max_bytes=memory, **flags
+        command,
+        data,
+        refs,
+        ("x", "w"),
+        optional,
+        lazy_above=workspace,
+        max_bytes=memory,
+        allow_sparse=allow_sparse,
+        **flags,
     )
     _check_slices(command, loaded, spec, out, slices, pictures)
     run = run_forward if command == "forward" else run_backward
@@ -657,6 +696,7 @@ def gradcheck(
     layout: Layout = None,
     as_json: Json = False,
     max_memory: MaxMemory = "auto",
+    allow_sparse: AllowSparse = False,
     threads: Threads = None,
     timeout: Annotated[
         float | None,
@@ -724,11 +764,13 @@ def gradcheck(
                 arrays, _ = generate_layer(layer.shape, layer.kernel, layer.cout, spec, seed=seed)
             elif from_files:
                 loaded, spec = _load(
+                    "gradcheck",
                     data,
                     {"x": x, "w": w, "b": b, "dz": dz},
                     ("x", "w"),
                     ("b", "dz"),
                     max_bytes=memory,
+                    allow_sparse=allow_sparse,
                     **flags,
                 )
                 arrays = loaded.arrays

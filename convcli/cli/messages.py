@@ -6,7 +6,13 @@ facts (:mod:`convcli.errors`); only here do flags appear.
 
 from __future__ import annotations
 
-from convcli.errors import ConvcliError, MemoryLimitError, NonFiniteError, OutputExistsError
+from convcli.errors import (
+    ConvcliError,
+    MemoryLimitError,
+    NonFiniteError,
+    OutputExistsError,
+    SparseDataError,
+)
 from convcli.hparams import BY_NAME
 from convcli.sweep import ResultsExistError, SpecMismatchError
 
@@ -35,6 +41,8 @@ def explain(error: ConvcliError) -> str:
             if error.allowable
             else "; gradient checks need finite values"
         )
+    elif isinstance(error, SparseDataError):
+        text += "; pass --allow-sparse to read it anyway"
     elif isinstance(error, MemoryLimitError):
         text += "; stream the input from HDF5, lower --max-workspace, or raise --max-memory"
     elif isinstance(error, ResultsExistError):

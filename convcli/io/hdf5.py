@@ -25,11 +25,35 @@ from convcli.io.reader import (
     Shape,
     Writer,
     canonical_hparams,
+    check_hparam_header,
+    native,
     plain,
     reason,
 )
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+#: Names of HDF5 filters by id: the built-in ones and the registered plugins met most often
+#: (https://github.com/HDFGroup/hdf5_plugins/blob/master/docs/RegisteredFilterPlugins.md).
+FILTER_NAMES = {
+    1: "deflate (gzip)",
+    2: "shuffle",
+    3: "Fletcher32 checksum",
+    4: "SZIP",
+    5: "N-bit",
+    6: "scale-offset",
+    305: "LZO",
+    307: "BZIP2",
+    32000: "LZF",
+    32001: "Blosc",
+    32004: "LZ4",
+    32008: "Bitshuffle",
+    32013: "ZFP",
+    32015: "Zstandard",
+    32017: "SZ",
+    32026: "Blosc2",
+}
+FLETCHER32 = 3
 
 
 class Hdf5Reader(Reader):
@@ -118,8 +142,17 @@ class Hdf5Reader(Reader):
         return tuple(dataset.shape or ()), dataset.dtype
 
     def stored_bytes(self, key: str) -> int | None:
-        """None (HDF5 checks its own storage); refuses virtual and external datasets."""
+        """None (HDF5 checks its own storage); refuses virtual and external datasets, and
+        datasets that need a filter this HDF5 library does not have (named by id and name)."""
         dataset = self.dataset(key)
+        missing = [(code, name) for code, name in _filters(dataset) if not _available(code)]
+        if missing:
+            needed = ", ".join(f"{code} ({name})" for code, name in missing)
+            raise DataError(
+                f"{self.where(key)}: compressed with HDF5 filter {needed}, which this HDF5 "
+                "library does not have; install a plugin providing it (e.g. the hdf5plugin "
+                "package) or save the data without it"
+            )
         if dataset.is_virtual:
             raise DataError(
                 f"{self.where(key)}: is a virtual dataset, which reads other files; refused"
@@ -131,20 +164,21 @@ class Hdf5Reader(Reader):
             )
         return None
 
+    def packed_bytes(self, key: str) -> int | None:
+        """Bytes allocated to the dataset in the file (chunks written, compressed), capped by
+        the file's size; 0 for a dataset never written (it reads as its fill value)."""
+        stored = int(self.dataset(key).id.get_storage_size())
+        return min(stored, self.stat().st_size)
+
     def read_array(self, key: str) -> np.ndarray:
         dataset = self.dataset(key)
         try:
             value = dataset[()]
         except CONTENT_ERRORS as exc:
-            if "filter" in str(exc).lower():
-                raise DataError(
-                    f"{self.where(key)}: compressed with a filter this HDF5 library does not "
-                    f"have ({reason(exc)})"
-                ) from exc
-            raise DataError(f"{self.where(key)}: cannot read ({reason(exc)})") from exc
+            raise read_failure(dataset, self.where(key), exc) from exc
         if isinstance(value, h5py.Empty):
             raise DataError(f"{self.where(key)}: empty dataset (no data space)")
-        return np.asarray(value)
+        return native(np.asarray(value))
 
     def rows(self, key: str) -> Hdf5Rows:
         """Blocks of rows of ``key`` (checked first: no virtual or external data)."""
@@ -181,7 +215,11 @@ class Hdf5Reader(Reader):
                 continue
             origin = f"{self.path} attribute '{name}' on {group_path}"
             try:
+                header = group.attrs.get_id(name)
+                check_hparam_header(origin, tuple(header.shape or ()), header.dtype)
                 value = group.attrs[name]
+            except DataError:
+                raise
             except CONTENT_ERRORS as exc:
                 raise DataError(f"{origin}: cannot read ({reason(exc)})") from exc
             entries[name] = (None if isinstance(value, h5py.Empty) else plain(value), origin)
@@ -208,10 +246,40 @@ class Hdf5Rows:
         return self[start:stop]
 
     def __getitem__(self, index: Any) -> np.ndarray:
+        """Any basic index of the dataset, in memory and in native byte order."""
         try:
-            return np.asarray(self._dataset[index])
+            return native(np.asarray(self._dataset[index]))
         except CONTENT_ERRORS as exc:
-            raise DataError(f"{self._where}: cannot read ({reason(exc)})") from exc
+            raise read_failure(self._dataset, self._where, exc) from exc
+
+
+def read_failure(dataset: h5py.Dataset, where: str, exc: BaseException) -> DataError:
+    """What went wrong reading ``dataset``, in words: a failed Fletcher32 checksum or filter
+    is corruption (missing filters are refused before reading, by ``stored_bytes``)."""
+    filters = _filters(dataset)
+    if filters and "filter" in str(exc).lower():
+        if any(code == FLETCHER32 for code, _ in filters):
+            return DataError(
+                f"{where}: corrupt data: its Fletcher32 checksum does not match ({reason(exc)})"
+            )
+        names = ", ".join(name for _, name in filters)
+        return DataError(f"{where}: corrupt data: the {names} filter failed ({reason(exc)})")
+    return DataError(f"{where}: cannot read ({reason(exc)})")
+
+
+def _filters(dataset: h5py.Dataset) -> list[tuple[int, str]]:
+    """The dataset's filter pipeline: (id, name) per filter, in order."""
+    plist = dataset.id.get_create_plist()
+    found = []
+    for index in range(plist.get_nfilters()):
+        code, _, _, stored_name = plist.get_filter(index)
+        name = FILTER_NAMES.get(code) or stored_name.decode("ascii", "replace")[:40] or "unnamed"
+        found.append((int(code), name))
+    return found
+
+
+def _available(code: int) -> bool:
+    return bool(h5py.h5z.filter_avail(code))
 
 
 class Hdf5Writer(Writer):

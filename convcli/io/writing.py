@@ -155,7 +155,9 @@ def _status(path: Path, param: str) -> os.stat_result | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})", param=param) from None
+        raise OutputError(
+            f"{path}: cannot be written ({exc.strerror or exc})", param=param
+        ) from None
 
 
 def _same_file(first: Path, second: Path) -> bool:

@@ -52,9 +52,9 @@ from typing import Any, NoReturn
 from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES, MODES
 from convcli.check.tolerance import Tolerance
 from convcli.errors import ConvcliError, DataError
-from convcli.hparams import HPARAMS, spec_from
+from convcli.hparams import HPARAMS, shown, spec_from
 from convcli.io.detect import regular_file_size
-from convcli.spec import ConvSpec
+from convcli.spec import MAX_INT, ConvSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -428,7 +428,7 @@ def _positive_ints(value: object, count: range | int) -> bool:
     return (
         isinstance(value, list)
         and len(value) in counts
-        and all(_is(v, int) and v > 0 for v in value)
+        and all(_is(v, int) and 0 < v <= MAX_INT for v in value)
     )
 
 
@@ -501,14 +501,20 @@ class _Checker:
                 raise SpecError(f"{self.path}: a configuration has no {required!r}: {config}")
         shape = config["shape"]
         if not _positive_ints(shape, range(3, 6)):
-            fail("shape", f"shape must be [n, *spatial, Cin] of positive integers, got {shape!r}")
+            fail(
+                "shape",
+                f"shape must be [n, *spatial, Cin] of integers 1 to {MAX_INT}, got {shown(shape)}",
+            )
         rank = len(shape) - 2
         kernel = [config["kernel"]] * rank if _is(config["kernel"], int) else config["kernel"]
         if not _positive_ints(kernel, rank):
-            message = f"kernel must be an integer or one per spatial axis, got {config['kernel']!r}"
+            message = (
+                f"kernel must be an integer 1 to {MAX_INT} or one per spatial axis, "
+                f"got {shown(config['kernel'])}"
+            )
             fail("kernel", message)
-        if not (_is(config["cout"], int) and config["cout"] > 0):
-            fail("cout", f"cout must be a positive integer, got {config['cout']!r}")
+        if not (_is(config["cout"], int) and 0 < config["cout"] <= MAX_INT):
+            fail("cout", f"cout must be an integer 1 to {MAX_INT}, got {shown(config['cout'])}")
         if config["dtype"] not in DTYPES:
             fail("dtype", f"dtype must be 'float32' or 'float64', got {config['dtype']!r}")
         if not _is(config["seed"], int):
