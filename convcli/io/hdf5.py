@@ -206,8 +206,8 @@ class Hdf5Reader(Reader):
         return found
 
     def _attr_hparams(self, group_path: str) -> Hparams:
-        group = self._root().get(group_path)
-        if not isinstance(group, h5py.Group):
+        group = self._hard_group(group_path)
+        if group is None:
             return {}
         entries = {}
         for name in group.attrs:
@@ -224,6 +224,19 @@ class Hdf5Reader(Reader):
                 raise DataError(f"{origin}: cannot read ({reason(exc)})") from exc
             entries[name] = (None if isinstance(value, h5py.Empty) else plain(value), origin)
         return canonical_hparams(entries, f"{self.path} (on {group_path})")
+
+    def _hard_group(self, group_path: str) -> h5py.Group | None:
+        """The group at ``group_path`` if reached through hard links only (else None: a soft
+        or external link is never followed, not even to read attributes)."""
+        node: h5py.Group = self._root()
+        for part in (part for part in group_path.split("/") if part):
+            if not isinstance(node.get(part, getlink=True), h5py.HardLink):
+                return None
+            child = node[part]
+            if not isinstance(child, h5py.Group):
+                return None
+            node = child
+        return node
 
     def stat(self) -> os.stat_result:
         return os.fstat(self._root().id.get_vfd_handle())
