@@ -182,8 +182,6 @@ def test_inspect_flags_a_truncated_npy(tmp_path):
 # 2. Huge integers
 # ---------------------------------------------------------------------------------------------
 
-HUGE = ["9223372036854775808", "18446744073709551616", str(2**31), "-9223372036854775809"]
-
 
 @pytest.fixture
 def sample(tmp_path) -> Path:
@@ -192,8 +190,16 @@ def sample(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("flag", ["--stride", "--pad", "--dilation", "--groups"])
-@pytest.mark.parametrize("value", HUGE)
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--stride", 2**63),
+        ("--pad", 2**64),
+        ("--dilation", 2**31),
+        ("--groups", 2**63),
+        ("--stride", -(2**63) - 1),
+    ],
+)
 def test_huge_hyperparameter_flag_is_a_usage_error(flag, value, sample, out, tmp_path):
     line = refused(tmp_path, 2, "forward", sample, flag, value, out=out)
     assert len(line) < 300, line
@@ -204,8 +210,10 @@ def test_huge_per_axis_flag_is_a_usage_error(sample, tmp_path):
     refused(tmp_path, 2, "forward", sample, "--pad", f"0,0,1,{2**64}")
 
 
-@pytest.mark.parametrize("name", ["stride", "pad", "dilation", "groups"])
-@pytest.mark.parametrize("value", [2**63, 2**64 - 1, 2**31])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("stride", 2**63), ("pad", 2**64 - 1), ("dilation", 2**31), ("groups", 2**63)],
+)
 def test_huge_hdf5_attribute_is_a_data_error(name, value, out, tmp_path):
     path = tmp_path / "attr.h5"
     with h5py.File(path, "w") as h5:
@@ -351,8 +359,9 @@ def test_inspect_without_read_permission_is_66(sample, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", ["npz", "h5", "npy"])
-@pytest.mark.parametrize("order", [">f8", ">f4"])
+@pytest.mark.parametrize(
+    ("fmt", "order"), [("npz", ">f8"), ("h5", ">f8"), ("h5", ">f4"), ("npy", ">f4")]
+)
 def test_big_endian_floats_are_read(fmt, order, tmp_path):
     data = layer()
     native = tmp_path / "native.npz"
