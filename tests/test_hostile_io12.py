@@ -322,6 +322,7 @@ def test_symlink_loop_as_output_is_73(loop, sample, tmp_path):
     )
 
 
+@pytest.mark.slow  # seven runs of the command
 def test_overlong_names_are_66_for_inputs_and_73_for_outputs(sample, tmp_path):
     long_in = tmp_path / ("x" * 300 + ".npz")
     refused(tmp_path, 66, "forward", long_in)

@@ -286,7 +286,8 @@ def _filters(dataset: h5py.Dataset) -> list[tuple[int, str]]:
     found = []
     for index in range(plist.get_nfilters()):
         code, _, _, stored_name = plist.get_filter(index)
-        name = FILTER_NAMES.get(code) or stored_name.decode("ascii", "replace")[:40] or "unnamed"
+        stored = "".join(c for c in stored_name.decode("ascii", "replace") if c.isprintable())
+        name = FILTER_NAMES.get(code) or stored[:40] or "unnamed"
         found.append((int(code), name))
     return found
 
