@@ -31,7 +31,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import h5py
 import numpy as np
 
 from convcli.check import Tolerance, gradcheck
@@ -43,6 +42,7 @@ from convcli.engine.reference import conv_backward_reference, conv_forward_refer
 from convcli.errors import ConvcliNotice, ShapeError, UsageError
 from convcli.io.loading import DatasetRef, FileIdentity, Loaded
 from convcli.io.writing import (
+    Hdf5Output,
     atomic_output,
     check_target,
     output_format,
@@ -647,28 +647,29 @@ class _StreamedSink:
         self.plan = plan
         self.out = options.out
         self.stats: dict[str, RunningStats] = {}
-        self.h5: h5py.File | None = None
+        self.output: Hdf5Output | None = None
 
     def open(self, stack: contextlib.ExitStack) -> None:
         if self.out is not None:
-            fd, temp = stack.enter_context(atomic_output(self.out))
-            os.close(fd)
-            self.h5 = stack.enter_context(h5py.File(temp, "w"))
+            fd, _ = stack.enter_context(atomic_output(self.out))
+            self.output = stack.enter_context(Hdf5Output(fd))
 
     def add(self, name: str, rows: np.ndarray, start: int, stop: int) -> None:
         if name not in self.stats:
             self.stats[name] = RunningStats(self.plan.shapes[name], rows.dtype)
         self.stats[name].update(rows)
-        if self.h5 is not None and name == self.plan.written:
-            if name not in self.h5:
-                self.h5.create_dataset(name, shape=self.plan.shapes[name], dtype=rows.dtype)
-            self.h5[name][start:stop] = rows
+        if self.output is not None and name == self.plan.written:
+            h5 = self.output.file
+            if name not in h5:
+                h5.create_dataset(name, shape=self.plan.shapes[name], dtype=rows.dtype)
+            h5[name][start:stop] = rows
+            self.output.check()  # a full disk stops the run at once
 
     def finish(self, totals: Mapping[str, np.ndarray], hparams: dict) -> None:
-        if self.h5 is not None:
+        if self.output is not None:
             for name, array in totals.items():
-                self.h5.create_dataset(name, data=array)
-            write_hdf5_attrs(self.h5, hparams)
+                self.output.file.create_dataset(name, data=array)
+            write_hdf5_attrs(self.output.file, hparams)
 
     def tensor(self, name: str, role: str, origin: str | Upstream, source: Any = None) -> Tensor:
         if source is None and name == self.plan.written:

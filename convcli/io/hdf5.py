@@ -8,9 +8,11 @@ a block of rows at a time (:meth:`Hdf5Reader.rows`), which is what streaming use
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import h5py
@@ -224,11 +226,113 @@ class Hdf5Writer(Writer):
     def write(
         cls, fd: int, temp: Path, tensors: Mapping[str, np.ndarray], attrs: Mapping[str, object]
     ) -> None:
-        os.close(fd)
-        with h5py.File(temp, "w") as h5:
+        with Hdf5Output(fd) as output:
             for name, array in tensors.items():
-                h5.create_dataset(name, data=array)
-            write_hdf5_attrs(h5, attrs)
+                output.file.create_dataset(name, data=array)
+            write_hdf5_attrs(output.file, attrs)
+
+
+class Hdf5Output:
+    """A new HDF5 file written through an open descriptor, safe against a full disk.
+
+    HDF5 does not survive a failed write: its error stack floods stderr and closing the file
+    afterwards can crash the process. So the library writes through a stream that never
+    fails: the first ``OSError`` (``ENOSPC``, ``EFBIG``, ``EIO``) is kept and every later
+    write is dropped, the file closes normally, and the kept error is raised by
+    :meth:`check` (call it after each block to stop early) and when the context ends. The
+    file is then incomplete; the caller removes it (see
+    :func:`convcli.io.writing.atomic_output`, which owns and closes ``fd``).
+
+    Attributes
+    ----------
+    file : h5py.File
+        The open file: create datasets and attributes in it.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._stream = _KeepFirstError(fd)
+        self.file = h5py.File(self._stream, "w")
+
+    def check(self) -> None:
+        """Raise the ``OSError`` of the first failed write, if any."""
+        if self._stream.error is not None:
+            raise self._stream.error
+
+    def __enter__(self) -> Hdf5Output:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            self.file.close()
+        except Exception:
+            if self._stream.error is None and error is None:
+                raise
+        if error is None or isinstance(error, Exception):
+            self.check()  # a failed write is the cause of whatever followed it
+
+
+class _KeepFirstError(io.RawIOBase):
+    """A file descriptor as HDF5's file object: positioned reads and writes; a write that
+    fails is remembered in ``error`` and reported as done, and so are all later ones."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._position = 0
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = os.pread(self._fd, len(view), self._position)
+        view[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def write(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(self._fd, view[done:], self._position + done)
+            except OSError as exc:
+                self.error = exc
+        self._position += len(view)
+        return len(view)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self._position
+        elif whence == os.SEEK_END:
+            offset += os.fstat(self._fd).st_size
+        self._position = offset
+        return offset
+
+    def tell(self) -> int:
+        return self._position
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._position if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as exc:
+                self.error = exc
+        return size
 
 
 def write_hdf5_attrs(h5: h5py.Group, attrs: Mapping[str, object]) -> None:

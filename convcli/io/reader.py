@@ -266,8 +266,8 @@ class Writer(ABC):
         """Write the file at ``temp`` (its descriptor ``fd`` is open for writing).
 
         ``tensors`` are numeric arrays; ``attrs`` are hyperparameters as given (int, float,
-        str or nested lists), already checked to hold no Python objects. A writer that
-        opens ``temp`` by name closes ``fd`` first.
+        str or nested lists), already checked to hold no Python objects. ``fd`` is closed
+        by the caller; a writer that opens ``temp`` by name instead may close it first.
         """
 
 

@@ -21,11 +21,12 @@ import numpy as np
 
 from convcli.errors import DataError, OutputError, OutputExistsError, UsageError
 from convcli.io.formats import WRITERS, spoken_list
-from convcli.io.hdf5 import write_hdf5_attrs
+from convcli.io.hdf5 import Hdf5Output, write_hdf5_attrs
 from convcli.io.reader import Writer, reason
 
 __all__ = [
     "TEMP_PREFIX",
+    "Hdf5Output",
     "atomic_output",
     "check_target",
     "output_format",
