@@ -46,7 +46,6 @@ from convcli.io.writing import (
     atomic_output,
     check_target,
     output_format,
-    write_hdf5_attrs,
     write_tensors,
 )
 from convcli.memory import (
@@ -659,17 +658,14 @@ class _StreamedSink:
             self.stats[name] = RunningStats(self.plan.shapes[name], rows.dtype)
         self.stats[name].update(rows)
         if self.output is not None and name == self.plan.written:
-            h5 = self.output.file
-            if name not in h5:
-                h5.create_dataset(name, shape=self.plan.shapes[name], dtype=rows.dtype)
-            h5[name][start:stop] = rows
-            self.output.check()  # a full disk stops the run at once
+            # a full disk raises here, stopping the run at the first block it cannot hold
+            self.output.write_rows(name, self.plan.shapes[name], start, rows)
 
     def finish(self, totals: Mapping[str, np.ndarray], hparams: dict) -> None:
         if self.output is not None:
             for name, array in totals.items():
-                self.output.file.create_dataset(name, data=array)
-            write_hdf5_attrs(self.output.file, hparams)
+                self.output.create(name, array)
+            self.output.attrs(hparams)
 
     def tensor(self, name: str, role: str, origin: str | Upstream, source: Any = None) -> Tensor:
         if source is None and name == self.plan.written:

@@ -34,8 +34,10 @@ from convcli.errors import (
     EXIT_CHECK_FAILED,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     ConvcliError,
+    Terminated,
     UsageError,
 )
 from convcli.generate import check_generated_memory, generate_layer
@@ -68,6 +70,9 @@ def _error_line(message: str) -> None:
     )
 
 
+_SIGNALLED = {EXIT_INTERRUPTED: "interrupted", EXIT_TERMINATED: "terminated"}
+
+
 def _ignore_unraisable(_unraisable) -> None:
     """An ``sys.unraisablehook`` that prints nothing."""
 
@@ -86,12 +91,12 @@ class ConvcliGroup(TyperGroup):
                 hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
                 _error_line(message + hint)
             code = EXIT_USAGE
-        except typer.Abort:
+        except (typer.Abort, Terminated) as error:
             # Ctrl-C can land inside a constructor (a ZipFile half built by np.load); its
             # __del__ then fails when the traceback is released. We are exiting: stay quiet.
             if not _state["debug"]:
                 sys.unraisablehook = _ignore_unraisable
-            code = EXIT_INTERRUPTED
+            code = EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
         except ConvcliError as error:
             if _state["debug"]:
                 traceback.print_exc()
@@ -102,8 +107,10 @@ class ConvcliGroup(TyperGroup):
                 traceback.print_exc()
             _error_line(f"internal error: {type(error).__name__}: {error} (rerun with --debug)")
             code = EXIT_INTERNAL
-        if code == EXIT_INTERRUPTED:
-            _error_line("interrupted")
+        if code in _SIGNALLED:
+            if not _state["debug"]:
+                sys.unraisablehook = _ignore_unraisable
+            _error_line(_SIGNALLED[code])
         code = code if isinstance(code, int) else 0
         _flush_stdout()  # what is still buffered; a reader that went away is no error
         if standalone_mode:

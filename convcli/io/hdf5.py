@@ -29,6 +29,7 @@ from convcli.io.reader import (
     canonical_hparams,
     plain,
     reason,
+    signals_held,
 )
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -228,30 +229,50 @@ class Hdf5Writer(Writer):
     ) -> None:
         with Hdf5Output(fd) as output:
             for name, array in tensors.items():
-                output.file.create_dataset(name, data=array)
-            write_hdf5_attrs(output.file, attrs)
+                output.create(name, array)
+            output.attrs(attrs)
 
 
 class Hdf5Output:
-    """A new HDF5 file written through an open descriptor, safe against a full disk.
+    """A new HDF5 file written through an open descriptor, safe against a full disk and
+    against signals.
 
     HDF5 does not survive a failed write: its error stack floods stderr and closing the file
     afterwards can crash the process. So the library writes through a stream that never
     fails: the first ``OSError`` (``ENOSPC``, ``EFBIG``, ``EIO``) is kept and every later
-    write is dropped, the file closes normally, and the kept error is raised by
-    :meth:`check` (call it after each block to stop early) and when the context ends. The
-    file is then incomplete; the caller removes it (see
-    :func:`convcli.io.writing.atomic_output`, which owns and closes ``fd``).
-
-    Attributes
-    ----------
-    file : h5py.File
-        The open file: create datasets and attributes in it.
+    write is dropped, the file closes normally, and the kept error is raised by the method
+    that met it (or when the context ends). Each call into HDF5 holds SIGINT and SIGTERM
+    (:func:`~convcli.io.reader.signals_held`), so an interruption is raised between calls,
+    never inside the library. After an error the file is incomplete: the caller removes it
+    (:func:`convcli.io.writing.atomic_output` does, and owns and closes ``fd``).
     """
 
     def __init__(self, fd: int) -> None:
         self._stream = _KeepFirstError(fd)
-        self.file = h5py.File(self._stream, "w")
+        with signals_held():
+            self._file = h5py.File(self._stream, "w")
+        self.check()
+
+    def create(self, name: str, array: np.ndarray) -> None:
+        """Store ``array`` (any shape) as the dataset ``name`` at the root."""
+        with signals_held():
+            self._file.create_dataset(name, data=array)
+        self.check()
+
+    def write_rows(self, name: str, shape: tuple[int, ...], start: int, rows: np.ndarray) -> None:
+        """Write ``rows`` (``(k, *shape[1:])``) at rows ``start:start + k`` of the dataset
+        ``name``, created with ``shape`` and the rows' dtype on first use."""
+        with signals_held():
+            if name not in self._file:
+                self._file.create_dataset(name, shape=shape, dtype=rows.dtype)
+            self._file[name][start : start + len(rows)] = rows
+        self.check()
+
+    def attrs(self, attrs: Mapping[str, object]) -> None:
+        """Store hyperparameters as root attributes (see :func:`write_hdf5_attrs`)."""
+        with signals_held():
+            write_hdf5_attrs(self._file, attrs)
+        self.check()
 
     def check(self) -> None:
         """Raise the ``OSError`` of the first failed write, if any."""
@@ -268,7 +289,8 @@ class Hdf5Output:
         traceback: TracebackType | None,
     ) -> None:
         try:
-            self.file.close()
+            with signals_held():
+                self._file.close()
         except Exception:
             if self._stream.error is None and error is None:
                 raise
