@@ -164,9 +164,9 @@ def atomic_output(path: Path) -> Iterator[tuple[int, Path]]:
 
     The caller writes the file through ``fd``, which is closed here (a caller that opens
     the path by name instead must not close it). On success the file gets the target's
-    permission bits, is fsynced and renamed over ``path``; on any exception it is removed and the exception
-    re-raised (an OSError as :class:`OutputError`). Checks of the target are the caller's
-    (see :func:`check_target`).
+    permission bits, is fsynced and renamed over ``path``; on any exception (a Ctrl-C or
+    SIGTERM too) it is removed and the exception re-raised (an OSError as
+    :class:`OutputError`). Checks of the target are the caller's (see :func:`check_target`).
     """
     mode = _target_mode(path)
     fd, temp = -1, None
