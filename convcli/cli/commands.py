@@ -931,7 +931,9 @@ def _print_generated(out, tensors, attrs, dtype: str, as_json: bool) -> None:
         )
         return
     listing = ", ".join(f"{name} {tuple(a.shape)}" for name, a in tensors.items())
-    _data_console().print(Text(f"wrote {out}: {listing} {dtype}; hyperparameters {attrs}"))
+    _data_console().print(
+        Text(f"wrote {out}: {listing} {dtype}; hyperparameters {attrs}"), soft_wrap=True
+    )
 
 
 @app.command()
