@@ -31,7 +31,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import h5py
 import numpy as np
 
 from convcli.check import Tolerance, gradcheck
@@ -44,10 +43,10 @@ from convcli.errors import ConvcliNotice, ShapeError, UsageError
 from convcli.hparams import build_spec
 from convcli.io.loading import DatasetRef, FileIdentity, Headers, Loaded
 from convcli.io.writing import (
+    Hdf5Output,
     atomic_output,
     check_target,
     output_format,
-    write_hdf5_attrs,
     write_tensors,
 )
 from convcli.memory import (
@@ -703,28 +702,26 @@ class _StreamedSink:
         self.plan = plan
         self.out = options.out
         self.stats: dict[str, RunningStats] = {}
-        self.h5: h5py.File | None = None
+        self.output: Hdf5Output | None = None
 
     def open(self, stack: contextlib.ExitStack) -> None:
         if self.out is not None:
-            fd, temp = stack.enter_context(atomic_output(self.out))
-            os.close(fd)
-            self.h5 = stack.enter_context(h5py.File(temp, "w"))
+            fd, _ = stack.enter_context(atomic_output(self.out))
+            self.output = stack.enter_context(Hdf5Output(fd))
 
     def add(self, name: str, rows: np.ndarray, start: int, stop: int) -> None:
         if name not in self.stats:
             self.stats[name] = RunningStats(self.plan.shapes[name], rows.dtype)
         self.stats[name].update(rows)
-        if self.h5 is not None and name == self.plan.written:
-            if name not in self.h5:
-                self.h5.create_dataset(name, shape=self.plan.shapes[name], dtype=rows.dtype)
-            self.h5[name][start:stop] = rows
+        if self.output is not None and name == self.plan.written:
+            # a full disk raises here, stopping the run at the first block it cannot hold
+            self.output.write_rows(name, self.plan.shapes[name], start, rows)
 
     def finish(self, totals: Mapping[str, np.ndarray], hparams: dict) -> None:
-        if self.h5 is not None:
+        if self.output is not None:
             for name, array in totals.items():
-                self.h5.create_dataset(name, data=array)
-            write_hdf5_attrs(self.h5, hparams)
+                self.output.create(name, array)
+            self.output.attrs(hparams)
 
     def tensor(self, name: str, role: str, origin: str | Upstream, source: Any = None) -> Tensor:
         if source is None and name == self.plan.written:

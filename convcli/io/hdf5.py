@@ -8,9 +8,11 @@ a block of rows at a time (:meth:`Hdf5Reader.rows`), which is what streaming use
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import h5py
@@ -29,6 +31,7 @@ from convcli.io.reader import (
     native,
     plain,
     reason,
+    signals_held,
 )
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -306,11 +309,134 @@ class Hdf5Writer(Writer):
     def write(
         cls, fd: int, temp: Path, tensors: Mapping[str, np.ndarray], attrs: Mapping[str, object]
     ) -> None:
-        os.close(fd)
-        with h5py.File(temp, "w") as h5:
+        with Hdf5Output(fd) as output:
             for name, array in tensors.items():
-                h5.create_dataset(name, data=array)
-            write_hdf5_attrs(h5, attrs)
+                output.create(name, array)
+            output.attrs(attrs)
+
+
+class Hdf5Output:
+    """A new HDF5 file written through an open descriptor, safe against a full disk and
+    against signals.
+
+    HDF5 does not survive a failed write: its error stack floods stderr and closing the file
+    afterwards can crash the process. So the library writes through a stream that never
+    fails: the first ``OSError`` (``ENOSPC``, ``EFBIG``, ``EIO``) is kept and every later
+    write is dropped, the file closes normally, and the kept error is raised by the method
+    that met it (or when the context ends). Each call into HDF5 holds SIGINT and SIGTERM
+    (:func:`~convcli.io.reader.signals_held`), so an interruption is raised between calls,
+    never inside the library. After an error the file is incomplete: the caller removes it
+    (:func:`convcli.io.writing.atomic_output` does, and owns and closes ``fd``).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._stream = _KeepFirstError(fd)
+        with signals_held():
+            self._file = h5py.File(self._stream, "w")
+        self.check()
+
+    def create(self, name: str, array: np.ndarray) -> None:
+        """Store ``array`` (any shape) as the dataset ``name`` at the root."""
+        with signals_held():
+            self._file.create_dataset(name, data=array)
+        self.check()
+
+    def write_rows(self, name: str, shape: tuple[int, ...], start: int, rows: np.ndarray) -> None:
+        """Write ``rows`` (``(k, *shape[1:])``) at rows ``start:start + k`` of the dataset
+        ``name``, created with ``shape`` and the rows' dtype on first use."""
+        with signals_held():
+            if name not in self._file:
+                self._file.create_dataset(name, shape=shape, dtype=rows.dtype)
+            self._file[name][start : start + len(rows)] = rows
+        self.check()
+
+    def attrs(self, attrs: Mapping[str, object]) -> None:
+        """Store hyperparameters as root attributes (see :func:`write_hdf5_attrs`)."""
+        with signals_held():
+            write_hdf5_attrs(self._file, attrs)
+        self.check()
+
+    def check(self) -> None:
+        """Raise the ``OSError`` of the first failed write, if any."""
+        if self._stream.error is not None:
+            raise self._stream.error
+
+    def __enter__(self) -> Hdf5Output:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            with signals_held():
+                self._file.close()
+        except Exception:
+            if self._stream.error is None and error is None:
+                raise
+        if error is None or isinstance(error, Exception):
+            self.check()  # a failed write is the cause of whatever followed it
+
+
+class _KeepFirstError(io.RawIOBase):
+    """A file descriptor as HDF5's file object: positioned reads and writes; a write that
+    fails is remembered in ``error`` and reported as done, and so are all later ones."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._position = 0
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = os.pread(self._fd, len(view), self._position)
+        view[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def write(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(self._fd, view[done:], self._position + done)
+            except OSError as exc:
+                self.error = exc
+        self._position += len(view)
+        return len(view)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self._position
+        elif whence == os.SEEK_END:
+            offset += os.fstat(self._fd).st_size
+        self._position = offset
+        return offset
+
+    def tell(self) -> int:
+        return self._position
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._position if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as exc:
+                self.error = exc
+        return size
 
 
 def write_hdf5_attrs(h5: h5py.Group, attrs: Mapping[str, object]) -> None:

@@ -144,7 +144,7 @@ class NpzWriter(Writer):
         cls, fd: int, temp: Path, tensors: Mapping[str, np.ndarray], attrs: Mapping[str, object]
     ) -> None:
         members = {**tensors, **{name: np.asarray(value) for name, value in attrs.items()}}
-        with os.fdopen(fd, "wb") as handle:
+        with os.fdopen(fd, "wb", closefd=False) as handle:
             savez: Any = np.savez  # looked up here: member names are free-form keywords
             savez(handle, **members)
             handle.flush()

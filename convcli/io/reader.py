@@ -14,12 +14,15 @@ HDF5 dataset, a filter that is not available) are raised by the reader as ``Data
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import tokenize
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -58,6 +61,38 @@ CONTENT_ERRORS: tuple[type[BaseException], ...] = (
 #: Found hyperparameters: canonical name -> (plain value, origin text).
 Hparams = dict[str, tuple[object, str]]
 Shape = tuple[int, ...]
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then let them act.
+
+    Around calls into a C library that calls back into Python (HDF5 writing through
+    :class:`~convcli.io.hdf5.Hdf5Output`'s stream) and around steps that must not be cut in
+    two (a temporary file created and registered for removal): the ``KeyboardInterrupt`` of
+    a Ctrl-C is then raised after the block, never inside a callback where the library
+    would take it for a failed write. The signals' Python handlers are swapped for one that
+    notes them; afterwards the old handlers are back and each noted signal is raised again.
+    Only the main thread handles signals; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    handlers = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+    swapped = [signum for signum, handler in handlers.items() if handler is not None]
+    try:
+        for signum in swapped:
+            signal.signal(signum, lambda number, frame: noted.append(number))
+        yield
+    finally:
+        for signum in swapped:
+            signal.signal(signum, handlers[signum])
+        for number in dict.fromkeys(noted):
+            signal.raise_signal(number)
 
 
 def reason(exc: BaseException) -> str:
@@ -294,8 +329,8 @@ class Writer(ABC):
         """Write the file at ``temp`` (its descriptor ``fd`` is open for writing).
 
         ``tensors`` are numeric arrays; ``attrs`` are hyperparameters as given (int, float,
-        str or nested lists), already checked to hold no Python objects. A writer that
-        opens ``temp`` by name closes ``fd`` first.
+        str or nested lists), already checked to hold no Python objects. Write through
+        ``fd`` and leave it open: the caller closes it, fsyncs and renames the file.
         """
 
 

@@ -21,11 +21,12 @@ import numpy as np
 
 from convcli.errors import DataError, OutputError, OutputExistsError, UsageError
 from convcli.io.formats import WRITERS, spoken_list
-from convcli.io.hdf5 import write_hdf5_attrs
-from convcli.io.reader import Writer, reason
+from convcli.io.hdf5 import Hdf5Output, write_hdf5_attrs
+from convcli.io.reader import Writer, reason, signals_held
 
 __all__ = [
     "TEMP_PREFIX",
+    "Hdf5Output",
     "atomic_output",
     "check_target",
     "output_format",
@@ -181,30 +182,36 @@ def _numeric_array(path: Path, name: str, value: object) -> np.ndarray:
 def atomic_output(path: Path) -> Iterator[tuple[int, Path]]:
     """Yield ``(fd, temp_path)`` of a new temporary file beside ``path``.
 
-    The caller writes the file (and closes ``fd`` if it opens the path another way; an fd
-    left open is closed here). On success the file gets the target's permission bits, is
-    fsynced and renamed over ``path``; on any exception it is removed and the exception
-    re-raised (an OSError as :class:`OutputError`). Checks of the target are the caller's
-    (see :func:`check_target`).
+    The caller writes the file through ``fd``, which is closed here (a caller that opens
+    the path by name instead must not close it). On success the file gets the target's
+    permission bits, is fsynced and renamed over ``path``; on any exception (a Ctrl-C or
+    SIGTERM too) it is removed and the exception re-raised (an OSError as
+    :class:`OutputError`). Checks of the target are the caller's (see :func:`check_target`).
     """
     mode = _target_mode(path)
+    fd, temp = -1, None
     try:
-        fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot create a file in {path.parent} ({exc})") from exc
-    temp = Path(temp_name)
-    try:
+        with signals_held():  # a Ctrl-C or SIGTERM is raised once temp is known, so removed
+            try:
+                fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
+            except OSError as exc:
+                raise OutputError(
+                    f"{path}: cannot create a file in {path.parent} ({reason(exc)})"
+                ) from exc
+            temp = Path(name)
         yield fd, temp
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        os.close(fd)
+        fd = -1
         _fsync_path(temp)
         os.chmod(temp, mode)
         os.replace(temp, path)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            temp.unlink()
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                temp.unlink()
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise OutputError(f"{path}: cannot write ({reason(exc)})") from exc
         raise
