@@ -269,11 +269,18 @@ def test_an_unreadable_impl_file_is_exit_66(kind, tmp_path):
     hostile.one_error(result, 66)
 
 
-# -- gradcheck: z overflowing ---------------------------------------------------------------
+# -- gradcheck: data too large to check --------------------------------------------------
 
 
-@pytest.mark.parametrize(("x_scale", "w_scale"), [(1e300, 1.0), (1e200, 1e200)])
-def test_gradcheck_refuses_data_whose_z_overflows(x_scale, w_scale, tmp_path):
+@pytest.mark.parametrize(
+    ("x_scale", "w_scale", "flags", "words"),
+    [
+        (1e300, 1.0, (), "rounded away"),  # x + eps == x: no difference to measure
+        (1e200, 1e200, (), "rounded away"),
+        (1e300, 1e10, ("--eps", "1e290"), "z overflows to inf"),  # the step survives, z not
+    ],
+)
+def test_gradcheck_refuses_data_too_large_to_check(x_scale, w_scale, flags, words, tmp_path):
     rng = np.random.default_rng(0)
     data = tmp_path / "huge.npz"
     np.savez(
@@ -281,9 +288,9 @@ def test_gradcheck_refuses_data_whose_z_overflows(x_scale, w_scale, tmp_path):
         x=rng.standard_normal((2, 5, 5, 3)) * x_scale,
         w=rng.standard_normal((3, 3, 3, 4)) * w_scale,
     )
-    result = _run("gradcheck", data, cwd=tmp_path)
+    result = _run("gradcheck", data, *flags, cwd=tmp_path)
     line = hostile.one_error(result, 65)
-    assert "overflows" in line
+    assert words in line
 
 
 # -- numeric flags of 2**63 and beyond ------------------------------------------------------
