@@ -1,4 +1,4 @@
-"""Memory and disk estimates, and the guards run before any work.
+"""Memory estimates and the guard run before any work.
 
 :func:`check_memory` refuses work whose estimated bytes exceed the caller's ``max_memory``
 with a :class:`~convcli.errors.MemoryLimitError` that lists what needs the memory; the

@@ -326,3 +326,27 @@ def test_a_seed_of_2_63_and_more_is_used_as_given(tmp_path):
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+# -- the limits the guard reads -------------------------------------------------------------
+
+
+def test_cgroup_limits_are_read_from_v2_and_v1_files(tmp_path):
+    from convcli.memory import MemoryRoom, _cgroup_folder_room
+
+    v2, v1, unlimited = tmp_path / "v2", tmp_path / "v1", tmp_path / "max"
+    for folder, files in (
+        (v2, {"memory.max": "1000000\n", "memory.current": "250000\n"}),
+        (v1, {"memory.limit_in_bytes": "4096\n", "memory.usage_in_bytes": "1024\n"}),
+        (unlimited, {"memory.max": "max\n", "memory.current": "250000\n"}),
+    ):
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    assert _cgroup_folder_room(v2) == 750000
+    assert _cgroup_folder_room(v1) == 3072
+    assert _cgroup_folder_room(unlimited) is None
+    assert _cgroup_folder_room(tmp_path) is None  # no files: no limit known
+    room = MemoryRoom(available=2**34, address_space=2**30, cgroup=2**31)
+    assert room.least() == (2**30, "1 GiB left under the address-space limit")
+    assert MemoryRoom().least() is None
