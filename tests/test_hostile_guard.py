@@ -350,3 +350,17 @@ def test_cgroup_limits_are_read_from_v2_and_v1_files(tmp_path):
     room = MemoryRoom(available=2**34, address_space=2**30, cgroup=2**31)
     assert room.least() == (2**30, "1 GiB left under the address-space limit")
     assert MemoryRoom().least() is None
+
+
+def test_an_output_bigger_than_the_free_disk_is_refused_by_the_library(tmp_path):
+    from convcli.errors import EXIT_CANT_CREATE, OutputError
+    from convcli.memory import check_disk
+
+    check_disk(tmp_path / "small.h5", {"z": 1})
+    with pytest.raises(OutputError) as caught:
+        check_disk(tmp_path / "huge.h5", {"x": 10**18, "w": 8})
+    assert caught.value.exit_code == EXIT_CANT_CREATE
+    assert caught.value.param == "out"
+    assert "needs about" in str(caught.value)
+    assert "free in" in str(caught.value)
+    assert not (tmp_path / "huge.h5").exists()

@@ -43,7 +43,7 @@ from convcli.hparams import BY_NAME, HPARAMS, build_spec
 from convcli.inspection import inspect_file
 from convcli.io.loading import load_tensors
 from convcli.io.writing import write_tensors
-from convcli.memory import parse_memory
+from convcli.memory import check_disk, parse_memory
 from convcli.run import (
     RunInputs,
     RunOptions,
@@ -852,6 +852,7 @@ def generate(
         dtype=dtype.value,
         dz=with_dz,
     )
+    check_disk(out, {name: t.nbytes for name, t in tensors.items()}, param="generate_out")
     write_tensors(out, tensors, attrs, force=force, param="generate_out")
     with _data_output():
         _print_generated(out, tensors, attrs, dtype.value, as_json)
