@@ -35,7 +35,7 @@ import numpy as np
 
 from convcli.check import Tolerance, gradcheck
 from convcli.check.userimpl import SUITE, check_impl, load_impl
-from convcli.check.userproc import DEFAULT_TIMEOUT
+from convcli.check.userproc import DEFAULT_TIMEOUT, MAX_TIMEOUT
 from convcli.engine.fast import DEFAULT_WORKSPACE, conv_backward, conv_forward, scratch_bytes
 from convcli.engine.operands import bias_shapes, check_finite, check_float_dtype
 from convcli.engine.reference import conv_backward_reference, conv_forward_reference
@@ -50,9 +50,13 @@ from convcli.io.writing import (
     write_tensors,
 )
 from convcli.memory import (
+    block_bytes,
+    check_disk,
     check_memory,
     chunk_images,
+    gradcheck_needs,
     in_memory_run_needs,
+    nbytes,
     streamed_run_needs,
 )
 from convcli.spec import ConvSpec, Geometry
@@ -556,10 +560,12 @@ def _plan(command: str, inputs: RunInputs, spec: ConvSpec, options: RunOptions) 
     workspace = options.workspace
     if streamed:
         weights = inputs.w.nbytes + (0 if inputs.b is None else inputs.b.nbytes)
-        check_memory(
-            streamed_run_needs(weight_bytes=weights, workspace=workspace), options.max_memory
-        )
         per_block = chunk_images(geometry, dtype, workspace, backward)
+        block = block_bytes(geometry, dtype, per_block, backward)
+        check_memory(
+            streamed_run_needs(weight_bytes=weights, workspace=workspace, block_bytes=block),
+            options.max_memory,
+        )
         engine_workspace = max(1, workspace - workspace // 2)
     else:
         needs = in_memory_run_needs(
@@ -571,8 +577,18 @@ def _plan(command: str, inputs: RunInputs, spec: ConvSpec, options: RunOptions) 
         )
         check_memory(needs, options.max_memory)
         per_block, engine_workspace = max(1, geometry.n), workspace
+    if options.out is not None:
+        check_disk(options.out, _output_bytes(command, shapes, dtype))
     blocks = tuple((i, min(i + per_block, geometry.n)) for i in range(0, geometry.n, per_block))
     return _Plan(command, geometry, shapes, blocks or ((0, 0),), engine_workspace, streamed)
+
+
+def _output_bytes(
+    command: str, shapes: Mapping[str, tuple[int, ...]], dtype: np.dtype
+) -> dict[str, int]:
+    """The tensors written to the output file, by name: z (forward) or dx, dw, db."""
+    written = ("z",) if command == "forward" else ("dx", "dw", "db")
+    return {name: nbytes(shapes[name], dtype) for name in written if name in shapes}
 
 
 def _compute_dtype(dtypes: Iterable[np.dtype]) -> np.dtype:
@@ -805,6 +821,7 @@ def run_gradcheck(
     *,
     upstream: Upstream | None = None,
     progress: Progress | None = None,
+    max_memory: int | None = None,
     **options: Any,
 ) -> GradcheckRun:
     """Gradient-check convcli's engine on x, w, b (and dz if given), in float64.
@@ -812,12 +829,18 @@ def run_gradcheck(
     ``inputs`` are in memory, in ``spec.layout`` (see :class:`RunInputs`). g (the upstream
     gradient) is ``inputs.dz`` when given, else made by ``upstream`` (default: random, seed
     None); the check's own random choices are seeded with ``upstream.seed`` (0 when None).
-    ``options`` go to :func:`convcli.check.gradcheck` (mode, samples, probes, tolerance).
+    A check estimated to need more than ``max_memory`` bytes
+    (:func:`~convcli.memory.gradcheck_needs`) is refused before it starts. ``options`` go to
+    :func:`convcli.check.gradcheck` (mode, samples, probes, tolerance).
     """
     upstream = upstream or Upstream("random")
     if inputs.streamed:
         raise UsageError("gradcheck needs x and dz in memory, not read from disk in blocks")
     x = np.asarray(inputs.x)
+    geometry = spec.geometry(tuple(x.shape), tuple(np.shape(inputs.w)))
+    given = sum(np.asarray(value).nbytes for value in inputs.given().values())
+    scratch = scratch_bytes(geometry, np.dtype(np.float64), DEFAULT_WORKSPACE)
+    check_memory(gradcheck_needs(geometry, input_bytes=given, scratch=scratch), max_memory)
     notices = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvcliNotice)
@@ -875,8 +898,11 @@ def run_impl_check(
     suite, :data:`~convcli.check.userimpl.SUITE`), each configuration in its own child
     process limited to ``timeout`` seconds and ``max_memory`` bytes."""
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
-    if not timeout > 0:
-        raise UsageError(f"{{param}} {timeout}: must be > 0 seconds", param="timeout")
+    if not 0 < timeout <= MAX_TIMEOUT:
+        raise UsageError(
+            f"{{param}} {timeout:g}: must be a number of seconds > 0 and at most {MAX_TIMEOUT:,}",
+            param="timeout",
+        )
     impl = load_impl(path, timeout=timeout)
     tolerance = tolerance or Tolerance()
     start = time.perf_counter()

@@ -35,39 +35,3 @@ def format_size(count: int) -> str:
         if count >= scale:
             return f"{count / scale:.4g} {unit}"
     return f"{count} B"
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations now (Linux MemAvailable), or None."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import os
-
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-MEMORY_FRACTION = 0.8
-
-
-def default_max_memory() -> int | None:
-    """The memory guard when no ``max_memory`` is given: 80 % of available memory."""
-    available = available_memory()
-    return None if available is None else int(available * MEMORY_FRACTION)
-
-
-def parse_memory(text: str) -> int | None:
-    """A ``max_memory`` text: ``auto`` (80 % of available memory), ``none``, or a size."""
-    lowered = text.strip().lower()
-    if lowered == "auto":
-        return default_max_memory()
-    if lowered in ("none", "unlimited"):
-        return None
-    return parse_size(text, "max_memory")

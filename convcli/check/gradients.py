@@ -41,7 +41,7 @@ from convcli.check.exhaustive import exhaustive_numeric, exhaustive_passes
 from convcli.check.tolerance import DEFAULT_TOLERANCE, Tolerance, compare_elements
 from convcli.engine.fast import conv_backward, conv_forward
 from convcli.engine.operands import check_finite, w_from_last, w_to_last, x_from_last, x_to_last
-from convcli.errors import UsageError
+from convcli.errors import DataError, NonFiniteError, UsageError
 from convcli.spec import ConvSpec, Geometry
 
 DEFAULT_SAMPLES = 64
@@ -52,6 +52,9 @@ DEFAULT_PROBES = 8
 # budget is about 5 s there. Sizes, not timings: every machine and every run choose alike.
 AUTO_MAX_WORK = 2 * 10**10
 PASS_OVERHEAD = 10**6
+# Any mode: a check whose planned work exceeds MAX_WORK (about four minutes on that machine)
+# is refused before it starts, naming the estimate (absurd --samples/--probes counts).
+MAX_WORK = 50 * AUTO_MAX_WORK
 MODES = ("auto", "exhaustive", "sample", "fast")
 
 # forward(x, w, b) -> z ; backward(g, x, w, b) -> (dx, dw, db), all float64 arrays.
@@ -205,9 +208,10 @@ def gradcheck(
     Raises
     ------
     UsageError
-        For an unknown ``mode`` (``param="mode"``).
+        For an unknown ``mode`` (``param="mode"``); for a check whose planned work exceeds
+        ``MAX_WORK`` (``param`` the count or mode that makes it so).
     NonFiniteError
-        When x, w, b or upstream hold NaN or Inf.
+        When x, w, b or upstream hold NaN or Inf, or z overflows to ±Inf.
     """
     if mode not in MODES:
         raise UsageError(f"{{param}} {mode!r}: choose from {', '.join(MODES)}", param="mode")
@@ -244,6 +248,9 @@ def gradcheck(
     )
     strategy = STRATEGIES[resolved]
     counter.total = strategy.passes(setup)
+    check_work(setup, resolved, counter.total)
+    check_step_visible(setup.operands, tolerance.eps)
+    check_no_overflow(conv_forward(x, w, b, spec)[0])  # the data's z, by the engine
     checks = strategy.check(setup)
     return GradcheckResult(
         mode=resolved,
@@ -329,6 +336,76 @@ def auto_mode(geometry: Geometry, has_bias: bool) -> tuple[str, str]:
     return "sample+fast", (
         f"auto chose sample + fast: exhaustive would need {sizes}, work "
         f"{work:.2g} > {AUTO_MAX_WORK:.2g} (mode exhaustive checks every element anyway)"
+    )
+
+
+def check_work(setup: CheckSetup, mode: str, passes: int) -> None:
+    """Refuse a check of ``passes`` forward passes whose work (as for :func:`auto_mode`)
+    exceeds ``MAX_WORK``; the error names the count or mode responsible (exit 2).
+
+    Raises
+    ------
+    UsageError
+        ``param`` is ``"probes"``, ``"samples"`` or ``"mode"``.
+    """
+    per_pass = forward_multiply_adds(setup.geometry)
+    work = passes * (per_pass + PASS_OVERHEAD)
+    if work <= MAX_WORK:
+        return
+    if mode == "exhaustive":
+        param, value = "mode", "exhaustive"
+    elif mode == "fast" or (mode == "sample+fast" and _fast_passes(setup) > passes // 2):
+        param, value = "probes", str(setup.probes)
+    else:
+        param, value = "samples", str(setup.samples)
+    raise UsageError(
+        f"{{param}} {value}: the check would need {passes:,} forward passes of {per_pass:.3g} "
+        f"multiply-adds each (work {work:.2g}, more than the limit {MAX_WORK:.2g}, about "
+        f"{MAX_WORK // AUTO_MAX_WORK * 5 // 60} minutes on a 2-core machine)",
+        param=param,
+    )
+
+
+def check_step_visible(operands: dict[str, np.ndarray], eps: float) -> None:
+    """Refuse operands (by gradient name: ``dx`` -> x, ...) whose largest magnitude is so
+    large that float64 cannot represent it plus the step ``eps``: its perturbation would be
+    rounded away (``spacing(max |t|) >= eps``) and no numerical gradient could be measured.
+
+    Raises
+    ------
+    DataError
+        ``param="eps"``; exit 65.
+    """
+    for name, operand in operands.items():
+        largest = float(np.max(np.abs(operand))) if operand.size else 0.0
+        spacing = float(np.spacing(largest))
+        if spacing >= eps:
+            raise DataError(
+                f"{name[1:]} holds values up to {largest:.3g}, where float64 values are "
+                f"{spacing:.3g} apart: a step of {{param}} {eps:g} is rounded away, so "
+                "gradients cannot be checked on data this large",
+                param="eps",
+            )
+
+
+def check_no_overflow(z: np.ndarray) -> None:
+    """Refuse data whose forward output ``z`` (any shape and layout; indices are reported
+    in it) overflows to ±Inf in float64: its
+    gradients cannot be measured, so no verdict on them would mean anything.
+
+    Raises
+    ------
+    NonFiniteError
+        Not allowable (gradient checks need finite values); exit 65.
+    """
+    finite = np.isfinite(z)
+    if finite.all():
+        return
+    first = [int(i) for i in np.argwhere(~finite)[0]]
+    raise NonFiniteError(
+        f"z overflows to inf in float64 at {z.size - int(finite.sum())} of {z.size} elements "
+        f"(first at {first}): x, w and b are too large to check gradients on",
+        allowable=False,
     )
 
 

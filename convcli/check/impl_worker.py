@@ -219,7 +219,15 @@ class _Child:
             if not isinstance(grads, tuple) or len(grads) != 3:
                 raise _Failure("conv_backward must return a tuple (dA_prev, dW, db)")
             outputs = dict(zip(("dA_prev", "dW", "db"), grads, strict=True))
-        converted = {name: as_array(v, name, header["expect"][name]) for name, v in outputs.items()}
+        converted = {}
+        for name, value in outputs.items():
+            try:
+                converted[name] = as_array(value, name, header["expect"][name])
+            except _Failure:
+                raise
+            except Exception as error:  # the user's own __array__ (or the like) raised
+                reason = describe(error, self.path)
+                raise _Failure(f"{name} cannot be read as an array: {reason}") from None
         dtypes = {name: dtype for name, (_, dtype) in converted.items()}
         return dtypes, {name: array for name, (array, _) in converted.items()}
 
@@ -230,7 +238,10 @@ class _Failure(Exception):
 
 def as_array(value, what: str, expected: list) -> tuple[np.ndarray, str]:
     """``value`` as float64 and the name of its own dtype; refused when it is not a real
-    number array (None, objects, complex, bool, strings) or not the expected size."""
+    number array (None, objects, complex, bool, strings, masked arrays), cannot be converted
+    (its ``__array__`` or ``__len__`` raises) or is not the expected size."""
+    if isinstance(value, np.ma.MaskedArray):
+        raise _Failure(f"{what} is a masked array; return a plain array of real numbers")
     try:
         given = np.asarray(value)
     except (TypeError, ValueError):

@@ -17,9 +17,12 @@ and the tolerances small.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from convcli.errors import UsageError
 
 DEFAULT_EPS = 1e-3
 DEFAULT_RTOL = 1e-6
@@ -34,14 +37,24 @@ class Tolerance:
     Parameters
     ----------
     eps : float
-        Step of the central differences, ``(f(t + eps) - f(t - eps)) / 2eps``.
+        Step of the central differences, ``(f(t + eps) - f(t - eps)) / 2eps``; finite, > 0.
     rtol, atol : float
-        Relative and absolute tolerance of the rule above.
+        Relative and absolute tolerance of the rule above; finite, >= 0.
+
+    Raises
+    ------
+    UsageError
+        For a value that is not a finite real number in its range (NaN, ±Inf, negative,
+        a zero step, a string or a bool), with ``param`` the field's name.
     """
 
     eps: float = DEFAULT_EPS
     rtol: float = DEFAULT_RTOL
     atol: float = DEFAULT_ATOL
+
+    def __post_init__(self) -> None:
+        for name, positive in (("eps", True), ("rtol", False), ("atol", False)):
+            object.__setattr__(self, name, _checked(name, getattr(self, name), positive))
 
     def exceeded(self, abs_errors: np.ndarray, scale: np.ndarray) -> np.ndarray:
         """Booleans, same shape: where ``abs_errors > atol + rtol * scale`` (NaN counts)."""
@@ -51,6 +64,19 @@ class Tolerance:
         """Booleans, same shape: elements where ``got`` and ``want`` differ by more than
         allowed (NaN fails). Arrays of one shape, any layout."""
         return self.exceeded(np.abs(got - want), np.maximum(np.abs(got), np.abs(want)))
+
+
+def _checked(name: str, value: object, positive: bool) -> float:
+    """``value`` as a float when it is a finite real number, > 0 (``positive``) or >= 0."""
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise UsageError(f"{{param}} {value!r}: expected a finite number {bound}", param=name)
+    number = float(value)
+    if not math.isfinite(number):
+        raise UsageError(f"{{param}} {number}: must be a finite number {bound}", param=name)
+    if number < 0 or (positive and number == 0):
+        raise UsageError(f"{{param}} {number:g}: must be {bound}", param=name)
+    return number
 
 
 DEFAULT_TOLERANCE = Tolerance()

@@ -34,6 +34,7 @@ import numpy as np
 from convcli.check import impl_worker
 
 DEFAULT_TIMEOUT = 30.0
+MAX_TIMEOUT = 86400  # seconds: a day; far larger deadlines overflow the clocks they are set on
 OUTPUT_LIMIT = 2000  # characters of captured output kept per configuration
 _SINGLE_THREAD = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')

@@ -129,3 +129,13 @@ def _ascii_spelling(error: UnicodeError) -> tuple[str, int]:
 
 
 codecs.register_error(ASCII_ERRORS, _ascii_spelling)
+
+
+def out_of_memory(error: MemoryError) -> str:
+    """One line for an allocation that failed although the memory guard let the work start."""
+    detail = f" ({error})" if str(error) else ""
+    return (
+        f"ran out of memory{detail}; the estimate made before the work fell short: stream "
+        "the input from HDF5, lower --max-workspace, or set --max-memory to the memory this "
+        "process may really use (default auto) so that such work is refused before it starts"
+    )

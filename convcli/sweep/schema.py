@@ -51,7 +51,7 @@ from typing import Any, NoReturn
 
 from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES, MODES
 from convcli.check.tolerance import Tolerance
-from convcli.errors import ConvcliError, DataError
+from convcli.errors import ConvcliError, DataError, UsageError
 from convcli.hparams import HPARAMS, shown, spec_from
 from convcli.io.detect import regular_file_size
 from convcli.spec import MAX_INT, ConvSpec
@@ -349,11 +349,14 @@ def _gradcheck_options(data: dict[str, Any], checker: _Checker) -> GradcheckOpti
     if "mode" in given and given["mode"] not in MODES:
         checker.fail("mode", f"gradcheck mode must be one of {', '.join(MODES)}", table)
     default = Tolerance()
-    tolerance = Tolerance(
-        eps=float(given.get("eps", default.eps)),
-        rtol=float(given.get("rtol", default.rtol)),
-        atol=float(given.get("atol", default.atol)),
-    )
+    try:  # the one validation of tolerances (finite, in range); a spec's error is data
+        tolerance = Tolerance(
+            eps=given.get("eps", default.eps),
+            rtol=given.get("rtol", default.rtol),
+            atol=given.get("atol", default.atol),
+        )
+    except UsageError as error:
+        checker.fail(error.param or "gradcheck", f"gradcheck {error.describe()}", table)
     return GradcheckOptions(
         mode=given.get("mode", "auto"),
         samples=given.get("samples", DEFAULT_SAMPLES),
