@@ -48,11 +48,22 @@ def lock_of(out: Path) -> Path:
     return out.with_name(f".{out.name}.convcli-lock")
 
 
-def results(folder: Path, text: str = TINY) -> tuple[Path, Path]:
-    """A spec and the complete results of its sweep."""
-    spec, out = spec_file(folder, text), folder / "r.jsonl"
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory) -> bytes:
+    """The results file of a sweep of TINY (run once: records depend on the spec's content,
+    not on where it is)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    spec, out = spec_file(folder), folder / "r.jsonl"
     result = hostile.run("sweep", spec, "--out", out, cwd=folder)
     assert result.returncode == 0, result.stderr
+    return out.read_bytes()
+
+
+@pytest.fixture
+def results(tmp_path, tiny_results) -> tuple[Path, Path]:
+    """A spec (TINY) and the complete results of its sweep, in ``tmp_path``."""
+    spec, out = spec_file(tmp_path), tmp_path / "r.jsonl"
+    out.write_bytes(tiny_results)
     return spec, out
 
 
@@ -90,6 +101,7 @@ def special_files(folder: Path) -> Iterator[Path]:
     server.close()
 
 
+@pytest.mark.slow  # five kinds of special file, one run each
 @pytest.mark.parametrize("where", ["out", "partial"])
 def test_force_never_replaces_a_special_file(tmp_path, where):
     spec = spec_file(tmp_path)
@@ -104,8 +116,8 @@ def test_force_never_replaces_a_special_file(tmp_path, where):
         assert str(special) in line or "directory" in line, line
 
 
-def test_resume_from_a_fifo_partial_file_is_refused(tmp_path):
-    spec, out = results(tmp_path)
+def test_resume_from_a_fifo_partial_file_is_refused(tmp_path, results):
+    spec, out = results
     os.mkfifo(partial_of(out))
     with hostile.unchanged(out, partial_of(out)):
         result = hostile.run("sweep", spec, "--out", out, "--resume", cwd=tmp_path, timeout=20)
@@ -165,7 +177,7 @@ def test_max_configs_must_be_positive(tmp_path):
 
 HUGE_CONFIG = """actions = ["forward", "backward"]
 [[configs]]
-shape = [100000, 100, 100, 8]
+shape = [1000000, 1000, 1000, 8]
 kernel = 3
 cout = 8
 [[configs]]
@@ -228,8 +240,8 @@ def test_resume_refuses_a_huge_sparse_file_in_bounded_memory(tmp_path):
     ],
 )
 @pytest.mark.parametrize("where", ["out", "partial"])
-def test_resume_refuses_odd_lines_before_writing(tmp_path, odd, where):
-    spec, out = results(tmp_path)
+def test_resume_refuses_odd_lines_before_writing(tmp_path, results, odd, where):
+    spec, out = results
     rows = out.read_text().splitlines(keepends=True)
     text = "".join(rows[:1]) + odd + "\n" + "".join(rows[1:])
     target = out if where == "out" else partial_of(out)
@@ -240,8 +252,8 @@ def test_resume_refuses_odd_lines_before_writing(tmp_path, odd, where):
     assert "line 2" in line
 
 
-def test_resume_refuses_a_first_line_that_is_not_a_record(tmp_path):
-    spec, out = results(tmp_path)
+def test_resume_refuses_a_first_line_that_is_not_a_record(tmp_path, results):
+    spec, out = results
     out.write_text('{"hello": "world"}\n' + out.read_text())
     with hostile.unchanged(out, partial_of(out)):
         result = hostile.run("sweep", spec, "--out", out, "--resume", cwd=tmp_path)
@@ -249,8 +261,8 @@ def test_resume_refuses_a_first_line_that_is_not_a_record(tmp_path):
     assert "not a convcli results file" in line
 
 
-def test_resume_drops_only_a_torn_final_record(tmp_path):
-    spec, out = results(tmp_path)
+def test_resume_drops_only_a_torn_final_record(tmp_path, results):
+    spec, out = results
     rows = out.read_text().splitlines(keepends=True)
     out.write_text(rows[0] + rows[1][: len(rows[1]) // 2])  # killed while writing line 2
     result = hostile.run("sweep", spec, "--out", out, "--resume", "--json", cwd=tmp_path)
@@ -259,8 +271,8 @@ def test_resume_drops_only_a_torn_final_record(tmp_path):
     assert len([json.loads(line) for line in out.read_text().splitlines()]) == TINY_RUNS
 
 
-def test_resume_keeps_a_complete_last_record_without_newline(tmp_path):
-    spec, out = results(tmp_path)
+def test_resume_keeps_a_complete_last_record_without_newline(tmp_path, results):
+    spec, out = results
     rows = out.read_text().splitlines(keepends=True)
     out.write_text(rows[0].rstrip("\n"))
     result = hostile.run("sweep", spec, "--out", out, "--resume", "--json", cwd=tmp_path)
@@ -275,8 +287,8 @@ def test_resume_keeps_a_complete_last_record_without_newline(tmp_path):
 
 
 @pytest.mark.parametrize("mode", [[], ["--resume"], ["--force"]])
-def test_a_second_sweep_on_the_same_results_is_refused(tmp_path, mode):
-    spec, out = results(tmp_path)
+def test_a_second_sweep_on_the_same_results_is_refused(tmp_path, results, mode):
+    spec, out = results
     lock = lock_of(out)
     with open(lock, "a") as handle:  # what a running sweep holds
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -310,8 +322,8 @@ def test_two_concurrent_sweeps_never_duplicate_records(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_disk_full_while_copying_the_results_keeps_them(tmp_path):
-    spec, out = results(tmp_path)
+def test_disk_full_while_copying_the_results_keeps_them(tmp_path, results):
+    spec, out = results
     with hostile.unchanged(out, partial_of(out)):
         result = hostile.run(
             "sweep",
@@ -326,8 +338,8 @@ def test_disk_full_while_copying_the_results_keeps_them(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["--resume", "--force"])
-def test_disk_full_while_appending_keeps_the_old_results(tmp_path, mode):
-    spec, out = results(tmp_path)
+def test_disk_full_while_appending_keeps_the_old_results(tmp_path, results, mode):
+    spec, out = results
     rows = out.read_text().splitlines(keepends=True)
     out.write_text(rows[0])
     with hostile.unchanged(out):
