@@ -4,8 +4,11 @@ Each result is one JSON object (a *record*) keyed by its run's :meth:`~convcli.s
 so a resumed sweep skips what is done. Lines are appended (flushed and fsynced as each run
 finishes) to ``.OUT.convcli-partial`` beside the results file ``OUT``, which is renamed over
 it when the sweep ends or is interrupted; after a kill, the partial file is where a resumed
-sweep continues, and the old results file is untouched. A line torn by a kill is cut off
-before appending goes on.
+sweep continues, and the old results file is untouched. Continuing a file checks every line
+first (:func:`scan_results`): each must be a record, and only a final record torn by a kill
+is cut off before appending goes on. While a sweep writes, it holds an exclusive lock on
+``.OUT.convcli-lock`` (:func:`lock_path`), so a second sweep on the same file is refused.
+Results and partial files must be regular files (or not exist).
 
 Every record has a ``"status"``: ``"passed"`` (every action finished and the gradient check,
 if one was asked for, passed), ``"failed"`` (the gradient check ran and failed) or
