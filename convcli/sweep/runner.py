@@ -430,10 +430,11 @@ def probe_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> None:
                 raise _not_a_scheduler(address, f"its first message declares {length} bytes")
             body = _receive(sock, length, deadline)
     except OSError as error:
-        reason = "no answer" if isinstance(error, TimeoutError) else error.strerror or error
+        timed_out = isinstance(error, TimeoutError)
+        reason = f"no answer within {timeout:g} s" if timed_out else error.strerror or error
         raise UsageError(
-            f"{{param}} {address}: cannot reach a Dask scheduler there ({reason} within "
-            f"{timeout:g} s); check the address",
+            f"{{param}} {address}: cannot reach a Dask scheduler there ({reason}); "
+            "check the address",
             param="scheduler",
         ) from None
     if not _is_handshake(body, msgpack):

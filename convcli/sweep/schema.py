@@ -553,6 +553,7 @@ class _Checker:
     def __init__(self, path: Path, text: str):
         self.path = path
         self.lines = text.splitlines()
+        self._places: dict[tuple[str, SpecTable | None], str] = {}
 
     def _header_line(self, table: SpecTable) -> int | None:
         seen = -1
@@ -576,12 +577,16 @@ class _Checker:
         return header
 
     def where(self, key: str, table: SpecTable | None) -> str:
-        """``spec.toml line 12 ([[configs]] table 2, key 'stride')``."""
-        line = self.line_of(key, table)
-        where = f"{self.path} line {line}" if line else str(self.path)
-        if table is not None:
-            where += f" ({table.label}, key {key!r})"
-        return where
+        """``spec.toml line 12 ([[configs]] table 2, key 'stride')`` (found once per key and
+        table: every configuration of a grid asks again)."""
+        place = self._places.get((key, table))
+        if place is None:
+            line = self.line_of(key, table)
+            place = f"{self.path} line {line}" if line else str(self.path)
+            if table is not None:
+                place += f" ({table.label}, key {_shown(key)})"
+            self._places[(key, table)] = place
+        return place
 
     def fail(self, key: str, message: str, table: SpecTable | None = None) -> NoReturn:
         raise SpecError(f"{self.where(key, table)}: {message}")
