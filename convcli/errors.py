@@ -21,6 +21,15 @@ EXIT_NO_INPUT = 66  # EX_NOINPUT: input file missing or unreadable
 EXIT_INTERNAL = 70  # EX_SOFTWARE
 EXIT_CANT_CREATE = 73  # EX_CANTCREAT: output exists (and may not be replaced) or cannot be written
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised in the main thread by the console script's signal handler.
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that it unwinds every ``finally`` and
+    context manager (temporary files are removed) without being caught as an error.
+    """
 
 
 class ConvcliError(Exception):
@@ -110,6 +119,14 @@ class NonFiniteError(DataError):
     def __init__(self, message: str, *, allowable: bool = True) -> None:
         self.allowable = allowable
         super().__init__(message, param="allow_nonfinite" if allowable else None)
+
+
+class SparseDataError(DataError):
+    """A tensor whose header declares far more data than the file stores (a never-written
+    dataset or a compression bomb); the caller may read it anyway (``allow_sparse``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="allow_sparse")
 
 
 class MemoryLimitError(DataError):

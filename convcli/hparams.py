@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from convcli.errors import ConvcliError, HyperparameterError, UsageError
-from convcli.spec import LAYOUTS, MAX_SPATIAL_DIMS, PADDING_MODES, ConvSpec
+from convcli.spec import LAYOUTS, MAX_INT, MAX_SPATIAL_DIMS, PADDING_MODES, ConvSpec
 
 Spelling = int | str | tuple
 """A hyperparameter as written: an int, a word, a tuple of ints or of (before, after) pairs."""
@@ -112,7 +112,7 @@ class Hparam:
         HyperparameterError
             Naming the value and ``origin``.
         """
-        where = f"{self.name} = {raw!r} from {origin}"
+        where = f"{self.name} = {shown(raw)} from {origin}"
         if isinstance(raw, str):
             cleaned = raw.strip().lower()
             if cleaned in self.words:
@@ -139,6 +139,8 @@ class Hparam:
         minimum = 0 if self.kind == "padding" else 1
         if any(v < minimum for v in values):
             raise error(f"{where}: must be >= {minimum}")
+        if any(v > MAX_INT for v in values):
+            raise error(f"{where}: must be at most {MAX_INT:,}")
         if pairs:
             return tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
         return values[0] if len(values) == 1 else tuple(values)
@@ -157,6 +159,19 @@ class Hparam:
                 return ",".join(str(a) for a, _ in values)
             return ",".join(map(str, flat))
         return str(values[0]) if len(set(values)) == 1 else ",".join(map(str, values))
+
+
+#: Values of a list shown in a message before it is abbreviated.
+MAX_SHOWN = 16
+
+
+def shown(raw: object) -> str:
+    """``repr`` of a value read from a file, abbreviated: never more than about 200 characters
+    (``array of 2000000 values``), whatever the file holds."""
+    if isinstance(raw, list | tuple) and len(raw) > MAX_SHOWN:
+        return f"array of {len(raw)} values"
+    text = repr(raw)
+    return text if len(text) <= 200 else text[:150] + f"... ({len(text):,} characters)"
 
 
 def _usage(name: str) -> Callable[[str], ConvcliError]:

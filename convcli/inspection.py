@@ -1,4 +1,10 @@
-"""What a tensor file holds, for ``convcli inspect``: read from headers, never the data."""
+"""What a tensor file holds, for ``convcli inspect``: read from headers, never the data.
+
+Its problems are what ``forward``/``backward`` would refuse about the file without reading
+data: truncated or absurd headers, datasets declaring far more than the file stores (a
+never-written dataset or a bomb), missing HDF5 filters, data in other files, ambiguous roles,
+hyperparameters that cannot be read, and shapes that do not fit the roles.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,8 @@ from typing import Any
 
 from convcli.errors import DataError
 from convcli.hparams import FILE_KEYS, build_spec
-from convcli.io.tensorfile import ALIASES, open_tensor_file, origin_text
+from convcli.io.tensorfile import ALIASES, TensorFile, open_tensor_file, origin_text
+from convcli.run import check_shapes
 
 
 def inspect_file(path) -> dict:
@@ -26,6 +33,7 @@ def inspect_file(path) -> dict:
         keys = tensor_file.keys()
         for key in keys:
             shape, dtype = tensor_file.shape_dtype(key)
+            problems += _refusal(tensor_file, key)
             tensors.append(
                 {
                     "key": key,
@@ -50,8 +58,13 @@ def inspect_file(path) -> dict:
         for entry in tensors:
             if tensor_file.format == "npz" and entry["key"] in FILE_KEYS:
                 entry["role"] = "hyperparameter"
-        raw = tensor_file.hparams(near_key=roles.get("x"))
+        try:
+            raw = tensor_file.hparams(near_key=roles.get("x"))
+        except DataError as error:
+            raw = {}
+            problems.append(str(error))
         shapes = {role: by_key[key]["shape"] for role, key in roles.items() if key in by_key}
+        dtypes = {role: tensor_file.shape_dtype(key)[1] for role, key in roles.items() if key}
         fmt = tensor_file.format
         where = {role: origin_text(tensor_file, key) for role, key in roles.items() if key}
     hparams: dict[str, Any] = {}
@@ -70,7 +83,9 @@ def inspect_file(path) -> dict:
         }
         if "x" in shapes and "w" in shapes:
             try:
-                hparams = spec.geometry(shapes["x"], shapes["w"]).hparams()
+                command = "backward" if "dz" in shapes else "forward"
+                geometry, _ = check_shapes(command, shapes, dtypes, spec)
+                hparams = geometry.hparams()
             except DataError as error:
                 problems.append(str(error))
     except DataError as error:
@@ -85,6 +100,15 @@ def inspect_file(path) -> dict:
         "origins": origins,
         "problems": problems,
     }
+
+
+def _refusal(tensor_file: TensorFile, key: str) -> list[str]:
+    """What reading ``key`` would refuse from its header (empty: nothing), as messages."""
+    try:
+        tensor_file.check_readable(key)
+    except DataError as error:
+        return [str(error)]
+    return []
 
 
 def _plain(value):

@@ -31,22 +31,22 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import h5py
 import numpy as np
 
 from convcli.check import Tolerance, gradcheck
 from convcli.check.userimpl import SUITE, check_impl, load_impl
 from convcli.check.userproc import DEFAULT_TIMEOUT
 from convcli.engine.fast import DEFAULT_WORKSPACE, conv_backward, conv_forward, scratch_bytes
-from convcli.engine.operands import check_finite, check_float_dtype
+from convcli.engine.operands import bias_shapes, check_finite, check_float_dtype
 from convcli.engine.reference import conv_backward_reference, conv_forward_reference
 from convcli.errors import ConvcliNotice, ShapeError, UsageError
-from convcli.io.loading import DatasetRef, FileIdentity, Loaded
+from convcli.hparams import build_spec
+from convcli.io.loading import DatasetRef, FileIdentity, Headers, Loaded
 from convcli.io.writing import (
+    Hdf5Output,
     atomic_output,
     check_target,
     output_format,
-    write_hdf5_attrs,
     write_tensors,
 )
 from convcli.memory import (
@@ -360,6 +360,61 @@ def tensor_shapes(
     return shapes
 
 
+def check_shapes(
+    command: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    dtypes: Mapping[str, np.dtype],
+    spec: ConvSpec,
+) -> tuple[Geometry, dict[str, tuple[int, ...]]]:
+    """Refuse, from shapes and dtypes alone, what a ``command`` run would refuse.
+
+    Parameters
+    ----------
+    command : {"forward", "backward"}
+    shapes : mapping of str to tuple of int
+        ``x`` and ``w`` (required), ``b`` and ``dz`` (optional), in the spec's layout: x
+        ``(n, *spatial, Cin)`` or ``(n, Cin, *spatial)``, b ``(Cout,)`` or broadcastable
+        against z, dz the shape of z.
+    dtypes : mapping of str to numpy.dtype
+        The dtype of each tensor given (float32, float64 in any byte order, or integers).
+    spec : ConvSpec
+
+    Returns
+    -------
+    (Geometry, dict of str to tuple of int)
+        The resolved geometry and :func:`tensor_shapes` of the run.
+
+    Raises
+    ------
+    DtypeError, ShapeError, HyperparameterError
+    """
+    for name, dtype in dtypes.items():
+        check_float_dtype(name, dtype)
+    geometry = spec.geometry(tuple(shapes["x"]), tuple(shapes["w"]))
+    b_shape = None if shapes.get("b") is None else tuple(shapes["b"])
+    if b_shape is not None and b_shape not in bias_shapes(geometry):
+        flat, full = bias_shapes(geometry)
+        raise ShapeError(f"b has shape {b_shape}; expected {flat} or {full}")
+    z_shape = geometry.user_shapes()["z"]
+    dz_shape = None if shapes.get("dz") is None else tuple(shapes["dz"])
+    if dz_shape is not None and dz_shape != z_shape:
+        raise ShapeError(f"dz has shape {dz_shape}; the forward output z has shape {z_shape}")
+    return geometry, tensor_shapes(command, geometry, b_shape)
+
+
+def header_check(command: str, texts: Mapping[str, str | None]) -> Callable[[Headers], None]:
+    """A ``check`` for :func:`~convcli.io.loading.load_tensors`: :func:`check_shapes` on the
+    tensors' headers, with the spec the files' hyperparameters and ``texts`` (command-line
+    hyperparameters, by library name; they win) give, before any data is read."""
+
+    def check(headers: Headers) -> None:
+        x = headers.shapes.get("x")
+        spec = build_spec(headers.hparams, texts, None if x is None else len(x) - 2).spec
+        check_shapes(command, headers.shapes, headers.dtypes, spec)
+
+    return check
+
+
 def expected_shapes(
     command: str, inputs: RunInputs, spec: ConvSpec, has_out: bool
 ) -> dict[str, tuple[int, ...] | None]:
@@ -489,13 +544,13 @@ def _plan(command: str, inputs: RunInputs, spec: ConvSpec, options: RunOptions) 
         for name, value in given.items():
             if not isinstance(value, RowSource):
                 check_finite(name, value)
-    geometry = spec.geometry(tuple(inputs.x.shape), tuple(inputs.w.shape))
-    b_shape = None if inputs.b is None else tuple(inputs.b.shape)
-    shapes = tensor_shapes(command, geometry, b_shape)
-    if command == "backward" and inputs.dz is not None and tuple(inputs.dz.shape) != shapes["z"]:
-        raise ShapeError(
-            f"dz has shape {tuple(inputs.dz.shape)}; the forward output z has shape {shapes['z']}"
-        )
+    considered = {name: v for name, v in given.items() if command == "backward" or name != "dz"}
+    geometry, shapes = check_shapes(
+        command,
+        {name: tuple(value.shape) for name, value in considered.items()},
+        {name: value.dtype for name, value in considered.items()},
+        spec,
+    )
     dtype = _compute_dtype(value.dtype for name, value in given.items() if name != "dz")
     backward = command == "backward"
     workspace = options.workspace
@@ -647,28 +702,26 @@ class _StreamedSink:
         self.plan = plan
         self.out = options.out
         self.stats: dict[str, RunningStats] = {}
-        self.h5: h5py.File | None = None
+        self.output: Hdf5Output | None = None
 
     def open(self, stack: contextlib.ExitStack) -> None:
         if self.out is not None:
-            fd, temp = stack.enter_context(atomic_output(self.out))
-            os.close(fd)
-            self.h5 = stack.enter_context(h5py.File(temp, "w"))
+            fd, _ = stack.enter_context(atomic_output(self.out))
+            self.output = stack.enter_context(Hdf5Output(fd))
 
     def add(self, name: str, rows: np.ndarray, start: int, stop: int) -> None:
         if name not in self.stats:
             self.stats[name] = RunningStats(self.plan.shapes[name], rows.dtype)
         self.stats[name].update(rows)
-        if self.h5 is not None and name == self.plan.written:
-            if name not in self.h5:
-                self.h5.create_dataset(name, shape=self.plan.shapes[name], dtype=rows.dtype)
-            self.h5[name][start:stop] = rows
+        if self.output is not None and name == self.plan.written:
+            # a full disk raises here, stopping the run at the first block it cannot hold
+            self.output.write_rows(name, self.plan.shapes[name], start, rows)
 
     def finish(self, totals: Mapping[str, np.ndarray], hparams: dict) -> None:
-        if self.h5 is not None:
+        if self.output is not None:
             for name, array in totals.items():
-                self.h5.create_dataset(name, data=array)
-            write_hdf5_attrs(self.h5, hparams)
+                self.output.create(name, array)
+            self.output.attrs(hparams)
 
     def tensor(self, name: str, role: str, origin: str | Upstream, source: Any = None) -> Tensor:
         if source is None and name == self.plan.written:

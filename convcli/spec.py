@@ -42,6 +42,9 @@ LAYOUTS = {
     "channels_first": "nchw",
 }
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+MAX_INT = 2**31 - 1
+"""The largest stride, padding, dilation or groups value (and, in sweep specs, size): no
+real layer comes near it, and bounded values keep every later product of sizes small."""
 
 PaddingLike = int | str | tuple | list
 """What ``ConvSpec(padding=...)`` accepts: an int, one int per axis, ((before, after), ...),
@@ -84,7 +87,17 @@ def _ints(name: str, value, minimum: int) -> tuple[int, ...]:
         )
     if any(v < minimum for v in values):
         raise HyperparameterError(f"{name} must be >= {minimum}, got {_show(values)}", param=name)
+    _check_bound(name, values)
     return values
+
+
+def _check_bound(name: str, values: tuple) -> None:
+    """Refuse values above :data:`MAX_INT` (flat ints or (before, after) pairs)."""
+    flat = [v for item in values for v in (item if isinstance(item, tuple) else (item,))]
+    if any(v > MAX_INT for v in flat):
+        raise HyperparameterError(
+            f"{name} must be at most {MAX_INT:,}, got {_show(tuple(values))}", param=name
+        )
 
 
 def _show(values: tuple) -> str:
@@ -122,11 +135,13 @@ def _normalise_padding(padding: PaddingLike) -> Padding:
         pairs = tuple((int(item[0]), int(item[1])) for item in padding)
         if any(v < 0 for pair in pairs for v in pair):
             raise HyperparameterError(f"padding must be >= 0, got {pairs}", param="padding")
+        _check_bound("padding", pairs)
         return pairs
     else:
         raise HyperparameterError(_padding_form_message(padding), param="padding")
     if any(v < 0 for v in values):
         raise HyperparameterError(f"padding must be >= 0, got {_show(values)}", param="padding")
+    _check_bound("padding", values)
     return values
 
 
@@ -200,6 +215,7 @@ class ConvSpec:
         setattr_(self, "dilation", _ints("dilation", dilation, 1))
         if not _is_int(groups) or groups < 1:
             raise HyperparameterError(f"groups must be an int >= 1, got {groups!r}", param="groups")
+        _check_bound("groups", (int(groups),))
         setattr_(self, "groups", int(groups))
         mode = str(padding_mode).lower()
         if mode not in PADDING_MODES:

@@ -192,7 +192,7 @@ def test_hanging_code_times_out_and_the_suite_goes_on(tmp_path):
     line = line_of(path, "        time.sleep(60)")
     assert first.error == f"conv_forward timed out after 1.5 s (impl.py line {line})"
     assert [result.passed for result in others] == [True, True]
-    result = runner.invoke(app, ["gradcheck", "--impl", str(path), *ONE, "--timeout", "0.3"])
+    result = runner.invoke(app, ["gradcheck", "--impl", str(path), *ONE, "--timeout", "10"])
     assert result.exit_code == 0  # two images: no hang
 
 

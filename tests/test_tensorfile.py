@@ -423,9 +423,9 @@ def test_load_explicit_refs_win_and_files_opened_once(tmp_path, rng, monkeypatch
     opened = []
     real_open = tensorfile.open_tensor_file
 
-    def counting_open(path):
+    def counting_open(path, **options):
         opened.append(os.path.basename(str(path)))
-        return real_open(path)
+        return real_open(path, **options)
 
     monkeypatch.setattr(tensorfile, "open_tensor_file", counting_open)
     loaded = load_tensors(str(data), {"w": str(w_path), "x": f"{data}:x"}, ("x", "w"))

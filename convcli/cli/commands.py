@@ -12,12 +12,11 @@ import traceback
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated, TextIO, cast
 
 import numpy as np
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.text import Text
 from typer.core import TyperGroup
 
@@ -26,7 +25,7 @@ from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES
 from convcli.check.tolerance import DEFAULT_ATOL, DEFAULT_EPS, DEFAULT_RTOL, Tolerance
 from convcli.check.userimpl import impl_config
 from convcli.cli.heatmap import print_heatmap
-from convcli.cli.messages import explain, flag_for
+from convcli.cli.messages import ASCII_ERRORS, explain, flag_for, one_line
 from convcli.cli.render import print_inventory, print_result, print_sweep, result_json
 from convcli.cli.report import gradcheck_json, print_gradcheck
 from convcli.cli.slices import check_slice, parse_slice, take
@@ -34,8 +33,10 @@ from convcli.errors import (
     EXIT_CHECK_FAILED,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     ConvcliError,
+    Terminated,
     UsageError,
 )
 from convcli.generate import check_generated_memory, generate_layer
@@ -49,6 +50,7 @@ from convcli.run import (
     RunResult,
     Upstream,
     expected_shapes,
+    header_check,
     run_backward,
     run_forward,
     run_gradcheck,
@@ -62,10 +64,34 @@ _state = {"debug": False, "quiet": False}
 _UsageError = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
 
 
+def _console(*, stderr: bool = False, **options) -> Console:
+    """Every console of the command line: text is never read as markup, highlighted or given
+    emoji, so a file named ``[bold]x.h5`` prints as itself in tables, notes and errors."""
+    console_class = Console if stderr else _DataConsole
+    return console_class(stderr=stderr, markup=False, highlight=False, emoji=False, **options)
+
+
 def _error_line(message: str) -> None:
-    Console(stderr=True, soft_wrap=True, highlight=False, emoji=False).print(
-        f"[bold red]convcli: error:[/] {escape(message)}"
-    )
+    """The one ``convcli: error:`` line: control characters escaped, length capped."""
+    line = Text("convcli: error:", style="bold red").append(" " + one_line(message), style="")
+    _console(stderr=True, soft_wrap=True).print(line)
+
+
+def _note(console: Console, text: str) -> None:
+    console.print(Text("convcli: note: " + one_line(text)))
+
+
+def _ascii_fallback() -> None:
+    """Let stdout and stderr print what their encoding lacks (an ASCII-only locale) in ASCII
+    spellings (``<-`` for an arrow) or escapes, never failing; Rich draws ASCII tables."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors=ASCII_ERRORS)
+
+
+_SIGNALLED = {EXIT_INTERRUPTED: "interrupted", EXIT_TERMINATED: "terminated"}
 
 
 def _ignore_unraisable(_unraisable) -> None:
@@ -77,6 +103,21 @@ class ConvcliGroup(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         _state["debug"] = _state["quiet"] = False
+        _ascii_fallback()
+        stdout = sys.stdout
+        if stdout is not None:
+            sys.stdout = cast("TextIO", _PipeSafe(stdout))
+        try:
+            code = self._run(args, complete_var, **extra)
+            _flush_stdout()  # what is still buffered; a reader that went away is no error
+        finally:
+            sys.stdout = stdout
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def _run(self, args, complete_var, **extra):
+        """Run the command; every outcome becomes an exit code (and at most one line)."""
         try:
             with np.errstate(all="ignore"):  # NaN/Inf show up in the statistics instead
                 code = super().main(args, "convcli", complete_var, standalone_mode=False, **extra)
@@ -86,12 +127,12 @@ class ConvcliGroup(TyperGroup):
                 hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
                 _error_line(message + hint)
             code = EXIT_USAGE
-        except typer.Abort:
+        except (typer.Abort, Terminated) as error:
             # Ctrl-C can land inside a constructor (a ZipFile half built by np.load); its
             # __del__ then fails when the traceback is released. We are exiting: stay quiet.
             if not _state["debug"]:
                 sys.unraisablehook = _ignore_unraisable
-            code = EXIT_INTERRUPTED
+            code = EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
         except ConvcliError as error:
             if _state["debug"]:
                 traceback.print_exc()
@@ -102,13 +143,36 @@ class ConvcliGroup(TyperGroup):
                 traceback.print_exc()
             _error_line(f"internal error: {type(error).__name__}: {error} (rerun with --debug)")
             code = EXIT_INTERNAL
-        if code == EXIT_INTERRUPTED:
-            _error_line("interrupted")
-        code = code if isinstance(code, int) else 0
-        _flush_stdout()  # what is still buffered; a reader that went away is no error
-        if standalone_mode:
-            sys.exit(code)
-        return code
+        if code in _SIGNALLED:
+            if not _state["debug"]:
+                sys.unraisablehook = _ignore_unraisable
+            _error_line(_SIGNALLED[code])
+        return code if isinstance(code, int) else 0
+
+
+class _PipeSafe:
+    """stdout as every writer sees it (print, Rich, Typer's help): when its reader has gone
+    (a closed pipe, ``| head -1``), the rest of the output is dropped instead of raising, so
+    the command finishes with its own exit code and nothing is printed about it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _silence_stdout()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 app = typer.Typer(
@@ -312,6 +376,13 @@ AllowNonfinite = Annotated[
     bool,
     typer.Option("--allow-nonfinite", help="Run even when x, w, b or dz hold NaN or Inf."),
 ]
+AllowSparse = Annotated[
+    bool,
+    typer.Option(
+        "--allow-sparse",
+        help="Read tensors declaring over 1000x more data than their file stores (over 16 MiB).",
+    ),
+]
 Threads = Annotated[
     int | None,
     typer.Option(
@@ -320,14 +391,32 @@ Threads = Annotated[
 ]
 
 
-def _load(data, refs, required, optional, lazy_above=None, max_bytes=None, **flags):
+def _load(
+    command,
+    data,
+    refs,
+    required,
+    optional,
+    lazy_above=None,
+    max_bytes=None,
+    allow_sparse=False,
+    **flags,
+):
     """Tensors from files, and the ConvSpec from the file's hyperparameters and the flags.
 
+    Shapes and dtypes are checked against the spec from the headers before any data is read;
     HDF5 tensors bigger than ``lazy_above`` bytes stay on disk, to be streamed; tensors
     adding up to more than ``max_bytes`` are refused before they are read.
     """
     loaded = load_tensors(
-        data, refs, required=required, optional=optional, lazy_above=lazy_above, max_bytes=max_bytes
+        data,
+        refs,
+        required=required,
+        optional=optional,
+        lazy_above=lazy_above,
+        max_bytes=max_bytes,
+        allow_sparse=allow_sparse,
+        check=header_check(command, flags),
     )
     x = loaded.arrays.get("x")
     rank = None if x is None else len(x.shape) - 2
@@ -336,12 +425,12 @@ def _load(data, refs, required, optional, lazy_above=None, max_bytes=None, **fla
 
 def _messages() -> Console:
     """The stderr console for notes and 'wrote' messages (silent with --quiet)."""
-    return Console(stderr=True, highlight=False, soft_wrap=True, quiet=_state["quiet"], emoji=False)
+    return _console(stderr=True, soft_wrap=True, quiet=_state["quiet"])
 
 
 def _data_console() -> Console:
     """The stdout console for tables; piped output gets a width no number is cut at."""
-    console = _DataConsole(highlight=False, emoji=False)
+    console = _console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 120
     return console
@@ -369,7 +458,7 @@ def _finish(result: RunResult, slice_exprs, as_json: bool, out, heatmap_exprs=()
     pictures = {expr.label(first): take(expr, arrays, first) for expr in heatmap_exprs}
     messages = _messages()
     for notice in result.notices:
-        messages.print(f"convcli: note: {escape(notice)}")
+        _note(messages, notice)
     if as_json:
         with _data_output():
             print(result_json(result, slices, pictures))
@@ -380,7 +469,7 @@ def _finish(result: RunResult, slice_exprs, as_json: bool, out, heatmap_exprs=()
         for label, value in pictures.items():
             print_heatmap(console, value, f"{label}, shape {value.shape}")
     if out is not None:
-        messages.print(f"wrote {', '.join(result.outputs)} to {escape(str(out))}")
+        messages.print(Text(f"wrote {', '.join(result.outputs)} to {out}"))
 
 
 @contextlib.contextmanager
@@ -416,6 +505,7 @@ def forward(
     max_workspace: Workspace = "256M",
     max_memory: MaxMemory = "auto",
     allow_nonfinite: AllowNonfinite = False,
+    allow_sparse: AllowSparse = False,
     threads: Threads = None,
 ) -> None:
     """Compute z = conv(x, w) + b and summarise every tensor.
@@ -436,6 +526,7 @@ def forward(
         max_workspace=max_workspace,
         max_memory=max_memory,
         allow_nonfinite=allow_nonfinite,
+        allow_sparse=allow_sparse,
         threads=threads,
     )
 
@@ -475,6 +566,7 @@ def backward(
     max_workspace: Workspace = "256M",
     max_memory: MaxMemory = "auto",
     allow_nonfinite: AllowNonfinite = False,
+    allow_sparse: AllowSparse = False,
     threads: Threads = None,
 ) -> None:
     """Compute dx, dw, db for an upstream gradient dz and summarise every tensor.
@@ -495,6 +587,7 @@ def backward(
         max_workspace=max_workspace,
         max_memory=max_memory,
         allow_nonfinite=allow_nonfinite,
+        allow_sparse=allow_sparse,
         threads=threads,
         upstream=upstream.value,
         seed=seed,
@@ -514,6 +607,7 @@ def _run(
     max_workspace,
     max_memory,
     threads,
+    allow_sparse=False,
     upstream="z",
     seed=None,
     **options,
@@ -525,7 +619,15 @@ def _run(
     pictures = [parse_slice(expr, flag="--heatmap") for expr in heatmap_exprs or []]
     optional = ("b",) if command == "forward" else ("b", "dz")
     loaded, spec = _load(
-        data, refs, ("x", "w"), optional, lazy_above=workspace, max_bytes=memory, **flags
+        command,
+        data,
+        refs,
+        ("x", "w"),
+        optional,
+        lazy_above=workspace,
+        max_bytes=memory,
+        allow_sparse=allow_sparse,
+        **flags,
     )
     _check_slices(command, loaded, spec, out, slices, pictures)
     run = run_forward if command == "forward" else run_backward
@@ -657,6 +759,7 @@ def gradcheck(
     layout: Layout = None,
     as_json: Json = False,
     max_memory: MaxMemory = "auto",
+    allow_sparse: AllowSparse = False,
     threads: Threads = None,
     timeout: Annotated[
         float | None,
@@ -724,11 +827,13 @@ def gradcheck(
                 arrays, _ = generate_layer(layer.shape, layer.kernel, layer.cout, spec, seed=seed)
             elif from_files:
                 loaded, spec = _load(
+                    "gradcheck",
                     data,
                     {"x": x, "w": w, "b": b, "dz": dz},
                     ("x", "w"),
                     ("b", "dz"),
                     max_bytes=memory,
+                    allow_sparse=allow_sparse,
                     **flags,
                 )
                 arrays = loaded.arrays
@@ -748,7 +853,7 @@ def gradcheck(
             )
     messages = _messages()
     for notice in run.notices:
-        messages.print(f"convcli: note: {escape(notice)}")
+        _note(messages, notice)
     with _data_output():
         if as_json:
             print(gradcheck_json(run))
@@ -778,7 +883,7 @@ def _progress(as_json: bool, label: str):
         if bar is None:
             if time.perf_counter() - start < 0.5:
                 return
-            bar = Progress(console=Console(stderr=True), transient=True)
+            bar = Progress(console=_console(stderr=True), transient=True)
             bar.start()
             task = bar.add_task(label, total=total)
         if task is not None:
@@ -868,7 +973,9 @@ def _print_generated(out, tensors, attrs, dtype: str, as_json: bool) -> None:
         )
         return
     listing = ", ".join(f"{name} {tuple(a.shape)}" for name, a in tensors.items())
-    _data_console().print(Text(f"wrote {out}: {listing} {dtype}; hyperparameters {attrs}"))
+    _data_console().print(
+        Text(f"wrote {out}: {listing} {dtype}; hyperparameters {attrs}"), soft_wrap=True
+    )
 
 
 @app.command()

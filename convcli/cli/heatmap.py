@@ -87,4 +87,4 @@ def _append_scale(text: Text, top: float, signed: bool, color: bool) -> None:
 def print_heatmap(console: Console, values: np.ndarray, title: str) -> None:
     """Colour cells where the console shows colour; characters otherwise (NO_COLOR, files)."""
     colour = console.color_system is not None and not console.no_color
-    console.print(heatmap(values, title, color=colour))
+    console.print(heatmap(values, title, color=colour), soft_wrap=True)  # rows stay rows

@@ -6,7 +6,15 @@ facts (:mod:`convcli.errors`); only here do flags appear.
 
 from __future__ import annotations
 
-from convcli.errors import ConvcliError, MemoryLimitError, NonFiniteError, OutputExistsError
+import codecs
+
+from convcli.errors import (
+    ConvcliError,
+    MemoryLimitError,
+    NonFiniteError,
+    OutputExistsError,
+    SparseDataError,
+)
 from convcli.hparams import BY_NAME
 from convcli.sweep import (
     ResultsExistError,
@@ -40,6 +48,8 @@ def explain(error: ConvcliError) -> str:
             if error.allowable
             else "; gradient checks need finite values"
         )
+    elif isinstance(error, SparseDataError):
+        text += "; pass --allow-sparse to read it anyway"
     elif isinstance(error, MemoryLimitError):
         text += "; stream the input from HDF5, lower --max-workspace, or raise --max-memory"
     elif isinstance(error, ResultsExistError):
@@ -61,3 +71,74 @@ def explain(error: ConvcliError) -> str:
     elif isinstance(error, OutputExistsError):
         text += "; pass --force to overwrite"
     return text
+
+
+# -- what reaches the terminal ------------------------------------------------------------
+
+MAX_LINE = 500  # characters of one error or note line; longer ones keep their start and end
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
+    """``text`` as one printable line of at most about ``limit`` characters.
+
+    Newlines, tabs and other control or format characters (ANSI escapes, bidi overrides)
+    from paths, keys or user code are shown escaped (``\\n``, ``\\x1b``, ``\\u202e``); a
+    longer text keeps its start and end, saying how much was left out.
+    """
+    if text.isprintable() and len(text) <= limit:
+        return text
+    text = "".join(c if c.isprintable() else _ESCAPES.get(c, _escaped(c)) for c in text)
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 3 // 5, limit // 4
+    return f"{text[:head]} ... ({len(text) - head - tail:,} characters) ... {text[-tail:]}"
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+# Plain-ASCII spellings of the characters convcli prints, for a stdout or stderr that cannot
+# encode them (PYTHONIOENCODING=ascii, a C locale); anything else becomes a \x.. escape.
+ASCII = {
+    "·": "-",
+    "—": "-",
+    "\u2013": "-",  # en dash
+    "←": "<-",
+    "→": "->",
+    "…": "...",
+    "½": "1/2",
+    "²": "^2",
+    "‖": "||",
+    "Σ": "sum ",
+    "∏": "prod ",
+    "⊙": "*",
+    "±": "+/-",
+    "≤": "<=",
+    "≥": ">=",
+    "ᵀ": "^T",
+    "⟨": "<",
+    "⟩": ">",
+    "Δ": "d",
+    "\u00d7": "x",  # multiplication sign
+    "─": "-",
+    "━": "-",
+    "│": "|",
+}
+ASCII_ERRORS = "convcli-ascii"
+
+
+def _ascii_spelling(error: UnicodeError) -> tuple[str, int]:
+    """A codec error handler: ASCII spellings from :data:`ASCII`, else backslash escapes."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start : error.end]
+    spelled = "".join(ASCII.get(c) or c.encode("ascii", "backslashreplace").decode() for c in text)
+    return spelled, error.end
+
+
+codecs.register_error(ASCII_ERRORS, _ascii_spelling)

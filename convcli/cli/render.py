@@ -8,6 +8,7 @@ import math
 import numpy as np
 from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -130,12 +131,50 @@ def format_padding(pads) -> str:
     return BY_NAME["padding"].format(pads)
 
 
+def print_table(console: Console, table: Table) -> None:
+    """Print ``table``, or, when its columns do not fit the console's width, the same cells
+    stacked: one line per cell (``column: value``) under each row's first cell.
+
+    Numbers are never cut: a table that fits is printed whole (its columns are sized to
+    their contents), and the stacked layout prints each line unwrapped (``soft_wrap``), so
+    a narrow terminal folds long lines rather than convcli dropping characters.
+    """
+    caption, table.caption = table.caption, None  # printed below, never wrapped to the table
+    unbounded = console.options.update_width(1 << 20)  # the width the table would like
+    if Measurement.get(console, unbounded, table).maximum <= console.width:
+        console.print(table)
+    else:
+        _print_stacked(console, table)
+    if caption:
+        console.print(_text(caption), soft_wrap=True)
+
+
+def _print_stacked(console: Console, table: Table) -> None:
+    if table.title:
+        console.print(_text(table.title), soft_wrap=True)
+    headers = [_text(column.header).plain.replace("\n", " ") for column in table.columns]
+    cells = [list(column.cells) for column in table.columns]
+    for row in range(table.row_count):
+        values = [_text(column[row]) for column in cells]
+        console.print(values[0], soft_wrap=True)
+        for header, value in zip(headers[1:], values[1:], strict=True):
+            if value.plain:
+                console.print(Text(f"  {header}: ").append_text(value), soft_wrap=True)
+
+
+def _text(cell: object) -> Text:
+    """A table cell, title or caption as Text (strings are text, never markup)."""
+    return cell if isinstance(cell, Text) else Text(str(cell))
+
+
 def print_result(console: Console, result: RunResult, slices: dict[str, np.ndarray]) -> None:
-    """Print the table, then each requested slice."""
-    console.print(result_table(result))
+    """Print the table, then each requested slice (lines no wider than the console, or one
+    number per line; never a number cut in two)."""
+    print_table(console, result_table(result))
     for label, value in slices.items():
-        console.print(Text(f"{label} ="))
-        console.print(Text(np.array2string(np.asarray(value), max_line_width=console.width)))
+        console.print(Text(f"{label} ="), soft_wrap=True)
+        text = np.array2string(np.asarray(value), max_line_width=console.width)
+        console.print(Text(text), soft_wrap=True)
 
 
 def print_inventory(console: Console, report: dict) -> None:
@@ -156,7 +195,7 @@ def print_inventory(console: Console, report: dict) -> None:
             f"{entry['bytes']:,}",
             entry["role"] or "",
         )
-    console.print(table)
+    print_table(console, table)
     h = report["hparams"]
     if h:
         stored = [k for k, v in report["origins"].items() if v != "default"]
@@ -209,7 +248,7 @@ def print_sweep(console: Console, summary) -> None:
             f"{record.get('seconds') or 0:.2f}",
             Text(record.get("error") or ""),
         )
-    console.print(table)
+    print_table(console, table)
     if len(summary.records) > MAX_SWEEP_ROWS:
         console.print(Text(f"… and {len(summary.records) - MAX_SWEEP_ROWS} more in {summary.out}"))
     data = summary.to_json()

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from convcli.cli.heatmap import print_heatmap
-from convcli.cli.render import format_padding, format_pair
+from convcli.cli.render import format_padding, format_pair, print_table
 from convcli.hparams import format_hparams
 from convcli.run import GradcheckRun
 
@@ -94,7 +94,7 @@ def print_gradcheck(console: Console, run: GradcheckRun) -> None:
                 tolerance,
                 _verdict(part.passed),
             )
-    console.print(table)
+    print_table(console, table)
     for tensor in check.tensors.values():
         for part in (tensor, tensor.probes):
             if part is not None and not part.passed:
@@ -121,7 +121,7 @@ def _print_failure(console: Console, check) -> None:
             f"{row['numeric']:.10g}",
             f"{row['abs_err']:.3g}",
         )
-    console.print(worst)
+    print_table(console, worst)
     if check.failures_per_channel:
         counts = ", ".join(f"{c}: {k}" for c, k in sorted(check.failures_per_channel.items()))
         axis = "input channel" if check.name == "dx" else "output channel"
@@ -183,7 +183,7 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
             format_padding(config["pad"]),
             *(_impl_verdict(result.checks[name].passed) for name in IMPL_COLUMNS),
         )
-    console.print(table)
+    print_table(console, table)
     for number, result in enumerate(run.impl_results, start=1):
         if result.passed and not result.output:
             continue
@@ -233,7 +233,7 @@ def _print_comparison(console: Console, number: int, comparison, reference: str)
             f"{row['expected']:.10g}",
             f"{row['abs_err']:.3g}",
         )
-    console.print(worst)
+    print_table(console, worst)
     console.print(
         Text(
             f"{comparison.name}: {comparison.failed} of {comparison.checked} elements fail, "

@@ -19,6 +19,8 @@ from convcli.errors import UsageError
 
 _EXPR = re.compile(r"^\s*(?:([A-Za-z_]\w*)\s*\[([^\[\]]*)\]|([^\[\]]*))\s*$", re.DOTALL)
 MAX_INDEX = 2**62
+MAX_TEXT = 10_000  # characters of an index: far more than any array's rank needs
+MAX_SHOWN = 80  # characters of an expression quoted in a message
 
 
 class Sliceable(Protocol):
@@ -55,23 +57,33 @@ def parse_slice(expr: str, flag: str = "--slice") -> SliceExpr:
         return SliceExpr(name=expr.strip(), index=(), text="...")
     match = _EXPR.match(expr)
     if not match or not (match.group(2) or match.group(3) or "").strip():
-        raise UsageError(f"{flag} {expr!r}: expected NAME[INDEX] like z[3,2,1], or INDEX")
+        raise UsageError(f"{flag} {_shown(expr)}: expected NAME[INDEX] like z[3,2,1], or INDEX")
     name = match.group(1)
     text = (match.group(2) if name else match.group(3)).strip()
+    if len(text) > MAX_TEXT:
+        raise UsageError(f"{flag} {_shown(expr)}: longer than {MAX_TEXT:,} characters")
     try:
         node = ast.parse(f"_[{text}]", mode="eval").body
-    except SyntaxError:
-        raise UsageError(f"{flag} {expr!r}: cannot parse the index {text!r}") from None
+    except (SyntaxError, RecursionError, MemoryError, ValueError):
+        # too deeply nested for the parser is as unparseable as a typo
+        raise UsageError(f"{flag} {_shown(expr)}: cannot parse the index") from None
     if not isinstance(node, ast.Subscript):  # "_[...]" parses as a subscript or not at all
-        raise UsageError(f"{flag} {expr!r}: cannot parse the index {text!r}")
-    index = _index(node.slice, f"{flag} {expr!r}")
+        raise UsageError(f"{flag} {_shown(expr)}: cannot parse the index")
+    index = _index(node.slice, f"{flag} {_shown(expr)}")
     index = index if isinstance(index, tuple) else (index,)
     return SliceExpr(name=name, index=index, text=re.sub(r"\s+", "", text))
 
 
-def _index(node, expr):
-    if isinstance(node, ast.Tuple):
-        return tuple(_index(element, expr) for element in node.elts)
+def _shown(expr: str) -> str:
+    """The expression quoted for a message, shortened when long (start and end kept)."""
+    if len(expr) > MAX_SHOWN:
+        expr = f"{expr[: MAX_SHOWN // 2]}...{expr[-MAX_SHOWN // 4 :]}"
+    return repr(expr)
+
+
+def _index(node, expr, nested: bool = False):
+    if isinstance(node, ast.Tuple) and not nested:
+        return tuple(_index(element, expr, nested=True) for element in node.elts)
     if isinstance(node, ast.Slice):
         return slice(
             *(
@@ -85,12 +97,13 @@ def _index(node, expr):
 
 
 def _int(node, where) -> int:
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_int(node.operand, where)
+    sign = 1
+    while isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):  # no recursion
+        sign, node = -sign, node.operand
     if isinstance(node, ast.Constant) and type(node.value) is int:
         if abs(node.value) > MAX_INDEX:
             raise UsageError(f"{where}: index {node.value} is out of range")
-        return node.value
+        return sign * node.value
     raise UsageError(f"{where}: only integers, start:stop:step and ... are allowed in an index")
 
 

@@ -57,6 +57,8 @@ def check_finite(
 def check_float_dtype(name: str, dtype: npt.DTypeLike) -> None:
     """Refuse, without converting anything, a dtype that :func:`as_float_array` would refuse."""
     resolved = np.dtype(dtype)
+    if resolved.names is None and not resolved.isnative:
+        resolved = resolved.newbyteorder("=")  # byte-swapped floats are read, made native
     if resolved not in ACCEPTED_FLOATS and resolved.kind not in "iu":
         raise DtypeError(
             f"{name} has dtype {resolved}; convcli computes in float32 or float64 "
@@ -67,12 +69,17 @@ def check_float_dtype(name: str, dtype: npt.DTypeLike) -> None:
 def as_float_array(name: str, array: npt.ArrayLike) -> np.ndarray:
     """Return ``array`` as a float32/float64 ndarray, converting integers to float64.
 
+    Byte-swapped (big-endian on this machine) float32/float64 come back in native order,
+    same dtype.
+
     Raises
     ------
     DtypeError
         For any dtype other than float32, float64 or an integer type.
     """
     values = np.asarray(array)
+    if values.dtype.names is None and not values.dtype.isnative:
+        values = values.astype(values.dtype.newbyteorder("="))
     if values.dtype in ACCEPTED_FLOATS:
         return values
     if values.dtype.kind in "iu":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,10 @@ import numpy as np
 
 from convcli.errors import DataError, UsageError
 from convcli.io import tensorfile
-from convcli.io.detect import parse_ref
-from convcli.io.reader import Hparams, RowReader
+from convcli.io.detect import parse_ref, regular_file_size
+from convcli.io.reader import Hparams, RowReader, Shape
 from convcli.io.tensorfile import ALIASES, TensorFile, origin_text
+from convcli.memory import nbytes
 
 _IDENTITY_LABELS = (
     ("device", "device"),
@@ -82,7 +83,7 @@ class DatasetRef:
     shape : tuple of int
         The array's shape; its first axis is the one read in blocks (the batch, n).
     dtype : numpy.dtype
-        Its dtype.
+        The dtype its rows are read in (the file's, in native byte order).
     origin : str
         Where it is, for messages: ``"file.h5:/key"``.
     identity : FileIdentity
@@ -99,8 +100,8 @@ class DatasetRef:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the whole array in memory."""
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        """Bytes of the whole array in memory (Python ints: no overflow)."""
+        return nbytes(self.shape, self.dtype)
 
     def open(self, name: str | None = None) -> OpenDataset:
         """Open the file once for many reads (a whole streamed run); use as a context manager.
@@ -211,17 +212,43 @@ class Loaded:
     sources: list[Path] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Headers:
+    """What the files say about the gathered tensors before any of their data is read.
+
+    Attributes
+    ----------
+    shapes : dict of str to tuple of int
+        Role -> declared shape, in the file's layout (x ``(n, *spatial, Cin)`` channels last,
+        ``(n, Cin, *spatial)`` channels first; w, b, dz likewise).
+    dtypes : dict of str to numpy.dtype
+        Role -> declared dtype (byte order as stored).
+    hparams : dict of str to (object, str)
+        As :attr:`Loaded.hparams`.
+    origins : dict of str to str
+        Role -> where it is, e.g. ``"run.h5:/A_prev"``.
+    """
+
+    shapes: dict[str, Shape]
+    dtypes: dict[str, np.dtype]
+    hparams: Hparams
+    origins: dict[str, str]
+
+
 class _FileCache:
     """Opens each distinct file once and closes them all at the end."""
 
-    def __init__(self, stack: contextlib.ExitStack) -> None:
+    def __init__(self, stack: contextlib.ExitStack, allow_sparse: bool = False) -> None:
         self._stack = stack
+        self._allow_sparse = allow_sparse
         self._files: dict[Path, TensorFile] = {}
 
     def open(self, path: str | os.PathLike[str]) -> TensorFile:
+        regular_file_size(path)  # a missing path or a link loop fails here, not in resolve()
         resolved = Path(path).resolve()
         if resolved not in self._files:
-            self._files[resolved] = self._stack.enter_context(tensorfile.open_tensor_file(path))
+            opened = tensorfile.open_tensor_file(path, allow_sparse=self._allow_sparse)
+            self._files[resolved] = self._stack.enter_context(opened)
         return self._files[resolved]
 
     @property
@@ -238,6 +265,8 @@ def load_tensors(
     lazy_above: int | None = None,
     lazy_roles: Iterable[str] = ("x", "dz"),
     max_bytes: int | None = None,
+    allow_sparse: bool = False,
+    check: Callable[[Headers], None] | None = None,
 ) -> Loaded:
     """Gather the tensors a command needs from a data file and/or explicit references.
 
@@ -260,6 +289,15 @@ def load_tensors(
     max_bytes : int, optional
         Memory guard: refuse, before reading, tensors whose declared sizes add up to more
         (the error has ``param="max_memory"``).
+    allow_sparse : bool
+        Read tensors whose headers declare far more data than their files store (refused
+        by default with :class:`~convcli.errors.SparseDataError`, ``param="allow_sparse"``).
+    check : callable, optional
+        Called with the :class:`Headers` once every role is located and before any tensor
+        data is read, to refuse shapes and dtypes that do not fit (by raising).
+
+    Every role's header is checked (truncation, missing filters, data in other files,
+    sparse or bomb datasets) before the first tensor is read.
 
     Returns
     -------
@@ -282,20 +320,31 @@ def load_tensors(
     loaded = Loaded()
     keys: dict[str, tuple[TensorFile, str]] = {}
     with contextlib.ExitStack() as stack:
-        cache = _FileCache(stack)
+        cache = _FileCache(stack, allow_sparse)
         data_file = _open_data_file(cache, data) if data is not None else None
         for role in (*required, *(r for r in optional if r not in required)):
             found = _locate(cache, data_file, role, refs.get(role), role in required)
-            if found is None:
-                continue
-            tensor_file, key = found
-            keys[role] = found
+            if found is not None:
+                keys[role] = found
+        loaded.origins = {role: origin_text(file, key) for role, (file, key) in keys.items()}
+        loaded.hparams = _hparams_for(data_file, keys.get("x"))
+        if check is not None:
+            headers = {role: file.shape_dtype(key) for role, (file, key) in keys.items()}
+            check(
+                Headers(
+                    shapes={role: shape for role, (shape, _) in headers.items()},
+                    dtypes={role: dtype for role, (_, dtype) in headers.items()},
+                    hparams=loaded.hparams,
+                    origins=dict(loaded.origins),
+                )
+            )
+        for tensor_file, key in keys.values():
+            tensor_file.check_readable(key)
+        for role, (tensor_file, key) in keys.items():
             remaining = None if max_bytes is None else max_bytes - _in_memory(loaded.arrays)
             loaded.arrays[role] = _read_or_refer(
                 tensor_file, key, lazy_above if role in lazy_roles else None, remaining
             )
-            loaded.origins[role] = origin_text(tensor_file, key)
-        loaded.hparams = _hparams_for(data_file, keys.get("x"))
         loaded.sources = cache.sources
     return loaded
 
@@ -325,7 +374,7 @@ def _stream_ref(tensor_file: TensorFile, key: str) -> DatasetRef | None:
         path=tensor_file.path.resolve(),
         key=key,
         shape=shape,
-        dtype=dtype,
+        dtype=dtype if dtype.names is not None else dtype.newbyteorder("="),  # rows come native
         origin=origin_text(tensor_file, key),
         identity=FileIdentity.of(tensor_file.stat()),
     )

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,12 +21,12 @@ from convcli.io.reader import (
     Shape,
     Writer,
     canonical_hparams,
+    check_hparam_header,
     plain,
     reason,
 )
 
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-MAX_HPARAM_SIZE = 16
 
 
 class NpzReader(Reader):
@@ -80,6 +79,10 @@ class NpzReader(Reader):
             npy_header(handle)
             return int(info.file_size) - handle.tell()
 
+    def packed_bytes(self, key: str) -> int | None:
+        """The member's compressed size in the zip (its size when stored uncompressed)."""
+        return int(self._open_npz().zip.getinfo(key + ".npy").compress_size)
+
     def read_array(self, key: str) -> np.ndarray:
         if key not in self.keys():
             raise DataError(f"{self.path}: no entry '{key}'; it {self.describe()}")
@@ -89,7 +92,7 @@ class NpzReader(Reader):
             raise DataError(f"{self.where(key)}: cannot read ({reason(exc)})") from exc
 
     def hparams(self, near_key: str | None = None) -> Hparams:
-        """Scalar or small (at most 16 values) members named like hyperparameters.
+        """Scalar or small (at most 16 values) numeric or text members named like hyperparameters.
 
         ``near_key`` is not used: an npz has one set of hyperparameters.
         """
@@ -99,14 +102,10 @@ class NpzReader(Reader):
                 continue
             origin = f"{self.path} entry '{key}'"
             try:
-                shape, _ = self.shape_dtype(key)
+                shape, dtype = self.shape_dtype(key)
             except CONTENT_ERRORS as exc:
                 raise DataError(f"{origin}: cannot read ({reason(exc)})") from exc
-            if math.prod(shape) > MAX_HPARAM_SIZE:
-                raise DataError(
-                    f"{origin} has shape {shape}; a hyperparameter must be a scalar or hold "
-                    f"at most {MAX_HPARAM_SIZE} values"
-                )
+            check_hparam_header(origin, shape, dtype)
             entries[key] = (plain(self.read(key)), origin)
         return canonical_hparams(entries, f"{self.path}")
 
@@ -145,7 +144,7 @@ class NpzWriter(Writer):
         cls, fd: int, temp: Path, tensors: Mapping[str, np.ndarray], attrs: Mapping[str, object]
     ) -> None:
         members = {**tensors, **{name: np.asarray(value) for name, value in attrs.items()}}
-        with os.fdopen(fd, "wb") as handle:
+        with os.fdopen(fd, "wb", closefd=False) as handle:
             savez: Any = np.savez  # looked up here: member names are free-form keywords
             savez(handle, **members)
             handle.flush()

@@ -14,22 +14,35 @@ HDF5 dataset, a filter that is not available) are raised by the reader as ``Data
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import tokenize
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from convcli.errors import DataError
+from convcli.errors import DataError, SparseDataError
 from convcli.hparams import HPARAMS
 from convcli.memory import nbytes
+from convcli.units import format_size
 
 MAX_LISTED = 20
+#: The most values a hyperparameter entry or attribute may hold (a 3-D padding has 6).
+MAX_HPARAM_SIZE = 16
+
+#: A dataset declaring more than this many times the bytes the file stores for it is refused
+#: (unless the caller allows sparse data): real data rarely compresses beyond ~100x, and
+#: deflate cannot exceed ~1032x, so more means a never-written (fill-value) dataset or a bomb.
+SPARSE_RATIO = 1000
+#: Declared sizes up to this are never refused as sparse: reading them costs little.
+SPARSE_FLOOR = 16 * 2**20
 
 #: What numpy, zipfile and h5py raise on truncated, corrupt or unsupported content.
 CONTENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -48,6 +61,38 @@ CONTENT_ERRORS: tuple[type[BaseException], ...] = (
 #: Found hyperparameters: canonical name -> (plain value, origin text).
 Hparams = dict[str, tuple[object, str]]
 Shape = tuple[int, ...]
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then let them act.
+
+    Around calls into a C library that calls back into Python (HDF5 writing through
+    :class:`~convcli.io.hdf5.Hdf5Output`'s stream) and around steps that must not be cut in
+    two (a temporary file created and registered for removal): the ``KeyboardInterrupt`` of
+    a Ctrl-C is then raised after the block, never inside a callback where the library
+    would take it for a failed write. The signals' Python handlers are swapped for one that
+    notes them; afterwards the old handlers are back and each noted signal is raised again.
+    Only the main thread handles signals; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    handlers = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+    swapped = [signum for signum, handler in handlers.items() if handler is not None]
+    try:
+        for signum in swapped:
+            signal.signal(signum, lambda number, frame: noted.append(number))
+        yield
+    finally:
+        for signum in swapped:
+            signal.signal(signum, handlers[signum])
+        for number in dict.fromkeys(noted):
+            signal.raise_signal(number)
 
 
 def reason(exc: BaseException) -> str:
@@ -119,6 +164,12 @@ class Reader(ABC):
         (HDF5 data kept in other files).
         """
 
+    def packed_bytes(self, key: str) -> int | None:
+        """Bytes the file spends on ``key``'s data, compressed or not (at most the file's
+        size); None when the format stores data as declared (checked by :meth:`stored_bytes`).
+        """
+        return None
+
     @abstractmethod
     def read_array(self, key: str) -> np.ndarray:
         """Load ``key`` into memory (checks of the header are the caller's)."""
@@ -169,12 +220,15 @@ class Reader(ABC):
         except CONTENT_ERRORS as exc:
             raise DataError(f"{self.where(key)}: unreadable header ({reason(exc)})") from exc
 
-    def declared_bytes(self, key: str) -> int:
+    def declared_bytes(self, key: str, allow_sparse: bool = False) -> int:
         """Check what the header of ``key`` declares before any data is read; return its bytes.
 
         Refuses object dtypes, a declared size the file cannot hold (an absurd header, or a
-        compressed member that would expand beyond its declared length), and what the
-        format refuses in :meth:`stored_bytes` (HDF5 data kept in other files).
+        compressed member that would expand beyond its declared length), what the format
+        refuses in :meth:`stored_bytes` (HDF5 data kept in other files, a missing filter),
+        and, unless ``allow_sparse``, a declared size above :data:`SPARSE_FLOOR` and more
+        than :data:`SPARSE_RATIO` times what the file stores for it
+        (:class:`~convcli.errors.SparseDataError`).
         """
         shape, dtype = self.shape_dtype(key)
         if dtype.hasobject:
@@ -184,6 +238,7 @@ class Reader(ABC):
         declared = nbytes(shape, dtype)
         try:
             available = self.stored_bytes(key)
+            packed = None if allow_sparse else self.packed_bytes(key)
         except DataError:
             raise
         except CONTENT_ERRORS as exc:
@@ -193,21 +248,29 @@ class Reader(ABC):
                 f"{self.where(key)}: header declares shape {shape} {dtype} ({declared:,} bytes) "
                 f"but only {available:,} bytes of data follow (truncated or corrupt)"
             )
+        if packed is not None and declared > max(SPARSE_FLOOR, SPARSE_RATIO * packed):
+            raise SparseDataError(
+                f"{self.where(key)}: declares shape {shape} {dtype} ({format_size(declared)}) but "
+                f"the file stores {format_size(packed)} of it, over {SPARSE_RATIO}x less (data "
+                "never written, or compressed beyond what real data allows); refused before "
+                "reading"
+            )
         return declared
 
-    def read(self, key: str) -> np.ndarray:
+    def read(self, key: str, allow_sparse: bool = False) -> np.ndarray:
         """Load one array after :meth:`declared_bytes`; refuse objects and strings.
 
         Returns
         -------
         numpy.ndarray
-            The array, with the file's shape and dtype.
+            The array, with the file's shape and dtype, in native byte order (``>f8`` data
+            comes back as native float64).
         """
-        self.declared_bytes(key)
+        self.declared_bytes(key, allow_sparse)
         array = self.read_array(key)
         if array.dtype.hasobject:
             raise DataError(f"{self.where(key)}: holds Python objects or strings, not numbers")
-        return array
+        return native(array)
 
     def describe(self) -> str:
         """Short listing for error messages, from headers only.
@@ -266,8 +329,8 @@ class Writer(ABC):
         """Write the file at ``temp`` (its descriptor ``fd`` is open for writing).
 
         ``tensors`` are numeric arrays; ``attrs`` are hyperparameters as given (int, float,
-        str or nested lists), already checked to hold no Python objects. A writer that
-        opens ``temp`` by name closes ``fd`` first.
+        str or nested lists), already checked to hold no Python objects. Write through
+        ``fd`` and leave it open: the caller closes it, fsyncs and renames the file.
         """
 
 
@@ -291,6 +354,40 @@ def canonical_hparams(entries: Mapping[str, tuple[object, str]], where: str) -> 
         if present:
             result[hparam.name] = entries[present[0]]
     return result
+
+
+def check_hparam_header(origin: str, shape: Shape, dtype: np.dtype) -> None:
+    """Refuse, before reading it, a stored hyperparameter that cannot be one: structured
+    (compound) values, or more than :data:`MAX_HPARAM_SIZE` of them.
+
+    Parameters
+    ----------
+    origin : str
+        Where it is, for the message (``"run.h5 attribute 'stride' on /"``).
+    shape, dtype
+        Its header: any shape, any dtype; numbers and strings pass.
+    """
+    if dtype.names is not None or dtype.kind not in "biufSUO":
+        kind = "compound" if dtype.names is not None else dtype.name
+        raise DataError(
+            f"{origin}: holds {kind} values; a "
+            "hyperparameter must be a number, a list of numbers or a word"
+        )
+    count = 1
+    for size in shape:
+        count *= int(size)
+    if count > MAX_HPARAM_SIZE:
+        raise DataError(
+            f"{origin}: an array of {count} values; a hyperparameter must be a scalar or hold "
+            f"at most {MAX_HPARAM_SIZE} values"
+        )
+
+
+def native(array: np.ndarray) -> np.ndarray:
+    """``array`` in native byte order (a copy only when it is byte-swapped); dtype kept."""
+    if array.dtype.isnative or array.dtype.names is not None:
+        return array
+    return array.astype(array.dtype.newbyteorder("="))
 
 
 def plain(value: object) -> object:

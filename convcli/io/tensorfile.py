@@ -44,8 +44,11 @@ ALIASES = {
 }
 
 
-def open_tensor_file(path: str | os.PathLike[str]) -> TensorFile:
+def open_tensor_file(path: str | os.PathLike[str], *, allow_sparse: bool = False) -> TensorFile:
     """Open a ``.npy``, ``.npz`` or HDF5 file (format found by content).
+
+    ``allow_sparse``: read arrays that declare far more data than the file stores (see
+    :meth:`TensorFile.check_readable`); refused by default.
 
     Returns
     -------
@@ -63,7 +66,7 @@ def open_tensor_file(path: str | os.PathLike[str]) -> TensorFile:
     path = Path(path)
     fmt = detect_format(path)
     try:
-        return TensorFile(reader_for(fmt).open(path))
+        return TensorFile(reader_for(fmt).open(path), allow_sparse=allow_sparse)
     except CONTENT_ERRORS as exc:
         if fmt == "hdf5" and "unable to lock file" in str(exc).lower():
             raise InputFileError(
@@ -73,7 +76,9 @@ def open_tensor_file(path: str | os.PathLike[str]) -> TensorFile:
         raise DataError(f"{path}: cannot read {fmt} file ({reason(exc)})") from exc
 
 
-def read_tensor(source: str | os.PathLike[str], key: str | None = None) -> np.ndarray:
+def read_tensor(
+    source: str | os.PathLike[str], key: str | None = None, *, allow_sparse: bool = False
+) -> np.ndarray:
     """Read one array from a ``.npy``, ``.npz`` or HDF5 file.
 
     Parameters
@@ -84,11 +89,14 @@ def read_tensor(source: str | os.PathLike[str], key: str | None = None) -> np.nd
         The array inside the file; wins over a key in ``source``. Without one, the file must
         hold a single tensor (a ``.npy``, or an npz/HDF5 file with one array besides its
         hyperparameters).
+    allow_sparse : bool
+        Read an array whose header declares far more data than the file stores.
 
     Returns
     -------
     numpy.ndarray
-        The array with the file's shape and dtype (any shape; numeric dtypes only).
+        The array with the file's shape and dtype (any shape; numeric dtypes only), in
+        native byte order.
 
     Raises
     ------
@@ -99,7 +107,7 @@ def read_tensor(source: str | os.PathLike[str], key: str | None = None) -> np.nd
     """
     path, ref_key = parse_ref(source) if isinstance(source, str) else (Path(source), None)
     key = key if key is not None else ref_key
-    with open_tensor_file(path) as tensor_file:
+    with open_tensor_file(path, allow_sparse=allow_sparse) as tensor_file:
         if key is None:
             tensors = tensor_file.tensor_keys()
             if len(tensors) != 1:
@@ -125,10 +133,13 @@ class TensorFile:
         ``"npy"``, ``"npz"`` or ``"hdf5"``.
     reader : convcli.io.reader.Reader
         The format's reader, for what is particular to one format.
+    allow_sparse : bool
+        Whether arrays declaring far more data than the file stores may be read.
     """
 
-    def __init__(self, reader: Reader) -> None:
+    def __init__(self, reader: Reader, *, allow_sparse: bool = False) -> None:
         self.reader = reader
+        self.allow_sparse = allow_sparse
         self.path = reader.path
         self.format = reader.format
 
@@ -209,17 +220,20 @@ class TensorFile:
             truncated/corrupt content.
         """
         self.check_readable(key, max_bytes)
-        return self.reader.read(key)
+        return self.reader.read(key, self.allow_sparse)
 
     def check_readable(self, key: str, max_bytes: int | None = None) -> int:
         """Check what the header of ``key`` declares before any data is read; return its bytes.
 
         Refuses object dtypes, a declared size the file cannot hold (an absurd header, or a
         compressed member that would expand beyond its declared length), a size above
-        ``max_bytes`` (the memory left of the caller's ``max_memory``), and HDF5 datasets
-        stored outside the file (external storage, virtual datasets).
+        ``max_bytes`` (the memory left of the caller's ``max_memory``), HDF5 datasets stored
+        outside the file (external storage, virtual datasets) or needing a filter that is not
+        installed, and, unless :attr:`allow_sparse`, a declared size over 16 MiB that is more
+        than 1000 times what the file stores for it
+        (:class:`~convcli.errors.SparseDataError`: a never-written dataset or a bomb).
         """
-        declared = self.reader.declared_bytes(key)
+        declared = self.reader.declared_bytes(key, self.allow_sparse)
         if max_bytes is not None and declared > max_bytes:
             shape, dtype = self.shape_dtype(key)
             raise DataError(

@@ -21,11 +21,12 @@ import numpy as np
 
 from convcli.errors import DataError, OutputError, OutputExistsError, UsageError
 from convcli.io.formats import WRITERS, spoken_list
-from convcli.io.hdf5 import write_hdf5_attrs
-from convcli.io.reader import Writer, reason
+from convcli.io.hdf5 import Hdf5Output, write_hdf5_attrs
+from convcli.io.reader import Writer, reason, signals_held
 
 __all__ = [
     "TEMP_PREFIX",
+    "Hdf5Output",
     "atomic_output",
     "check_target",
     "output_format",
@@ -129,25 +130,45 @@ def check_target(
     for source in protect:
         if _same_file(path, Path(source)):
             raise OutputError(f"{path}: refusing to write over input file {source}", param=param)
-    if path.is_dir():
+    info = _status(path, param)
+    if info is not None and stat.S_ISDIR(info.st_mode):
         raise OutputError(f"{path}: is a directory", param=param)
     if os.path.lexists(path):
         if not force:
             raise OutputExistsError(f"{path} exists", param=param)
-        if not path.is_file():
+        if info is None or not stat.S_ISREG(info.st_mode):
             raise OutputError(f"{path}: exists and is not a regular file", param=param)
     folder = path.parent
-    if not folder.is_dir():
+    folder_info = _status(folder, param)
+    if folder_info is None or not stat.S_ISDIR(folder_info.st_mode):
         raise OutputError(f"{path}: folder {folder} does not exist", param=param)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: folder {folder} is not writable", param=param)
+
+
+def _status(path: Path, param: str) -> os.stat_result | None:
+    """``stat`` of ``path`` (links followed); None if it (or a folder on the way) is absent.
+
+    A symbolic-link loop or a name longer than the file system allows is an OutputError.
+    """
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise OutputError(
+            f"{path}: cannot be written ({exc.strerror or exc})", param=param
+        ) from None
 
 
 def _same_file(first: Path, second: Path) -> bool:
     with contextlib.suppress(OSError):
         if os.path.samefile(first, second):
             return True
-    return first.resolve() == second.resolve()
+    try:
+        return first.resolve() == second.resolve()
+    except (OSError, RuntimeError):  # a symbolic-link loop (RuntimeError before Python 3.13)
+        return False
 
 
 def _numeric_array(path: Path, name: str, value: object) -> np.ndarray:
@@ -161,30 +182,36 @@ def _numeric_array(path: Path, name: str, value: object) -> np.ndarray:
 def atomic_output(path: Path) -> Iterator[tuple[int, Path]]:
     """Yield ``(fd, temp_path)`` of a new temporary file beside ``path``.
 
-    The caller writes the file (and closes ``fd`` if it opens the path another way; an fd
-    left open is closed here). On success the file gets the target's permission bits, is
-    fsynced and renamed over ``path``; on any exception it is removed and the exception
-    re-raised (an OSError as :class:`OutputError`). Checks of the target are the caller's
-    (see :func:`check_target`).
+    The caller writes the file through ``fd``, which is closed here (a caller that opens
+    the path by name instead must not close it). On success the file gets the target's
+    permission bits, is fsynced and renamed over ``path``; on any exception (a Ctrl-C or
+    SIGTERM too) it is removed and the exception re-raised (an OSError as
+    :class:`OutputError`). Checks of the target are the caller's (see :func:`check_target`).
     """
     mode = _target_mode(path)
+    fd, temp = -1, None
     try:
-        fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot create a file in {path.parent} ({exc})") from exc
-    temp = Path(temp_name)
-    try:
+        with signals_held():  # a Ctrl-C or SIGTERM is raised once temp is known, so removed
+            try:
+                fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
+            except OSError as exc:
+                raise OutputError(
+                    f"{path}: cannot create a file in {path.parent} ({reason(exc)})"
+                ) from exc
+            temp = Path(name)
         yield fd, temp
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        os.close(fd)
+        fd = -1
         _fsync_path(temp)
         os.chmod(temp, mode)
         os.replace(temp, path)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            temp.unlink()
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                temp.unlink()
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise OutputError(f"{path}: cannot write ({reason(exc)})") from exc
         raise

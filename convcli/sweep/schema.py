@@ -54,9 +54,9 @@ from typing import Any, NoReturn, overload
 from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES, MODES
 from convcli.check.tolerance import Tolerance
 from convcli.errors import ConvcliError, DataError, InputFileError, UsageError
-from convcli.hparams import HPARAMS, spec_from
+from convcli.hparams import HPARAMS, shown, spec_from
 from convcli.io.detect import regular_file_size
-from convcli.spec import ConvSpec
+from convcli.spec import MAX_INT, ConvSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,7 +87,7 @@ TOP_KEYS = {"actions", "gradcheck", "defaults", "configs", "grid"}
 DTYPES = ("float32", "float64")
 MAX_CONFIGS = 100_000  # configurations a spec may hold unless the caller allows more
 MAX_SPEC_BYTES = 16 * 2**20  # a spec is text written by people: far less than this
-INT_LIMIT = 2**63  # sizes, seeds and counts must be below this (64-bit integers)
+SEED_LIMIT = 2**63  # seeds must be below this (64-bit integers)
 
 
 class SpecError(DataError):
@@ -378,7 +378,7 @@ def _actions(data: dict[str, Any], checker: _Checker) -> tuple[str, ...]:
     actions = data.get("actions", ["forward", "gradcheck"])
     if not isinstance(actions, list) or not actions or any(a not in ACTIONS for a in actions):
         checker.fail(
-            "actions", f"actions must be a list of {', '.join(ACTIONS)}, got {_shown(actions)}"
+            "actions", f"actions must be a list of {', '.join(ACTIONS)}, got {shown(actions)}"
         )
     return tuple(a for a in ACTIONS if a in actions)
 
@@ -390,13 +390,13 @@ def _gradcheck_options(data: dict[str, Any], checker: _Checker) -> GradcheckOpti
     checker.keys(given, set(GRADCHECK_KEYS), "[gradcheck]", table)
     for name, kind in GRADCHECK_KEYS.items():
         if name in given and not _is(given[name], kind):
-            message = f"gradcheck {name} must be a {kind.__name__}, got {_shown(given[name])}"
+            message = f"gradcheck {name} must be a {kind.__name__}, got {shown(given[name])}"
             checker.fail(name, message, table)
     for name, low, strict in GRADCHECK_BOUNDS:
         value = given.get(name)
         if value is not None and (value <= low if strict else value < low):
             bound = f"> {low}" if strict else f">= {low}"
-            checker.fail(name, f"gradcheck {name} must be {bound}, got {_shown(value)}", table)
+            checker.fail(name, f"gradcheck {name} must be {bound}, got {shown(value)}", table)
     if "mode" in given and given["mode"] not in MODES:
         checker.fail("mode", f"gradcheck mode must be one of {', '.join(MODES)}", table)
     default = Tolerance()
@@ -533,17 +533,8 @@ def _positive_ints(value: object, count: range | int) -> bool:
     return (
         isinstance(value, list)
         and len(value) in counts
-        and all(_is(v, int) and 0 < v < INT_LIMIT for v in value)
+        and all(_is(v, int) and 0 < v <= MAX_INT for v in value)
     )
-
-
-def _shown(value: object, limit: int = 60) -> str:
-    """``repr(value)``, cut to ``limit`` characters for a one-line message."""
-    try:
-        text = repr(value)
-    except RecursionError:
-        return "a value nested too deeply"
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class _Checker:
@@ -584,7 +575,7 @@ class _Checker:
             line = self.line_of(key, table)
             place = f"{self.path} line {line}" if line else str(self.path)
             if table is not None:
-                place += f" ({table.label}, key {_shown(key)})"
+                place += f" ({table.label}, key {shown(key)})"
             self._places[(key, table)] = place
         return place
 
@@ -604,7 +595,7 @@ class _Checker:
             if key not in allowed:
                 self.fail(
                     key,
-                    f"unknown key {_shown(key)} in {where}; "
+                    f"unknown key {shown(key)} in {where}; "
                     f"expected one of {', '.join(sorted(allowed))}",
                     source,
                 )
@@ -623,22 +614,22 @@ class _Checker:
         if not _positive_ints(shape, range(3, 6)):
             fail(
                 "shape",
-                f"shape must be [n, *spatial, Cin] of positive integers, got {_shown(shape)}",
+                f"shape must be [n, *spatial, Cin] of integers 1 to {MAX_INT}, got {shown(shape)}",
             )
         rank = len(shape) - 2
         kernel = [config["kernel"]] * rank if _is(config["kernel"], int) else config["kernel"]
         if not _positive_ints(kernel, rank):
             message = (
-                "kernel must be a positive integer or one per spatial axis, "
-                f"got {_shown(config['kernel'])}"
+                f"kernel must be an integer 1 to {MAX_INT} or one per spatial axis, "
+                f"got {shown(config['kernel'])}"
             )
             fail("kernel", message)
-        if not (_is(config["cout"], int) and 0 < config["cout"] < INT_LIMIT):
-            fail("cout", f"cout must be a positive 64-bit integer, got {_shown(config['cout'])}")
+        if not (_is(config["cout"], int) and 0 < config["cout"] <= MAX_INT):
+            fail("cout", f"cout must be an integer 1 to {MAX_INT}, got {shown(config['cout'])}")
         if not (isinstance(config["dtype"], str) and config["dtype"] in DTYPES):
-            fail("dtype", f"dtype must be 'float32' or 'float64', got {_shown(config['dtype'])}")
-        if not (_is(config["seed"], int) and 0 <= config["seed"] < INT_LIMIT):
-            message = f"seed must be an integer from 0 to 2**63 - 1, got {_shown(config['seed'])}"
+            fail("dtype", f"dtype must be 'float32' or 'float64', got {shown(config['dtype'])}")
+        if not (_is(config["seed"], int) and 0 <= config["seed"] < SEED_LIMIT):
+            message = f"seed must be an integer from 0 to 2**63 - 1, got {shown(config['seed'])}"
             fail("seed", message)
         hparams = {}
         for hparam in HPARAMS:
