@@ -57,7 +57,7 @@ from convcli.run import (
     run_gradcheck,
     run_impl_check,
 )
-from convcli.sweep import SweepOptions, load_sweep, run_sweep
+from convcli.sweep import MAX_CONFIGS, SweepOptions, load_sweep, run_sweep
 from convcli.units import parse_size
 
 _state = {"debug": False, "quiet": False}
@@ -1029,9 +1029,21 @@ def sweep(
     scheduler: Annotated[
         str | None,
         typer.Option(
-            "--scheduler", metavar="ADDRESS", help="Run on a Dask cluster (convcli[dask])."
+            "--scheduler",
+            metavar="ADDRESS",
+            help="Run on a Dask cluster at tcp://HOST:PORT (convcli[dask]).",
         ),
     ] = None,
+    max_configs: Annotated[
+        int,
+        typer.Option(
+            "--max-configs",
+            min=1,
+            metavar="N",
+            help="Refuse specs with more configurations (counted before any is made).",
+        ),
+    ] = MAX_CONFIGS,
+    max_memory: MaxMemory = "auto",
     as_json: Json = False,
 ) -> None:
     """Run many configurations from a TOML spec; one JSON line per result; exit 1 unless
@@ -1041,12 +1053,17 @@ def sweep(
     """
     if append and force:
         raise UsageError("--append adds to the results and --force starts them over: give one")
-    plan = load_sweep(spec)
+    plan = load_sweep(spec, max_configs=max_configs)
     if resume and force:
         raise UsageError("--resume continues a sweep and --force starts it over: give one")
     out = out if out is not None else Path(spec.with_suffix(".jsonl").name)
     options = SweepOptions(
-        jobs=jobs, resume=resume, append=append, force=force, scheduler=scheduler
+        jobs=jobs,
+        resume=resume,
+        append=append,
+        force=force,
+        scheduler=scheduler,
+        max_memory=parse_memory(max_memory),
     )
     with _progress(as_json, "sweep") as progress:
         summary = run_sweep(plan, out, options, progress=progress)

@@ -16,7 +16,12 @@ from convcli.errors import (
     SparseDataError,
 )
 from convcli.hparams import BY_NAME
-from convcli.sweep import ResultsExistError, SpecMismatchError
+from convcli.sweep import (
+    ResultsExistError,
+    ResultsWriteError,
+    SpecMismatchError,
+    TooManyConfigsError,
+)
 
 # library parameters whose flag is not ``--`` + the name with dashes (hyperparameters: their
 # key in the table, ``padding`` -> ``--pad``)
@@ -52,6 +57,14 @@ def explain(error: ConvcliError) -> str:
             "; pass --resume to continue it or --force to start over"
             if error.interrupted
             else "; pass --resume to continue the sweep or --force to start over"
+        )
+    elif isinstance(error, TooManyConfigsError):
+        text += f"; pass --max-configs {error.count} (or more) to run them all"
+    elif isinstance(error, ResultsWriteError):
+        text += (
+            "; free some space and pass --resume to continue"
+            if error.kept
+            else "; free some space and run the sweep again"
         )
     elif isinstance(error, SpecMismatchError):
         text += ": pass --append to add this spec's runs to them, or --force to start over"

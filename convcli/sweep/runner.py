@@ -9,6 +9,9 @@ record passed.
 
 from __future__ import annotations
 
+import importlib.util
+import socket
+import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -19,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from convcli.check import gradcheck
-from convcli.engine.fast import conv_backward, conv_forward
+from convcli.engine.fast import DEFAULT_WORKSPACE, conv_backward, conv_forward, scratch_bytes
 from convcli.errors import ConvcliError, UsageError
 from convcli.generate import generate_layer
-from convcli.spec import ConvSpec
+from convcli.memory import check_memory, in_memory_run_needs, nbytes
+from convcli.spec import ConvSpec, Geometry
 from convcli.stats import summarize
 from convcli.sweep.results import ResultsFile, SweepSummary, open_results
 from convcli.sweep.schema import Config, GradcheckOptions, Sweep
@@ -52,8 +56,13 @@ class SweepOptions:
     force : bool
         Start the results file over.
     scheduler : str, optional
-        Address of a Dask scheduler to run the configurations on (needs the ``dask`` extra);
-        ``jobs`` is then unused.
+        Address of a Dask scheduler to run the configurations on, ``tcp://HOST:PORT`` (needs
+        the ``dask`` extra); ``jobs`` is then unused.
+    max_memory : int, optional
+        Bytes the runs in progress may need together (None: no limit). Each configuration
+        is estimated before its tensors are made (:func:`config_memory_needs`) and one that
+        needs more than its share — ``max_memory / jobs`` in local processes, all of it on
+        a Dask worker — is recorded as errored, with the estimate, without running.
 
     Raises
     ------
@@ -66,6 +75,7 @@ class SweepOptions:
     append: bool = False
     force: bool = False
     scheduler: str | None = None
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.jobs < 1:
@@ -86,7 +96,11 @@ class SweepOptions:
 
 
 def run_config(
-    config: Config, actions: Sequence[str], gradcheck_options: GradcheckOptions, key: str
+    config: Config,
+    actions: Sequence[str],
+    gradcheck_options: GradcheckOptions,
+    key: str,
+    max_memory: int | None = None,
 ) -> dict[str, Any]:
     """Run the actions on one configuration and return its result record.
 
@@ -101,6 +115,9 @@ def run_config(
         For the gradcheck action.
     key : str
         The run's key (:meth:`Sweep.key`), stored in the record.
+    max_memory : int, optional
+        Refuse the configuration, before making its tensors, when its estimate
+        (:func:`config_memory_needs`) exceeds this many bytes (None: no limit).
 
     Returns
     -------
@@ -111,7 +128,8 @@ def run_config(
         ``seconds``.
 
     Never raises for a bad configuration or a failing run: the record's ``"status"`` is
-    ``"errored"`` with a one-line ``"error"`` when an action raised, ``"failed"`` when the
+    ``"errored"`` with a one-line ``"error"`` when an action raised or the configuration
+    needs more memory than ``max_memory`` (the message gives the estimate), ``"failed"`` when the
     gradient check ran and failed, and ``"passed"`` otherwise.
     """
     record: dict[str, Any] = {
@@ -123,6 +141,7 @@ def run_config(
     }
     start = time.perf_counter()
     try:
+        check_memory(config_memory_needs(config, actions), max_memory)
         _run_actions(record, config, actions, gradcheck_options)
     except ConvcliError as error:
         record["status"], record["error"] = "errored", str(error)
@@ -130,6 +149,41 @@ def run_config(
         record["status"], record["error"] = "errored", f"{type(error).__name__}: {error}"
     record["seconds"] = time.perf_counter() - start
     return record
+
+
+def config_memory_needs(config: Config, actions: Sequence[str]) -> dict[str, int]:
+    """The memory estimate of one configuration's run, by kind (name -> bytes), as
+    ``forward`` and ``backward`` estimate theirs (:func:`convcli.memory.in_memory_run_needs`):
+    x, w, b, the outputs, the engine's scratch, and with ``backward`` or ``gradcheck`` the
+    gradients (gradcheck computes in float64).
+
+    Raises
+    ------
+    DataError
+        The configuration's shapes and hyperparameters do not fit together.
+    """
+    spec = config.spec()
+    geometry = _geometry(config, spec)
+    made = np.dtype(config.dtype)
+    dtype = np.dtype("float64") if "gradcheck" in actions else made
+    shapes = geometry.user_shapes()
+    given = nbytes(shapes["x"], made) + nbytes(shapes["w"], made)
+    return in_memory_run_needs(
+        geometry,
+        dtype,
+        input_bytes=given + nbytes((geometry.cout,), made),
+        scratch=scratch_bytes(geometry, dtype, DEFAULT_WORKSPACE),
+        backward="backward" in actions or "gradcheck" in actions,
+    )
+
+
+def _geometry(config: Config, spec: ConvSpec) -> Geometry:
+    """The geometry of ``config``'s tensors, from sizes alone (nothing is made)."""
+    n, *spatial, cin = config.shape
+    cin_per_group = max(1, cin // spec.groups)
+    if spec.channels_first:
+        return spec.geometry((n, cin, *spatial), (config.cout, cin_per_group, *config.kernel))
+    return spec.geometry(config.shape, (*config.kernel, cin_per_group, config.cout))
 
 
 def _run_actions(
@@ -249,7 +303,9 @@ def run_sweep(
         address.
     """
     options = options or SweepOptions()
-    keys = [sweep.key(config) for config in sweep.configs]
+    if options.scheduler is not None:
+        probe_scheduler(options.scheduler)  # before the results file is touched
+    keys = sweep.keys
     results = open_results(
         Path(out), sweep, resume=options.resume, append=options.append, force=options.force
     )
@@ -268,10 +324,13 @@ def run_sweep(
     )
 
 
-def _todo(keys: list[str], configs: Sequence[Config], done: Mapping[str, object]) -> Todo:
+def _todo(keys: Sequence[str], configs: Sequence[Config], done: Mapping[str, object]) -> Todo:
     """The runs not ``done``, in spec order; identical configurations run once."""
-    todo = {key: (key, config) for key, config in zip(keys, configs, strict=True)}
-    return [run for key, run in todo.items() if key not in done]
+    todo: dict[str, tuple[str, Config]] = {}
+    for key, config in zip(keys, configs, strict=True):
+        if key not in done and key not in todo:
+            todo[key] = (key, config)
+    return list(todo.values())
 
 
 def _writer(
@@ -294,21 +353,30 @@ def _run_all(
     sweep: Sweep, todo: Todo, options: SweepOptions, write: Callable[[dict[str, Any]], None]
 ) -> None:
     """Run ``todo`` where ``options`` says, writing each record as it finishes."""
+    budget = options.max_memory
     if options.scheduler is not None:
-        _run_on_dask(options.scheduler, sweep, todo, write)
+        _run_on_dask(options.scheduler, sweep, todo, write, budget)
     elif options.jobs == 1:
         for key, config in todo:
-            write(run_config(config, sweep.actions, sweep.gradcheck, key))
+            write(run_config(config, sweep.actions, sweep.gradcheck, key, budget))
     else:
-        _run_in_processes(options.jobs, sweep, todo, write)
+        share = None if budget is None else budget // options.jobs
+        _run_in_processes(options.jobs, sweep, todo, write, share)
 
 
 def _run_in_processes(
-    jobs: int, sweep: Sweep, todo: Todo, write: Callable[[dict[str, Any]], None]
+    jobs: int,
+    sweep: Sweep,
+    todo: Todo,
+    write: Callable[[dict[str, Any]], None],
+    max_memory: int | None,
 ) -> None:
     with ProcessPoolExecutor(max_workers=jobs, initializer=_limit_blas_to_one_thread) as pool:
         futures = {
-            pool.submit(run_config, config, sweep.actions, sweep.gradcheck, key): (key, config)
+            pool.submit(run_config, config, sweep.actions, sweep.gradcheck, key, max_memory): (
+                key,
+                config,
+            )
             for key, config in todo
         }
         try:
@@ -321,8 +389,125 @@ def _run_in_processes(
             raise
 
 
+# ---------------------------------------------------------------------------------------------
+# Dask
+# ---------------------------------------------------------------------------------------------
+
+SCHEDULER_TIMEOUT = 3.0  # seconds to connect to a scheduler and read its first message
+HANDSHAKE_LIMIT = 64 * 2**10  # bytes: a scheduler's first message (its handshake) is ~60
+
+
+def probe_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> None:
+    """Check that a Dask scheduler answers at ``address`` before Dask is handed the address.
+
+    Dask's client trusts the size its peer declares for each message and allocates it; a
+    server that is not a scheduler (or noise on the port) could make it allocate any amount.
+    So convcli connects first itself, within ``timeout`` seconds, reads at most
+    :data:`HANDSHAKE_LIMIT` bytes, and requires Dask's handshake: a length-prefixed set of
+    frames, one of them a msgpack map with the keys Dask's handshake holds. Only ``tcp://``
+    addresses (or ``HOST:PORT``) are accepted.
+
+    Raises
+    ------
+    UsageError
+        (``param="scheduler"``) A malformed address, Dask distributed not installed, no
+        answer within ``timeout``, or a server whose first message is not Dask's handshake.
+    """
+    host, port = _endpoint(address)
+    try:
+        if importlib.util.find_spec("distributed") is None:
+            raise ImportError("distributed")
+        import msgpack  # type: ignore[import-untyped]  # a dependency of Dask distributed
+    except ImportError:
+        raise UsageError(
+            "{param} needs Dask distributed: pip install 'convcli[dask]'", param="scheduler"
+        ) from None
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            (length,) = struct.unpack("Q", _receive(sock, 8, deadline))
+            if not 8 < length <= HANDSHAKE_LIMIT:
+                raise _not_a_scheduler(address, f"its first message declares {length} bytes")
+            body = _receive(sock, length, deadline)
+    except OSError as error:
+        timed_out = isinstance(error, TimeoutError)
+        reason = f"no answer within {timeout:g} s" if timed_out else error.strerror or error
+        raise UsageError(
+            f"{{param}} {address}: cannot reach a Dask scheduler there ({reason}); "
+            "check the address",
+            param="scheduler",
+        ) from None
+    if not _is_handshake(body, msgpack):
+        raise _not_a_scheduler(address, "its first message is not a Dask handshake")
+
+
+def _endpoint(address: str) -> tuple[str, int]:
+    """``(host, port)`` of a ``tcp://HOST:PORT`` or ``HOST:PORT`` address."""
+    scheme, sep, rest = address.strip().partition("://")
+    if not sep:
+        scheme, rest = "tcp", address.strip()
+    host, colon, port = rest.rpartition(":")
+    host = host.strip("[]")
+    valid = scheme == "tcp" and colon and host and port.isdigit() and 0 < int(port) < 65536
+    if not valid or any(c.isspace() for c in host):
+        raise UsageError(
+            f"{{param}} {address!r}: expected a Dask scheduler's address, tcp://HOST:PORT",
+            param="scheduler",
+        )
+    return host, int(port)
+
+
+def _receive(sock: socket.socket, count: int, deadline: float) -> bytes:
+    """Exactly ``count`` bytes from ``sock`` before ``deadline`` (TimeoutError otherwise)."""
+    chunks, left = [], count
+    while left:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        sock.settimeout(remaining)
+        chunk = sock.recv(min(left, 65536))
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _is_handshake(body: bytes, msgpack: Any) -> bool:
+    """Whether ``body`` is Dask's handshake: ``n``, ``n`` frame lengths, the frames (8-byte
+    native integers, as Dask writes them), one of them a msgpack map naming the peer's
+    Python, pickle protocol and compression."""
+    (count,) = struct.unpack_from("Q", body)
+    if not 0 < count <= 16 or len(body) < 8 * (count + 1):
+        return False
+    lengths = struct.unpack_from(f"{count}Q", body, 8)
+    if 8 * (count + 1) + sum(lengths) != len(body):
+        return False
+    start = 8 * (count + 1)
+    for length in lengths:
+        try:
+            frame = msgpack.unpackb(body[start : start + length], raw=False)
+        except Exception:  # any malformed frame: not Dask's
+            frame = None
+        if isinstance(frame, dict) and {"python", "pickle-protocol"} <= frame.keys():
+            return True
+        start += length
+    return False
+
+
+def _not_a_scheduler(address: str, why: str) -> UsageError:
+    return UsageError(
+        f"{{param}} {address}: the server there is not a Dask scheduler ({why}); check the address",
+        param="scheduler",
+    )
+
+
 def _run_on_dask(
-    address: str, sweep: Sweep, todo: Todo, write: Callable[[dict[str, Any]], None]
+    address: str,
+    sweep: Sweep,
+    todo: Todo,
+    write: Callable[[dict[str, Any]], None],
+    max_memory: int | None,
 ) -> None:
     try:
         from distributed import Client, as_completed
@@ -346,6 +531,7 @@ def _run_on_dask(
                 sweep.actions,
                 sweep.gradcheck,
                 key,
+                max_memory,
                 key=f"convcli-{key}",
                 pure=False,
             )

@@ -43,15 +43,17 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, overload
 
 from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES, MODES
 from convcli.check.tolerance import Tolerance
-from convcli.errors import ConvcliError, DataError, UsageError
+from convcli.errors import ConvcliError, DataError, InputFileError, UsageError
 from convcli.hparams import HPARAMS, shown, spec_from
 from convcli.io.detect import regular_file_size
 from convcli.spec import MAX_INT, ConvSpec
@@ -83,10 +85,23 @@ GRADCHECK_BOUNDS = (
 )
 TOP_KEYS = {"actions", "gradcheck", "defaults", "configs", "grid"}
 DTYPES = ("float32", "float64")
+MAX_CONFIGS = 100_000  # configurations a spec may hold unless the caller allows more
+MAX_SPEC_BYTES = 16 * 2**20  # a spec is text written by people: far less than this
+SEED_LIMIT = 2**63  # seeds must be below this (64-bit integers)
 
 
 class SpecError(DataError):
     """A sweep spec that cannot be used; the message names the file and line."""
+
+
+class TooManyConfigsError(SpecError):
+    """A spec holding more configurations than the caller's ``max_configs``, counted before
+    any is made. ``count``: how many it holds; ``limit``: the caller's bound."""
+
+    def __init__(self, message: str, *, count: int, limit: int) -> None:
+        self.count = count
+        self.limit = limit
+        super().__init__(message, param="max_configs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,8 +204,9 @@ class Sweep:
     ----------
     path : Path
         The spec file.
-    configs : tuple of Config
-        In spec order: the ``[[configs]]`` tables, then the ``[grid]`` product.
+    configs : sequence of Config
+        In spec order: the ``[[configs]]`` tables, then the ``[grid]`` product (made one at a
+        time as it is iterated or indexed, never held whole, when read by :func:`load_sweep`).
     actions : tuple of str
         Of :data:`ACTIONS`, in that order, each once.
     gradcheck : GradcheckOptions
@@ -198,7 +214,7 @@ class Sweep:
     """
 
     path: Path
-    configs: tuple[Config, ...]
+    configs: Sequence[Config]
     actions: tuple[str, ...]
     gradcheck: GradcheckOptions = field(default_factory=GradcheckOptions)
 
@@ -212,7 +228,12 @@ class Sweep:
         }
         return _digest(what)
 
-    @property
+    @cached_property
+    def keys(self) -> tuple[str, ...]:
+        """The key of every configuration's run (:meth:`key`), in spec order."""
+        return tuple(self.key(config) for config in self.configs)
+
+    @cached_property
     def fingerprint(self) -> str:
         """A hash of what the spec asks to run: the set of its runs' keys (16 hex digits).
 
@@ -222,7 +243,7 @@ class Sweep:
         one value, one per axis, or before/after pairs that say the same) and defaults spelled
         out or left out do not change it; any change to what would run does.
         """
-        return _digest(sorted({self.key(config) for config in self.configs}))
+        return _digest(sorted(set(self.keys)))
 
 
 def _per_axis(config: Config) -> dict[str, Any]:
@@ -282,22 +303,32 @@ class SpecTable:
         return f"{self.header} table {self.index + 1}" if self.name == "configs" else self.header
 
 
-def load_sweep(path: str | Path) -> Sweep:
+def load_sweep(path: str | Path, *, max_configs: int = MAX_CONFIGS) -> Sweep:
     """Parse and check a sweep spec.
 
     Parameters
     ----------
     path : str or Path
         A UTF-8 TOML file in the format this module's docstring shows.
+    max_configs : int
+        The most configurations the spec may hold (``[[configs]]`` tables plus the grid's
+        combinations), counted from the lengths of the grid's lists before any combination
+        is made.
 
     Raises
     ------
     InputFileError
-        The file is missing or unreadable.
+        The file is missing, not a regular file, or unreadable.
     SpecError
-        TOML syntax errors, unknown keys, wrong types or values; the message cites the line,
-        and the table and key that hold the bad value.
+        TOML syntax errors, nesting too deep to parse, unknown keys, wrong types or values;
+        the message cites the line, and the table and key that hold the bad value.
+    TooManyConfigsError
+        More configurations than ``max_configs``.
+    UsageError
+        ``max_configs`` is below 1.
     """
+    if isinstance(max_configs, bool) or not isinstance(max_configs, int) or max_configs < 1:
+        raise UsageError(f"{{param}} must be at least 1, got {max_configs!r}", param="max_configs")
     path = Path(path)
     text, data = _read_toml(path)
     checker = _Checker(path, text)
@@ -307,28 +338,48 @@ def load_sweep(path: str | Path) -> Sweep:
     configs = _configs(data, checker)
     if not configs:
         raise SpecError(f"{path}: no configurations: add [[configs]] tables or a [grid]")
-    checked = tuple(checker.config(config, sources) for config, sources in configs)
-    return Sweep(path=path, configs=checked, actions=actions, gradcheck=gradcheck)
+    if len(configs) > max_configs:
+        raise TooManyConfigsError(
+            f"{path}: {configs.describe()} make {len(configs)} configurations, more than "
+            f"{{param}} {max_configs}",
+            count=len(configs),
+            limit=max_configs,
+        )
+    sweep = Sweep(path=path, configs=configs, actions=actions, gradcheck=gradcheck)
+    sweep.keys  # noqa: B018  # checks every configuration (and keeps the keys) before any run
+    return sweep
 
 
 def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     """The text of the spec and its TOML tables."""
-    regular_file_size(path)
+    if path.is_dir():
+        raise InputFileError(f"{path}: is a directory, not a sweep spec")
+    size = regular_file_size(path)
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: {size} bytes is too big for a sweep spec (at most 16 MiB)")
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+    except OSError as error:
+        raise InputFileError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise SpecError(f"{path}: not a UTF-8 text file ({error.reason})") from None
     try:
         return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{path}: {error}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: values nested too deeply to read") from None
 
 
 def _actions(data: dict[str, Any], checker: _Checker) -> tuple[str, ...]:
     """The actions, normalised: in the order of :data:`ACTIONS`, each once."""
     actions = data.get("actions", ["forward", "gradcheck"])
     if not isinstance(actions, list) or not actions or any(a not in ACTIONS for a in actions):
-        checker.fail("actions", f"actions must be a list of {', '.join(ACTIONS)}, got {actions!r}")
+        checker.fail(
+            "actions", f"actions must be a list of {', '.join(ACTIONS)}, got {shown(actions)}"
+        )
     return tuple(a for a in ACTIONS if a in actions)
 
 
@@ -339,13 +390,13 @@ def _gradcheck_options(data: dict[str, Any], checker: _Checker) -> GradcheckOpti
     checker.keys(given, set(GRADCHECK_KEYS), "[gradcheck]", table)
     for name, kind in GRADCHECK_KEYS.items():
         if name in given and not _is(given[name], kind):
-            message = f"gradcheck {name} must be a {kind.__name__}, got {given[name]!r}"
+            message = f"gradcheck {name} must be a {kind.__name__}, got {shown(given[name])}"
             checker.fail(name, message, table)
     for name, low, strict in GRADCHECK_BOUNDS:
         value = given.get(name)
         if value is not None and (value <= low if strict else value < low):
             bound = f"> {low}" if strict else f">= {low}"
-            checker.fail(name, f"gradcheck {name} must be {bound}, got {value!r}", table)
+            checker.fail(name, f"gradcheck {name} must be {bound}, got {shown(value)}", table)
     if "mode" in given and given["mode"] not in MODES:
         checker.fail("mode", f"gradcheck mode must be one of {', '.join(MODES)}", table)
     default = Tolerance()
@@ -369,13 +420,90 @@ def _gradcheck_options(data: dict[str, Any], checker: _Checker) -> GradcheckOpti
 _Written = tuple[dict[str, Any], dict[str, SpecTable]]
 
 
-def _configs(data: dict[str, Any], checker: _Checker) -> list[_Written]:
+class SpecConfigs(Sequence[Config]):
+    """The configurations of a spec in spec order: the ``[[configs]]`` tables, then the
+    ``[grid]`` product (first key slowest), each checked and made only when it is reached.
+
+    Its length is counted from the grid's list lengths, so a grid of 10⁹ combinations costs
+    nothing until it is iterated.
+    """
+
+    def __init__(
+        self,
+        checker: _Checker,
+        listed: list[_Written],
+        grid: dict[str, list[Any]],
+        base: _Written,
+    ) -> None:
+        self._checker = checker
+        self._listed = listed
+        self._names = list(grid)
+        self._values = [grid[name] for name in self._names]
+        self._base = base
+        self._combinations = math.prod(len(v) for v in self._values) if grid else 0
+
+    def __len__(self) -> int:
+        return len(self._listed) + self._combinations
+
+    @overload
+    def __getitem__(self, index: int) -> Config: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Config]: ...
+
+    def __getitem__(self, index: int | slice) -> Config | Sequence[Config]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if index < len(self._listed):
+            return self._checker.config(*self._listed[index])
+        rest, combination = index - len(self._listed), []
+        for values in reversed(self._values):  # the last key varies fastest
+            rest, position = divmod(rest, len(values))
+            combination.append(values[position])
+        return self._combined(combination[::-1])
+
+    def __iter__(self) -> Iterator[Config]:
+        for written in self._listed:
+            yield self._checker.config(*written)
+        if self._combinations:
+            for combination in itertools.product(*self._values):
+                yield self._combined(combination)
+
+    def _combined(self, combination: Sequence[Any]) -> Config:
+        defaults, sources = self._base
+        table = SpecTable("grid")
+        written = defaults | dict(zip(self._names, combination, strict=True))
+        return self._checker.config(written, sources | dict.fromkeys(self._names, table))
+
+    def describe(self) -> str:
+        """What makes the configurations: ``2 [[configs]] table(s) and [grid] 10 x 10 x 3``."""
+        parts = []
+        if self._listed:
+            parts.append(f"{len(self._listed)} [[configs]] table(s)")
+        if self._values:
+            parts.append("[grid] " + " x ".join(str(len(v)) for v in self._values))
+        return " and ".join(parts)
+
+
+def _configs(data: dict[str, Any], checker: _Checker) -> SpecConfigs:
     """Every configuration, in spec order: the ``[[configs]]`` tables, then the grid."""
     given = checker.table(data.get("defaults", {}), "defaults")
     checker.keys(given, set(CONFIG_KEYS), "[defaults]", SpecTable("defaults"))
     defaults = DEFAULTS | given
     sources = dict.fromkeys(given, SpecTable("defaults"))
-    return _listed(data, checker, defaults, sources) + _grid(data, checker, defaults, sources)
+    grid = checker.table(data.get("grid", {}), "grid")
+    table = SpecTable("grid")
+    checker.keys(grid, set(CONFIG_KEYS), "[grid]", table)
+    for name, values in grid.items():
+        if not isinstance(values, list) or not values:
+            checker.fail(name, f"grid {name} must be a non-empty list of values", table)
+    return SpecConfigs(
+        checker, _listed(data, checker, defaults, sources), grid, (defaults, sources)
+    )
 
 
 def _listed(
@@ -394,29 +522,6 @@ def _listed(
         checker.keys(entry, set(CONFIG_KEYS), "[[configs]]", table)
         configs.append((defaults | entry, sources | dict.fromkeys(entry, table)))
     return configs
-
-
-def _grid(
-    data: dict[str, Any],
-    checker: _Checker,
-    defaults: dict[str, Any],
-    sources: dict[str, SpecTable],
-) -> list[_Written]:
-    """The product of the ``[grid]`` value lists over the defaults (first key slowest)."""
-    grid = checker.table(data.get("grid", {}), "grid")
-    table = SpecTable("grid")
-    checker.keys(grid, set(CONFIG_KEYS), "[grid]", table)
-    for name, values in grid.items():
-        if not isinstance(values, list) or not values:
-            checker.fail(name, f"grid {name} must be a non-empty list of values", table)
-    if not grid:
-        return []
-    names = list(grid)
-    grid_sources = sources | dict.fromkeys(names, table)
-    return [
-        (defaults | dict(zip(names, combination, strict=True)), grid_sources)
-        for combination in itertools.product(*(grid[name] for name in names))
-    ]
 
 
 def _is(value: object, kind: type) -> bool:
@@ -442,6 +547,7 @@ class _Checker:
     def __init__(self, path: Path, text: str):
         self.path = path
         self.lines = text.splitlines()
+        self._places: dict[tuple[str, SpecTable | None], str] = {}
 
     def _header_line(self, table: SpecTable) -> int | None:
         seen = -1
@@ -465,12 +571,16 @@ class _Checker:
         return header
 
     def where(self, key: str, table: SpecTable | None) -> str:
-        """``spec.toml line 12 ([[configs]] table 2, key 'stride')``."""
-        line = self.line_of(key, table)
-        where = f"{self.path} line {line}" if line else str(self.path)
-        if table is not None:
-            where += f" ({table.label}, key {key!r})"
-        return where
+        """``spec.toml line 12 ([[configs]] table 2, key 'stride')`` (found once per key and
+        table: every configuration of a grid asks again)."""
+        place = self._places.get((key, table))
+        if place is None:
+            line = self.line_of(key, table)
+            place = f"{self.path} line {line}" if line else str(self.path)
+            if table is not None:
+                place += f" ({table.label}, key {shown(key)})"
+            self._places[(key, table)] = place
+        return place
 
     def fail(self, key: str, message: str, table: SpecTable | None = None) -> NoReturn:
         raise SpecError(f"{self.where(key, table)}: {message}")
@@ -488,7 +598,8 @@ class _Checker:
             if key not in allowed:
                 self.fail(
                     key,
-                    f"unknown key {key!r} in {where}; expected one of {', '.join(sorted(allowed))}",
+                    f"unknown key {shown(key)} in {where}; "
+                    f"expected one of {', '.join(sorted(allowed))}",
                     source,
                 )
 
@@ -501,7 +612,7 @@ class _Checker:
 
         for required in ("shape", "kernel", "cout"):
             if required not in config:
-                raise SpecError(f"{self.path}: a configuration has no {required!r}: {config}")
+                raise SpecError(f"{self.path}: a configuration has no {required!r}")
         shape = config["shape"]
         if not _positive_ints(shape, range(3, 6)):
             fail(
@@ -518,10 +629,11 @@ class _Checker:
             fail("kernel", message)
         if not (_is(config["cout"], int) and 0 < config["cout"] <= MAX_INT):
             fail("cout", f"cout must be an integer 1 to {MAX_INT}, got {shown(config['cout'])}")
-        if config["dtype"] not in DTYPES:
-            fail("dtype", f"dtype must be 'float32' or 'float64', got {config['dtype']!r}")
-        if not _is(config["seed"], int):
-            fail("seed", f"seed must be an integer, got {config['seed']!r}")
+        if not (isinstance(config["dtype"], str) and config["dtype"] in DTYPES):
+            fail("dtype", f"dtype must be 'float32' or 'float64', got {shown(config['dtype'])}")
+        if not (_is(config["seed"], int) and 0 <= config["seed"] < SEED_LIMIT):
+            message = f"seed must be an integer from 0 to 2**63 - 1, got {shown(config['seed'])}"
+            fail("seed", message)
         hparams = {}
         for hparam in HPARAMS:
             origin = self.where(hparam.key, sources.get(hparam.key))
