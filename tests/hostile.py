@@ -83,9 +83,15 @@ def run(
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"{' '.join(argv)}: still running after {timeout} s")
-    both = result.stdout + result.stderr
+    return check(result)
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Fail on a traceback or exit 70; for the few tests that must start convcli themselves
+    (a closed stdout, a pipeline), wrapped around their own ``subprocess.run``."""
+    both = (result.stdout or "") + (result.stderr or "")
     assert "Traceback" not in both, both[-3000:]
-    assert result.returncode != EXIT_INTERNAL, f"exit 70 (a convcli bug): {result.stderr[-2000:]}"
+    assert result.returncode != EXIT_INTERNAL, f"exit 70 (a convcli bug): {both[-2000:]}"
     return result
 
 

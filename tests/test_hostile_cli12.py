@@ -188,21 +188,23 @@ def with_broken_stdout(*args: object, closed: bool = False) -> subprocess.Comple
     env = {**os.environ, "NO_COLOR": "1"}
     if closed:
         argv = ["bash", "-c", 'exec "$@" >&-', "convcli", *argv]
-        return subprocess.run(
-            argv, capture_output=True, text=True, env=env, timeout=60, check=False
+        return hostile.check(
+            subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
         )
     reader, writer = os.pipe()
     os.close(reader)
     try:
-        return subprocess.run(
-            argv,
-            stdout=writer,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            timeout=60,
-            check=False,
-            stdin=subprocess.DEVNULL,
+        return hostile.check(
+            subprocess.run(
+                argv,
+                stdout=writer,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                timeout=60,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
         )
     finally:
         os.close(writer)
@@ -238,25 +240,27 @@ def test_a_reader_that_goes_away_keeps_the_exit_code(case, closed, tmp_path):
 
 def test_head_in_a_pipeline_keeps_the_exit_code(tmp_path):
     script = '"$@" | head -1 >/dev/null; echo "${PIPESTATUS[0]}" >&2'
-    result = subprocess.run(
-        [
-            "bash",
-            "-c",
-            script,
-            "convcli",
-            *hostile.command(),
-            "backward",
-            SAMPLE_NPZ,
-            "--slice",
-            "dx",
-            "--slice",
-            "dw",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "COLUMNS": "40"},
+    result = hostile.check(
+        subprocess.run(
+            [
+                "bash",
+                "-c",
+                script,
+                "convcli",
+                *hostile.command(),
+                "backward",
+                SAMPLE_NPZ,
+                "--slice",
+                "dx",
+                "--slice",
+                "dw",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "COLUMNS": "40"},
+        )
     )
     assert result.stderr.splitlines() == ["0"], result.stderr
 

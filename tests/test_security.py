@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from convcli.errors import ConvcliError
 from convcli.io.loading import load_tensors
 from convcli.io.tensorfile import open_tensor_file
+from tests import hostile
 from tests.conftest import SAMPLE_H5, SAMPLE_NPZ
 
 ENV = {**os.environ, "NO_COLOR": "1"}
@@ -47,22 +48,9 @@ HUGE_SHAPE = (10**6, 10**6)  # 8 TB of float64
 
 
 def convcli(*args, cwd) -> subprocess.CompletedProcess:
-    """Run the installed package in a fresh interpreter; a hang fails the test."""
-    cmd = [sys.executable, "-m", "convcli", *(str(arg) for arg in args)]
-    try:
-        return subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=TIMEOUT,
-            env=ENV,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{' '.join(cmd)} still running after {TIMEOUT} s (blocked reading?)")
+    """Run the installed command through the corpus harness (a hang, a traceback or exit 70
+    fails the test)."""
+    return hostile.run(*args, cwd=cwd, timeout=TIMEOUT)
 
 
 def assert_one_error(result: subprocess.CompletedProcess, code: int) -> str:
@@ -746,8 +734,10 @@ def test_a_late_sigint_never_kills_the_process_by_signal(moment):
         "from convcli.entry import main\n"
         "main()\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    done = hostile.check(
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
     )
     assert done.returncode == expected, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr
