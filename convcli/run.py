@@ -34,10 +34,18 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from convcli.check import Tolerance, gradcheck
-from convcli.check.userimpl import SUITE, check_impl, load_impl
+from convcli.check.adapters import Adapter
+from convcli.check.numgrad import DEFAULT_MAX_PASSES
+from convcli.check.userimpl import Config, LayerArrays, check_impl, impl_config, load_impl
 from convcli.check.userproc import DEFAULT_TIMEOUT, MAX_TIMEOUT
 from convcli.engine.fast import DEFAULT_WORKSPACE, conv_backward, conv_forward, scratch_bytes
-from convcli.engine.operands import bias_shapes, check_finite, check_float_dtype
+from convcli.engine.operands import (
+    bias_shapes,
+    check_finite,
+    check_float_dtype,
+    w_to_last,
+    x_to_last,
+)
 from convcli.engine.reference import conv_backward_reference, conv_forward_reference
 from convcli.errors import ConvcliNotice, ShapeError, UsageError
 from convcli.hparams import build_spec
@@ -801,6 +809,8 @@ class GradcheckRun:
     tolerance: Tolerance | None = (
         None  # of a user-implementation run (engine checks carry their own)
     )
+    signature: str | None = None  # of a user-implementation run: classic, cs231n or callable
+    forward_only: bool = False
 
     @property
     def passed(self) -> bool:
@@ -884,6 +894,25 @@ def run_gradcheck(
     )
 
 
+@dataclass(frozen=True)
+class ImplLayer:
+    """The one layer to check a user's implementation on, instead of the suite.
+
+    Either generated (``shape`` ``(n, *spatial, Cin)`` in ``spec.layout``, ``kernel`` sizes,
+    ``cout``) or given (``inputs``: x, w, optional b and dz in ``spec.layout``, as loaded from a
+    data file); ``spec`` holds the hyperparameters.
+    """
+
+    spec: ConvSpec
+    shape: tuple[int, ...] | None = None
+    kernel: tuple[int, ...] | None = None
+    cout: int | None = None
+    inputs: RunInputs | None = None
+
+
+IMPL_MODES = {"auto": DEFAULT_MAX_PASSES, "exhaustive": DEFAULT_MAX_PASSES, "fast": 0}
+
+
 def run_impl_check(
     path: str | os.PathLike[str],
     configs: Iterable[Any] | None = None,
@@ -893,33 +922,89 @@ def run_impl_check(
     tolerance: Tolerance | None = None,
     timeout: float | None = None,
     max_memory: int | None = None,
+    signature: str | None = None,
+    layout: str = "nhwc",
+    layer: ImplLayer | None = None,
+    mode: str = "auto",
+    nondet_tol: float = 0.0,
 ) -> GradcheckRun:
-    """Check the user's conv_forward/conv_backward in ``path`` on ``configs`` (default: the
-    suite, :data:`~convcli.check.userimpl.SUITE`), each configuration in its own child
-    process limited to ``timeout`` seconds and ``max_memory`` bytes."""
+    """Check the user's functions in ``path`` (``FILE.py`` or ``FILE.py:FORWARD[,BACKWARD]``,
+    see :func:`~convcli.check.userimpl.load_impl` for ``signature`` and ``layout``) on
+    ``configs`` (default: what the signature can express,
+    :func:`~convcli.check.userimpl.suite_for`) or on ``layer``, each configuration in its own
+    child process limited to ``timeout`` seconds and ``max_memory`` bytes.
+
+    ``mode`` "auto" or "exhaustive" checks the backward against numerical gradients of the
+    user's forward at every element; "fast" leaves that check out (the engine comparisons
+    and the extra checks remain). ``nondet_tol``: the largest difference allowed between two
+    backward calls on the same inputs (0: bit-identical).
+    """
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     if not 0 < timeout <= MAX_TIMEOUT:
         raise UsageError(
             f"{{param}} {timeout:g}: must be a number of seconds > 0 and at most {MAX_TIMEOUT:,}",
             param="timeout",
         )
-    impl = load_impl(path, timeout=timeout)
+    if mode not in IMPL_MODES:
+        raise UsageError(
+            f"{{param}} {mode!r}: checking a user's implementation takes {', '.join(IMPL_MODES)}",
+            param="mode",
+        )
+    if not (0 <= nondet_tol < float("inf")):
+        raise UsageError(f"{{param}} {nondet_tol:g}: must be >= 0", param="nondet_tol")
+    impl = load_impl(path, timeout=timeout, signature=signature, layout=layout)
+    arrays = None
+    if layer is not None:
+        configs, arrays = _impl_layer(layer, impl.binding.adapter)
     tolerance = tolerance or Tolerance()
     start = time.perf_counter()
     results = check_impl(
         impl,
-        SUITE if configs is None else configs,
+        configs,
         seed=0 if seed is None else seed,
         tolerance=tolerance,
         timeout=timeout,
         max_memory=max_memory,
         progress=progress,
+        nondet_tol=nondet_tol,
+        max_passes=IMPL_MODES[mode],
+        arrays=arrays,
     )
     return GradcheckRun(
-        mode="exhaustive",
+        mode="fast" if mode == "fast" else "exhaustive",
         results=[],
         seconds=time.perf_counter() - start,
         impl=str(path),
         impl_results=results,
         tolerance=tolerance,
+        signature=impl.binding.adapter.name,
+        forward_only=impl.forward_only,
     )
+
+
+def _impl_layer(layer: ImplLayer, adapter: Adapter) -> tuple[list[Config], LayerArrays | None]:
+    """The configuration of ``layer`` (channels last) and its arrays when given."""
+    spec = layer.spec
+    inputs = layer.inputs
+    if inputs is None:
+        if layer.shape is None or layer.kernel is None or layer.cout is None:
+            raise UsageError("a layer needs a shape, kernel and cout, or its arrays")
+        shape = tuple(x_to_last(np.empty(layer.shape, np.uint8), spec.layout).shape)
+        config = impl_config(shape, layer.kernel, layer.cout, spec, adapter)
+        return [config], None
+    if inputs.streamed:
+        raise UsageError("checking a user's implementation needs x in memory")
+    x = x_to_last(np.asarray(inputs.x, dtype=np.float64), spec.layout)
+    w = w_to_last(np.asarray(inputs.w, dtype=np.float64), spec.layout)
+    rank = x.ndim - 2
+    config = impl_config(x.shape, w.shape[:rank], int(w.shape[-1]), spec, adapter)
+    geometry = config.spec().geometry(x.shape, config.w_shape())
+    if tuple(w.shape) != config.w_shape():
+        raise ShapeError(f"w has shape {w.shape}; x of shape {x.shape} needs {config.w_shape()}")
+    b = np.zeros(config.cout) if inputs.b is None else np.asarray(inputs.b, np.float64)
+    g = None
+    if inputs.dz is not None:
+        g = x_to_last(np.asarray(inputs.dz, dtype=np.float64), spec.layout)
+        if g.shape != geometry.out_shape:
+            raise ShapeError(f"dz has shape {g.shape}; z has shape {geometry.out_shape}")
+    return [config], LayerArrays(x=x, w=w, b=b.reshape(-1), g=g)

@@ -215,10 +215,7 @@ def test_monkeypatching_numpy_in_the_user_file_cannot_change_the_verdict(tmp_pat
     assert np.abs is abs_before
     assert result.exit_code == 1
     # the bug shows wherever the stride is > 1 and there is more than one output row
-    rows = [
-        c.spec().geometry((c.n, c.h, c.w, c.cin), (c.kernel,) * 2 + (c.cin, c.cout)).out_sizes[0]
-        for c in SUITE
-    ]
+    rows = [c.spec().geometry(c.shape, c.w_shape()).out_sizes[0] for c in SUITE]
     expected = [not (c.stride > 1 and r > 1) for c, r in zip(SUITE, rows, strict=True)]
     assert [r["passed"] for r in doc["results"]] == expected
     assert expected.count(False) >= 5
@@ -329,6 +326,7 @@ def test_an_interrupted_suite_leaves_no_child_process(monkeypatch):
     """The next configuration's child is launched ahead of time; an interrupt (here from the
     progress callback) must still stop and reap every child started."""
     from convcli.check import userproc
+    from convcli.check.adapters import ADAPTERS, Binding
     from convcli.check.userimpl import UserImpl, check_impl
 
     started = []
@@ -345,7 +343,8 @@ def test_an_interrupted_suite_leaves_no_child_process(monkeypatch):
         if done == 2:
             raise KeyboardInterrupt
 
-    impl = UserImpl(path=ROOT / "sample_data" / "classic_conv.py")
+    classic = Binding(ADAPTERS["classic"], "conv_forward", "conv_backward")
+    impl = UserImpl(path=ROOT / "sample_data" / "classic_conv.py", binding=classic)
     with pytest.raises(KeyboardInterrupt):
         check_impl(impl, SUITE[:4], progress=progress)
     assert len(started) == 3  # configurations 1 and 2, and 3 launched ahead

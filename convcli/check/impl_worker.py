@@ -1,7 +1,7 @@
 """The child process that runs a user's functions, and nothing else, when checking a user's
 implementation.
 
-It runs as ``python -B impl_worker.py FILE OUTPUT FAULT MAX_MEMORY`` (a script, so the
+It runs as ``python -B impl_worker.py FILE OUTPUT FAULT MAX_MEMORY WANTED`` (a script, so the
 ``convcli`` package is not imported) with single-threaded BLAS. The parent
 (:mod:`convcli.check.userproc`) writes requests to its stdin and reads answers from its stdout,
 each a length-prefixed message in the format of :func:`pack`: a JSON header and plain
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import importlib.util
+import inspect
 import io
 import json
 import os
@@ -38,7 +39,7 @@ import numpy as np
 MAGIC = b"CVC1"
 LENGTH = struct.Struct(">Q")
 EXIT_MARK = "convcli-exit: "
-FUNCTIONS = ("conv_forward", "conv_backward")
+HPARAMS = ("stride", "padding", "dilation", "groups")
 
 
 def pack(header: dict, arrays: dict | None = None) -> bytes:
@@ -135,6 +136,7 @@ class _Child:
         self.functions: dict = {}
         self.in_user_code = False
         self.current = "conv_forward"
+        self.names: dict[str, str] = {}  # the user's names of z, dx, dw, db
 
     def send(self, header: dict, arrays: dict | None = None) -> None:
         self.conn.send_bytes(pack(header, arrays))
@@ -154,11 +156,13 @@ class _Child:
 
         os._exit = _exit
 
-    def load(self) -> str | None:
+    def load(self, wanted: list[str]) -> tuple[str | None, dict]:
+        """Run the user's file; (error or None, {"defined": [...], "keywords": {...}}): which
+        of the ``wanted`` names it defines as callables, and the keyword parameters of each."""
         name = f"convcli_user_impl_{abs(hash(self.path))}"
         spec = importlib.util.spec_from_file_location(name, self.path)
         if spec is None or spec.loader is None:
-            return f"{self.path}: cannot be loaded as a Python file"
+            return f"{self.path}: cannot be loaded as a Python file", {}
         module = importlib.util.module_from_spec(spec)
         sys.path.insert(0, str(self.path.parent))
         sys.dont_write_bytecode = True
@@ -166,24 +170,22 @@ class _Child:
         try:
             spec.loader.exec_module(module)
         except BaseException as error:
-            return f"{self.path}: running it raised {describe(error, self.path)}"
+            return f"{self.path}: running it raised {describe(error, self.path)}", {}
         finally:
             self.in_user_code = False
-        missing = [n for n in FUNCTIONS if not callable(getattr(module, n, None))]
-        if missing:
-            return (
-                f"{self.path} defines no {' and no '.join(missing)}; expected conv_forward("
-                "A_prev, W, b, hparameters) -> (Z, cache) and conv_backward(dZ, cache) -> "
-                "(dA_prev, dW, db)"
-            )
-        self.functions = {n: getattr(module, n) for n in FUNCTIONS}
-        return None
+        self.functions = {
+            n: getattr(module, n) for n in wanted if callable(getattr(module, n, None))
+        }
+        return None, {
+            "defined": sorted(self.functions),
+            "keywords": {n: keywords(f) for n, f in self.functions.items()},
+        }
 
-    def call(self, name: str, *args):
+    def call(self, name: str, *args, **kwargs):
         self.current = name
         self.in_user_code = True
         try:
-            return self.functions[name](*args)
+            return self.functions[name](*args, **kwargs)
         finally:
             self.in_user_code = False
 
@@ -202,34 +204,85 @@ class _Child:
             except BaseException as error:
                 self.send({"error": f"{self.current} raised {describe(error, self.path)}"})
             else:
-                dtypes, arrays = answer
-                self.send({"ok": True, "dtypes": dtypes}, arrays)
+                dtypes, repeat, arrays = answer
+                self.send({"ok": True, "dtypes": dtypes, "repeat": repeat}, arrays)
 
-    def answer(self, header: dict, arrays: dict) -> tuple[dict, dict]:
-        """The user's results for one request: (their own dtype names, float64 arrays)."""
-        hparameters = {"stride": int(header["stride"]), "pad": int(header["pad"])}
-        x, w, b = arrays["A_prev"], arrays["W"], arrays["b"]
-        result = self.call("conv_forward", x.copy(), w.copy(), b.copy(), hparameters)
-        if not isinstance(result, tuple) or len(result) != 2:
-            raise _Failure("conv_forward must return a tuple (Z, cache)")
-        if header["op"] == "forward":
-            outputs = {"Z": result[0]}
+    def answer(self, header: dict, arrays: dict) -> tuple[dict, dict, dict]:
+        """The user's results for one request: (their own dtype names, the largest difference
+        of each gradient between two backward calls, float64 arrays by role)."""
+        forward, backward = str(header["forward"]), header.get("backward")
+        self.names = {str(k): str(v) for k, v in header.get("names", {}).items()}
+        inputs = {role: arrays[role] for role in ("x", "w", "b", "dz") if role in arrays}
+        given = {role: array.copy() for role, array in inputs.items()}
+        x, w, b = given["x"], given["w"], given["b"]
+        keywords = header.get("hparams", {})
+        if header["calling"] == "keywords":
+            result = self.call(forward, x, w, b, **keywords)
+            cache = None
         else:
-            grads = self.call("conv_backward", arrays["dZ"].copy(), result[1])
-            if not isinstance(grads, tuple) or len(grads) != 3:
-                raise _Failure("conv_backward must return a tuple (dA_prev, dW, db)")
-            outputs = dict(zip(("dA_prev", "dW", "db"), grads, strict=True))
-        converted = {}
-        for name, value in outputs.items():
-            try:
-                converted[name] = as_array(value, name, header["expect"][name])
-            except _Failure:
-                raise
-            except Exception as error:  # the user's own __array__ (or the like) raised
-                reason = describe(error, self.path)
-                raise _Failure(f"{name} cannot be read as an array: {reason}") from None
-        dtypes = {name: dtype for name, (_, dtype) in converted.items()}
-        return dtypes, {name: array for name, (array, _) in converted.items()}
+            result = self.call(forward, x, w, b, dict(keywords))
+            if not isinstance(result, tuple) or len(result) != 2:
+                raise _Failure(f"{forward} must return a tuple ({self.names.get('z', 'z')}, cache)")
+            result, cache = result
+        self.unchanged(forward, inputs, given)
+        repeat: dict[str, float] = {}
+        expect = header["expect"]
+        if header["op"] == "forward":
+            converted = {"z": self.convert("z", result, expect["z"])}
+        else:
+            outputs = self.backward(str(backward), header, cache, given)
+            # converted (copied) now: a second call may write into the arrays it returned
+            converted = {role: self.convert(role, v, expect[role]) for role, v in outputs.items()}
+            self.unchanged(str(backward), inputs, given)
+            again = self.backward(str(backward), header, cache, given)
+            for role, (first, _) in converted.items():
+                second = self.convert(role, again[role], expect[role])[0]
+                repeat[role] = float(np.max(np.abs(first - second), initial=0.0))
+        dtypes = {role: dtype for role, (_, dtype) in converted.items()}
+        return dtypes, repeat, {role: array for role, (array, _) in converted.items()}
+
+    def backward(self, name: str, header: dict, cache, given: dict) -> dict:
+        """One call of the user's backward with a fresh copy of dz; results by role."""
+        dz = given["dz"].copy()
+        if header["calling"] == "keywords":
+            grads = self.call(name, dz, given["x"], given["w"], given["b"], **header["hparams"])
+        else:
+            grads = self.call(name, dz, cache)
+        if not isinstance(grads, (tuple, list)) or len(grads) != 3:
+            dx, dw, db = (self.names.get(r, r) for r in ("dx", "dw", "db"))
+            raise _Failure(f"{name} must return a tuple ({dx}, {dw}, {db})")
+        if not np.array_equal(dz, given["dz"]):
+            raise _Failure(f"{name} modified its input dz in place; work on a copy of it")
+        return dict(zip(("dx", "dw", "db"), grads, strict=True))
+
+    @staticmethod
+    def unchanged(function: str, inputs: dict, given: dict) -> None:
+        """_Failure when the user's code wrote into one of the arrays it was given."""
+        for role in ("x", "w", "b"):
+            if not np.array_equal(inputs[role], given[role], equal_nan=True):
+                raise _Failure(f"{function} modified its input {role} in place; work on a copy")
+
+    def convert(self, role: str, value, expected: list) -> tuple[np.ndarray, str]:
+        role = self.names.get(role, role)
+        try:
+            return as_array(value, role, expected)
+        except _Failure:
+            raise
+        except Exception as error:  # the user's own __array__ (or the like) raised
+            reason = describe(error, self.path)
+            raise _Failure(f"{role} cannot be read as an array: {reason}") from None
+
+
+def keywords(function) -> list[str]:
+    """The hyperparameter keywords ``function`` accepts (all of them with ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return list(HPARAMS)
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return list(HPARAMS)
+    names = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return [h for h in HPARAMS if h in names]
 
 
 class _Failure(Exception):
@@ -293,8 +346,9 @@ def _limit_memory(extra_bytes: int | None) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """``FILE OUTPUT FAULT MAX_MEMORY``: load FILE, then answer requests until told to stop."""
-    path, output, fault, max_memory = argv
+    """``FILE OUTPUT FAULT MAX_MEMORY WANTED``: load FILE (WANTED: a JSON list of the
+    function names to look for), then answer requests until told to stop."""
+    path, output, fault, max_memory, wanted = argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which kills us
     conn = _redirect_output(output)
     fault_file = open(fault, "w", encoding="utf-8")  # noqa: SIM115 - open until the process ends
@@ -303,8 +357,8 @@ def main(argv: list[str]) -> None:
     _limit_memory(int(max_memory) or None)
     child = _Child(conn, Path(path).resolve(), fault_file)
     child.guard_exit()
-    error = child.load()
-    child.send({"error": error} if error else {"ready": True})
+    error, found = child.load(json.loads(wanted))
+    child.send({"error": error} if error else {"ready": True, **found})
     if error is None:
         child.serve()
     sys.stdout.flush()

@@ -25,6 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from convcli.check.adapters import (
+    ADAPTERS,
+    Adapter,
+    Binding,
+    callable_adapter,
+    detect,
+    known_names,
+)
 from convcli.check.numgrad import DEFAULT_MAX_PASSES, NumericUnavailable, numeric_gradients
 from convcli.check.tolerance import ElementErrors, Tolerance, compare_elements
 from convcli.check.userproc import DEFAULT_TIMEOUT, UserCodeError, UserProcess
@@ -35,63 +43,140 @@ from convcli.spec import ConvSpec
 
 @dataclass(frozen=True)
 class Config:
-    """One configuration: x (n, h, w, cin), kernel (k, k), cout, and the exercise's stride, pad."""
+    """One configuration: x ``(n, *spatial, Cin)`` (channels last), the kernel's spatial
+    sizes, Cout, and one integer each for stride, pad, dilation and groups."""
 
-    n: int
-    h: int
-    w: int
-    cin: int
-    kernel: int
+    shape: tuple[int, ...]
+    kernel: tuple[int, ...]
     cout: int
-    stride: int
-    pad: int
+    stride: int = 1
+    pad: int = 0
+    dilation: int = 1
+    groups: int = 1
+
+    @property
+    def n(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cin(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def rank(self) -> int:
+        """The number of spatial axes."""
+        return len(self.shape) - 2
+
+    def w_shape(self) -> tuple[int, ...]:
+        """w's shape, channels last: ``(*kernel, Cin/groups, Cout)``."""
+        return (*self.kernel, self.cin // self.groups, self.cout)
 
     def spec(self) -> ConvSpec:
         """The configuration's hyperparameters as a :class:`~convcli.spec.ConvSpec`."""
-        return ConvSpec(stride=(self.stride,), padding=self.pad)
+        return ConvSpec(
+            stride=self.stride, padding=self.pad, dilation=self.dilation, groups=self.groups
+        )
+
+    def needs(self) -> set[str]:
+        """What an adapter must express for this configuration (see Adapter.features)."""
+        needs = {"dilation"} if self.dilation != 1 else set()
+        if self.groups != 1:
+            needs.add("groups")
+        if len(set(self.kernel)) > 1:
+            needs.add("nonsquare")
+        return needs
 
     def to_json(self) -> dict:
         """The same keys as an engine check's config (resolved per-axis values)."""
         return {
-            "shape": [self.n, self.h, self.w, self.cin],
-            "kernel": [self.kernel, self.kernel],
+            "shape": list(self.shape),
+            "kernel": list(self.kernel),
             "cout": self.cout,
-            "stride": [self.stride, self.stride],
-            "dilation": [1, 1],
-            "groups": 1,
+            "stride": [self.stride] * self.rank,
+            "dilation": [self.dilation] * self.rank,
+            "groups": self.groups,
             "padding_mode": "zeros",
             "layout": "nhwc",
-            "pad": [[self.pad, self.pad], [self.pad, self.pad]],
+            "pad": [[self.pad, self.pad]] * self.rank,
         }
+
+
+def _c(n, h, w, cin, kernel, cout, stride, pad) -> Config:
+    return Config(shape=(n, h, w, cin), kernel=(kernel, kernel), cout=cout, stride=stride, pad=pad)
 
 
 # pad 0, 1, 2; stride 1, 2, 3; kernels 1, 2, 3; square and non-square inputs; batch 1 and > 1;
 # Cin != Cout; output sizes from 1 up. The classic exercise's layer is the last one.
 SUITE = (
-    Config(n=1, h=3, w=3, cin=1, kernel=1, cout=1, stride=1, pad=0),
-    Config(n=2, h=5, w=5, cin=3, kernel=3, cout=4, stride=1, pad=1),
-    Config(n=2, h=4, w=6, cin=2, kernel=2, cout=3, stride=2, pad=0),
-    Config(n=3, h=7, w=5, cin=3, kernel=3, cout=2, stride=3, pad=2),
-    Config(n=1, h=3, w=3, cin=2, kernel=3, cout=5, stride=1, pad=0),
-    Config(n=2, h=6, w=4, cin=4, kernel=2, cout=2, stride=2, pad=1),
-    Config(n=2, h=5, w=7, cin=2, kernel=1, cout=3, stride=2, pad=2),
-    Config(n=1, h=2, w=5, cin=1, kernel=2, cout=2, stride=3, pad=1),
-    Config(n=2, h=9, w=9, cin=2, kernel=3, cout=3, stride=3, pad=0),
-    Config(n=1, h=3, w=4, cin=2, kernel=2, cout=3, stride=1, pad=2),
-    Config(n=4, h=8, w=8, cin=3, kernel=3, cout=8, stride=2, pad=1),
-    Config(n=10, h=4, w=4, cin=3, kernel=2, cout=8, stride=2, pad=2),
+    _c(n=1, h=3, w=3, cin=1, kernel=1, cout=1, stride=1, pad=0),
+    _c(n=2, h=5, w=5, cin=3, kernel=3, cout=4, stride=1, pad=1),
+    _c(n=2, h=4, w=6, cin=2, kernel=2, cout=3, stride=2, pad=0),
+    _c(n=3, h=7, w=5, cin=3, kernel=3, cout=2, stride=3, pad=2),
+    _c(n=1, h=3, w=3, cin=2, kernel=3, cout=5, stride=1, pad=0),
+    _c(n=2, h=6, w=4, cin=4, kernel=2, cout=2, stride=2, pad=1),
+    _c(n=2, h=5, w=7, cin=2, kernel=1, cout=3, stride=2, pad=2),
+    _c(n=1, h=2, w=5, cin=1, kernel=2, cout=2, stride=3, pad=1),
+    _c(n=2, h=9, w=9, cin=2, kernel=3, cout=3, stride=3, pad=0),
+    _c(n=1, h=3, w=4, cin=2, kernel=2, cout=3, stride=1, pad=2),
+    _c(n=4, h=8, w=8, cin=3, kernel=3, cout=8, stride=2, pad=1),
+    _c(n=10, h=4, w=4, cin=3, kernel=2, cout=8, stride=2, pad=2),
+)
+
+# what only some signatures can express: non-square kernels, dilation, groups, 1-D and 3-D
+EXTRA = (
+    Config(shape=(2, 5, 6, 2), kernel=(1, 3), cout=3, stride=1, pad=1),
+    Config(shape=(1, 6, 5, 3), kernel=(3, 2), cout=2, stride=2, pad=0),
+    Config(shape=(2, 7, 7, 2), kernel=(3, 3), cout=3, stride=1, pad=2, dilation=2),
+    Config(shape=(2, 5, 5, 4), kernel=(3, 3), cout=6, stride=1, pad=1, groups=2),
+    Config(shape=(1, 4, 4, 3), kernel=(2, 2), cout=3, stride=2, pad=0, groups=3),
+    Config(shape=(2, 9, 3), kernel=(3,), cout=2, stride=2, pad=1),
+    Config(shape=(1, 4, 3, 5, 2), kernel=(2, 2, 3), cout=2, stride=1, pad=1),
 )
 
 
+def suite_for(adapter: Adapter) -> tuple[Config, ...]:
+    """The configurations of SUITE and EXTRA that ``adapter`` can express (its ranks and
+    features; without a stride or padding keyword, only stride 1 or pad 0)."""
+    return tuple(c for c in SUITE + EXTRA if _expressible(adapter, c))
+
+
+def _expressible(adapter: Adapter, config: Config) -> bool:
+    accepted = adapter.accepted
+    return (
+        config.rank in adapter.ranks
+        and config.needs() <= adapter.features
+        and (config.stride == 1 or "stride" in accepted)
+        and (config.pad == 0 or "padding" in accepted)
+    )
+
+
 CHECKS = ("forward_vs_engine", "backward_vs_numeric", "backward_vs_engine")
-GRADIENTS = ("dA_prev", "dW", "db")
+GRADIENTS = ("dx", "dw", "db")  # roles; each signature names them (Binding.name)
 
 
 @dataclass(frozen=True)
 class UserImpl:
-    """The user's file, known to load and to define both functions."""
+    """The user's file, known to load, bound to a signature (its functions' names).
+
+    ``binding.backward`` is None for a file that defines only a forward (a forward-only
+    check). :attr:`suite` is what the signature can express.
+    """
 
     path: Path
+    binding: Binding
+
+    @property
+    def forward_only(self) -> bool:
+        return self.binding.backward is None
+
+    @property
+    def suite(self) -> tuple[Config, ...]:
+        return suite_for(self.binding.adapter)
+
+    @property
+    def functions(self) -> tuple[str, str]:
+        """The names to blame in diagnoses: (forward, backward)."""
+        return self.binding.forward, self.binding.backward or "backward"
 
 
 @dataclass
@@ -154,10 +239,15 @@ class ConfigResult:
     diagnosis: str = ""
     output: str = ""
     forward_passes: int = 0
+    forward_only: bool = False
+    numeric_skipped: bool = False
 
     @property
     def passed(self) -> bool:
-        return self.error is None and all(c.passed is True for c in self.checks.values())
+        required = [CHECKS[0]] if self.forward_only else list(CHECKS)
+        if self.numeric_skipped:
+            required.remove("backward_vs_numeric")
+        return self.error is None and all(self.checks[c].passed is True for c in required)
 
     def to_json(self) -> dict:
         return {
@@ -168,36 +258,83 @@ class ConfigResult:
             "checks": {name: check.to_json() for name, check in self.checks.items()},
             "output": self.output,
             "forward_passes": self.forward_passes,
+            "forward_only": self.forward_only,
         }
 
 
-def load_impl(path, *, timeout: float = DEFAULT_TIMEOUT) -> UserImpl:
-    """Check that the user's file runs (in a child process) and defines both functions.
+def split_impl(text: str) -> tuple[Path, tuple[str, ...]]:
+    """``FILE.py`` or ``FILE.py:FORWARD[,BACKWARD]`` as (path, function names or ())."""
+    head, colon, tail = str(text).rpartition(":")
+    if colon and head and tail and not Path(text).exists() and "/" not in tail:
+        names = tuple(n.strip() for n in tail.split(","))
+        if 1 <= len(names) <= 2 and all(n.isidentifier() for n in names):
+            return Path(head), names
+        raise UsageError(
+            f"{{param}} {text!r}: expected FILE.py:FORWARD or FILE.py:FORWARD,BACKWARD "
+            "(Python names)",
+            param="impl",
+        )
+    return Path(text), ()
+
+
+def load_impl(
+    path,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    signature: str | None = None,
+    layout: str = "nhwc",
+) -> UserImpl:
+    """Check that the user's file runs (in a child process) and bind it to a signature.
+
+    ``path`` is ``FILE.py`` (the signature is detected from the names the file defines, or
+    is ``signature``) or ``FILE.py:FORWARD[,BACKWARD]`` (the ``callable`` signature, arrays
+    in ``layout``: "nhwc" channels last or "nchw" channels first).
 
     Raises
     ------
     InputFileError
         If the file is missing or unreadable.
+    UsageError
+        If ``signature`` is unknown, or does not fit the form of ``path``.
     DataError
-        If running it raises, exits, crashes or hangs, or it does not define both functions.
+        If running it raises, exits, crashes or hangs, or it defines none of the signature's
+        functions.
     """
-    path = Path(path)
+    path, functions = split_impl(str(path))
+    if functions and signature not in (None, "callable"):
+        raise UsageError(
+            f"{{param}} {signature!r}: function names after the file mean 'callable'",
+            param="signature",
+        )
     if not path.is_file():
         raise InputFileError(
             f"{path}: no such file" if not path.exists() else f"{path}: not a file"
         )
-    with UserProcess(path, timeout=timeout) as process:
+    with UserProcess(path, timeout=timeout, wanted=functions or known_names()) as process:
         try:
             process.start()
         except UserCodeError as error:
-            message = str(error)
-            resolved = str(path.resolve())  # the child names the file by its full path
-            if message.startswith(resolved):
-                message = str(path) + message[len(resolved) :]
-            elif not message.startswith(str(path)):
-                message = f"{path}: {message}"
-            raise DataError(message) from None
-    return UserImpl(path=path)
+            raise DataError(_named(path, str(error))) from None
+        if functions:
+            forward, backward = functions[0], functions[1] if len(functions) > 1 else None
+            missing = [name for name in functions if name not in process.defined]
+            if missing:
+                raise DataError(f"{path} defines no function {' and no '.join(missing)}")
+            adapter = callable_adapter(layout, process.keywords.get(forward, ()))
+            return UserImpl(path=path, binding=Binding(adapter, forward, backward))
+        try:
+            name, forward, backward = detect(process.defined, signature)
+        except ValueError as error:
+            raise DataError(f"{path} {error}") from None
+    return UserImpl(path=path, binding=Binding(ADAPTERS[name], forward, backward))
+
+
+def _named(path: Path, message: str) -> str:
+    """The child's message, naming the file as the user did."""
+    resolved = str(path.resolve())  # the child names the file by its full path
+    if message.startswith(resolved):
+        return str(path) + message[len(resolved) :]
+    return message if message.startswith(str(path)) else f"{path}: {message}"
 
 
 def compare(name: str, got, want, tolerance: Tolerance) -> Comparison:
@@ -282,78 +419,138 @@ def _contributions(wrong: list[int], cout: int) -> str:
     return f"the contributions of output channels {', '.join(map(str, wrong))} are wrong"
 
 
-def _locate(comparison: Comparison, failed_mask: np.ndarray, cout: int) -> None:
-    """Fill ``comparison.where`` for Z, dW, db (per output channel) and dA_prev's first part."""
+def _locate(comparison: Comparison, role: str, failed_mask: np.ndarray, cout: int) -> None:
+    """Fill ``comparison.where`` for z, dw, db (per output channel) and dx's first part."""
     if comparison.passed:
         return
-    if comparison.name in ("dW", "db"):
+    if role in ("dw", "db"):
         comparison.where = _channels(comparison.failures_per_channel, cout, "output channel")
-    elif comparison.name == "Z":
-        comparison.where = (
-            _channels(comparison.failures_per_channel, cout, "output channel")
-            + ", "
-            + _pixels(np.any(failed_mask, axis=(0, 3)))
-        )
-    else:
-        cin = failed_mask.shape[-1]
-        comparison.where = (
-            _channels(comparison.failures_per_channel, cin, "input channel")
-            + ", "
-            + _pixels(np.any(failed_mask, axis=(0, 3)))
-        )
+        return
+    total, label = (
+        (cout, "output channel") if role == "z" else (failed_mask.shape[-1], "input channel")
+    )
+    comparison.where = _channels(comparison.failures_per_channel, total, label)
+    if failed_mask.ndim == 4:
+        comparison.where += ", " + _pixels(np.any(failed_mask, axis=(0, 3)))
 
 
-def _compare_all(names, got, want, tolerance, cout) -> dict[str, Comparison]:
+def _compare_all(names, roles, got, want, tolerance, cout) -> dict[str, Comparison]:
     tensors = {}
-    for name, mine, reference in zip(names, got, want, strict=True):
+    for name, role, mine, reference in zip(names, roles, got, want, strict=True):
         mine, reference = _float64_pair(mine, reference)
         errors = compare_elements(mine, reference, tolerance)
         comparison = _comparison(name, mine, reference, errors)
-        _locate(comparison, errors.failed, cout)
+        _locate(comparison, role, errors.failed, cout)
         tensors[name] = comparison
     return tensors
+
+
+@dataclass(frozen=True)
+class LayerArrays:
+    """A given layer's x ``(n, *spatial, Cin)``, w ``(*kernel, Cin/groups, Cout)``, b
+    ``(Cout,)`` and optionally g (dz, ``(n, *out, Cout)``), channels last, float64; checked
+    instead of random arrays."""
+
+    x: np.ndarray
+    w: np.ndarray
+    b: np.ndarray
+    g: np.ndarray | None = None
 
 
 class _Run:
     """The state of one configuration's check (inputs, engine results, the child process)."""
 
-    def __init__(self, process: UserProcess, config: Config, seed: int, tolerance: Tolerance):
+    def __init__(
+        self,
+        process: UserProcess,
+        impl: UserImpl,
+        config: Config,
+        seed: int,
+        tolerance: Tolerance,
+        arrays: LayerArrays | None = None,
+    ):
         self.process, self.config, self.tolerance = process, config, tolerance
+        self.binding = impl.binding
+        self.hparams = impl.binding.adapter.hparams(
+            config.stride, config.pad, config.dilation, config.groups
+        )
         rng = np.random.default_rng(seed)
-        self.x = rng.standard_normal((config.n, config.h, config.w, config.cin))
-        self.w = rng.standard_normal((config.kernel, config.kernel, config.cin, config.cout))
-        self.b = rng.standard_normal(config.cout)
+        if arrays is None:
+            arrays = LayerArrays(
+                rng.standard_normal(config.shape),
+                rng.standard_normal(config.w_shape()),
+                rng.standard_normal(config.cout),
+            )
+        self.x, self.w, self.b = arrays.x, arrays.w, arrays.b
         self.z, self.cache = conv_forward(self.x, self.w, self.b, config.spec())
-        self.g = rng.standard_normal(self.z.shape)
+        self.g = rng.standard_normal(self.z.shape) if arrays.g is None else arrays.g
         self.engine = conv_backward(self.g, self.cache)
+        self.names = [impl.binding.name(role) for role in GRADIENTS]
+        self.z_dtype = "float64"  # the dtype of the user's z, once known
 
     def forward(self, x, w, b):
-        return self.process.forward(x, w, b, self.config.stride, self.config.pad, self.z.shape)
+        return self.process.forward(self.binding, self.hparams, x, w, b, self.z.shape)
 
     def backward(self, g):
-        return self.process.backward(g, self.x, self.w, self.b, self.config.stride, self.config.pad)
+        return self.process.backward(self.binding, self.hparams, g, self.x, self.w, self.b)
 
     def locate_contributions(self, check: Check, references) -> None:
-        """Name the output channels whose contribution to dA_prev is wrong.
+        """Name the output channels whose contribution to dx is wrong.
 
-        ``references(c)`` is the reference dA_prev for upstream g kept in output channel c
+        ``references(c)`` is the reference dx for upstream g kept in output channel c
         only; the user's backward is called with the same g.
         """
-        comparison = check.tensors.get("dA_prev")
+        comparison = check.tensors.get(self.names[0])
         cout = self.config.cout
         if comparison is None or comparison.passed or cout == 1:
             return
         wrong = []
         for c in range(cout):
-            g = np.zeros_like(self.g)
-            g[..., c] = self.g[..., c]
             reference = references(c)
             if reference is None:
                 return
-            if self.tolerance.fails(self.backward(g)[0], reference).any():
+            if self.tolerance.fails(self.backward(_only_channel(self.g, c))[0], reference).any():
                 wrong.append(c)
         if wrong:
             comparison.where = f"{comparison.where}; {_contributions(wrong, cout)}"
+
+    def numeric(self, seed: int, max_passes: int):
+        """Numerical gradients of the user's forward (NumericUnavailable when they cannot
+        be trusted: a float32 z, a rank other than 2)."""
+        z_dtype = self.z_dtype
+        forward, z = self.binding.forward, self.binding.name("z")
+        if z_dtype != "float64":
+            raise NumericUnavailable(
+                f"{forward} returns {z_dtype} {z}, whose rounding swamps central "
+                "differences; return float64 to check the gradients numerically"
+            )
+        if self.config.rank != 2:
+            raise NumericUnavailable(
+                f"numerical gradients of {forward} are measured for 2-D layers only"
+            )
+        return numeric_gradients(
+            self.forward,
+            self.x,
+            self.w,
+            self.b,
+            self.g,
+            eps=self.tolerance.eps,
+            seed=seed,
+            max_passes=max_passes,
+        )
+
+
+@dataclass(frozen=True)
+class ImplOptions:
+    """How to check: tolerances, the largest difference allowed between two backward calls
+    on the same inputs (``nondet_tol``; 0 = bit-identical), the child's time and memory
+    limits, and the numerical check's budget of forward passes (0: not run)."""
+
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    nondet_tol: float = 0.0
+    timeout: float = DEFAULT_TIMEOUT
+    max_memory: int | None = None
+    max_passes: int = DEFAULT_MAX_PASSES
 
 
 def check_config(
@@ -366,83 +563,38 @@ def check_config(
     max_memory: int | None = None,
     max_passes: int = DEFAULT_MAX_PASSES,
     process: UserProcess | None = None,
+    nondet_tol: float = 0.0,
+    arrays: LayerArrays | None = None,
 ) -> ConfigResult:
-    """Run the three checks of one configuration in a fresh child process (``process``, if
+    """Run the checks of one configuration in a fresh child process (``process``, if
     given, must be a new one, perhaps launched already; it is closed here); never raises for
-    the user's mistakes (they become the result's ``error``)."""
+    the user's mistakes (they become the result's ``error``). ``arrays`` replace the random
+    inputs (their shapes must be the configuration's). A forward-only file gets the forward
+    check alone; ``max_passes`` 0 skips the numerical check."""
     tolerance = tolerance or Tolerance()
     checks = {name: Check(passed=None) for name in CHECKS}
-    result = ConfigResult(config=config, checks=checks)
+    result = ConfigResult(config=config, checks=checks, forward_only=impl.forward_only)
     problems: list[str] = []
     unrepeatable: list[str] = []
     if process is None:
-        process = UserProcess(impl.path, timeout=timeout, max_memory=max_memory)
+        process = _process(impl, timeout, max_memory)
     with process:
-        run = _Run(process, config, seed, tolerance)
+        run = _Run(process, impl, config, seed, tolerance, arrays)
         try:
             process.start()
             user_z = run.forward(run.x, run.w, run.b)
-            z_dtype = process.dtypes.get("Z", "float64")
+            run.z_dtype = process.dtypes.get("z", "float64")
             checks["forward_vs_engine"] = Check(
-                passed=None, tensors=_compare_all(["Z"], [user_z], [run.z], tolerance, config.cout)
-            )
-            user_grads = run.backward(run.g)
-            again = run.backward(run.g)  # a fresh forward, then backward, on the same inputs
-            unrepeatable = [
-                name
-                for name, first, second in zip(GRADIENTS, user_grads, again, strict=True)
-                if not np.array_equal(first, second)
-            ]
-            if unrepeatable:
-                problems.append(
-                    f"conv_backward returned different {', '.join(unrepeatable)} when called "
-                    "again with the same inputs (does it keep values between calls, such as "
-                    "an accumulator that is never reset?)"
-                )
-            checks["backward_vs_engine"] = Check(
                 passed=None,
-                tensors=_compare_all(GRADIENTS, user_grads, run.engine, tolerance, config.cout),
+                tensors=_compare_all(
+                    [impl.binding.name("z")], ["z"], [user_z], [run.z], tolerance, config.cout
+                ),
             )
-            run.locate_contributions(
-                checks["backward_vs_engine"],
-                lambda c: conv_backward(_only_channel(run.g, c), run.cache)[0],
-            )
-            try:
-                if z_dtype != "float64":
-                    raise NumericUnavailable(
-                        f"conv_forward returns {z_dtype} Z, whose rounding swamps central "
-                        "differences; return float64 to check the gradients numerically"
-                    )
-                numeric = numeric_gradients(
-                    run.forward,
-                    run.x,
-                    run.w,
-                    run.b,
-                    run.g,
-                    eps=tolerance.eps,
-                    seed=seed,
-                    max_passes=max_passes,
-                )
-            except NumericUnavailable as unavailable:
-                checks["backward_vs_numeric"] = Check(passed=None, reason=str(unavailable))
-                problems.append(f"numerical gradients not checked: {unavailable}")
+            if impl.forward_only:
+                for name in CHECKS[1:]:
+                    checks[name] = Check(passed=None, reason="forward only: no backward given")
             else:
-                result.forward_passes = numeric.forward_passes
-                checks["backward_vs_numeric"] = Check(
-                    passed=None,
-                    tensors=_compare_all(
-                        GRADIENTS,
-                        user_grads,
-                        (numeric.dx, numeric.dw, numeric.db),
-                        tolerance,
-                        config.cout,
-                    ),
-                )
-                by_cout = numeric.dx_by_cout
-                run.locate_contributions(
-                    checks["backward_vs_numeric"],
-                    lambda c: None if by_cout is None else by_cout[..., c],
-                )
+                unrepeatable = _check_backward(run, result, problems, nondet_tol, seed, max_passes)
         except UserCodeError as failure:
             problems.insert(0, str(failure))
         result.output = process.output()
@@ -451,13 +603,66 @@ def check_config(
             check.passed = not check.failing()
     problems += _failures(checks)
     result.error = "; ".join(problems) or None
-    result.diagnosis = diagnose(checks, problems[0] if problems else None)
+    result.diagnosis = diagnose(checks, problems[0] if problems else None, impl.functions)
     if unrepeatable:
         result.diagnosis = (
-            f"conv_backward is not repeatable: called twice with the same inputs it returned "
-            f"different {', '.join(unrepeatable)} (state kept between calls); " + result.diagnosis
+            f"{impl.functions[1]} is not repeatable: called twice on the same inputs it returned "
+            f"different {', '.join(unrepeatable)}; " + result.diagnosis
         )
     return result
+
+
+def _check_backward(
+    run: _Run, result: ConfigResult, problems: list[str], nondet_tol: float, seed: int, passes: int
+) -> list[str]:
+    """The backward checks of one configuration; the names of the gradients that differ
+    between two calls on the same cache by more than ``nondet_tol``."""
+    checks, tolerance, cout = result.checks, run.tolerance, run.config.cout
+    backward = run.binding.backward
+    user_grads = run.backward(run.g)
+    unrepeatable = [
+        run.binding.name(role)
+        for role in GRADIENTS
+        if run.process.repeat.get(role, 0.0) > nondet_tol
+    ]
+    if unrepeatable:
+        largest = max(run.process.repeat.values())
+        problems.append(
+            f"{backward} returned different {', '.join(unrepeatable)} when called again on the "
+            f"same inputs (largest difference {largest:.3g}, allowed {nondet_tol:g}; does it keep "
+            "values between calls, such as an accumulator that is never reset?)"
+        )
+    checks["backward_vs_engine"] = Check(
+        passed=None,
+        tensors=_compare_all(run.names, GRADIENTS, user_grads, run.engine, tolerance, cout),
+    )
+    run.locate_contributions(
+        checks["backward_vs_engine"],
+        lambda c: conv_backward(_only_channel(run.g, c), run.cache)[0],
+    )
+    if passes <= 0:
+        result.numeric_skipped = True
+        checks["backward_vs_numeric"] = Check(passed=None, reason="not run (fast mode)")
+        return unrepeatable
+    try:
+        numeric = run.numeric(seed, passes)
+    except NumericUnavailable as unavailable:
+        checks["backward_vs_numeric"] = Check(passed=None, reason=str(unavailable))
+        problems.append(f"numerical gradients not checked: {unavailable}")
+        return unrepeatable
+    result.forward_passes = numeric.forward_passes
+    checks["backward_vs_numeric"] = Check(
+        passed=None,
+        tensors=_compare_all(
+            run.names, GRADIENTS, user_grads, (numeric.dx, numeric.dw, numeric.db), tolerance, cout
+        ),
+    )
+    by_cout = numeric.dx_by_cout
+    run.locate_contributions(
+        checks["backward_vs_numeric"],
+        lambda c: None if by_cout is None else by_cout[..., c],
+    )
+    return unrepeatable
 
 
 def _only_channel(g: np.ndarray, channel: int) -> np.ndarray:
@@ -496,57 +701,72 @@ def _brief(comparison: Comparison, reference: str) -> str:
     return f"{comparison.name} differs from {reference} at {counts} elements{where}"
 
 
-def diagnose(checks: dict[str, Check], error: str | None) -> str:
+def diagnose(
+    checks: dict[str, Check],
+    error: str | None,
+    functions: tuple[str, str] = ("conv_forward", "conv_backward"),
+) -> str:
     """One line saying which function is wrong, e.g. "conv_forward is wrong (...);
-    conv_backward is the exact gradient of your conv_forward"."""
+    conv_backward is the exact gradient of your conv_forward"; ``functions`` are the
+    user's (forward, backward) names."""
     forward, numeric, engine = (checks[name] for name in CHECKS)
+    fwd, bwd = functions
     if forward.passed is None:
-        return error or "conv_forward could not be checked"
+        return error or f"{fwd} could not be checked"
     if forward.passed:
-        first = "conv_forward is right"
+        first = f"{fwd} is right"
     else:
         (z,) = forward.failing()
-        first = f"conv_forward is wrong ({_brief(z, 'the engine')})"
+        first = f"{fwd} is wrong ({_brief(z, 'the engine')})"
     if engine.passed is None:
-        return f"{first}; conv_backward could not be checked: {error}"
+        if engine.reason is not None:  # forward only
+            return f"{first} (forward only: no backward checked)"
+        return f"{first}; {bwd} could not be checked: {error}"
     if numeric.passed and engine.passed:
-        return (
-            "conv_forward and conv_backward are right"
-            if forward.passed
-            else (f"{first}; conv_backward is right")
-        )
+        return f"{fwd} and {bwd} are right" if forward.passed else f"{first}; {bwd} is right"
     if numeric.passed:
         if forward.passed:
-            return f"{first}; conv_backward matches numerical gradients but not the engine's"
-        return f"{first}; conv_backward is the exact gradient of your conv_forward"
+            return f"{first}; {bwd} matches numerical gradients but not the engine's"
+        return f"{first}; {bwd} is the exact gradient of your {fwd}"
     wrong_vs_engine = "; ".join(_brief(t, "the engine") for t in engine.failing())
     if numeric.passed is None:
         state = "right (it matches the engine)" if engine.passed else f"wrong ({wrong_vs_engine})"
-        return f"{first}; conv_backward is {state}; {numeric.reason or error}"
+        return f"{first}; {bwd} is {state}; {numeric.reason or error}"
     wrong = "; ".join(_brief(t, "numerical gradients") for t in numeric.failing())
     if engine.passed:
-        return f"{first}; conv_backward is right (it matches the engine's gradients)"
-    return f"{first}; conv_backward is wrong ({wrong})"
+        return f"{first}; {bwd} is right (it matches the engine's gradients)"
+    return f"{first}; {bwd} is wrong ({wrong})"
+
+
+def _process(impl: UserImpl, timeout: float, max_memory: int | None) -> UserProcess:
+    wanted = [n for n in (impl.binding.forward, impl.binding.backward) if n is not None]
+    return UserProcess(impl.path, timeout=timeout, max_memory=max_memory, wanted=wanted)
 
 
 def check_impl(
     impl: UserImpl,
-    configs=SUITE,
+    configs=None,
     *,
     seed: int = 0,
     tolerance: Tolerance | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     max_memory: int | None = None,
     progress=None,
+    nondet_tol: float = 0.0,
+    max_passes: int = DEFAULT_MAX_PASSES,
+    arrays: LayerArrays | None = None,
 ) -> list[ConfigResult]:
-    """Check every configuration, each in its own child process; ``progress(done, total)``.
+    """Check every configuration (default: ``impl.suite``), each in its own child process;
+    ``progress(done, total)``. ``arrays`` (with one configuration) replace the random
+    inputs; see :func:`check_config` for the other options.
 
     The next configuration's child is launched while one is being checked, so its start-up
     (Python and NumPy) overlaps the work instead of adding to it.
     """
+    configs = impl.suite if configs is None else tuple(configs)
 
     def launched() -> UserProcess:
-        process = UserProcess(impl.path, timeout=timeout, max_memory=max_memory)
+        process = _process(impl, timeout, max_memory)
         process.launch()
         return process
 
@@ -564,6 +784,9 @@ def check_impl(
                     timeout=timeout,
                     max_memory=max_memory,
                     process=process,
+                    nondet_tol=nondet_tol,
+                    max_passes=max_passes,
+                    arrays=arrays,
                 )
             )
             if progress is not None:
@@ -574,74 +797,100 @@ def check_impl(
     return results
 
 
-def impl_config(shape, kernel, cout: int, spec: ConvSpec) -> Config:
-    """The one configuration given by parameters, in the exercise's terms (square kernel,
-    one integer stride and pad).
+def impl_config(shape, kernel, cout: int, spec: ConvSpec, adapter: Adapter | None = None) -> Config:
+    """The one configuration given by parameters, in terms a signature can express.
 
     Parameters
     ----------
     shape : sequence of int
-        x's shape (n, H, W, Cin).
+        x's shape, channels last: ``(n, *spatial, Cin)``.
     kernel : sequence of int
-        ``(f,)`` or ``(f, f)``.
+        One size, or one per spatial axis.
     cout : int
     spec : ConvSpec
-        Its stride and padding must be one integer each; dilation 1, groups 1, zero padding,
-        channels last.
+        Stride, padding and dilation must be one integer each (symmetric padding), zero
+        padding; dilation and groups other than 1 only for an adapter that has them. Its
+        layout is not used (``shape`` is channels last).
+    adapter : Adapter, optional
+        The signature (default: classic).
 
     Raises
     ------
     UsageError
-        When the parameters ask for something the exercise's signature cannot express; its
-        ``param`` names the first such parameter (shape, kernel, stride, padding, dilation,
-        groups, padding_mode or layout).
+        When the parameters ask for something the signature cannot express; its ``param``
+        names the first such parameter (shape, kernel, stride, padding, dilation, groups or
+        padding_mode).
     """
-    if len(shape) != 4:
+    adapter = adapter or ADAPTERS["classic"]
+    rank = len(shape) - 2
+    if rank not in adapter.ranks:
+        axes = " or ".join(f"{r}-D" for r in adapter.ranks)
         raise UsageError(
-            f"{{param}} has {len(shape)} values: {_NEEDS} a 2-D layer (n, H, W, Cin)",
+            f"{{param}} has {len(shape)} values: the {adapter.name} signature takes {axes} "
+            "layers only",
             param="shape",
         )
-    if len(kernel) == 2 and kernel[0] != kernel[1]:
+    kernel = tuple(kernel) * rank if len(kernel) == 1 else tuple(kernel)
+    if len(set(kernel)) > 1 and "nonsquare" not in adapter.features:
         raise UsageError(
-            f"{{param}} {_shown(tuple(kernel))}: {_NEEDS} square kernels (f, f, Cin, Cout); "
-            "give one size",
+            f"{{param}} {_shown(kernel)}: the {adapter.name} signature takes square kernels "
+            "only; give one size",
             param="kernel",
         )
-    stride, pad = _exercise_hparameters(spec)
-    n, h, w, cin = shape
-    config = Config(n=n, h=h, w=w, cin=cin, kernel=kernel[0], cout=cout, stride=stride, pad=pad)
-    config.spec().geometry((n, h, w, cin), (kernel[0], kernel[0], cin, cout))
+    stride, pad, dilation = _one_integer_each(spec, rank, adapter)
+    config = Config(
+        shape=tuple(shape),
+        kernel=kernel,
+        cout=cout,
+        stride=stride,
+        pad=pad,
+        dilation=dilation,
+        groups=spec.groups,
+    )
+    config.spec().geometry(config.shape, config.w_shape())
     return config
 
 
-_NEEDS = "checking a user's implementation needs"
-_EXERCISE = "the exercise's hparameters {'stride': s, 'pad': p}"
-
-
-def _exercise_hparameters(spec: ConvSpec) -> tuple[int, int]:
-    """``(stride, pad)`` of ``spec`` when the exercise's signature can express it."""
-    stride_axes, dilation_axes = spec.per_axis(2)
-    padding = spec.explicit_padding(2)
+def _one_integer_each(spec: ConvSpec, rank: int, adapter: Adapter) -> tuple[int, int, int]:
+    """``(stride, pad, dilation)`` of ``spec`` when ``adapter`` can express it."""
+    stride_axes, dilation_axes = spec.per_axis(rank)
+    padding = spec.explicit_padding(rank)
     pads = set() if isinstance(padding, str) else {v for pair in padding for v in pair}
-    one_integer = f"{_NEEDS} one integer, as in {_EXERCISE}"
+    one_integer = f"checking a user's implementation needs one integer, as in {_EXERCISE}"
     if len(set(stride_axes)) != 1:
         raise UsageError(f"{{param}} {_shown(spec.stride)}: {one_integer}", param="stride")
     if len(pads) != 1:
         raise UsageError(f"{{param}} {_shown(spec.padding)}: {one_integer}", param="padding")
-    unsupported = (  # (param, whether its value is unsupported, the value, the exercise's)
-        ("dilation", set(dilation_axes) != {1}, spec.dilation, 1),
-        ("groups", spec.groups != 1, spec.groups, 1),
-        ("padding_mode", spec.padding_mode != "zeros", spec.padding_mode, "zeros"),
-        ("layout", spec.layout != "nhwc", spec.layout, "nhwc"),
-    )
-    for param, bad, value, only in unsupported:
-        if bad:
-            raise UsageError(
-                f"{{param}} {_shown(value)}: must be {_shown(only)} to check a user's "
-                f"implementation ({_EXERCISE} have no {param})",
-                param=param,
-            )
-    return int(stride_axes[0]), pads.pop()
+    if len(set(dilation_axes)) != 1:
+        raise UsageError(f"{{param}} {_shown(spec.dilation)}: {one_integer}", param="dilation")
+    wanted = {
+        "stride": stride_axes[0] != 1,
+        "padding": pads != {0},
+        "dilation": dilation_axes[0] != 1,
+        "groups": spec.groups != 1,
+    }
+    unsupported = [
+        (param, value)
+        for param, value in (
+            ("dilation", spec.dilation),
+            ("groups", spec.groups),
+            ("stride", spec.stride),
+            ("padding", spec.padding),
+        )
+        if wanted[param] and param not in adapter.accepted
+    ]
+    if spec.padding_mode != "zeros":
+        unsupported.insert(0, ("padding_mode", spec.padding_mode))
+    for param, value in unsupported:
+        raise UsageError(
+            f"{{param}} {_shown(value)}: the {adapter.name} signature has no {param} "
+            f"(its functions take {', '.join(adapter.accepted) or 'no hyperparameters'})",
+            param=param,
+        )
+    return int(stride_axes[0]), pads.pop(), int(dilation_axes[0])
+
+
+_EXERCISE = "the hparameters {'stride': s, 'pad': p}"
 
 
 def _shown(value) -> str:

@@ -18,6 +18,7 @@ known, the line of the user's file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import select
@@ -26,12 +27,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
 from convcli.check import impl_worker
+from convcli.check.adapters import Binding
 
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 86400  # seconds: a day; far larger deadlines overflow the clocks they are set on
@@ -62,20 +65,35 @@ class UserProcess:
         Seconds for everything done with this child (load and every call).
     max_memory : int or None
         Bytes the child may map beyond what it maps after start-up (RLIMIT_AS).
+    wanted : sequence of str
+        The function names to look for in the user's file; after :meth:`start`,
+        :attr:`defined` holds those it defines and :attr:`keywords` the hyperparameter
+        keywords each accepts.
     """
 
-    def __init__(self, path, *, timeout: float = DEFAULT_TIMEOUT, max_memory: int | None = None):
+    def __init__(
+        self,
+        path,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_memory: int | None = None,
+        wanted: Sequence[str] = (),
+    ):
         self.path = Path(path).resolve()
         self.timeout = timeout
         self.max_memory = max_memory
         self.calls = 0
-        self.dtypes: dict[str, str] = {}  # the dtypes the user's last answer had, by name
+        self.dtypes: dict[str, str] = {}  # the dtypes the user's last answer had, by role
+        self.repeat: dict[str, float] = {}  # max |difference| between two backward calls
+        self.wanted = list(wanted)
         self._dir = tempfile.TemporaryDirectory(prefix="convcli-impl-")
         self._output = Path(self._dir.name) / "output"
         self._fault = Path(self._dir.name) / "fault"
         self._output.touch()
         self._process: subprocess.Popen | None = None
         self._deadline = 0.0
+        self.defined: set[str] = set()
+        self.keywords: dict[str, tuple[str, ...]] = {}
         self._dead: str | None = None
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -101,6 +119,7 @@ class UserProcess:
                     str(self._output),
                     str(self._fault),
                     str(self.max_memory or 0),
+                    json.dumps(self.wanted),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -116,6 +135,14 @@ class UserProcess:
         header, _ = self._receive("loading it", 1 << 16)
         if "error" in header:
             raise UserCodeError(str(header["error"]))
+        defined = header.get("defined")
+        keywords = header.get("keywords")
+        self.defined = {str(n) for n in defined} if isinstance(defined, list) else set()
+        self.keywords = (
+            {str(k): tuple(map(str, v)) for k, v in keywords.items() if isinstance(v, list)}
+            if isinstance(keywords, dict)
+            else {}
+        )
 
     def close(self) -> None:
         """Stop the child (politely, then by force) and remove the temporary files."""
@@ -156,22 +183,31 @@ class UserProcess:
 
     # -- calls ---------------------------------------------------------------------------------
 
-    def forward(self, x, w, b, stride: int, pad: int, z_shape: tuple) -> np.ndarray:
-        """The user's Z for x (n, H, W, Cin), w (f, f, Cin, Cout), b (Cout,)."""
-        header = {"op": "forward", "stride": stride, "pad": pad, "expect": {"Z": z_shape}}
-        arrays = {"A_prev": x, "W": w, "b": np.reshape(b, (1, 1, 1, -1))}
-        (z,) = self._call("conv_forward", header, arrays, {"Z": z_shape})
-        return z
+    def forward(self, binding: Binding, hparams: dict, x, w, b, z_shape: tuple) -> np.ndarray:
+        """The user's z for x (n, *spatial, Cin), w (*kernel, Cin/groups, Cout), b (Cout,),
+        all channels last (converted to and from the user's layout by ``binding.adapter``)."""
+        adapter = binding.adapter
+        shapes = {"z": adapter.user_shapes(x.shape, w.shape, z_shape)["z"]}
+        header = binding.header("forward", shapes, hparams)
+        (z,) = self._call(binding, binding.forward, header, adapter.to_user(x, w, b), shapes)
+        return adapter.from_user("z", z)
 
-    def backward(self, dz, x, w, b, stride: int, pad: int) -> tuple:
-        """The user's (dA_prev, dW, db) for upstream dz, after a fresh forward on x, w, b."""
-        shapes = {"dA_prev": x.shape, "dW": w.shape, "db": (1, 1, 1, np.size(b))}
-        header = {"op": "backward", "stride": stride, "pad": pad, "expect": shapes}
-        arrays = {"A_prev": x, "W": w, "b": np.reshape(b, (1, 1, 1, -1)), "dZ": dz}
-        da, dw, db = self._call("conv_backward", header, arrays, shapes)
-        return da, dw, db.reshape(-1)
+    def backward(self, binding: Binding, hparams: dict, dz, x, w, b) -> tuple:
+        """The user's (dx, dw, db), channels last, for upstream dz after a fresh forward on
+        x, w, b; the backward runs twice on the same cache, and :attr:`repeat` holds the
+        largest difference of each gradient between the two calls."""
+        adapter = binding.adapter
+        every = adapter.user_shapes(x.shape, w.shape, dz.shape)
+        shapes = {role: every[role] for role in ("dx", "dw", "db")}
+        header = binding.header("backward", shapes, hparams)
+        function = binding.backward or binding.forward
+        arrays = adapter.to_user(x, w, b, dz)
+        dx, dw, db = self._call(binding, function, header, arrays, shapes)
+        return adapter.from_user("dx", dx), adapter.from_user("dw", dw), db.reshape(-1)
 
-    def _call(self, function: str, header: dict, arrays: dict, shapes: dict) -> list:
+    def _call(
+        self, binding: Binding, function: str, header: dict, arrays: dict, shapes: dict
+    ) -> list:
         if self._dead is not None:
             raise UserCodeError(self._dead)
         self.calls += 1
@@ -184,14 +220,21 @@ class UserProcess:
         self.dtypes = (
             {str(k): str(v) for k, v in dtypes.items()} if isinstance(dtypes, dict) else {}
         )
+        repeat = answer.get("repeat")
+        self.repeat = {
+            str(k): float(v)
+            for k, v in (repeat.items() if isinstance(repeat, dict) else ())
+            if isinstance(v, (int, float))
+        }
         results = []
-        for name, shape in shapes.items():
-            value = received.get(name)
+        for role, shape in shapes.items():
+            value = received.get(role)
+            name = binding.name(role)
             if value is None or value.dtype != np.float64:
                 raise self._die(f"{function}: the child process sent no float64 {name}")
             if value.size != int(np.prod(shape)):
                 raise UserCodeError(f"{name} has shape {value.shape}, expected {tuple(shape)}")
-            if value.shape != tuple(shape) and not (name == "db" and value.size == shape[-1]):
+            if value.shape != tuple(shape) and not (role == "db" and value.size == shape[-1]):
                 raise UserCodeError(f"{name} has shape {value.shape}, expected {tuple(shape)}")
             bad = ~np.isfinite(value)
             if bad.any():

@@ -22,7 +22,6 @@ from typer.core import TyperGroup
 from convcli import __version__
 from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES
 from convcli.check.tolerance import DEFAULT_ATOL, DEFAULT_EPS, DEFAULT_RTOL, Tolerance
-from convcli.check.userimpl import impl_config
 from convcli.cli.heatmap import print_heatmap
 from convcli.cli.messages import ASCII_ERRORS, explain, flag_for, one_line, out_of_memory
 from convcli.cli.render import print_inventory, print_result, print_sweep, result_json
@@ -46,6 +45,8 @@ from convcli.io.loading import load_tensors
 from convcli.io.writing import write_tensors
 from convcli.memory import check_disk, parse_memory
 from convcli.run import (
+    GradcheckRun,
+    ImplLayer,
     RunInputs,
     RunOptions,
     RunResult,
@@ -325,6 +326,11 @@ class UpstreamName(str, Enum):
     z = "z"
     ones = "ones"
     random = "random"
+
+
+class SignatureName(str, Enum):
+    classic = "classic"
+    cs231n = "cs231n"
 
 
 class ModeName(str, Enum):
@@ -722,11 +728,26 @@ def gradcheck(
         typer.Option("--cout", metavar="C", min=1, help="Output channels with --shape."),
     ] = None,
     impl: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--impl",
-            metavar="FILE.py",
-            help="Check your own conv_forward(A_prev, W, b, hparameters) and conv_backward.",
+            metavar="FILE.py[:FWD[,BWD]]",
+            help="Check your own conv: conv_forward/conv_backward (classic), "
+            "conv_forward_naive/conv_backward_naive (cs231n), or FILE.py:FORWARD[,BACKWARD] "
+            "(callable, layout from --layout).",
+        ),
+    ] = None,
+    signature: Annotated[
+        SignatureName | None,
+        typer.Option("--signature", help="With --impl: the signature, instead of detecting it."),
+    ] = None,
+    nondet_tol: Annotated[
+        float | None,
+        typer.Option(
+            "--nondet-tol",
+            metavar="TOL",
+            help="With --impl: largest difference allowed between two backward calls on the "
+            "same inputs [0: bit-identical].",
         ),
     ] = None,
     mode: Annotated[
@@ -790,40 +811,36 @@ def gradcheck(
     layer = _layer_flags(shape, kernel, cout)
     memory = parse_memory(max_memory)
     from_files = bool(data or x or w or b or dz)
-    if timeout is not None and impl is None:
-        raise UsageError("--timeout goes with --impl")
+    with_impl = {"--timeout": timeout, "--signature": signature, "--nondet-tol": nondet_tol}
+    for flag, value in with_impl.items():
+        if value is not None and impl is None:
+            raise UsageError(f"{flag} goes with --impl")
     if layer is not None and from_files:
         raise UsageError("give either a data file (or --x/--w) or --shape, not both")
     with _blas_threads(threads), _progress(as_json, "gradcheck") as progress:
         if impl is not None:
-            ignored = {
-                "a data file or --x/--w/--b/--dz": from_files,
-                "--mode": mode is not None,
-                "--samples": samples is not None,
-                "--probes": probes is not None,
-                "--upstream": upstream is not None,
-                "hyperparameter flags without --shape": layer is None
-                and any(v is not None for v in flags.values()),
-            }
-            unused = [name for name, given in ignored.items() if given]
-            if unused:
-                raise UsageError(
-                    "--impl runs its own suite (exhaustive, random g), or the one configuration "
-                    "given by --shape/--kernel/--cout/--stride/--pad; it does not use "
-                    + ", ".join(unused)
-                )
-            configs = None
-            if layer is not None:
-                spec = build_spec({}, flags, len(layer.shape) - 2).spec
-                configs = [impl_config(layer.shape, layer.kernel, layer.cout, spec)]
-            run = run_impl_check(
+            run = _impl_check(
                 impl,
-                configs,
-                seed=seed,
-                tolerance=tolerance,
-                progress=progress,
-                timeout=timeout,
-                max_memory=memory,
+                data,
+                {"x": x, "w": w, "b": b, "dz": dz},
+                layer,
+                flags,
+                ImplFlags(
+                    mode=None if mode is None else mode.value,
+                    unused={
+                        "--samples": samples is not None,
+                        "--probes": probes is not None,
+                        "--upstream": upstream is not None,
+                    },
+                    signature=None if signature is None else signature.value,
+                    nondet_tol=0.0 if nondet_tol is None else nondet_tol,
+                    seed=seed,
+                    tolerance=tolerance,
+                    timeout=timeout,
+                    memory=memory,
+                    allow_sparse=allow_sparse,
+                ),
+                progress,
             )
         else:
             if layer is not None:
@@ -867,6 +884,69 @@ def gradcheck(
             print_gradcheck(_data_console(), run)
     if not run.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@dataclass(frozen=True)
+class ImplFlags:
+    """The gradcheck flags an --impl run uses (beyond the layer and hyperparameters)."""
+
+    mode: str | None
+    unused: dict[str, bool]
+    signature: str | None
+    nondet_tol: float
+    seed: int
+    tolerance: Tolerance
+    timeout: float | None
+    memory: int | None
+    allow_sparse: bool
+
+
+def _impl_check(impl, data, refs, layer, flags, options: ImplFlags, progress) -> GradcheckRun:
+    """gradcheck --impl: on the suite, on the --shape layer or on the data file's arrays."""
+    unused = [name for name, given in options.unused.items() if given]
+    from_files = bool(data or any(refs.values()))
+    if layer is None and not from_files:
+        hparams = [name for name, value in flags.items() if value is not None and name != "layout"]
+        if hparams:
+            unused.append("hyperparameter flags without --shape or a data file")
+    if unused:
+        raise UsageError(
+            "--impl runs its own suite, the one configuration given by "
+            "--shape/--kernel/--cout and the hyperparameter flags, or the layer in a data "
+            "file; it does not use " + ", ".join(unused)
+        )
+    impl_layer = None
+    layout = build_spec({}, flags, None).spec.layout
+    if layer is not None:
+        spec = build_spec({}, flags, len(layer.shape) - 2).spec
+        check_generated_memory(layer.shape, layer.kernel, layer.cout, spec, options.memory)
+        impl_layer = ImplLayer(spec=spec, shape=layer.shape, kernel=layer.kernel, cout=layer.cout)
+    elif from_files:
+        loaded, spec = _load(
+            "gradcheck",
+            data,
+            refs,
+            ("x", "w"),
+            ("b", "dz"),
+            max_bytes=options.memory,
+            allow_sparse=options.allow_sparse,
+            **flags,
+        )
+        impl_layer = ImplLayer(spec=spec, inputs=RunInputs.of(loaded.arrays))
+        layout = spec.layout
+    return run_impl_check(
+        impl,
+        seed=options.seed,
+        tolerance=options.tolerance,
+        progress=progress,
+        timeout=options.timeout,
+        max_memory=options.memory,
+        signature=options.signature,
+        layout=layout,
+        layer=impl_layer,
+        mode=options.mode or "auto",
+        nondet_tol=options.nondet_tol,
+    )
 
 
 @contextlib.contextmanager

@@ -29,6 +29,8 @@ def gradcheck_json(run: GradcheckRun) -> str:
         "mode": run.mode,
         "forward_passes": run.forward_passes,
         "impl": run.impl,
+        "signature": run.signature,
+        "forward_only": run.forward_only,
         "tolerance": None
         if tolerance is None
         else {"eps": tolerance.eps, "rtol": tolerance.rtol, "atol": tolerance.atol},
@@ -158,9 +160,9 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
     """One row per configuration with its three verdicts; below, each failing or printing
     configuration's diagnosis, reason and output; then the worst elements of the first."""
     table = Table(
-        title=f"gradcheck --impl {Path(run.impl or '').name} · {len(run.impl_results)} "
-        "configurations"
-        f" · {run.seconds:.2f} s",
+        title=f"gradcheck --impl {Path(run.impl or '').name} · {run.signature}"
+        + (" · forward only" if run.forward_only else "")
+        + f" · {len(run.impl_results)} configurations · {run.seconds:.2f} s",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
@@ -168,7 +170,7 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
     )
     # on a narrow terminal the numbers and verdicts stay whole; the shape columns give way
     table.add_column("#", no_wrap=True, min_width=len(str(len(run.impl_results))))
-    for column in ("shape", "kernel", "cout", "stride", "pad"):
+    for column in ("shape", "kernel", "cout", "stride", "pad", "dil", "groups"):
         table.add_column(column, no_wrap=True)
     for column in IMPL_COLUMNS.values():
         table.add_column(column, no_wrap=True, min_width=4)
@@ -181,6 +183,8 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
             str(config["cout"]),
             format_pair(config["stride"]),
             format_padding(config["pad"]),
+            format_pair(config["dilation"]),
+            str(config["groups"]),
             *(_impl_verdict(result.checks[name].passed) for name in IMPL_COLUMNS),
         )
     print_table(console, table)
@@ -188,11 +192,14 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
         if result.passed and not result.output:
             continue
         config = result.config
+        extra = f", dilation {config.dilation}" if config.dilation != 1 else ""
+        extra += f", groups {config.groups}" if config.groups != 1 else ""
         console.print(
             Text(
-                f"configuration {number} ({'x'.join(map(str, config.to_json()['shape']))}, "
-                f"kernel {config.kernel}x{config.kernel}, cout {config.cout}, "
-                f"stride {config.stride}, pad {config.pad}): {'PASS' if result.passed else 'FAIL'}",
+                f"configuration {number} ({'x'.join(map(str, config.shape))}, "
+                f"kernel {'x'.join(map(str, config.kernel))}, cout {config.cout}, "
+                f"stride {config.stride}, pad {config.pad}{extra}): "
+                f"{'PASS' if result.passed else 'FAIL'}",
                 style="bold",
             )
         )
