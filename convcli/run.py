@@ -813,6 +813,11 @@ class GradcheckRun:
     forward_only: bool = False
 
     @property
+    def hints(self) -> list[str]:
+        """Hints for classic mistakes, each once per run (user-implementation runs)."""
+        return list(dict.fromkeys(h for result in self.impl_results for h in result.hints))
+
+    @property
     def passed(self) -> bool:
         return all(
             error is None and check is not None and check.passed for _, check, error in self.results

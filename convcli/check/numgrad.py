@@ -20,12 +20,13 @@ other pixels), so here the pattern is measured first and the groups follow the m
    exactly that element's own central difference (bit for bit the element-by-element value,
    never an assumption about which outputs an input can reach).
 
-Layout: x ``(n, H, W, Cin)``, w ``(kh, kw, Cin, Cout)``, b ``(Cout,)``, z and g
-``(n, Ho, Wo, Cout)``, all float64.
+Layout: x ``(n, *spatial, Cin)``, w ``(*kernel, Cin/groups, Cout)``, b ``(Cout,)``, z and g
+``(n, *out, Cout)``, all float64; 1 to 3 spatial axes.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -45,7 +46,7 @@ class NumericUnavailable(Exception):
 class NumericGradients:
     """Central differences of ``L = Σ forward(x, w, b) ⊙ g``.
 
-    ``dx_by_cout`` (n, H, W, Cin, Cout) splits dx into the contribution of each output channel
+    ``dx_by_cout`` (n, *spatial, Cin, Cout) splits dx into the contribution of each output channel
     (g zero except in that channel); None when too large (see BY_CHANNEL_LIMIT).
     """
 
@@ -74,31 +75,32 @@ def _measure_reach(changed, x, w, b, z_shape, rng):
     ``w_reach`` and ``b_reach`` ((Cout of w or b, Cout of z) booleans).
     """
     x_reach = []
-    for axis in range(4):
+    batch_and_spatial = tuple(range(x.ndim - 1))
+    for axis in range(x.ndim):
         reach = np.zeros((x.shape[axis], z_shape[axis]), dtype=bool)
-        others = tuple(a for a in range(4) if a != axis)
+        others = tuple(a for a in range(x.ndim) if a != axis)
         for j in range(x.shape[axis]):
             probe = x.copy()
             index = (slice(None),) * axis + (j,)
             probe[index] += rng.standard_normal(probe[index].shape)
             reach[j] = changed(probe, w, b).any(axis=others)
         x_reach.append(reach)
-    w_reach = np.zeros((w.shape[3], z_shape[3]), dtype=bool)
-    b_reach = np.zeros((b.size, z_shape[3]), dtype=bool)
-    for c in range(w.shape[3]):
+    w_reach = np.zeros((w.shape[-1], z_shape[-1]), dtype=bool)
+    b_reach = np.zeros((b.size, z_shape[-1]), dtype=bool)
+    for c in range(w.shape[-1]):
         probe = w.copy()
         probe[..., c] += rng.standard_normal(probe[..., c].shape)
-        w_reach[c] = changed(x, probe, b).any(axis=(0, 1, 2))
+        w_reach[c] = changed(x, probe, b).any(axis=batch_and_spatial)
     for c in range(b.size):
         probe = b.copy()
         probe[c] += 1.0 + rng.random()
-        b_reach[c] = changed(x, w, probe).any(axis=(0, 1, 2))
+        b_reach[c] = changed(x, w, probe).any(axis=batch_and_spatial)
     return x_reach, w_reach, b_reach
 
 
 def planned_passes(x_colours: list[int], w_shape: tuple, w_colours: int, b_colours: int) -> int:
     """Forward passes of step 3: two per colour combination of x, of w (per tap), of b."""
-    return 2 * (math.prod(x_colours) + math.prod(w_shape[:3]) * w_colours + b_colours)
+    return 2 * (math.prod(x_colours) + math.prod(w_shape[:-1]) * w_colours + b_colours)
 
 
 def numeric_gradients(
@@ -147,35 +149,36 @@ def numeric_gradients(
     def weighted(x_plus, x_minus, w_plus, w_minus, b_plus, b_minus) -> np.ndarray:
         return (run(x_plus, w_plus, b_plus) - run(x_minus, w_minus, b_minus)) / (2 * eps) * g
 
-    cout = z.shape[3]
+    cout = z.shape[-1]
+    batch_and_spatial = tuple(range(x.ndim - 1))
     dx = np.zeros_like(x)
     by_cout = np.zeros((*x.shape, cout)) if x.size * cout <= BY_CHANNEL_LIMIT else None
     for combination in itertools.product(*(range(k) for k in counts)):
         members = [c == k for c, k in zip(x_colours, combination, strict=True)]
-        mask = np.einsum("a,b,c,d->abcd", *members).astype(bool)
+        mask = functools.reduce(np.multiply.outer, members)
         step = np.where(mask, eps, 0.0)
         spread = weighted(x + step, x - step, w, w, b, b)
-        for axis in range(3):  # (n, Ho, Wo, Cout) -> (n, H, W, Cout), each output to its owner
+        for axis in batch_and_spatial:  # (n, *out, Cout) -> (n, *in, Cout), to each owner
             owners = x_reach[axis] & members[axis][:, None]
             spread = np.moveaxis(np.tensordot(owners, spread, axes=([1], [axis])), 0, axis)
-        owners = (x_reach[3] & members[3][:, None]).astype(np.float64)  # (Cin, Cout)
-        per_cout = spread[..., None, :] * owners  # (n, H, W, Cin, Cout)
+        owners = (x_reach[-1] & members[-1][:, None]).astype(np.float64)  # (Cin, Cout)
+        per_cout = spread[..., None, :] * owners  # (n, *in, Cin, Cout)
         dx[mask] = per_cout.sum(axis=-1)[mask]
         if by_cout is not None:
             by_cout[mask] = per_cout[mask]
 
     dw = np.zeros_like(w)
-    for tap in np.ndindex(w.shape[:3]):
+    for tap in np.ndindex(w.shape[:-1]):
         for colour in range(int(w_colours.max()) + 1):
             members = w_colours == colour
             step = np.zeros_like(w)
             step[tap][members] = eps
-            totals = weighted(x, x, w + step, w - step, b, b).sum(axis=(0, 1, 2))
+            totals = weighted(x, x, w + step, w - step, b, b).sum(axis=batch_and_spatial)
             dw[tap][members] = ((w_reach & members[:, None]) @ totals)[members]
     db = np.zeros_like(b)
     for colour in range(int(b_colours.max()) + 1):
         members = b_colours == colour
         step = np.where(members, eps, 0.0)
-        totals = weighted(x, x, w, w, b + step, b - step).sum(axis=(0, 1, 2))
+        totals = weighted(x, x, w, w, b + step, b - step).sum(axis=batch_and_spatial)
         db[members] = ((b_reach & members[:, None]) @ totals)[members]
     return NumericGradients(dx=dx, dw=dw, db=db, dx_by_cout=by_cout, forward_passes=passes)

@@ -241,6 +241,7 @@ class ConfigResult:
     forward_passes: int = 0
     forward_only: bool = False
     numeric_skipped: bool = False
+    hints: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -259,6 +260,7 @@ class ConfigResult:
             "output": self.output,
             "forward_passes": self.forward_passes,
             "forward_only": self.forward_only,
+            "hints": self.hints,
         }
 
 
@@ -301,6 +303,8 @@ def load_impl(
         functions.
     """
     path, functions = split_impl(str(path))
+    if signature is not None and signature not in ADAPTERS:
+        detect(set(), signature)  # raises the UsageError naming the signatures
     if functions and signature not in (None, "callable"):
         raise UsageError(
             f"{{param}} {signature!r}: function names after the file mean 'callable'",
@@ -524,10 +528,6 @@ class _Run:
                 f"{forward} returns {z_dtype} {z}, whose rounding swamps central "
                 "differences; return float64 to check the gradients numerically"
             )
-        if self.config.rank != 2:
-            raise NumericUnavailable(
-                f"numerical gradients of {forward} are measured for 2-D layers only"
-            )
         return numeric_gradients(
             self.forward,
             self.x,
@@ -604,6 +604,7 @@ def check_config(
     problems += _failures(checks)
     result.error = "; ".join(problems) or None
     result.diagnosis = diagnose(checks, problems[0] if problems else None, impl.functions)
+    result.hints = trap_hints(result, impl.binding) + result.hints
     if unrepeatable:
         result.diagnosis = (
             f"{impl.functions[1]} is not repeatable: called twice on the same inputs it returned "
@@ -636,6 +637,13 @@ def _check_backward(
         passed=None,
         tensors=_compare_all(run.names, GRADIENTS, user_grads, run.engine, tolerance, cout),
     )
+    shift = _shifted_by(user_grads[0], run.engine[0], tolerance)
+    if shift:
+        name = run.binding.name("dx")
+        result.hints.append(
+            f"{name} is the right gradient moved by {shift} pixel{'s' * (shift > 1)}: check "
+            "the slice that removes the padding (it starts at pad, not 0)"
+        )
     run.locate_contributions(
         checks["backward_vs_engine"],
         lambda c: conv_backward(_only_channel(run.g, c), run.cache)[0],
@@ -663,6 +671,55 @@ def _check_backward(
         lambda c: None if by_cout is None else by_cout[..., c],
     )
     return unrepeatable
+
+
+def _shifted_by(got: np.ndarray, want: np.ndarray, tolerance: Tolerance) -> int:
+    """The s in 1..3 such that ``got`` is ``want`` moved by s along every spatial axis
+    (either way; arrays ``(n, *spatial, C)``), or 0."""
+    spatial = got.ndim - 2
+    for s in range(1, 4):
+        if any(size <= s for size in got.shape[1:-1]):
+            break
+        inner = (slice(None),) + (slice(s, None),) * spatial
+        outer = (slice(None),) + (slice(None, -s),) * spatial
+        for a, b in ((got[inner], want[outer]), (got[outer], want[inner])):
+            if not tolerance.fails(a, b).any() and tolerance.fails(got, want).any():
+                return s
+    return 0
+
+
+def trap_hints(result: ConfigResult, binding: Binding) -> list[str]:
+    """Hints for the classic mistakes a result shows: ``float()`` of a one-element array
+    (NumPy 2 refuses it), db divided by the batch size or by every output position, dw wrong
+    in one output channel only."""
+    hints = []
+    if result.error and "converted to Python scalars" in result.error:
+        hints.append(
+            "float() or int() of an array with dimensions (such as b of shape (1, 1, 1, 1)) "
+            "fails on NumPy 2: use b.item() or index down to one element"
+        )
+    engine = result.checks["backward_vs_engine"]
+    db = engine.tensors.get(binding.name("db"))
+    if db is not None and not db.passed and db.failed == db.checked:
+        ratios = {round(row["expected"] / row["yours"], 6) for row in db.worst if row["yours"]}
+        n, positions = result.config.n, _positions(result.config)
+        if ratios == {float(n)} and n > 1:
+            hints.append(f"{db.name} is the right value divided by the batch size n = {n}: sum it")
+        elif len(ratios) == 1 and ratios == {float(n * positions)}:
+            hints.append(f"{db.name} is a mean over the images and positions: sum it instead")
+    dw = engine.tensors.get(binding.name("dw"))
+    if dw is not None and len(dw.failures_per_channel) == 1 and result.config.cout > 1:
+        (channel,) = dw.failures_per_channel
+        hints.append(
+            f"{dw.name} is wrong in output channel {channel} only: check the loop over output "
+            "channels (the index of that channel, or a write that overwrites it)"
+        )
+    return hints
+
+
+def _positions(config: Config) -> int:
+    """Output positions per image (the product of the output sizes)."""
+    return int(np.prod(config.spec().geometry(config.shape, config.w_shape()).out_sizes))
 
 
 def _only_channel(g: np.ndarray, channel: int) -> np.ndarray:

@@ -30,6 +30,7 @@ def gradcheck_json(run: GradcheckRun) -> str:
         "forward_passes": run.forward_passes,
         "impl": run.impl,
         "signature": run.signature,
+        "hints": run.hints,
         "forward_only": run.forward_only,
         "tolerance": None
         if tolerance is None
@@ -170,7 +171,9 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
     )
     # on a narrow terminal the numbers and verdicts stay whole; the shape columns give way
     table.add_column("#", no_wrap=True, min_width=len(str(len(run.impl_results))))
-    for column in ("shape", "kernel", "cout", "stride", "pad", "dil", "groups"):
+    # dilation and groups only when some configuration has them (the callable signature's)
+    wide = any(r.config.dilation != 1 or r.config.groups != 1 for r in run.impl_results)
+    for column in ("shape", "kernel", "cout", "stride", "pad") + (("dil", "groups") * wide):
         table.add_column(column, no_wrap=True)
     for column in IMPL_COLUMNS.values():
         table.add_column(column, no_wrap=True, min_width=4)
@@ -183,8 +186,7 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
             str(config["cout"]),
             format_pair(config["stride"]),
             format_padding(config["pad"]),
-            format_pair(config["dilation"]),
-            str(config["groups"]),
+            *((format_pair(config["dilation"]), str(config["groups"])) * wide),
             *(_impl_verdict(result.checks[name].passed) for name in IMPL_COLUMNS),
         )
     print_table(console, table)
@@ -223,6 +225,8 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
     total = len(run.impl_results)
     style = "bold green" if passed == total else "bold red"
     console.print(Text(f"{passed} of {total} configurations pass", style=style))
+    for hint in run.hints:
+        console.print(Text(f"hint: {hint}", style="yellow"))
 
 
 def _print_comparison(console: Console, number: int, comparison, reference: str) -> None:
