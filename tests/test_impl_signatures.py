@@ -232,6 +232,12 @@ def test_inputs_modified_in_place_are_caught(tmp_path):
     assert "conv_forward_naive modified its input x in place" in result.error
 
 
+def test_integer_results_are_refused(tmp_path):
+    text = CS231N.replace("    return out, (x", "    return out.astype(np.int64), (x")
+    (result,) = check_impl(load_impl(write(tmp_path, "ints", text)), SMALL_2D[:1])
+    assert "out is an array of int64, not of floating-point numbers" in result.error
+
+
 def test_a_nondeterministic_backward_is_caught_unless_allowed(tmp_path):
     noisy = CS231N.replace(
         "    return dx, dw, db", "    return dx, dw + np.random.uniform(0, 1e-12, dw.shape), db"

@@ -291,8 +291,9 @@ class _Failure(Exception):
 
 def as_array(value, what: str, expected: list) -> tuple[np.ndarray, str]:
     """``value`` as float64 and the name of its own dtype; refused when it is not a real
-    number array (None, objects, complex, bool, strings, masked arrays), cannot be converted
-    (its ``__array__`` or ``__len__`` raises) or is not the expected size."""
+    floating-point array (None, objects, integers, complex, bool, strings, masked arrays),
+    cannot be converted (its ``__array__`` or ``__len__`` raises) or is not the expected
+    size."""
     if isinstance(value, np.ma.MaskedArray):
         raise _Failure(f"{what} is a masked array; return a plain array of real numbers")
     try:
@@ -307,6 +308,11 @@ def as_array(value, what: str, expected: list) -> tuple[np.ndarray, str]:
         else:
             kind = f"a {type(value).__name__}"
         raise _Failure(f"{what} is {kind}, not an array of real numbers")
+    if given.dtype.kind in "iu":
+        raise _Failure(
+            f"{what} is an array of {given.dtype}, not of floating-point numbers (an integer "
+            "result has lost its fractions)"
+        )
     if given.size != int(np.prod(expected)):
         raise _Failure(f"{what} has shape {given.shape}, expected {tuple(expected)}")
     return given.astype(np.float64), given.dtype.name
