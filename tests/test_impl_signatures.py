@@ -68,10 +68,20 @@ import numpy as np
 
 def _setup(x, w, stride, padding, dilation):
     r = x.ndim - 2
-    xp = np.pad(x, [(0, 0)] + [(padding, padding)] * r + [(0, 0)])
     k = w.shape[:r]
+    pads = []
+    for i in range(r):
+        size, span = x.shape[1 + i], dilation * (k[i] - 1) + 1
+        if padding == "valid":
+            pads.append((0, 0))
+        elif padding == "same":
+            total = max((-(-size // stride) - 1) * stride + span - size, 0)
+            pads.append((total // 2, total - total // 2))
+        else:
+            pads.append((padding, padding))
+    xp = np.pad(x, [(0, 0), *pads, (0, 0)])
     out = [(xp.shape[1 + i] - dilation * (k[i] - 1) - 1) // stride + 1 for i in range(r)]
-    return xp, k, out
+    return xp, k, out, pads
 
 
 def _window(tap, out, stride, dilation):
@@ -81,7 +91,7 @@ def _window(tap, out, stride, dilation):
 
 
 def forward(x, w, b, *, stride=1, padding=0, dilation=1, groups=1):
-    xp, k, out = _setup(x, w, stride, padding, dilation)
+    xp, k, out, pads = _setup(x, w, stride, padding, dilation)
     cin, cout = w.shape[-2], w.shape[-1]
     co = cout // groups
     z = np.zeros((x.shape[0], *out, cout))
@@ -95,7 +105,7 @@ def forward(x, w, b, *, stride=1, padding=0, dilation=1, groups=1):
 
 
 def backward(dz, x, w, b, *, stride=1, padding=0, dilation=1, groups=1):
-    xp, k, out = _setup(x, w, stride, padding, dilation)
+    xp, k, out, pads = _setup(x, w, stride, padding, dilation)
     cin, cout = w.shape[-2], w.shape[-1]
     co = cout // groups
     dxp, dw = np.zeros_like(xp), np.zeros_like(w)
@@ -106,7 +116,7 @@ def backward(dz, x, w, b, *, stride=1, padding=0, dilation=1, groups=1):
             i, o = slice(g * cin, (g + 1) * cin), slice(g * co, (g + 1) * co)
             dw[tap][:, o] += patch[..., i].reshape(-1, cin).T @ dz[..., o].reshape(-1, co)
             dxp[window][..., i] += dz[..., o] @ w[tap][:, o].T
-    inner = (slice(None),) + tuple(slice(padding, padding + s) for s in x.shape[1:-1])
+    inner = (slice(None),) + tuple(slice(p[0], p[0] + s) for p, s in zip(pads, x.shape[1:-1]))
     db = dz.sum(axis=tuple(range(dz.ndim - 1)))
     return WRAP(dxp[inner]), WRAP(dw), WRAP(db)
 
@@ -190,6 +200,8 @@ def test_each_signature_gets_the_configurations_it_can_express():
     assert not any(c.dilation > 1 or c.groups > 1 for c in cs231n)
     assert {c.rank for c in full} == {1, 2, 3}
     assert any(c.dilation > 1 for c in full)
+    assert {"same", "valid"} <= {c.pad for c in full}
+    assert not any(isinstance(c.pad, str) for c in cs231n)
     assert any(c.groups > 1 for c in full)
     only_stride = suite_for(callable_adapter("nhwc", ("stride",)))
     assert only_stride

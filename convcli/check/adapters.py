@@ -44,7 +44,8 @@ class Adapter:
     for ``callable``, whose names are given); ``names`` the user's names for (z, dx, dw, db);
     ``calling`` how the child calls the functions ("hparameters" dict and a cache, or
     "keywords"); ``ranks`` the spatial ranks; ``features`` the hyperparameters beyond one
-    integer stride and pad it can express ("dilation", "groups", "nonsquare").
+    integer stride and pad it can express ("dilation", "groups", "nonsquare" kernels,
+    "padding_forms": padding "same" and "valid").
     """
 
     name: str
@@ -57,7 +58,7 @@ class Adapter:
     bias_4d: bool = False
     accepted: tuple[str, ...] = ("stride", "padding")
 
-    def hparams(self, stride: int, pad: int, dilation: int, groups: int) -> dict:
+    def hparams(self, stride: int, pad: int | str, dilation: int, groups: int) -> dict:
         """The hyperparameters as the user's functions take them: the ``hparameters`` dict
         or the keyword arguments among :attr:`accepted`."""
         if self.calling == "hparameters":
@@ -127,7 +128,7 @@ ADAPTERS: dict[str, Adapter] = {
         names=("z", "dx", "dw", "db"),
         calling="keywords",
         ranks=(1, 2, 3),
-        features=frozenset({"nonsquare", "dilation", "groups"}),
+        features=frozenset({"nonsquare", "dilation", "groups", "padding_forms"}),
         accepted=HPARAMS,
     ),
 }
@@ -140,6 +141,8 @@ def callable_adapter(layout: str, accepted: tuple[str, ...]) -> Adapter:
     hyperparameters among ``accepted`` (the keyword names the user's forward takes)."""
     base = ADAPTERS["callable"]
     features = {f for f in base.features if f in accepted or f == "nonsquare"}
+    if "padding" in accepted:
+        features.add("padding_forms")
     return Adapter(
         name=base.name,
         pairs=(),

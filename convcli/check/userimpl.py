@@ -44,13 +44,14 @@ from convcli.spec import ConvSpec
 @dataclass(frozen=True)
 class Config:
     """One configuration: x ``(n, *spatial, Cin)`` (channels last), the kernel's spatial
-    sizes, Cout, and one integer each for stride, pad, dilation and groups."""
+    sizes, Cout, and one integer each for stride, dilation and groups; pad is one integer
+    (the same on every side) or "same" / "valid"."""
 
     shape: tuple[int, ...]
     kernel: tuple[int, ...]
     cout: int
     stride: int = 1
-    pad: int = 0
+    pad: int | str = 0
     dilation: int = 1
     groups: int = 1
 
@@ -84,6 +85,8 @@ class Config:
             needs.add("groups")
         if len(set(self.kernel)) > 1:
             needs.add("nonsquare")
+        if isinstance(self.pad, str):
+            needs.add("padding_forms")
         return needs
 
     def to_json(self) -> dict:
@@ -97,7 +100,7 @@ class Config:
             "groups": self.groups,
             "padding_mode": "zeros",
             "layout": "nhwc",
-            "pad": [[self.pad, self.pad]] * self.rank,
+            "pad": self.spec().geometry(self.shape, self.w_shape()).hparams()["padding"],
         }
 
 
@@ -130,6 +133,8 @@ EXTRA = (
     Config(shape=(2, 5, 5, 4), kernel=(3, 3), cout=6, stride=1, pad=1, groups=2),
     Config(shape=(1, 4, 4, 3), kernel=(2, 2), cout=3, stride=2, pad=0, groups=3),
     Config(shape=(2, 9, 3), kernel=(3,), cout=2, stride=2, pad=1),
+    Config(shape=(2, 6, 5, 2), kernel=(3, 2), cout=3, stride=2, pad="same"),
+    Config(shape=(1, 5, 6, 2), kernel=(3, 3), cout=2, stride=1, pad="valid"),
     Config(shape=(1, 4, 3, 5, 2), kernel=(2, 2, 3), cout=2, stride=1, pad=1),
 )
 
@@ -146,7 +151,7 @@ def _expressible(adapter: Adapter, config: Config) -> bool:
         config.rank in adapter.ranks
         and config.needs() <= adapter.features
         and (config.stride == 1 or "stride" in accepted)
-        and (config.pad == 0 or "padding" in accepted)
+        and (config.pad in (0, "valid") or "padding" in accepted)
     )
 
 
@@ -908,11 +913,16 @@ def impl_config(shape, kernel, cout: int, spec: ConvSpec, adapter: Adapter | Non
     return config
 
 
-def _one_integer_each(spec: ConvSpec, rank: int, adapter: Adapter) -> tuple[int, int, int]:
-    """``(stride, pad, dilation)`` of ``spec`` when ``adapter`` can express it."""
+def _one_integer_each(spec: ConvSpec, rank: int, adapter: Adapter) -> tuple[int, int | str, int]:
+    """``(stride, pad, dilation)`` of ``spec`` when ``adapter`` can express it (pad "same"
+    or "valid" only for an adapter with the "padding_forms" feature)."""
     stride_axes, dilation_axes = spec.per_axis(rank)
     padding = spec.explicit_padding(rank)
-    pads = set() if isinstance(padding, str) else {v for pair in padding for v in pair}
+    pads: set[int | str] = (
+        set() if isinstance(padding, str) else {v for pair in padding for v in pair}
+    )
+    if isinstance(spec.padding, str) and "padding_forms" in adapter.features:
+        pads = {spec.padding}
     one_integer = f"checking a user's implementation needs one integer, as in {_EXERCISE}"
     if len(set(stride_axes)) != 1:
         raise UsageError(f"{{param}} {_shown(spec.stride)}: {one_integer}", param="stride")
@@ -922,7 +932,7 @@ def _one_integer_each(spec: ConvSpec, rank: int, adapter: Adapter) -> tuple[int,
         raise UsageError(f"{{param}} {_shown(spec.dilation)}: {one_integer}", param="dilation")
     wanted = {
         "stride": stride_axes[0] != 1,
-        "padding": pads != {0},
+        "padding": pads not in ({0}, {"valid"}),
         "dilation": dilation_axes[0] != 1,
         "groups": spec.groups != 1,
     }
