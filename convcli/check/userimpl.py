@@ -1,17 +1,21 @@
-"""Checking a user's own ``conv_forward`` / ``conv_backward``, defined in a Python file.
+"""Checking a user's own convolution (a forward, and a backward if given) from a Python file.
 
-The user's file defines the classic exercise's functions::
+The file's functions follow one of the signatures of :mod:`convcli.check.adapters`
+(``classic``: ``conv_forward(A_prev, W, b, hparameters) -> (Z, cache)`` and
+``conv_backward(dZ, cache) -> (dA_prev, dW, db)``, NHWC; ``cs231n``: the ``_naive`` or
+``_fast`` pair, NCHW; ``callable``: named functions taking keyword hyperparameters, any
+rank). Here every array is channels last: x ``(n, *spatial, Cin)``, w ``(*kernel,
+Cin/groups, Cout)``, b ``(Cout,)``, z and g ``(n, *out, Cout)``, float64; the adapter converts
+to and from the user's layout. The suite (:data:`SUITE` and :data:`EXTRA`, filtered by
+:func:`suite_for`) follows what the signature can express.
 
-    conv_forward(A_prev, W, b, hparameters) -> (Z, cache)
-    conv_backward(dZ, cache) -> (dA_prev, dW, db)
-
-with A_prev ``(n, H, W, Cin)``, W ``(f, f, Cin, Cout)``, b ``(1, 1, 1, Cout)``,
-``hparameters = {"stride": s, "pad": p}`` and Z, dZ ``(n, Ho, Wo, Cout)``, all float64.
-
-Each configuration gets three verdicts: ``forward_vs_engine`` (the user's Z against convcli's
+Each configuration gets three verdicts: ``forward_vs_engine`` (the user's z against convcli's
 engine), ``backward_vs_numeric`` (the user's backward against numerical gradients of the
 user's *own* forward, see :mod:`convcli.check.numgrad`) and ``backward_vs_engine``, plus a one-line
-diagnosis naming the function to fix. The user's code runs in a child process, one per
+diagnosis naming the function to fix (a forward-only file gets the first alone), and hints
+for classic mistakes (:func:`trap_hints`). The child also checks that the user's code leaves
+its inputs unchanged and that the backward gives the same gradients when called twice on the
+same cache. The user's code runs in a child process, one per
 configuration (:mod:`convcli.check.userproc`); whatever it does wrong — raising anything, exiting,
 crashing, hanging, running out of memory, wrong shapes or types, NaN, wrong values — becomes
 a failed configuration with a one-line reason, never a crash or an exit code of the user's

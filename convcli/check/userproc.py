@@ -1,4 +1,4 @@
-"""Running a user's ``conv_forward`` / ``conv_backward`` in a child process, for checking a
+"""Running a user's forward and backward functions in a child process, for checking a
 user's implementation.
 
 One child per configuration (``python -B impl_worker.py``, NumPy with single-threaded BLAS;
