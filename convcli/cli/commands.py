@@ -884,7 +884,7 @@ def compare(
         typer.Option(
             "--expect",
             metavar="FILE",
-            help="File holding your results (z/y/out, dx/dA_prev, dw/dW, db) [DATA].",
+            help="File holding your results (z/y/out, dx/dA_prev, dw/dW, db); default DATA.",
         ),
     ] = None,
     x: XRef = None,
@@ -893,7 +893,9 @@ def compare(
     dz: Annotated[
         str | None,
         typer.Option(
-            "--dz", metavar="REF", help="Upstream gradient for dx, dw, db [dz = z, loss ½‖z‖²]."
+            "--dz",
+            metavar="REF",
+            help="Upstream gradient for dx, dw, db (default: dz = z, the loss ½‖z‖²).",
         ),
     ] = None,
     z_ref: Annotated[str | None, _result_ref("z", "shape of z")] = None,
@@ -902,10 +904,11 @@ def compare(
     db_ref: Annotated[str | None, _result_ref("db", "Cout")] = None,
     rtol: Annotated[
         float | None,
-        typer.Option("--rtol", help="Relative tolerance (>= 0) [2·eps(dtype)·sqrt(K)]."),
+        typer.Option("--rtol", help="Relative tolerance (>= 0); default 2·eps(dtype)·sqrt(K)."),
     ] = None,
     atol: Annotated[
-        float | None, typer.Option("--atol", help="Absolute tolerance (>= 0) [K·tiny(dtype)].")
+        float | None,
+        typer.Option("--atol", help="Absolute tolerance (>= 0); default K·tiny(dtype)."),
     ] = None,
     stride: Stride = None,
     pad: Pad = None,

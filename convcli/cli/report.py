@@ -318,7 +318,7 @@ def _print_mismatch(console: Console, tensor: TensorComparison) -> None:
         )
     else:
         worst = Table(
-            title=f"{check.name} ({tensor.origin}): worst elements",
+            title=f"{check.name}: worst elements",
             box=box.SIMPLE_HEAD,
             show_edge=False,
         )
@@ -336,7 +336,10 @@ def _print_mismatch(console: Console, tensor: TensorComparison) -> None:
         counts = ", ".join(f"{c}: {k}" for c, k in sorted(check.failures_per_channel.items()))
         axis = "input channel" if check.name == "dx" else "output channel"
         console.print(
-            Text(f"{check.name}: {failed} of {check.total} elements fail; per {axis}: {counts}")
+            Text(
+                f"{check.name} ({tensor.origin}): {failed} of {check.total} elements fail; "
+                f"per {axis}: {counts}"
+            )
         )
         picture = _error_map(check)
         if picture is not None:
