@@ -220,7 +220,7 @@ def _float64(name: str, value: object) -> np.ndarray:
     """An input as float64, refusing other dtypes than floats and ints, and NaN/Inf."""
     array = np.asarray(value)
     check_float_dtype(name, array.dtype)
-    check_finite(name, array)
+    check_finite(name, array, allowable=False)
     return array.astype(np.float64)
 
 

@@ -383,3 +383,20 @@ def test_readme_failing_transcript_is_real_output(monkeypatch):
         result = runner.invoke(app, shlex.split(command)[2:])
         assert result.exit_code == 1, result.stderr
         assert _normalised(result.stdout.rstrip("\n").splitlines()) == _normalised(expected)
+
+
+def test_diagnosis_work_is_bounded(monkeypatch):
+    from convcli.check import diagnosis
+
+    x, w, b = _layer()
+    z = conv_forward(x, w, None, SPEC)[0]
+    monkeypatch.setattr(diagnosis, "MAX_WORK", 1)
+    found = _compare({"z": z}, x, w, b).tensors["z"].diagnosis
+    assert found.tried == 0
+    assert "too large" in found.sentence
+    monkeypatch.setattr(
+        diagnosis,
+        "MAX_WORK",
+        4 * 3 * diagnosis.forward_multiply_adds(SPEC.geometry(x.shape, w.shape)),
+    )
+    assert _compare({"z": z}, x, w, b).tensors["z"].diagnosis.tried == 3

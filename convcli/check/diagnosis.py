@@ -13,7 +13,8 @@ computation. Tensors are in the spec's layout: x ``(n, *spatial, Cin)`` channels
 ``(Cout, Cin/groups, *kernel)``, db ``(Cout,)``; everything runs in float64.
 
 The work is bounded: at most :data:`MAX_CANDIDATES` candidates, each about two forward and
-backward passes, and none when that work would exceed :data:`MAX_WORK` multiply-adds.
+backward passes, and only the first ones (in the order of :func:`candidates`) whose work
+together stays within :data:`MAX_WORK` multiply-adds.
 """
 
 from __future__ import annotations
@@ -129,9 +130,9 @@ def diagnose(
     and are computed once each, for every failing tensor together.
     """
     geometry = setup.spec.geometry(setup.x.shape, setup.w.shape)
-    listed = list(candidates(setup, geometry))[:MAX_CANDIDATES]
-    work = 4 * len(listed) * forward_multiply_adds(geometry)
-    if work > MAX_WORK:
+    affordable = MAX_WORK // max(4 * forward_multiply_adds(geometry), 1)
+    listed = list(candidates(setup, geometry))[: min(MAX_CANDIDATES, affordable)]
+    if not listed:
         return {
             name: Diagnosis(name, (), "no diagnosis: the layer is too large to try candidates", 0)
             for name in failing
