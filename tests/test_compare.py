@@ -210,6 +210,8 @@ def test_batch_means_and_wrong_sums_of_dw_and_db_are_named():
     assert _named("db", z[0].sum(axis=(0, 1)), x, w, b) == "db of the first image only"
     assert _named("db", z.sum(axis=(0, 1, 3))[:4], x, w, b) is None  # not a sum over an axis
     assert _named("dw", ours["dw"] / 2, x, w, b) == "dw divided by the batch size"
+    first = _results(x[:1], w, b, SPEC)["dw"]
+    assert _named("dw", first, x, w, b) == "dw of the first image only"
 
 
 def test_db_summed_over_the_wrong_axis_is_named():

@@ -301,6 +301,11 @@ def _reduction_mistakes(geometry: Geometry) -> Iterator[Candidate]:
             lambda s: {"db": _db_first_image(s)},
             "equals convcli's summed over the first image only, not the batch",
         )
+        yield Candidate(
+            "dw of the first image only",
+            _dw_first_image,
+            "equals convcli's for the first image only (not summed over the batch)",
+        )
     if positions > 1:
         yield Candidate(
             "db averaged",
@@ -327,6 +332,12 @@ def _upstream(setup: Setup) -> np.ndarray:
 
 def _db_first_image(setup: Setup) -> np.ndarray:
     return sum_but_channel(_upstream(setup)[:1], setup.spec)
+
+
+def _dw_first_image(setup: Setup) -> dict[str, np.ndarray] | None:
+    """dw of the layer on image 0 alone, with that image's dz."""
+    g = _upstream(setup)[:1]
+    return {"dw": Setup(setup.x[:1], setup.w, setup.b, g, setup.spec).compute()["dw"]}
 
 
 def _db_keeping(axis: int) -> Make:
