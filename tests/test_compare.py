@@ -143,6 +143,10 @@ def test_kernel_axes_swapped_is_named():
     x, w, b = _layer()
     z = conv_forward(x, np.swapaxes(w, 0, 1), b, SPEC)[0]
     assert _named("z", z, x, w, b) == "kernel axes swapped"
+    x, w, b = _layer(kernel=(3, 2))
+    made = _results(x, np.swapaxes(w, 0, 1), b, SPEC)
+    assert _named("z", made["z"], x, w, b) == "kernel axes swapped"
+    assert _named("dw", np.swapaxes(made["dw"], 0, 1), x, w, b) == "kernel axes swapped"
 
 
 def test_weights_reshaped_from_the_other_layout_are_named():

@@ -227,6 +227,11 @@ def _inputs_changed(permute: Callable[[np.ndarray], np.ndarray]) -> Make:
     return make
 
 
+def _shaped(shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only array of ``shape`` that takes no memory (for shape arithmetic)."""
+    return np.broadcast_to(np.float64(0), shape)
+
+
 def _weight_mistakes(geometry: Geometry) -> Iterator[Candidate]:
     rank, first = geometry.rank, geometry.layout == "nchw"
     axes = _kernel_axes(rank, first)
@@ -235,7 +240,7 @@ def _weight_mistakes(geometry: Geometry) -> Iterator[Candidate]:
         _weights_changed(lambda w: np.flip(w, axis=axes)),
         "equals convcli's with the kernel flipped: a true convolution instead of cross-correlation",
     )
-    if rank >= 2 and geometry.kernel[-1] == geometry.kernel[-2]:
+    if rank >= 2:
         yield Candidate(
             "kernel axes swapped",
             _weights_changed(lambda w: np.swapaxes(w, axes[-1], axes[-2])),
@@ -247,7 +252,7 @@ def _weight_mistakes(geometry: Geometry) -> Iterator[Candidate]:
     names = {"nhwc": "HWIO", "nchw": "OIHW"}
 
     def reread_w(w: np.ndarray) -> np.ndarray:
-        shape_other = w_from_last(np.empty(w_to_last(w, layout).shape), other).shape
+        shape_other = w_from_last(_shaped(w_to_last(w, layout).shape), other).shape
         return w_from_last(w_to_last(w.reshape(shape_other), other), layout)
 
     yield Candidate(
@@ -258,7 +263,7 @@ def _weight_mistakes(geometry: Geometry) -> Iterator[Candidate]:
     )
 
     def reread_x(x: np.ndarray) -> np.ndarray:
-        shape_other = x_from_last(np.empty(x_to_last(x, layout).shape), other).shape
+        shape_other = x_from_last(_shaped(x_to_last(x, layout).shape), other).shape
         return x_from_last(x_to_last(x.reshape(shape_other), other), layout)
 
     data = {"nhwc": "NHWC", "nchw": "NCHW"}
