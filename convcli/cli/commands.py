@@ -926,10 +926,11 @@ def compare(
     Example: convcli compare layer.npz --expect yours.npz
     """
     flags = _hparam_texts(locals())
-    tolerance = Tolerance(rtol=0 if rtol is None else rtol, atol=0 if atol is None else atol)
+    # refuse a bad --rtol/--atol before any file is read (None: the accumulation rule's value)
+    Tolerance(rtol=0 if rtol is None else rtol, atol=0 if atol is None else atol)
     memory = parse_memory(max_memory)
     loaded, spec = _load(
-        "backward",
+        "backward",  # the inputs are backward's: x, w, optional b and dz
         data,
         {"x": x, "w": w, "b": b, "dz": dz},
         ("x", "w"),
@@ -953,8 +954,8 @@ def compare(
             {k: v for k, v in results.arrays.items() if isinstance(v, np.ndarray)},
             spec,
             origins=results.origins,
-            rtol=None if rtol is None else tolerance.rtol,
-            atol=None if atol is None else tolerance.atol,
+            rtol=rtol,
+            atol=atol,
             max_memory=memory,
         )
     with _data_output():
