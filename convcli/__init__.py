@@ -35,6 +35,9 @@ _EXPORTS = {
     "GradcheckResult": "convcli.check",
     "Tolerance": "convcli.check",
     "gradcheck": "convcli.check",
+    # comparing saved results with convcli's
+    "CompareRun": "convcli.compare",
+    "run_compare": "convcli.compare",
     # tensor files
     "open_tensor_file": "convcli.io",
     "read_tensor": "convcli.io",

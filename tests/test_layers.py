@@ -1,6 +1,6 @@
 """The package's structure, checked from the source rather than trusted to convention.
 
-- Layers point one way: ``cli → {run, sweep, generate, inspection} → {check, io, engine} →
+- Layers point one way: ``cli → {run, compare, sweep, generate, inspection} → {check, io, engine} →
   {spec, hparams, memory, stats, units} → errors``. A module may import its own layer and the
   layers below, never above, and the module graph (imports inside functions included) has no
   cycle.
@@ -25,7 +25,7 @@ LAYERS = (
     ("errors",),
     ("spec", "hparams", "memory", "stats", "units"),
     ("check", "io", "engine"),
-    ("run", "sweep", "generate", "inspection"),
+    ("run", "compare", "sweep", "generate", "inspection"),
     ("cli",),
     ("entry", "__main__"),
 )

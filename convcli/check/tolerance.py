@@ -152,3 +152,45 @@ def finite_max(values: np.ndarray) -> float:
     if np.isnan(values).any():
         return float("nan")
     return float(values.max())
+
+
+# -- saved results against convcli's: the accumulation rule ---------------------------------
+
+ACCUMULATION_FACTOR = 2.0  # c in rtol = c · eps(dtype) · sqrt(K)
+RESULT_DTYPES = ("float32", "float64")
+
+
+def accumulation_tolerance(
+    dtype: np.dtype | str, reduction: int, *, rtol: float | None = None, atol: float | None = None
+) -> Tolerance:
+    """The tolerance for a result computed in ``dtype`` as sums of ``reduction`` products.
+
+    A result element is a sum of K = ``reduction`` rounded products (z: kh·kw·Cin/groups
+    and the bias; dx: Cout/groups·kh·kw; dw and db: n·Ho·Wo). Whatever the order of
+    summation, its rounding error stays, with high probability, below about
+    ``sqrt(K) · eps · Σ|terms|`` (the probabilistic bound of Higham and Mary, 2019), so an
+    element passes when
+
+        ``|yours - convcli's| <= atol + rtol · Σ|terms|``,
+        ``rtol = ACCUMULATION_FACTOR · eps(dtype) · sqrt(K)``,
+        ``atol = K · tiny(dtype)`` (the smallest normal number: sums of underflowing terms),
+
+    and the caller passes ``Σ|terms|`` as the scale of :func:`compare_elements` (computed by
+    the engine on |x|, |w|, |dz|). The factor covers the final rounding to ``dtype`` and
+    convcli's own float64 error. ``rtol``/``atol`` given replace the computed values.
+
+    Parameters
+    ----------
+    dtype : numpy.dtype or str
+        float32 or float64, the dtype of the result checked.
+    reduction : int
+        K, the number of products summed into one element (at least 1).
+    rtol, atol : float, optional
+        Replacements, validated as :class:`Tolerance` fields.
+    """
+    info = np.finfo(np.dtype(dtype))
+    count = max(int(reduction), 1)
+    return Tolerance(
+        rtol=ACCUMULATION_FACTOR * float(info.eps) * math.sqrt(count) if rtol is None else rtol,
+        atol=count * float(info.tiny) if atol is None else atol,
+    )

@@ -25,8 +25,9 @@ from convcli.check.tolerance import DEFAULT_ATOL, DEFAULT_EPS, DEFAULT_RTOL, Tol
 from convcli.cli.heatmap import print_heatmap
 from convcli.cli.messages import ASCII_ERRORS, explain, flag_for, one_line, out_of_memory
 from convcli.cli.render import print_inventory, print_result, print_sweep, result_json
-from convcli.cli.report import gradcheck_json, print_gradcheck
+from convcli.cli.report import compare_json, gradcheck_json, print_compare, print_gradcheck
 from convcli.cli.slices import check_slice, parse_slice, take
+from convcli.compare import run_compare
 from convcli.errors import (
     EXIT_CHECK_FAILED,
     EXIT_DATA,
@@ -947,6 +948,103 @@ def _impl_check(impl, data, refs, layer, flags, options: ImplFlags, progress) ->
         mode=options.mode or "auto",
         nondet_tol=options.nondet_tol,
     )
+
+
+def _result_ref(name: str, shape: str):
+    return typer.Option(
+        f"--{name}", metavar="REF", help=f"Your {name} ({shape}) as FILE[:KEY]; wins over files."
+    )
+
+
+@app.command()
+def compare(
+    data: Data = None,
+    expect: Annotated[
+        str | None,
+        typer.Option(
+            "--expect",
+            metavar="FILE",
+            help="File holding your results (z/y/out, dx/dA_prev, dw/dW, db); default DATA.",
+        ),
+    ] = None,
+    x: XRef = None,
+    w: WRef = None,
+    b: BRef = None,
+    dz: Annotated[
+        str | None,
+        typer.Option(
+            "--dz",
+            metavar="REF",
+            help="Upstream gradient for dx, dw, db (default: dz = z, the loss ½‖z‖²).",
+        ),
+    ] = None,
+    z_ref: Annotated[str | None, _result_ref("z", "shape of z")] = None,
+    dx_ref: Annotated[str | None, _result_ref("dx", "shape of x")] = None,
+    dw_ref: Annotated[str | None, _result_ref("dw", "shape of w")] = None,
+    db_ref: Annotated[str | None, _result_ref("db", "Cout")] = None,
+    rtol: Annotated[
+        float | None,
+        typer.Option("--rtol", help="Relative tolerance (>= 0); default 2·eps(dtype)·sqrt(K)."),
+    ] = None,
+    atol: Annotated[
+        float | None,
+        typer.Option("--atol", help="Absolute tolerance (>= 0); default K·tiny(dtype)."),
+    ] = None,
+    stride: Stride = None,
+    pad: Pad = None,
+    dilation: Dilation = None,
+    groups: Groups = None,
+    padding_mode: PaddingMode = None,
+    layout: Layout = None,
+    as_json: Json = False,
+    max_memory: MaxMemory = "auto",
+    allow_sparse: AllowSparse = False,
+    threads: Threads = None,
+) -> None:
+    """Compare your saved z, dx, dw, db with convcli's; name the mistake; exit 1 on a mismatch.
+
+    Example: convcli compare layer.npz --expect yours.npz
+    """
+    flags = _hparam_texts(locals())
+    # refuse a bad --rtol/--atol before any file is read (None: the accumulation rule's value)
+    Tolerance(rtol=0 if rtol is None else rtol, atol=0 if atol is None else atol)
+    memory = parse_memory(max_memory)
+    loaded, spec = _load(
+        "backward",  # the inputs are backward's: x, w, optional b and dz
+        data,
+        {"x": x, "w": w, "b": b, "dz": dz},
+        ("x", "w"),
+        ("b", "dz"),
+        max_bytes=memory,
+        allow_sparse=allow_sparse,
+        **flags,
+    )
+    refs = {"z": z_ref, "dx": dx_ref, "dw": dw_ref, "db": db_ref}
+    results = load_tensors(
+        expect if expect is not None else data,
+        refs,
+        (),
+        tuple(refs),
+        max_bytes=memory,
+        allow_sparse=allow_sparse,
+    )
+    with _blas_threads(threads):
+        run = run_compare(
+            RunInputs.from_loaded(loaded),
+            {k: v for k, v in results.arrays.items() if isinstance(v, np.ndarray)},
+            spec,
+            origins=results.origins,
+            rtol=rtol,
+            atol=atol,
+            max_memory=memory,
+        )
+    with _data_output():
+        if as_json:
+            print(compare_json(run))
+        else:
+            print_compare(_data_console(), run)
+    if not run.passed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 @contextlib.contextmanager

@@ -1,17 +1,22 @@
-"""Rendering gradient checks (:class:`~convcli.run.GradcheckRun`): Rich tables, heatmaps, JSON."""
+"""Rendering checks (:class:`~convcli.run.GradcheckRun`, :class:`~convcli.compare.CompareRun`):
+Rich tables, heatmaps, JSON."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from convcli.check.gradients import TensorCheck
 from convcli.cli.heatmap import print_heatmap
 from convcli.cli.render import format_padding, format_pair, print_table
+from convcli.compare import CompareRun, TensorComparison
+from convcli.engine.operands import x_to_last
 from convcli.hparams import format_hparams
 from convcli.run import GradcheckRun
 
@@ -251,3 +256,117 @@ def _print_comparison(console: Console, number: int, comparison, reference: str)
             f"{comparison.where}"
         )
     )
+
+
+# -- compare ---------------------------------------------------------------------------------
+
+
+def compare_json(run: CompareRun) -> str:
+    """The ``--json`` document of a comparison: per tensor, gradcheck's tensor entry plus
+    shape, expected_shape, dtype, reduction, tolerance, origin and diagnosis."""
+    document = {
+        "command": "compare",
+        "passed": run.passed,
+        "hparams": run.hparams,
+        "upstream": run.upstream,
+        "seconds": run.seconds,
+        "tensors": {name: t.to_json() for name, t in run.tensors.items()},
+    }
+    return json.dumps(document, allow_nan=False, default=str)
+
+
+def print_compare(console: Console, run: CompareRun) -> None:
+    """A row per tensor; under it, each failing tensor's worst elements, failures per
+    channel, |error| heatmap and diagnosis; then the verdict."""
+    table = Table(
+        title=f"convcli compare · {', '.join(run.tensors)} · {run.seconds:.2f} s",
+        caption=Text(
+            format_hparams(run.hparams) + "\npass when |yours - convcli's| ≤ atol + rtol·Σ|terms|, "
+            "rtol = 2·eps(dtype)·√K (K products per element)"
+            + ("" if run.upstream is None else f"\ndx, dw, db for {run.upstream}")
+        ),
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
+    for column in ("tensor", "dtype", "K", "max abs err", "max rel err", "tolerance", "result"):
+        table.add_column(column, justify="left" if column in ("tensor", "result") else "right")
+    for name, tensor in run.tensors.items():
+        check = tensor.check
+        table.add_row(
+            name,
+            tensor.dtype,
+            str(tensor.reduction),
+            *(
+                (f"{check.max_abs_err:.3g}", f"{check.max_rel_err:.3g}")
+                if check.checked
+                else ("wrong shape", "")
+            ),
+            f"rtol {tensor.tolerance.rtol:.2g}, atol {tensor.tolerance.atol:.2g}",
+            _verdict(check.passed),
+        )
+    print_table(console, table)
+    for tensor in run.tensors.values():
+        if not tensor.passed:
+            _print_mismatch(console, tensor)
+    failing = [name for name, t in run.tensors.items() if not t.passed]
+    console.print(
+        Text("PASS: every tensor matches convcli's", style="bold green")
+        if not failing
+        else Text("FAIL: " + ", ".join(failing) + " differ from convcli's", style="bold red")
+    )
+
+
+def _print_mismatch(console: Console, tensor: TensorComparison) -> None:
+    check = tensor.check
+    if tuple(tensor.shape) != tuple(check.shape):
+        console.print(
+            Text(
+                f"{check.name} ({tensor.origin}) has shape {tensor.shape}; "
+                f"convcli's has shape {check.shape}"
+            )
+        )
+    else:
+        worst = Table(
+            title=f"{check.name}: worst elements",
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+        )
+        for column in ("index", "yours", "convcli", "|error|"):
+            worst.add_column(column, justify="right")
+        for row in check.worst:
+            worst.add_row(
+                str(tuple(row["index"])),
+                f"{row['yours']:.10g}",
+                f"{row['expected']:.10g}",
+                f"{row['abs_err']:.3g}",
+            )
+        print_table(console, worst)
+        failed = 0 if check.failed is None else int(check.failed.sum())
+        counts = ", ".join(f"{c}: {k}" for c, k in sorted(check.failures_per_channel.items()))
+        axis = "input channel" if check.name == "dx" else "output channel"
+        console.print(
+            Text(
+                f"{check.name} ({tensor.origin}): {failed} of {check.total} elements fail; "
+                f"per {axis}: {counts}"
+            )
+        )
+        picture = _error_map(check)
+        if picture is not None:
+            print_heatmap(console, *picture)
+    if tensor.diagnosis is not None:
+        style = "bold" if tensor.diagnosis.matches else "dim"
+        console.print(Text(f"diagnosis: {tensor.diagnosis.sentence}", style=style))
+
+
+def _error_map(check: TensorCheck) -> tuple[np.ndarray, str] | None:
+    """|error| over (H, W) for z and dx, (kh, kw) for dw, in the channel with most failures."""
+    if check.name != "z":
+        return check.error_map()
+    if check.abs_errors is None or len(check.shape) != 4:
+        return None
+    errors = x_to_last(np.nan_to_num(check.abs_errors, nan=0.0), check.layout)
+    failures = check.failures_per_channel
+    channel = max(failures, key=lambda c: failures[c]) if failures else 0
+    return errors[..., channel].max(axis=0), f"|error| of z over (H, W), channel {channel}"

@@ -15,6 +15,10 @@ x    ``(n, *spatial, Cin)``         ``x``, ``X``, ``A_prev``, ``input``
 w    ``(*kernel, Cin/g, Cout)``     ``w``, ``W``, ``weight``, ``weights``
 b    ``(Cout,)`` or broadcast       ``b``, ``bias``
 dz   ``(n, *out_spatial, Cout)``    ``dz``, ``dZ``, ``grad_output``
+z    ``(n, *out_spatial, Cout)``    ``z``, ``Z``, ``y``, ``out``, ``output``
+dx   shape of x                     ``dx``, ``dA_prev``, ``grad_input``
+dw   shape of w                     ``dw``, ``dW``, ``grad_weight``
+db   ``(Cout,)``                    ``db``, ``grad_bias``
 ==== ============================== ==========================================
 
 This module never prints: problems are raised as :mod:`convcli.errors` types
@@ -41,6 +45,11 @@ ALIASES = {
     "w": ("w", "W", "weight", "weights"),
     "b": ("b", "bias"),
     "dz": ("dz", "dZ", "grad_output"),
+    # results someone else computed, read by ``compare``
+    "z": ("z", "Z", "y", "out", "output"),
+    "dx": ("dx", "dA_prev", "grad_input"),
+    "dw": ("dw", "dW", "grad_weight"),
+    "db": ("db", "grad_bias"),
 }
 
 
