@@ -306,8 +306,8 @@ def test_cli_cs231n_forward_only_report(tmp_path):
     shape = ["--shape", "1,2,5,5", "--layout", "nchw", "--kernel", "3", "--cout", "2"]
     result = runner.invoke(app, ["gradcheck", "--impl", str(path), *shape, "--pad", "1"])
     assert result.exit_code == 0, result.output
-    assert "cs231n · forward only · 1 configurations" in result.stdout
-    assert "1 of 1 configurations pass" in result.stdout
+    assert "cs231n · forward only · 1 configuration ·" in result.stdout
+    assert "1 of 1 configuration passes" in result.stdout
 
 
 def test_cli_data_file_layer_and_json_keys(tmp_path):

@@ -168,7 +168,7 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
     table = Table(
         title=f"gradcheck --impl {Path(run.impl or '').name} · {run.signature}"
         + (" · forward only" if run.forward_only else "")
-        + f" · {len(run.impl_results)} configurations · {run.seconds:.2f} s",
+        + f" · {_count(len(run.impl_results), 'configuration')} · {run.seconds:.2f} s",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
@@ -229,7 +229,8 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
     passed = sum(1 for result in run.impl_results if result.passed)
     total = len(run.impl_results)
     style = "bold green" if passed == total else "bold red"
-    console.print(Text(f"{passed} of {total} configurations pass", style=style))
+    verb = "passes" if total == 1 else "pass"
+    console.print(Text(f"{passed} of {_count(total, 'configuration')} {verb}", style=style))
     for hint in run.hints:
         console.print(Text(f"hint: {hint}", style="yellow"))
 
@@ -370,3 +371,8 @@ def _error_map(check: TensorCheck) -> tuple[np.ndarray, str] | None:
     failures = check.failures_per_channel
     channel = max(failures, key=lambda c: failures[c]) if failures else 0
     return errors[..., channel].max(axis=0), f"|error| of z over (H, W), channel {channel}"
+
+
+def _count(number: int, noun: str) -> str:
+    """``"1 configuration"``, ``"18 configurations"``."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
