@@ -236,21 +236,8 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
 
 
 def _print_comparison(console: Console, number: int, comparison, reference: str) -> None:
-    worst = Table(
-        title=f"configuration {number}: {comparison.name} against {reference}, worst elements",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-    )
-    for column in ("index", "yours", "expected", "|error|"):
-        worst.add_column(column, justify="right")
-    for row in comparison.worst:
-        worst.add_row(
-            str(tuple(row["index"])),
-            f"{row['yours']:.10g}",
-            f"{row['expected']:.10g}",
-            f"{row['abs_err']:.3g}",
-        )
-    print_table(console, worst)
+    title = f"configuration {number}: {comparison.name} against {reference}, worst elements"
+    print_table(console, _worst_table(title, comparison.worst, "expected"))
     console.print(
         Text(
             f"{comparison.name}: {comparison.failed} of {comparison.checked} elements fail, "
@@ -329,21 +316,7 @@ def _print_mismatch(console: Console, tensor: TensorComparison) -> None:
             )
         )
     else:
-        worst = Table(
-            title=f"{check.name}: worst elements",
-            box=box.SIMPLE_HEAD,
-            show_edge=False,
-        )
-        for column in ("index", "yours", "convcli", "|error|"):
-            worst.add_column(column, justify="right")
-        for row in check.worst:
-            worst.add_row(
-                str(tuple(row["index"])),
-                f"{row['yours']:.10g}",
-                f"{row['expected']:.10g}",
-                f"{row['abs_err']:.3g}",
-            )
-        print_table(console, worst)
+        print_table(console, _worst_table(f"{check.name}: worst elements", check.worst, "convcli"))
         failed = 0 if check.failed is None else int(check.failed.sum())
         counts = ", ".join(f"{c}: {k}" for c, k in sorted(check.failures_per_channel.items()))
         axis = "input channel" if check.name == "dx" else "output channel"
@@ -376,3 +349,19 @@ def _error_map(check: TensorCheck) -> tuple[np.ndarray, str] | None:
 def _count(number: int, noun: str) -> str:
     """``"1 configuration"``, ``"18 configurations"``."""
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _worst_table(title: str, rows: list[dict], reference: str) -> Table:
+    """The worst elements of a comparison (``index``, ``yours``, ``expected``, ``abs_err``
+    rows), the reference's column headed ``reference``."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
+    for column in ("index", "yours", reference, "|error|"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(tuple(row["index"])),
+            f"{row['yours']:.10g}",
+            f"{row['expected']:.10g}",
+            f"{row['abs_err']:.3g}",
+        )
+    return table
