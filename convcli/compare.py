@@ -105,10 +105,12 @@ class CompareRun:
         return all(t.passed for t in self.tensors.values())
 
 
-def missing_results_message() -> str:
-    """The error text when no result tensor is found: every name looked for."""
-    looked = "; ".join(f"{role} ({', '.join(ALIASES[role])})" for role in TENSORS)
-    return f"no result to compare: looked for {looked}; pass {{param}} FILE:KEY"
+class NoResultsError(DataError):
+    """No result tensor was given: the message lists every name looked for."""
+
+    def __init__(self) -> None:
+        looked = "; ".join(f"{role} ({', '.join(ALIASES[role])})" for role in TENSORS)
+        super().__init__(f"no result to compare: looked for {looked}", param="z")
 
 
 def run_compare(
@@ -153,7 +155,7 @@ def run_compare(
     start = time.perf_counter()
     given = {name: results[name] for name in TENSORS if results.get(name) is not None}
     if not given:
-        raise DataError(missing_results_message(), param="z")
+        raise NoResultsError()
     for name, value in given.items():
         if np.asarray(value).dtype.name not in RESULT_DTYPES:
             raise DtypeError(

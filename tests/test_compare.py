@@ -225,6 +225,31 @@ def test_db_summed_over_the_wrong_axis_is_named():
     assert _named("db", z.sum(axis=(0, 1, 3)), x, w, b) == "db summed over the wrong axis (2)"
 
 
+def test_dw_summed_over_the_wrong_axis_is_named():
+    x, w, b = _layer()
+    ours = _results(x, w, b, SPEC)
+    # every output channel's dw made with dz summed over the output channels
+    g = np.broadcast_to(ours["z"].sum(axis=-1, keepdims=True), ours["z"].shape)
+    _, cache = conv_forward(x, w, b, SPEC)
+    wrong = conv_backward(np.ascontiguousarray(g), cache)[1]
+    assert _named("dw", wrong, x, w, b) == "dw summed over the wrong axis (output channels)"
+    # im2col: (Cout, kh·kw·Cin) product reshaped to (kh, kw, Cin, Cout) without transposing
+    gemm = ours["dw"].reshape(-1, 4).T.reshape(ours["dw"].shape)
+    assert _named("dw", gemm, x, w, b) == "dw from the transposed product"
+
+
+def test_another_stride_or_dilation_on_one_axis_is_named():
+    x, w, b = _layer()
+    x = np.concatenate([x, x], axis=2)  # W = 10
+    z = conv_forward(x, w, b, ConvSpec(padding=1, stride=(1, 2)))[0]
+    run = _compare({"z": z}, x, w, b)
+    assert run.tensors["z"].diagnosis.matches[0] == "stride 1,2"
+    assert run.tensors["z"].diagnosis.sentence == "z equals convcli's with stride 1,2 instead of 1"
+    spec = ConvSpec(padding=2, dilation=2)
+    dx = _results(x, w, b, ConvSpec(padding=2, dilation=(2, 1)))["dx"]
+    assert _named("dx", dx, x, w, b, spec) == "dilation 2,1"
+
+
 def test_dx_left_padded_or_cropped_off_by_one_is_named():
     x, w, b = _layer()
     padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -358,6 +383,7 @@ def test_cli_rtol_override_and_errors(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "looked for z (z, Z, y, out, output); dx (dx, dA_prev, grad_input)" in lines[0]
+    assert "--expect FILE" in lines[0]
     assert "--z FILE:KEY" in lines[0]
     ints = tmp_path / "ints.npz"
     np.savez(ints, z=np.ones(ours["z"].shape, np.int32))

@@ -3,14 +3,15 @@
 A user's z, dx, dw or db that fails :func:`convcli.compare.run_compare` is tried against
 convcli's own results for the usual mistakes, each computed with convcli's engine on an
 altered spec or altered inputs (:data:`Candidate`): the kernel flipped (true convolution),
-its spatial axes swapped, data or weights read in the other layout, padding off by one or
-on the other side, another stride or dilation, the bias missing or added twice, dw or db
-divided by the batch size or summed over the wrong axis, dx left padded or cropped one
-pixel off. A candidate *explains* a tensor when every element matches under the same
-tolerance (:mod:`convcli.check.tolerance`) with the scale Σ|terms| of the altered
-computation. Tensors are in the spec's layout: x ``(n, *spatial, Cin)`` channels last or
-``(n, Cin, *spatial)`` channels first, w ``(*kernel, Cin/groups, Cout)`` or
-``(Cout, Cin/groups, *kernel)``, db ``(Cout,)``; everything runs in float64.
+its spatial axes swapped, data or weights read in the other layout, padding off by one or on
+the other side, another stride or dilation (on every axis or on one), the bias missing or
+added twice, dw or db divided by the batch size or summed over the wrong axis, dw's im2col
+product left transposed, dx left padded or cropped one pixel off. A candidate *explains* a
+tensor when every element matches under the same tolerance (:mod:`convcli.check.tolerance`)
+with the scale Σ|terms| of the altered computation. Tensors are in the spec's layout: x
+``(n, *spatial, Cin)`` channels last or ``(n, Cin, *spatial)`` channels first, w ``(*kernel,
+Cin/groups, Cout)`` or ``(Cout, Cin/groups, *kernel)``, db ``(Cout,)``; everything runs in
+float64.
 
 The work is bounded: at most :data:`MAX_CANDIDATES` candidates, each about two forward and
 backward passes, and only the first ones (in the order of :func:`candidates`) whose work
@@ -31,7 +32,7 @@ from convcli.engine.operands import w_from_last, w_to_last, x_from_last, x_to_la
 from convcli.errors import ConvcliError
 from convcli.spec import ConvSpec, Geometry
 
-MAX_CANDIDATES = 48
+MAX_CANDIDATES = 80
 MAX_WORK = 4 * 10**9  # multiply-adds of all candidates together (about a second or two)
 TENSORS = ("z", "dx", "dw", "db")
 
@@ -318,6 +319,18 @@ def _reduction_mistakes(geometry: Geometry) -> Iterator[Candidate]:
             f"equals convcli's divided by n·Ho·Wo={n * positions} "
             "(a mean over batch and positions instead of a sum)",
         )
+    yield Candidate(
+        "dw summed over the wrong axis (output channels)",
+        _dw_of_channel_sum,
+        "equals convcli's made with dz summed over the output channels "
+        "(every output channel's dw sees the same total)",
+    )
+    yield Candidate(
+        "dw from the transposed product",
+        _dw_transposed_product,
+        "equals convcli's (kh·kw·Cin, Cout) matrix transposed and reshaped: "
+        "an im2col product taken as dzᵀ·cols and reshaped without transposing back",
+    )
     rank, first = geometry.rank, geometry.layout == "nchw"
     channel = 1 if first else rank + 1
     for axis in range(rank + 2):
@@ -343,6 +356,25 @@ def _dw_first_image(setup: Setup) -> dict[str, np.ndarray] | None:
     """dw of the layer on image 0 alone, with that image's dz."""
     g = _upstream(setup)[:1]
     return {"dw": Setup(setup.x[:1], setup.w, setup.b, g, setup.spec).compute()["dw"]}
+
+
+def _dw_of_channel_sum(setup: Setup) -> dict[str, np.ndarray] | None:
+    """dw as if every output channel's dz were dz summed over the output channels."""
+    g = _upstream(setup)
+    channel = 1 if setup.spec.channels_first else g.ndim - 1
+    total = np.broadcast_to(g.sum(axis=channel, keepdims=True), g.shape)
+    summed = Setup(setup.x, setup.w, setup.b, np.ascontiguousarray(total), setup.spec)
+    return {"dw": summed.compute()["dw"]}
+
+
+def _dw_transposed_product(setup: Setup) -> dict[str, np.ndarray] | None:
+    """dw's (kh·kw·Cin, Cout) matrix (channels last) transposed, then reshaped back."""
+    layout = setup.spec.layout
+    dw = w_to_last(setup.compute()["dw"], layout)
+    matrix = dw.reshape(-1, dw.shape[-1])
+    if matrix.shape[0] == 1 or matrix.shape[1] == 1:
+        return None  # a vector: transposing changes nothing
+    return {"dw": w_from_last(np.ascontiguousarray(matrix.T).reshape(dw.shape), layout)}
 
 
 def _db_keeping(axis: int) -> Make:
@@ -462,14 +494,38 @@ def _padding_mistakes(setup: Setup, geometry: Geometry) -> Iterator[Candidate]:
 
 
 def _step_mistakes(geometry: Geometry) -> Iterator[Candidate]:
+    """Another stride or dilation: on every axis at once, then on one axis alone."""
     for name, values in (("stride", geometry.stride), ("dilation", geometry.dilation)):
-        current = values[0] if len(set(values)) == 1 else None
-        for value in sorted({1, 2, 3, *(v for v in (values[0] - 1, values[0] + 1) if v >= 1)}):
-            if value == current:
-                continue
-            was = str(current) if current is not None else ",".join(map(str, values))
-            yield Candidate(
-                f"{name} {value}",
-                _respecified(**{name: value}),
-                f"equals convcli's with {name} {value} instead of {was}",
-            )
+        was = _format_steps(values)
+        tried: set[tuple[int, ...]] = {values}
+        for value in _near(values[0]):
+            variant = (value,) * len(values)
+            if variant not in tried:
+                tried.add(variant)
+                yield _step_candidate(name, variant, was)
+        if len(values) < 2:
+            continue
+        for axis, current in enumerate(values):
+            for value in _near(current):
+                variant = (*values[:axis], value, *values[axis + 1 :])
+                if variant not in tried:
+                    tried.add(variant)
+                    yield _step_candidate(name, variant, was)
+
+
+def _near(value: int) -> list[int]:
+    """The steps a mistake usually gives instead of ``value``."""
+    return sorted({1, 2, 3, *(v for v in (value - 1, value + 1) if v >= 1)} - {value})
+
+
+def _format_steps(values: tuple[int, ...]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else ",".join(map(str, values))
+
+
+def _step_candidate(name: str, variant: tuple[int, ...], was: str) -> Candidate:
+    text = _format_steps(variant)
+    return Candidate(
+        f"{name} {text}",
+        _respecified(**{name: variant}),
+        f"equals convcli's with {name} {text} instead of {was}",
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 
+from convcli.compare import NoResultsError
 from convcli.errors import (
     ConvcliError,
     MemoryLimitError,
@@ -68,6 +69,11 @@ def explain(error: ConvcliError) -> str:
         )
     elif isinstance(error, SpecMismatchError):
         text += ": pass --append to add this spec's runs to them, or --force to start over"
+    elif isinstance(error, NoResultsError):
+        text += (
+            "; put them in the data file, give their own file as --expect FILE,"
+            " or name one as --z FILE:KEY (likewise --dx, --dw, --db)"
+        )
     elif isinstance(error, OutputExistsError):
         text += "; pass --force to overwrite"
     return text
