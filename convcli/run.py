@@ -35,6 +35,7 @@ import numpy as np
 
 from convcli.check import Tolerance, gradcheck
 from convcli.check.adapters import Adapter
+from convcli.check.gradients import DEFAULT_SAMPLES
 from convcli.check.numgrad import DEFAULT_MAX_PASSES
 from convcli.check.userimpl import Config, LayerArrays, check_impl, impl_config, load_impl
 from convcli.check.userproc import DEFAULT_TIMEOUT, MAX_TIMEOUT
@@ -915,7 +916,12 @@ class ImplLayer:
     inputs: RunInputs | None = None
 
 
-IMPL_MODES = {"auto": DEFAULT_MAX_PASSES, "exhaustive": DEFAULT_MAX_PASSES, "fast": 0}
+IMPL_MODES = {
+    "auto": DEFAULT_MAX_PASSES,
+    "exhaustive": DEFAULT_MAX_PASSES,
+    "sample": DEFAULT_MAX_PASSES,
+    "fast": 0,
+}
 
 
 def run_impl_check(
@@ -932,6 +938,7 @@ def run_impl_check(
     layer: ImplLayer | None = None,
     mode: str = "auto",
     nondet_tol: float = 0.0,
+    samples: int = DEFAULT_SAMPLES,
 ) -> GradcheckRun:
     """Check the user's functions in ``path`` (``FILE.py`` or ``FILE.py:FORWARD[,BACKWARD]``,
     see :func:`~convcli.check.userimpl.load_impl` for ``signature`` and ``layout``) on
@@ -940,7 +947,8 @@ def run_impl_check(
     child process limited to ``timeout`` seconds and ``max_memory`` bytes.
 
     ``mode`` "auto" or "exhaustive" checks the backward against numerical gradients of the
-    user's forward at every element; "fast" leaves that check out (the engine comparisons
+    user's forward at every element; "sample" at ``samples`` random elements of each of x,
+    w and b (two forward passes each); "fast" leaves that check out (the engine comparisons
     and the extra checks remain). ``nondet_tol``: the largest difference allowed between two
     backward calls on the same inputs (0: bit-identical).
     """
@@ -954,6 +962,12 @@ def run_impl_check(
         raise UsageError(
             f"{{param}} {mode!r}: checking a user's implementation takes {', '.join(IMPL_MODES)}",
             param="mode",
+        )
+    if mode == "sample" and not 1 <= 6 * samples <= IMPL_MODES["sample"]:
+        raise UsageError(
+            f"{{param}} {samples}: sampling calls the forward twice per element of x, w and b; "
+            f"allowed: 1 to {IMPL_MODES['sample'] // 6:,} elements per tensor",
+            param="samples",
         )
     if not (0 <= nondet_tol < float("inf")):
         raise UsageError(f"{{param}} {nondet_tol:g}: must be >= 0", param="nondet_tol")
@@ -974,9 +988,10 @@ def run_impl_check(
         nondet_tol=nondet_tol,
         max_passes=IMPL_MODES[mode],
         arrays=arrays,
+        samples=samples if mode == "sample" else None,
     )
     return GradcheckRun(
-        mode="fast" if mode == "fast" else "exhaustive",
+        mode=mode if mode in ("fast", "sample") else "exhaustive",
         results=[],
         seconds=time.perf_counter() - start,
         impl=str(path),

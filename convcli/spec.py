@@ -58,6 +58,17 @@ def output_size(size: int, kernel: int, stride: int, dilation: int, before: int,
     return (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def in_layout(values: tuple, which: str, layout: str) -> tuple:
+    """A channels-last shape or index of x-like (``which="x"``: x, z, dx, dz) or w-like
+    (``"w"``: w, dw) arrays, in ``layout``: ``(n, *spatial, C)`` -> ``(n, C, *spatial)`` and
+    ``(*kernel, Cin, Cout)`` -> ``(Cout, Cin, *kernel)`` for "nchw"; anything else as given."""
+    if layout != "nchw" or len(values) < 3:
+        return tuple(values)
+    if which == "x":
+        return (values[0], values[-1], *values[1:-1])
+    return (values[-1], values[-2], *values[:-2])
+
+
 def _is_int(value: object) -> TypeGuard[numbers.Integral]:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -371,11 +382,7 @@ class ConvSpec:
 
     def _user(self, shape_cl: tuple, which: str) -> tuple:
         """A channels-last shape shown in this spec's layout."""
-        if not self.channels_first or len(shape_cl) < 3:
-            return shape_cl
-        if which == "x":
-            return (shape_cl[0], shape_cl[-1], *shape_cl[1:-1])
-        return (shape_cl[-1], shape_cl[-2], *shape_cl[:-2])
+        return in_layout(shape_cl, which, self.layout)
 
 
 @dataclass(frozen=True)

@@ -355,3 +355,20 @@ def test_a_correct_file_gets_no_hint(tmp_path):
     (result,) = check_impl(impl, SMALL_2D[:1], max_passes=0)
     assert result.passed
     assert result.hints == []
+
+
+def test_channels_first_users_see_their_own_shapes_and_indices(tmp_path):
+    """A cs231n (NCHW) file's report: shapes and worst-element indices in NCHW order."""
+    shape = ["--shape", "2,3,5,4", "--layout", "nchw", "--kernel", "3", "--cout", "2"]
+    text = CS231N.replace("    return dx, dw, db", "    dx[1, 2, 3, 0] += 1.0\n    return dx, dw, db")
+    bad = write(tmp_path, "bad", text)
+    result = runner.invoke(app, ["gradcheck", "--impl", str(bad), *shape, "--pad", "1", "--json"])
+    assert result.exit_code == 1, result.output
+    (entry,) = json.loads(result.stdout)["results"]
+    assert entry["config"]["shape"] == [2, 3, 5, 4]
+    assert entry["config"]["layout"] == "nchw"
+    worst = entry["checks"]["backward_vs_engine"]["tensors"]["dx"]["worst"]
+    assert worst[0]["index"] == [1, 2, 3, 0]
+    result = runner.invoke(app, ["gradcheck", "--impl", str(bad), *shape, "--pad", "1"])
+    assert "2x3x5x4" in result.stdout
+    assert "(1, 2, 3, 0)" in result.stdout

@@ -225,3 +225,36 @@ def test_check_config_never_raises_for_user_mistakes(tmp_path):
     result = check_config(impl, SUITE[1])
     assert not result.passed
     assert "Z is a str" in result.error or "Z has shape" in result.error
+
+
+def test_sample_mode_checks_sampled_elements_against_central_differences(tmp_path):
+    good, args = variant(tmp_path, "good"), [*ONE, "--mode", "sample", "--samples", "7"]
+    result, doc = run_impl(good, *args)
+    assert result.exit_code == 0, result.stdout
+    assert doc["mode"] == "sample"
+    numeric = doc["results"][0]["checks"]["backward_vs_numeric"]["tensors"]
+    assert {name: t["checked"] for name, t in numeric.items()} == {
+        "dA_prev": 7,
+        "dW": 7,
+        "db": 3,  # all of db: it has 3 elements
+    }
+    assert doc["results"][0]["forward_passes"] == 2 * (7 + 7 + 3)
+    old, new, _ = BROKEN["mean instead of sum for db"]
+    result, doc = run_impl(variant(tmp_path, "bad", old, new), *args)
+    assert result.exit_code == 1
+    numeric = doc["results"][0]["checks"]["backward_vs_numeric"]["tensors"]
+    assert numeric["db"]["passed"] is False
+    assert numeric["dW"]["passed"] is True
+    worst = numeric["db"]["worst"][0]
+    assert len(worst["index"]) == 1
+    assert worst["expected"] == pytest.approx(2 * worst["yours"], rel=1e-6)  # n = 2
+
+
+def test_samples_without_sample_mode_is_refused_with_impl(tmp_path):
+    result, _ = run_impl(variant(tmp_path, "good"), *ONE, "--samples", "7")
+    assert result.exit_code == 2
+    assert "--samples" in result.stderr
+    result, _ = run_impl(variant(tmp_path, "good"), *ONE, "--mode", "sample", "--samples", "2000")
+    assert result.exit_code == 2
+    assert "--samples 2000" in result.stderr
+    assert "1 to 1,666" in result.stderr

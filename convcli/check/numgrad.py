@@ -182,3 +182,54 @@ def numeric_gradients(
         totals = weighted(x, x, w, w, b + step, b - step).sum(axis=batch_and_spatial)
         db[members] = ((b_reach & members[:, None]) @ totals)[members]
     return NumericGradients(dx=dx, dw=dw, db=db, dx_by_cout=by_cout, forward_passes=passes)
+
+
+@dataclass(frozen=True)
+class SampledGradients:
+    """Central differences at sampled elements: per tensor (``"dx"``, ``"dw"``, ``"db"``) the
+    flat indices into x, w or b and the values there."""
+
+    indices: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]
+    forward_passes: int
+
+
+def sampled_gradients(
+    forward: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    x: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray,
+    g: np.ndarray,
+    *,
+    samples: int,
+    eps: float = 1e-3,
+    seed: int = 0,
+) -> SampledGradients:
+    """Central differences of ``Σ forward(x, w, b) ⊙ g`` at ``samples`` elements of each of
+    x, w and b (all of a tensor with fewer), chosen without replacement by a generator of
+    its own seeded with ``seed``: two forward passes per element.
+
+    Unlike :func:`numeric_gradients` nothing is assumed or measured about which outputs an
+    element reaches: each value is the element's own central difference over all of z.
+    """
+    rng = np.random.default_rng(seed)
+    operands = [np.array(a, dtype=np.float64) for a in (x, w, b)]
+    g = np.asarray(g, dtype=np.float64)
+    indices: dict[str, np.ndarray] = {}
+    values: dict[str, np.ndarray] = {}
+    passes = 0
+    for name, operand in zip(("dx", "dw", "db"), operands, strict=True):
+        chosen = np.sort(rng.choice(operand.size, min(samples, operand.size), replace=False))
+        flat = operand.reshape(-1)  # a view: stepping it steps the operand
+        found = np.empty(len(chosen))
+        for k, index in enumerate(chosen):
+            original = flat[index]
+            flat[index] = original + eps
+            plus = np.asarray(forward(*operands), dtype=np.float64)
+            flat[index] = original - eps
+            minus = np.asarray(forward(*operands), dtype=np.float64)
+            flat[index] = original
+            passes += 2
+            found[k] = np.sum((plus - minus) * g) / (2 * eps)
+        indices[name], values[name] = chosen, found
+    return SampledGradients(indices=indices, values=values, forward_passes=passes)

@@ -24,7 +24,7 @@ choosing. The user's file is executed, never modified (no bytecode is written be
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +37,17 @@ from convcli.check.adapters import (
     detect,
     known_names,
 )
-from convcli.check.numgrad import DEFAULT_MAX_PASSES, NumericUnavailable, numeric_gradients
+from convcli.check.numgrad import (
+    DEFAULT_MAX_PASSES,
+    NumericUnavailable,
+    numeric_gradients,
+    sampled_gradients,
+)
 from convcli.check.tolerance import ElementErrors, Tolerance, compare_elements
 from convcli.check.userproc import DEFAULT_TIMEOUT, UserCodeError, UserProcess
 from convcli.engine.fast import conv_backward, conv_forward
 from convcli.errors import DataError, InputFileError, UsageError
-from convcli.spec import ConvSpec
+from convcli.spec import ConvSpec, in_layout
 
 
 @dataclass(frozen=True)
@@ -93,17 +98,23 @@ class Config:
             needs.add("padding_forms")
         return needs
 
-    def to_json(self) -> dict:
-        """The same keys as an engine check's config (resolved per-axis values)."""
+    def user_shape(self, layout: str = "nhwc") -> tuple[int, ...]:
+        """x's shape in ``layout`` (``shape`` is channels last)."""
+        geometry = self.spec().geometry(self.shape, self.w_shape())
+        return replace(geometry, layout=layout).user_shapes()["x"]
+
+    def to_json(self, layout: str = "nhwc") -> dict:
+        """The same keys as an engine check's config (resolved per-axis values); x's shape
+        in ``layout``, the user's."""
         return {
-            "shape": list(self.shape),
+            "shape": list(self.user_shape(layout)),
             "kernel": list(self.kernel),
             "cout": self.cout,
             "stride": [self.stride] * self.rank,
             "dilation": [self.dilation] * self.rank,
             "groups": self.groups,
             "padding_mode": "zeros",
-            "layout": "nhwc",
+            "layout": layout,
             "pad": self.spec().geometry(self.shape, self.w_shape()).hparams()["padding"],
         }
 
@@ -251,6 +262,7 @@ class ConfigResult:
     forward_only: bool = False
     numeric_skipped: bool = False
     hints: list[str] = field(default_factory=list)
+    layout: str = "nhwc"  # the user's: shapes and indices are reported in it
 
     @property
     def passed(self) -> bool:
@@ -261,7 +273,7 @@ class ConfigResult:
 
     def to_json(self) -> dict:
         return {
-            "config": self.config.to_json(),
+            "config": self.config.to_json(self.layout),
             "passed": self.passed,
             "error": self.error,
             "diagnosis": self.diagnosis,
@@ -447,6 +459,45 @@ def _locate(comparison: Comparison, role: str, failed_mask: np.ndarray, cout: in
         comparison.where += ", " + _pixels(np.any(failed_mask, axis=(0, 3)))
 
 
+def _in_user_order(checks: dict[str, Check], binding: Binding) -> None:
+    """Worst elements' indices (channels last) in the user's layout."""
+    which = {binding.name(role): ("w" if role == "dw" else "x") for role in ("z", "dx", "dw")}
+    for check in checks.values():
+        for name, comparison in check.tensors.items():
+            for row in comparison.worst:
+                if name in which:
+                    row["index"] = list(
+                        in_layout(row["index"], which[name], binding.adapter.layout)
+                    )
+
+
+def _compare_sampled(names, user_grads, sampled, tolerance, cout) -> dict[str, Comparison]:
+    """The user's dx, dw, db at the sampled elements against their central differences."""
+    tensors = {}
+    for name, role, mine in zip(names, GRADIENTS, user_grads, strict=True):
+        mine = np.asarray(mine, np.float64)
+        chosen = sampled.indices[role]
+        got, want = mine.reshape(-1)[chosen], sampled.values[role]
+        errors = compare_elements(got, want, tolerance)
+        comparison = _comparison(name, got, want, errors)
+        comparison.worst = [
+            {
+                **row,
+                "index": [int(i) for i in np.unravel_index(chosen[row["index"][0]], mine.shape)],
+            }
+            for row in comparison.worst
+        ]
+        channels = chosen % mine.shape[-1]  # channels last: the last axis
+        failing = np.bincount(channels[errors.failed], minlength=mine.shape[-1])
+        comparison.failures_per_channel = {c: int(k) for c, k in enumerate(failing) if k}
+        if not comparison.passed:
+            label = "output channel" if role != "dx" else "input channel"
+            total = cout if role != "dx" else mine.shape[-1]
+            comparison.where = _channels(comparison.failures_per_channel, total, label)
+        tensors[name] = comparison
+    return tensors
+
+
 def _compare_all(names, roles, got, want, tolerance, cout) -> dict[str, Comparison]:
     tensors = {}
     for name, role, mine, reference in zip(names, roles, got, want, strict=True):
@@ -528,15 +579,9 @@ class _Run:
             comparison.where = f"{comparison.where}; {_contributions(wrong, cout)}"
 
     def numeric(self, seed: int, max_passes: int):
-        """Numerical gradients of the user's forward (NumericUnavailable when they cannot
-        be trusted: a float32 z, a rank other than 2)."""
-        z_dtype = self.z_dtype
-        forward, z = self.binding.forward, self.binding.name("z")
-        if z_dtype != "float64":
-            raise NumericUnavailable(
-                f"{forward} returns {z_dtype} {z}, whose rounding swamps central "
-                "differences; return float64 to check the gradients numerically"
-            )
+        """Numerical gradients of the user's forward at every element (NumericUnavailable
+        when they cannot be trusted: a float32 z, a rank other than 2)."""
+        self._check_numeric_dtype()
         return numeric_gradients(
             self.forward,
             self.x,
@@ -548,18 +593,27 @@ class _Run:
             max_passes=max_passes,
         )
 
+    def sampled(self, seed: int, samples: int):
+        """Central differences of the user's forward at ``samples`` elements per tensor."""
+        self._check_numeric_dtype()
+        return sampled_gradients(
+            self.forward,
+            self.x,
+            self.w,
+            self.b,
+            self.g,
+            samples=samples,
+            eps=self.tolerance.eps,
+            seed=seed,
+        )
 
-@dataclass(frozen=True)
-class ImplOptions:
-    """How to check: tolerances, the largest difference allowed between two backward calls
-    on the same inputs (``nondet_tol``; 0 = bit-identical), the child's time and memory
-    limits, and the numerical check's budget of forward passes (0: not run)."""
-
-    tolerance: Tolerance = field(default_factory=Tolerance)
-    nondet_tol: float = 0.0
-    timeout: float = DEFAULT_TIMEOUT
-    max_memory: int | None = None
-    max_passes: int = DEFAULT_MAX_PASSES
+    def _check_numeric_dtype(self) -> None:
+        forward, z = self.binding.forward, self.binding.name("z")
+        if self.z_dtype != "float64":
+            raise NumericUnavailable(
+                f"{forward} returns {self.z_dtype} {z}, whose rounding swamps central "
+                "differences; return float64 to check the gradients numerically"
+            )
 
 
 def check_config(
@@ -574,12 +628,14 @@ def check_config(
     process: UserProcess | None = None,
     nondet_tol: float = 0.0,
     arrays: LayerArrays | None = None,
+    samples: int | None = None,
 ) -> ConfigResult:
     """Run the checks of one configuration in a fresh child process (``process``, if
     given, must be a new one, perhaps launched already; it is closed here); never raises for
     the user's mistakes (they become the result's ``error``). ``arrays`` replace the random
     inputs (their shapes must be the configuration's). A forward-only file gets the forward
-    check alone; ``max_passes`` 0 skips the numerical check."""
+    check alone; ``max_passes`` 0 skips the numerical check, and ``samples`` replaces it by
+    central differences at that many sampled elements of each of x, w and b."""
     tolerance = tolerance or Tolerance()
     checks = {name: Check(passed=None) for name in CHECKS}
     result = ConfigResult(config=config, checks=checks, forward_only=impl.forward_only)
@@ -603,10 +659,14 @@ def check_config(
                 for name in CHECKS[1:]:
                     checks[name] = Check(passed=None, reason="forward only: no backward given")
             else:
-                unrepeatable = _check_backward(run, result, problems, nondet_tol, seed, max_passes)
+                unrepeatable = _check_backward(
+                    run, result, problems, nondet_tol, seed, (max_passes, samples)
+                )
         except UserCodeError as failure:
             problems.insert(0, str(failure))
         result.output = process.output()
+    _in_user_order(checks, impl.binding)
+    result.layout = impl.binding.adapter.layout
     for check in checks.values():
         if check.tensors and check.reason is None:
             check.passed = not check.failing()
@@ -623,7 +683,12 @@ def check_config(
 
 
 def _check_backward(
-    run: _Run, result: ConfigResult, problems: list[str], nondet_tol: float, seed: int, passes: int
+    run: _Run,
+    result: ConfigResult,
+    problems: list[str],
+    nondet_tol: float,
+    seed: int,
+    numeric_plan: tuple[int, int | None],
 ) -> list[str]:
     """The backward checks of one configuration; the names of the gradients that differ
     between two calls on the same cache by more than ``nondet_tol``."""
@@ -657,9 +722,22 @@ def _check_backward(
         checks["backward_vs_engine"],
         lambda c: conv_backward(_only_channel(run.g, c), run.cache)[0],
     )
+    passes, samples = numeric_plan
     if passes <= 0:
         result.numeric_skipped = True
         checks["backward_vs_numeric"] = Check(passed=None, reason="not run (fast mode)")
+        return unrepeatable
+    if samples is not None:
+        try:
+            sampled = run.sampled(seed, samples)
+        except NumericUnavailable as unavailable:
+            checks["backward_vs_numeric"] = Check(passed=None, reason=str(unavailable))
+            problems.append(f"numerical gradients not checked: {unavailable}")
+            return unrepeatable
+        result.forward_passes = sampled.forward_passes
+        checks["backward_vs_numeric"] = Check(
+            passed=None, tensors=_compare_sampled(run.names, user_grads, sampled, tolerance, cout)
+        )
         return unrepeatable
     try:
         numeric = run.numeric(seed, passes)
@@ -821,6 +899,7 @@ def check_impl(
     nondet_tol: float = 0.0,
     max_passes: int = DEFAULT_MAX_PASSES,
     arrays: LayerArrays | None = None,
+    samples: int | None = None,
 ) -> list[ConfigResult]:
     """Check every configuration (default: ``impl.suite``), each in its own child process;
     ``progress(done, total)``. ``arrays`` (with one configuration) replace the random
@@ -853,6 +932,7 @@ def check_impl(
                     nondet_tol=nondet_tol,
                     max_passes=max_passes,
                     arrays=arrays,
+                    samples=samples,
                 )
             )
             if progress is not None:

@@ -829,12 +829,14 @@ def gradcheck(
                 ImplFlags(
                     mode=None if mode is None else mode.value,
                     unused={
-                        "--samples": samples is not None,
+                        "--samples without --mode sample": samples is not None
+                        and mode is not ModeName.sample,
                         "--probes": probes is not None,
                         "--upstream": upstream is not None,
                     },
                     signature=None if signature is None else signature.value,
                     nondet_tol=0.0 if nondet_tol is None else nondet_tol,
+                    samples=samples or DEFAULT_SAMPLES,
                     seed=seed,
                     tolerance=tolerance,
                     timeout=timeout,
@@ -895,6 +897,7 @@ class ImplFlags:
     unused: dict[str, bool]
     signature: str | None
     nondet_tol: float
+    samples: int
     seed: int
     tolerance: Tolerance
     timeout: float | None
@@ -947,6 +950,7 @@ def _impl_check(impl, data, refs, layer, flags, options: ImplFlags, progress) ->
         layer=impl_layer,
         mode=options.mode or "auto",
         nondet_tol=options.nondet_tol,
+        samples=options.samples,
     )
 
 

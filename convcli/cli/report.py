@@ -168,6 +168,7 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
     table = Table(
         title=f"gradcheck --impl {Path(run.impl or '').name} · {run.signature}"
         + (" · forward only" if run.forward_only else "")
+        + (f" · {run.mode} mode" if run.mode != "exhaustive" else "")
         + f" · {_count(len(run.impl_results), 'configuration')} · {run.seconds:.2f} s",
         box=box.SIMPLE_HEAD,
         show_edge=False,
@@ -183,7 +184,7 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
     for column in IMPL_COLUMNS.values():
         table.add_column(column, no_wrap=True, min_width=4)
     for number, result in enumerate(run.impl_results, start=1):
-        config = result.config.to_json()
+        config = result.config.to_json(result.layout)
         table.add_row(
             str(number),
             "x".join(map(str, config["shape"])),
@@ -199,11 +200,12 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
         if result.passed and not result.output:
             continue
         config = result.config
+        shape = config.user_shape(result.layout)
         extra = f", dilation {config.dilation}" if config.dilation != 1 else ""
         extra += f", groups {config.groups}" if config.groups != 1 else ""
         console.print(
             Text(
-                f"configuration {number} ({'x'.join(map(str, config.shape))}, "
+                f"configuration {number} ({'x'.join(map(str, shape))}, "
                 f"kernel {'x'.join(map(str, config.kernel))}, cout {config.cout}, "
                 f"stride {config.stride}, pad {config.pad}{extra}): "
                 f"{'PASS' if result.passed else 'FAIL'}",
