@@ -360,7 +360,9 @@ def test_a_correct_file_gets_no_hint(tmp_path):
 def test_channels_first_users_see_their_own_shapes_and_indices(tmp_path):
     """A cs231n (NCHW) file's report: shapes and worst-element indices in NCHW order."""
     shape = ["--shape", "2,3,5,4", "--layout", "nchw", "--kernel", "3", "--cout", "2"]
-    text = CS231N.replace("    return dx, dw, db", "    dx[1, 2, 3, 0] += 1.0\n    return dx, dw, db")
+    text = CS231N.replace(
+        "    return dx, dw, db", "    dx[1, 2, 3, 0] += 1.0\n    return dx, dw, db"
+    )
     bad = write(tmp_path, "bad", text)
     result = runner.invoke(app, ["gradcheck", "--impl", str(bad), *shape, "--pad", "1", "--json"])
     assert result.exit_code == 1, result.output
@@ -372,3 +374,44 @@ def test_channels_first_users_see_their_own_shapes_and_indices(tmp_path):
     result = runner.invoke(app, ["gradcheck", "--impl", str(bad), *shape, "--pad", "1"])
     assert "2x3x5x4" in result.stdout
     assert "(1, 2, 3, 0)" in result.stdout
+
+
+ENGINE_WRAPPER = """
+from convcli import ConvSpec, conv_backward, conv_forward
+
+
+def forward(x, w, b, *, stride=1, padding=0, dilation=1):
+    stride = STRIDE(stride)
+    return conv_forward(x, w, b, ConvSpec(stride=stride, padding=padding, dilation=dilation))[0]
+
+
+def backward(dz, x, w, b, *, stride=1, padding=0, dilation=1):
+    spec = ConvSpec(stride=stride, padding=padding, dilation=dilation)
+    return conv_backward(dz, conv_forward(x, w, b, spec)[1])
+
+
+STRIDE = lambda s: s
+"""
+
+
+def test_callable_takes_per_axis_steps_and_asymmetric_padding(tmp_path):
+    """A callable gets stride and dilation as one integer per axis and padding as (before,
+    after) pairs when the layer has them; a wrapper that drops an axis fails."""
+    layer = ["--shape", "2,7,8,3", "--kernel", "3,2", "--cout", "4", "--stride", "1,2"]
+    layer += ["--pad", "1,0,0,2", "--dilation", "2,1", "--json"]
+    good = write(tmp_path, "good", ENGINE_WRAPPER)
+    result = runner.invoke(app, ["gradcheck", "--impl", f"{good}:forward,backward", *layer])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(result.stdout)["results"]
+    assert entry["config"]["stride"] == [1, 2]
+    assert entry["config"]["dilation"] == [2, 1]
+    assert entry["config"]["pad"] == [[1, 0], [0, 2]]
+    drop = "STRIDE = lambda s: s[0] if isinstance(s, tuple) else s"  # the first axis's only
+    bad = write(tmp_path, "bad", ENGINE_WRAPPER.replace("STRIDE = lambda s: s", drop))
+    result = runner.invoke(app, ["gradcheck", "--impl", f"{bad}:forward,backward", *layer])
+    assert result.exit_code == 1, result.output
+    classic = write(tmp_path, "classic", CLASSIC)
+    square = [("3" if arg == "3,2" else arg) for arg in layer]
+    result = runner.invoke(app, ["gradcheck", "--impl", str(classic), *square])
+    assert result.exit_code == 2
+    assert "--stride 1,2" in result.stderr

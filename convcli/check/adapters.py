@@ -45,7 +45,8 @@ class Adapter:
     ``calling`` how the child calls the functions ("hparameters" dict and a cache, or
     "keywords"); ``ranks`` the spatial ranks; ``features`` the hyperparameters beyond one
     integer stride and pad it can express ("dilation", "groups", "nonsquare" kernels,
-    "padding_forms": padding "same" and "valid").
+    "padding_forms": padding "same" and "valid", "per_axis": a stride or dilation per axis
+    and padding as ``(before, after)`` per axis).
     """
 
     name: str
@@ -58,7 +59,7 @@ class Adapter:
     bias_4d: bool = False
     accepted: tuple[str, ...] = ("stride", "padding")
 
-    def hparams(self, stride: int, pad: int | str, dilation: int, groups: int) -> dict:
+    def hparams(self, stride, pad, dilation, groups: int) -> dict:
         """The hyperparameters as the user's functions take them: the ``hparameters`` dict
         or the keyword arguments among :attr:`accepted`."""
         if self.calling == "hparameters":
@@ -128,7 +129,7 @@ ADAPTERS: dict[str, Adapter] = {
         names=("z", "dx", "dw", "db"),
         calling="keywords",
         ranks=(1, 2, 3),
-        features=frozenset({"nonsquare", "dilation", "groups", "padding_forms"}),
+        features=frozenset({"nonsquare", "dilation", "groups", "padding_forms", "per_axis"}),
         accepted=HPARAMS,
     ),
 }
@@ -140,7 +141,7 @@ def callable_adapter(layout: str, accepted: tuple[str, ...]) -> Adapter:
     """The ``callable`` adapter in ``layout`` ("nhwc" or "nchw"), supporting only the
     hyperparameters among ``accepted`` (the keyword names the user's forward takes)."""
     base = ADAPTERS["callable"]
-    features = {f for f in base.features if f in accepted or f == "nonsquare"}
+    features = {f for f in base.features if f in accepted or f in ("nonsquare", "per_axis")}
     if "padding" in accepted:
         features.add("padding_forms")
     return Adapter(

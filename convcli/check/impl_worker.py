@@ -215,7 +215,7 @@ class _Child:
         inputs = {role: arrays[role] for role in ("x", "w", "b", "dz") if role in arrays}
         given = {role: array.copy() for role, array in inputs.items()}
         x, w, b = given["x"], given["w"], given["b"]
-        keywords = header.get("hparams", {})
+        keywords = _hparams(header)
         if header["calling"] == "keywords":
             result = self.call(forward, x, w, b, **keywords)
             cache = None
@@ -245,7 +245,7 @@ class _Child:
         """One call of the user's backward with a fresh copy of dz; results by role."""
         dz = given["dz"].copy()
         if header["calling"] == "keywords":
-            grads = self.call(name, dz, given["x"], given["w"], given["b"], **header["hparams"])
+            grads = self.call(name, dz, given["x"], given["w"], given["b"], **_hparams(header))
         else:
             grads = self.call(name, dz, cache)
         if not isinstance(grads, (tuple, list)) or len(grads) != 3:
@@ -349,6 +349,16 @@ def _limit_memory(extra_bytes: int | None) -> None:
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _hparams(header: dict) -> dict:
+    """The request's hyperparameters, per-axis values as tuples (JSON carries lists):
+    ``stride=(1, 2)``, ``padding=((1, 0), (0, 2))``."""
+
+    def tupled(value):
+        return tuple(tupled(v) for v in value) if isinstance(value, list) else value
+
+    return {str(name): tupled(value) for name, value in header.get("hparams", {}).items()}
 
 
 def main(argv: list[str]) -> None:

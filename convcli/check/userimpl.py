@@ -49,19 +49,23 @@ from convcli.engine.fast import conv_backward, conv_forward
 from convcli.errors import DataError, InputFileError, UsageError
 from convcli.spec import ConvSpec, in_layout
 
+Step = int | tuple[int, ...]  # a stride or dilation: every axis, or one per axis
+Pad = int | str | tuple[tuple[int, int], ...]  # one for every side, a form, or per axis
+
 
 @dataclass(frozen=True)
 class Config:
     """One configuration: x ``(n, *spatial, Cin)`` (channels last), the kernel's spatial
-    sizes, Cout, and one integer each for stride, dilation and groups; pad is one integer
-    (the same on every side) or "same" / "valid"."""
+    sizes, Cout, groups, and stride and dilation as one integer (every axis) or one per
+    axis; pad is one integer (the same on every side), "same" / "valid", or ``(before,
+    after)`` per axis."""
 
     shape: tuple[int, ...]
     kernel: tuple[int, ...]
     cout: int
-    stride: int = 1
-    pad: int | str = 0
-    dilation: int = 1
+    stride: Step = 1
+    pad: Pad = 0
+    dilation: Step = 1
     groups: int = 1
 
     @property
@@ -90,6 +94,8 @@ class Config:
     def needs(self) -> set[str]:
         """What an adapter must express for this configuration (see Adapter.features)."""
         needs = {"dilation"} if self.dilation != 1 else set()
+        if any(isinstance(v, tuple) for v in (self.stride, self.pad, self.dilation)):
+            needs.add("per_axis")
         if self.groups != 1:
             needs.add("groups")
         if len(set(self.kernel)) > 1:
@@ -110,8 +116,8 @@ class Config:
             "shape": list(self.user_shape(layout)),
             "kernel": list(self.kernel),
             "cout": self.cout,
-            "stride": [self.stride] * self.rank,
-            "dilation": [self.dilation] * self.rank,
+            "stride": list(self.spec().per_axis(self.rank)[0]),
+            "dilation": list(self.spec().per_axis(self.rank)[1]),
             "groups": self.groups,
             "padding_mode": "zeros",
             "layout": layout,
@@ -983,7 +989,7 @@ def impl_config(shape, kernel, cout: int, spec: ConvSpec, adapter: Adapter | Non
             "only; give one size",
             param="kernel",
         )
-    stride, pad, dilation = _one_integer_each(spec, rank, adapter)
+    stride, pad, dilation = _expressed(spec, rank, adapter)
     config = Config(
         shape=tuple(shape),
         kernel=kernel,
@@ -997,9 +1003,10 @@ def impl_config(shape, kernel, cout: int, spec: ConvSpec, adapter: Adapter | Non
     return config
 
 
-def _one_integer_each(spec: ConvSpec, rank: int, adapter: Adapter) -> tuple[int, int | str, int]:
-    """``(stride, pad, dilation)`` of ``spec`` when ``adapter`` can express it (pad "same"
-    or "valid" only for an adapter with the "padding_forms" feature)."""
+def _expressed(spec: ConvSpec, rank: int, adapter: Adapter) -> tuple[Step, Pad, Step]:
+    """``(stride, pad, dilation)`` of ``spec`` as ``adapter`` takes them: one integer each
+    (pad "same" or "valid" only with the "padding_forms" feature), or, with the "per_axis"
+    feature, a tuple per axis where the axes differ (pad: ``(before, after)`` pairs)."""
     stride_axes, dilation_axes = spec.per_axis(rank)
     padding = spec.explicit_padding(rank)
     pads: set[int | str] = (
@@ -1007,17 +1014,18 @@ def _one_integer_each(spec: ConvSpec, rank: int, adapter: Adapter) -> tuple[int,
     )
     if isinstance(spec.padding, str) and "padding_forms" in adapter.features:
         pads = {spec.padding}
+    per_axis = "per_axis" in adapter.features
     one_integer = f"checking a user's implementation needs one integer, as in {_EXERCISE}"
-    if len(set(stride_axes)) != 1:
+    if len(set(stride_axes)) != 1 and not per_axis:
         raise UsageError(f"{{param}} {_shown(spec.stride)}: {one_integer}", param="stride")
-    if len(pads) != 1:
+    if len(pads) != 1 and not per_axis:
         raise UsageError(f"{{param}} {_shown(spec.padding)}: {one_integer}", param="padding")
-    if len(set(dilation_axes)) != 1:
+    if len(set(dilation_axes)) != 1 and not per_axis:
         raise UsageError(f"{{param}} {_shown(spec.dilation)}: {one_integer}", param="dilation")
     wanted = {
-        "stride": stride_axes[0] != 1,
+        "stride": set(stride_axes) != {1},
         "padding": pads not in ({0}, {"valid"}),
-        "dilation": dilation_axes[0] != 1,
+        "dilation": set(dilation_axes) != {1},
         "groups": spec.groups != 1,
     }
     unsupported = [
@@ -1038,7 +1046,17 @@ def _one_integer_each(spec: ConvSpec, rank: int, adapter: Adapter) -> tuple[int,
             f"(its functions take {', '.join(adapter.accepted) or 'no hyperparameters'})",
             param=param,
         )
-    return int(stride_axes[0]), pads.pop(), int(dilation_axes[0])
+    if len(pads) == 1:
+        return _step(stride_axes), pads.pop(), _step(dilation_axes)
+    if isinstance(padding, str):  # a form the adapter cannot take (refused above)
+        raise UsageError(f"{{param}} {padding!r}: not resolved for this layer", param="padding")
+    pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _step(stride_axes), pairs, _step(dilation_axes)
+
+
+def _step(axes: tuple[int, ...]) -> Step:
+    """One integer when every axis has it, else the tuple."""
+    return int(axes[0]) if len(set(axes)) == 1 else tuple(int(a) for a in axes)
 
 
 _EXERCISE = "the hparameters {'stride': s, 'pad': p}"

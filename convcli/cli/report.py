@@ -200,14 +200,15 @@ def _print_impl(console: Console, run: GradcheckRun) -> None:
         if result.passed and not result.output:
             continue
         config = result.config
-        shape = config.user_shape(result.layout)
-        extra = f", dilation {config.dilation}" if config.dilation != 1 else ""
+        shown = config.to_json(result.layout)
+        extra = f", dilation {format_pair(shown['dilation'])}" if config.dilation != 1 else ""
         extra += f", groups {config.groups}" if config.groups != 1 else ""
         console.print(
             Text(
-                f"configuration {number} ({'x'.join(map(str, shape))}, "
+                f"configuration {number} ({'x'.join(map(str, shown['shape']))}, "
                 f"kernel {'x'.join(map(str, config.kernel))}, cout {config.cout}, "
-                f"stride {config.stride}, pad {config.pad}{extra}): "
+                f"stride {format_pair(shown['stride'])}, pad {format_padding(shown['pad'])}"
+                f"{extra}): "
                 f"{'PASS' if result.passed else 'FAIL'}",
                 style="bold",
             )
