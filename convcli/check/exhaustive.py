@@ -9,6 +9,11 @@ passes, and each one's difference is read back from its own region of z:
 - the weights ``w[i, j, c, :]`` of all output channels at once;
 - all biases at once.
 
+For a transposed convolution (``geometry.transposed``) input pixel ``i`` reaches outputs
+``i·stride + t·dilation - before`` (its own reach, :func:`feeding_inputs`), so the period is
+about ``span / stride``; its w ``(*kernel, Cout/groups, Cin)`` is perturbed at one input
+channel of every group, for all its output channels at once.
+
 So an exhaustive check takes ``2 · (∏periods · Cin/groups + ∏kernel · Cin/groups + 1)``
 forward passes (:func:`exhaustive_passes`), independent of n, H and W.
 
@@ -34,11 +39,20 @@ def feeding_inputs(axis: int, geometry: Geometry) -> list[set[int]]:
     """For each output position along spatial ``axis``, the input positions that feed it.
 
     Through any tap of the kernel, after the padding mode maps padded positions back onto
-    the input (zero padding feeds nothing).
+    the input (zero padding feeds nothing). For a transposed convolution, the inputs ``i``
+    with ``i·stride + t·dilation - before = o`` for some tap ``t``.
     """
     size, k = geometry.in_sizes[axis], geometry.kernel[axis]
     s, d = geometry.stride[axis], geometry.dilation[axis]
     before = geometry.pads[axis][0]
+    if geometry.transposed:
+        feeds: list[set[int]] = [set() for _ in range(geometry.out_sizes[axis])]
+        for i in range(size):
+            for t in range(k):
+                o = i * s + t * d - before
+                if 0 <= o < len(feeds):
+                    feeds[o].add(i)
+        return feeds
     taps = np.arange(k) * d - before
     return [
         {int(i) for i in padding_source(o * s + taps, size, geometry.padding_mode) if i >= 0}
@@ -58,7 +72,7 @@ def perturbation_periods(geometry: Geometry) -> list[int]:
         feeds = feeding_inputs(axis, geometry)
         size = geometry.in_sizes[axis]
         span = geometry.dilation[axis] * (geometry.kernel[axis] - 1) + 1
-        period = min(span, size)
+        period = 1 if geometry.transposed else min(span, size)
         while period < size and any(len({i % period for i in f}) < len(f) for f in feeds):
             period += 1
         periods.append(period)
@@ -145,11 +159,18 @@ def exhaustive_numeric(
     every_output = tuple(range(rank + 1))
     for taps in itertools.product(*(range(k) for k in geometry.kernel)):
         for channel in range(cin_group):
-            weights = (*taps, channel)
+            weights: tuple[int | slice, ...] = (*taps, channel)
+            if geometry.transposed:
+                # w[taps, j, c-th input channel of group G] feeds output channel G·Cout/g + j
+                weights = (*taps, slice(None), slice(channel, None, cin_group))
             w_step[...] = 0
             w_step[weights] = eps
             weighted = difference(x, x, w + w_step, w - w_step, b, b)
-            numeric["dw"][weights] = weighted.sum(axis=every_output)
+            by_channel = weighted.sum(axis=every_output)  # (Cout,)
+            if geometry.transposed:
+                numeric["dw"][weights] = by_channel.reshape(groups, cout // groups).T
+            else:
+                numeric["dw"][weights] = by_channel
     if b is not None:
         weighted = difference(x, x, w, w, b + eps, b - eps)
         numeric["db"] = weighted.sum(axis=every_output)

@@ -305,7 +305,11 @@ def _hparam_texts(arguments: dict[str, object]) -> dict[str, str | None]:
     Every command names its hyperparameter arguments by the table's keys (``pad`` for
     padding), so the table, not each command, says which arguments are hyperparameters.
     """
-    return {row.name: cast("str | None", arguments[row.key]) for row in HPARAMS}
+    texts = {row.name: arguments.get(row.key) for row in HPARAMS}
+    return {  # a boolean flag (--transposed) as the table's text for it
+        name: str(int(value)) if isinstance(value, bool) else cast("str | None", value)
+        for name, value in texts.items()
+    }
 
 
 Stride = Annotated[str | None, _hparam_option("stride")]
@@ -314,6 +318,16 @@ Dilation = Annotated[str | None, _hparam_option("dilation")]
 Groups = Annotated[str | None, _hparam_option("groups")]
 PaddingMode = Annotated[str | None, _hparam_option("padding_mode")]
 Layout = Annotated[str | None, _hparam_option("layout")]
+Transposed = Annotated[
+    bool | None,
+    typer.Option(
+        "--transposed/--no-transposed",
+        help="A transposed convolution (ConvTranspose); w is (*kernel,Cout/g,Cin), nchw "
+        "(Cin,Cout/g,*kernel). Default: file, else no.",
+        show_default=False,
+    ),
+]
+OutputPadding = Annotated[str | None, _hparam_option("output_padding")]
 
 
 # Choices as Typer wants them (enums), spelled out so that type checkers see their members;
@@ -514,6 +528,8 @@ def forward(
     groups: Groups = None,
     padding_mode: PaddingMode = None,
     layout: Layout = None,
+    transposed: Transposed = None,
+    output_padding: OutputPadding = None,
     engine: Engine = EngineName.fast,
     slice_: Slices = None,
     heatmap: Heatmaps = None,
@@ -575,6 +591,8 @@ def backward(
     groups: Groups = None,
     padding_mode: PaddingMode = None,
     layout: Layout = None,
+    transposed: Transposed = None,
+    output_padding: OutputPadding = None,
     engine: Engine = EngineName.fast,
     slice_: Slices = None,
     heatmap: Heatmaps = None,
@@ -790,6 +808,8 @@ def gradcheck(
     groups: Groups = None,
     padding_mode: PaddingMode = None,
     layout: Layout = None,
+    transposed: Transposed = None,
+    output_padding: OutputPadding = None,
     as_json: Json = False,
     max_memory: MaxMemory = "auto",
     allow_sparse: AllowSparse = False,
@@ -813,6 +833,10 @@ def gradcheck(
     memory = parse_memory(max_memory)
     from_files = bool(data or x or w or b or dz)
     with_impl = {"--timeout": timeout, "--signature": signature, "--nondet-tol": nondet_tol}
+    if impl is not None and (transposed or output_padding is not None):
+        raise UsageError(
+            "--impl checks convolutions; --transposed and --output-padding do not apply"
+        )
     for flag, value in with_impl.items():
         if value is not None and impl is None:
             raise UsageError(f"{flag} goes with --impl")
