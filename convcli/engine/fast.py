@@ -39,6 +39,12 @@ time ever write the same memory:
 Because the waves fix the order in which contributions reach each dx element, dx is the same
 bit for bit whatever the number of threads, given the same tiles (each worker gets
 ``workspace / threads`` of scratch, so the tiling depends on both).
+
+Transposed convolutions (``ConvSpec(transposed=True)``) reuse these passes on their *adjoint*
+(:meth:`~convcli.spec.Geometry.adjoint`, the convolution they are the input gradient of):
+forward is the adjoint's dx for upstream x, dx the adjoint's forward pass of dz, and dw the
+adjoint's dw with dz as its input and x as its upstream gradient — same tiles, waves and
+workspace bound.
 """
 
 from __future__ import annotations
