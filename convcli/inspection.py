@@ -75,7 +75,7 @@ def inspect_file(path) -> dict:
         spec, origins = resolved.spec, resolved.origins
         hparams = {  # as stored: one value for every axis, or per axis
             "stride": list(spec.stride),
-            "padding": spec.padding if spec.padding == "same" else _plain(spec.padding),
+            "padding": spec.padding if isinstance(spec.padding, str) else _plain(spec.padding),
             "dilation": list(spec.dilation),
             "groups": spec.groups,
             "padding_mode": spec.padding_mode,
