@@ -260,3 +260,13 @@ def test_library_errors_name_layer(tmp_path, layer):
     assert loaded.arrays["w"].shape == (2, 4, 1, 1)
     assert loaded.hparams["layout"][0] == "nchw"
     assert loaded.origins["b"].endswith("layer2.0.conv2.bias")
+
+
+def test_a_name_in_two_places_is_given_by_its_path():
+    keys = ["layers/a/layers/conv2d/vars/0", "layers/b/layers/conv2d/vars/0", "layers/c/vars/0"]
+    assert list(find_layers(keys)) == ["layers/a/layers/conv2d", "layers/b/layers/conv2d", "c"]
+
+
+def test_gradcheck_layer_without_a_file_is_a_usage_error():
+    result = run("gradcheck", "--shape", "1,4,4,2", "--kernel", "3", "--cout", "2", "--layer", "c")
+    assert_error(result, 2, "--layer")
