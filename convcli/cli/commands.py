@@ -287,6 +287,15 @@ WRef = Annotated[
 BRef = Annotated[
     str | None, typer.Option("--b", metavar="REF", help="b (Cout,) or (1,1,1,Cout) as FILE[:KEY].")
 ]
+LayerName = Annotated[
+    str | None,
+    typer.Option(
+        "--layer",
+        metavar="NAME",
+        help="w and b of this layer of DATA (or of --w FILE): PyTorch NAME.weight (implies "
+        "--layout nchw), Keras NAME/vars/0 or NAME/kernel:0.",
+    ),
+]
 
 
 def _hparam_option(name: str):
@@ -418,6 +427,7 @@ def _load(
     lazy_above=None,
     max_bytes=None,
     allow_sparse=False,
+    layer=None,
     **flags,
 ):
     """Tensors from files, and the ConvSpec from the file's hyperparameters and the flags.
@@ -435,7 +445,10 @@ def _load(
         max_bytes=max_bytes,
         allow_sparse=allow_sparse,
         check=header_check(command, flags),
+        layer=layer,
     )
+    if loaded.layout_note is not None and flags.get("layout") is None:
+        _note(_messages(), loaded.layout_note)
     x = loaded.arrays.get("x")
     rank = None if x is None else len(x.shape) - 2
     return loaded, build_spec(loaded.hparams, flags, rank).spec
@@ -508,6 +521,7 @@ def forward(
     x: XRef = None,
     w: WRef = None,
     b: BRef = None,
+    layer: LayerName = None,
     stride: Stride = None,
     pad: Pad = None,
     dilation: Dilation = None,
@@ -535,6 +549,7 @@ def forward(
         data,
         {"x": x, "w": w, "b": b},
         _hparam_texts(locals()),
+        layer=layer,
         engine=engine.value,
         slice_exprs=slice_,
         heatmap_exprs=heatmap,
@@ -555,6 +570,7 @@ def backward(
     x: XRef = None,
     w: WRef = None,
     b: BRef = None,
+    layer: LayerName = None,
     dz: Annotated[
         str | None,
         typer.Option(
@@ -596,6 +612,7 @@ def backward(
         data,
         {"x": x, "w": w, "b": b, "dz": dz},
         _hparam_texts(locals()),
+        layer=layer,
         engine=engine.value,
         slice_exprs=slice_,
         heatmap_exprs=heatmap,
@@ -626,6 +643,7 @@ def _run(
     max_memory,
     threads,
     allow_sparse=False,
+    layer=None,
     upstream="z",
     seed=None,
     **options,
@@ -645,6 +663,7 @@ def _run(
         lazy_above=workspace,
         max_bytes=memory,
         allow_sparse=allow_sparse,
+        layer=layer,
         **flags,
     )
     _check_slices(command, loaded, spec, out, slices, pictures)
@@ -706,6 +725,7 @@ def gradcheck(
     x: XRef = None,
     w: WRef = None,
     b: BRef = None,
+    layer: LayerName = None,
     dz: Annotated[
         str | None,
         typer.Option("--dz", metavar="REF", help="Upstream gradient g as FILE[:KEY]."),
@@ -809,14 +829,16 @@ def gradcheck(
     """
     tolerance = Tolerance(eps=eps, rtol=rtol, atol=atol)
     flags = _hparam_texts(locals())
-    layer = _layer_flags(shape, kernel, cout)
+    drawn = _layer_flags(shape, kernel, cout)
     memory = parse_memory(max_memory)
     from_files = bool(data or x or w or b or dz)
+    if layer is not None and not from_files:
+        raise UsageError("--layer picks a layer in a data file (or --w FILE): pass one")
     with_impl = {"--timeout": timeout, "--signature": signature, "--nondet-tol": nondet_tol}
     for flag, value in with_impl.items():
         if value is not None and impl is None:
             raise UsageError(f"{flag} goes with --impl")
-    if layer is not None and from_files:
+    if drawn is not None and from_files:
         raise UsageError("give either a data file (or --x/--w) or --shape, not both")
     with _blas_threads(threads), _progress(as_json, "gradcheck") as progress:
         if impl is not None:
@@ -824,7 +846,7 @@ def gradcheck(
                 impl,
                 data,
                 {"x": x, "w": w, "b": b, "dz": dz},
-                layer,
+                drawn,
                 flags,
                 ImplFlags(
                     mode=None if mode is None else mode.value,
@@ -842,14 +864,15 @@ def gradcheck(
                     timeout=timeout,
                     memory=memory,
                     allow_sparse=allow_sparse,
+                    layer=layer,
                 ),
                 progress,
             )
         else:
-            if layer is not None:
-                spec = build_spec({}, flags, len(layer.shape) - 2).spec
-                check_generated_memory(layer.shape, layer.kernel, layer.cout, spec, memory)
-                arrays, _ = generate_layer(layer.shape, layer.kernel, layer.cout, spec, seed=seed)
+            if drawn is not None:
+                spec = build_spec({}, flags, len(drawn.shape) - 2).spec
+                check_generated_memory(drawn.shape, drawn.kernel, drawn.cout, spec, memory)
+                arrays, _ = generate_layer(drawn.shape, drawn.kernel, drawn.cout, spec, seed=seed)
             elif from_files:
                 loaded, spec = _load(
                     "gradcheck",
@@ -859,6 +882,7 @@ def gradcheck(
                     ("b", "dz"),
                     max_bytes=memory,
                     allow_sparse=allow_sparse,
+                    layer=layer,
                     **flags,
                 )
                 arrays = loaded.arrays
@@ -903,6 +927,7 @@ class ImplFlags:
     timeout: float | None
     memory: int | None
     allow_sparse: bool
+    layer: str | None = None
 
 
 def _impl_check(impl, data, refs, layer, flags, options: ImplFlags, progress) -> GradcheckRun:
@@ -934,6 +959,7 @@ def _impl_check(impl, data, refs, layer, flags, options: ImplFlags, progress) ->
             ("b", "dz"),
             max_bytes=options.memory,
             allow_sparse=options.allow_sparse,
+            layer=options.layer,
             **flags,
         )
         impl_layer = ImplLayer(spec=spec, inputs=RunInputs.of(loaded.arrays))
@@ -974,6 +1000,7 @@ def compare(
     x: XRef = None,
     w: WRef = None,
     b: BRef = None,
+    layer: LayerName = None,
     dz: Annotated[
         str | None,
         typer.Option(
@@ -1021,6 +1048,7 @@ def compare(
         ("b", "dz"),
         max_bytes=memory,
         allow_sparse=allow_sparse,
+        layer=layer,
         **flags,
     )
     refs = {"z": z_ref, "dx": dx_ref, "dw": dw_ref, "db": db_ref}

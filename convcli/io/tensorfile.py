@@ -37,6 +37,7 @@ import numpy as np
 from convcli.errors import DataError, InputFileError
 from convcli.io.detect import detect_format, parse_ref
 from convcli.io.formats import reader_for
+from convcli.io.layers import SCHEMES, Layer, find_layers
 from convcli.io.reader import CONTENT_ERRORS, Hparams, Reader, RowReader, Shape, reason
 from convcli.units import format_size
 
@@ -285,6 +286,34 @@ class TensorFile:
             )
         return matches[0] if matches else None
 
+    def layers(self) -> dict[str, Layer]:
+        """Convolution layers whose weights the file holds under a framework's names.
+
+        Returns
+        -------
+        dict of str to Layer
+            Layer name -> its weight and bias keys and naming scheme
+            (:func:`convcli.io.layers.find_layers`), for weights with 3 to 5 axes.
+        """
+        return find_layers(self.tensor_keys(), lambda key: len(self.shape_dtype(key)[0]))
+
+    def layer(self, name: str) -> Layer:
+        """The layer called ``name`` (see :meth:`layers`).
+
+        Raises
+        ------
+        DataError
+            ``param="layer"``: no layer of that name (the message lists the layers found).
+        """
+        layers = self.layers()
+        if name not in layers:
+            raise DataError(
+                f"{{param}} {name!r}: {self.path} holds no such layer; "
+                + layer_listing(self, layers),
+                param="layer",
+            )
+        return layers[name]
+
     # -- hyperparameters --------------------------------------------------------------------
 
     def hparams(self, near_key: str | None = None) -> Hparams:
@@ -313,6 +342,19 @@ class TensorFile:
             or an entry cannot be read.
         """
         return self.reader.hparams(near_key)
+
+
+MAX_LISTED = 24
+
+
+def layer_listing(tensor_file: TensorFile, layers: dict[str, Layer]) -> str:
+    """``"its layers: conv1, conv2"`` for messages (at most :data:`MAX_LISTED` names)."""
+    if not layers:
+        schemes = ", ".join(scheme.name for scheme in SCHEMES)
+        return f"no layer weights named as {schemes} save them; it {tensor_file.describe()}"
+    names = list(layers)
+    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return f"its layers: {', '.join(names[:MAX_LISTED])}{more}"
 
 
 def origin_text(tensor_file: TensorFile, key: str) -> str:
