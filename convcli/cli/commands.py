@@ -374,7 +374,7 @@ Workspace = Annotated[
     typer.Option(
         "--max-workspace",
         metavar="SIZE",
-        help="Scratch-memory budget, e.g. 64M or 1G. HDF5 inputs bigger than it are streamed.",
+        help="Scratch-memory budget, e.g. 64M or 1G. HDF5 and .npy inputs bigger than it are streamed.",
     ),
 ]
 MaxMemory = Annotated[
@@ -423,7 +423,7 @@ def _load(
     """Tensors from files, and the ConvSpec from the file's hyperparameters and the flags.
 
     Shapes and dtypes are checked against the spec from the headers before any data is read;
-    HDF5 tensors bigger than ``lazy_above`` bytes stay on disk, to be streamed; tensors
+    HDF5 and .npy tensors bigger than ``lazy_above`` bytes stay on disk, to be streamed; tensors
     adding up to more than ``max_bytes`` are refused before they are read.
     """
     loaded = load_tensors(
