@@ -100,8 +100,18 @@ def test_rows_read_at_offsets_equal_the_loaded_array(tmp_path, dtype, shape):
             assert block.dtype.isnative
             assert block.dtype == array.dtype.newbyteorder("=")
             np.testing.assert_array_equal(block, array[start:stop])
-        for index in [(0,), (-1,), (slice(None),), (slice(1, None, 2),), (slice(None, None, -3),),
-                      (Ellipsis,), (Ellipsis, 0), (2, Ellipsis), (slice(5, 1),), ()]:
+        for index in [
+            (0,),
+            (-1,),
+            (slice(None),),
+            (slice(1, None, 2),),
+            (slice(None, None, -3),),
+            (Ellipsis,),
+            (Ellipsis, 0),
+            (2, Ellipsis),
+            (slice(5, 1),),
+            (),
+        ]:
             if len([i for i in index if i is not Ellipsis]) > len(shape):
                 continue
             np.testing.assert_array_equal(rows[index], array[index])
@@ -122,7 +132,8 @@ def test_each_block_is_a_fresh_buffer_not_a_view_of_a_map(tmp_path):
     finally:
         reader.close()
     assert block.base is None or not isinstance(block.base, np.memmap)
-    assert block.flags.writeable and block.flags.c_contiguous
+    assert block.flags.writeable
+    assert block.flags.c_contiguous
 
 
 def test_fortran_order_npy_is_read_whole_not_streamed_with_the_same_results(npy_layer, tmp_path):
@@ -145,8 +156,17 @@ def test_a_fortran_npy_over_the_memory_guard_says_to_save_it_in_c_order(npy_laye
     np.save(tmp_path / "xf.npy", np.asfortranarray(np.load(npy_layer / "x.npy")))
     result = runner.invoke(
         app,
-        ["forward", "--x", str(tmp_path / "xf.npy"), "--w", str(npy_layer / "w.npy"),
-         "--max-memory", "512K", "--max-workspace", BUDGET],
+        [
+            "forward",
+            "--x",
+            str(tmp_path / "xf.npy"),
+            "--w",
+            str(npy_layer / "w.npy"),
+            "--max-memory",
+            "512K",
+            "--max-workspace",
+            BUDGET,
+        ],
     )
     assert result.exit_code == 65
     assert "Fortran order" in result.stderr
@@ -164,8 +184,12 @@ def test_big_endian_npy_streams_like_little_endian(npy_layer, tmp_path):
 
 
 def test_a_npy_truncated_or_appended_to_during_the_run_is_refused(npy_layer, tmp_path):
-    loaded = load_tensors(None, {"x": str(npy_layer / "x.npy"), "w": str(npy_layer / "w.npy")},
-                          ("x", "w"), lazy_above=16 * 1024)
+    loaded = load_tensors(
+        None,
+        {"x": str(npy_layer / "x.npy"), "w": str(npy_layer / "w.npy")},
+        ("x", "w"),
+        lazy_above=16 * 1024,
+    )
     assert isinstance(loaded.arrays["x"], DatasetRef)
 
     def between_blocks(done, total):
@@ -214,8 +238,18 @@ def test_streamed_npy_peak_memory_stays_near_the_budget(tmp_path):
 
     start_up = peak_rss("--version")
     streamed = peak_rss(
-        "forward", "--x", x_path, "--w", tmp_path / "w.npy", "--pad", "1",
-        "--max-workspace", "16M", "--out", tmp_path / "z.h5", "--json",
+        "forward",
+        "--x",
+        x_path,
+        "--w",
+        tmp_path / "w.npy",
+        "--pad",
+        "1",
+        "--max-workspace",
+        "16M",
+        "--out",
+        tmp_path / "z.h5",
+        "--json",
     )
     assert streamed - start_up <= 16 * 2**20 + 64 * 2**20, (start_up, streamed)
     assert streamed - start_up < x_bytes / 2

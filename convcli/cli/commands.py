@@ -61,6 +61,7 @@ from convcli.run import (
 )
 from convcli.sweep import MAX_CONFIGS, SweepOptions, load_sweep, run_sweep
 from convcli.units import parse_size
+from convcli.versioning import versioned
 
 _state = {"debug": False, "quiet": False}
 # Typer may use click or its own vendored copy: take the classes from Typer itself.
@@ -374,7 +375,10 @@ Workspace = Annotated[
     typer.Option(
         "--max-workspace",
         metavar="SIZE",
-        help="Scratch-memory budget, e.g. 64M or 1G. HDF5 and .npy inputs bigger than it are streamed.",
+        help=(
+            "Scratch-memory budget, e.g. 64M or 1G. HDF5 and .npy inputs bigger than it are "
+            "streamed."
+        ),
     ),
 ]
 MaxMemory = Annotated[
@@ -1145,15 +1149,17 @@ def _print_generated(out, tensors, attrs, dtype: str, as_json: bool) -> None:
     if as_json:
         print(
             json.dumps(
-                {
-                    "command": "generate",
-                    "out": str(out),
-                    "hparams": attrs,
-                    "tensors": {
-                        k: {"shape": list(v.shape), "dtype": str(v.dtype)}
-                        for k, v in tensors.items()
-                    },
-                }
+                versioned(
+                    {
+                        "command": "generate",
+                        "out": str(out),
+                        "hparams": attrs,
+                        "tensors": {
+                            k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                            for k, v in tensors.items()
+                        },
+                    }
+                )
             )
         )
         return
@@ -1177,7 +1183,7 @@ def inspect(
     report = inspect_file(file)
     with _data_output():
         if as_json:
-            print(json.dumps(report))
+            print(json.dumps(versioned(report)))
         else:
             print_inventory(_data_console(), report)
 
@@ -1247,7 +1253,7 @@ def sweep(
         summary = run_sweep(plan, out, options, progress=progress)
     with _data_output():
         if as_json:
-            print(json.dumps(summary.to_json()))
+            print(json.dumps(versioned(summary.to_json())))
         else:
             print_sweep(_data_console(), summary)
     if not summary.passed:
