@@ -62,12 +62,14 @@ def commands(tmp_path, layer):
             "2",
         ],
         "inspect": ["inspect", SAMPLE_H5],
+        "example": ["example", tmp_path / "examples"],
         "sweep": ["sweep", tmp_path / "sweep.toml", "--out", tmp_path / "r.jsonl"],
     }
 
 
 @pytest.mark.parametrize(
-    "command", ["forward", "backward", "gradcheck", "compare", "generate", "inspect", "sweep"]
+    "command",
+    ["forward", "backward", "gradcheck", "compare", "generate", "inspect", "sweep", "example"],
 )
 def test_every_json_document_carries_the_schema_version(tmp_path, layer, command):
     args = commands(tmp_path, layer)[command]

@@ -39,6 +39,7 @@ from convcli.errors import (
     Terminated,
     UsageError,
 )
+from convcli.examples import write_examples
 from convcli.generate import check_generated_memory, generate_layer
 from convcli.hparams import BY_NAME, HPARAMS, build_spec
 from convcli.inspection import inspect_file
@@ -533,6 +534,8 @@ def forward(
     """Compute z = conv(x, w) + b and summarise every tensor.
 
     Example: convcli forward sample_data/conv_example.h5 --slice 'z[3,2,1]'
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     _run(
         "forward",
@@ -594,6 +597,8 @@ def backward(
     """Compute dx, dw, db for an upstream gradient dz and summarise every tensor.
 
     Example: convcli backward sample_data/conv_example.npz --slice 'dw[:,:,0,1]'
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     _run(
         "backward",
@@ -810,6 +815,8 @@ def gradcheck(
     """Check dx, dw, db against numerical gradients; exit 1 if any element fails.
 
     Example: convcli gradcheck sample_data/conv_example.h5 --mode exhaustive
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     tolerance = Tolerance(eps=eps, rtol=rtol, atol=atol)
     flags = _hparam_texts(locals())
@@ -1170,6 +1177,33 @@ def _print_generated(out, tensors, attrs, dtype: str, as_json: bool) -> None:
 
 
 @app.command()
+def example(
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR", help="Folder to write into (made if missing).", show_default=False
+        ),
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite files of the same names in DIR.")
+    ] = False,
+    as_json: Json = False,
+) -> None:
+    """Write the classic exercise's files (what the help examples' sample_data/ holds) to DIR:
+    conv_example.npz, conv_example.h5 and sweep.toml. Existing files are kept unless --force.
+
+    Example: convcli example sample_data
+    """
+    written = write_examples(folder, force=force)
+    with _data_output():
+        if as_json:
+            print(json.dumps(versioned({"command": "example", "files": list(map(str, written))})))
+        else:
+            listing = ", ".join(path.name for path in written)
+            _data_console().print(Text(f"wrote {folder}: {listing}"), soft_wrap=True)
+
+
+@app.command()
 def inspect(
     file: Annotated[
         Path, typer.Argument(metavar="FILE", help="A .npz, .npy or .h5 file.", show_default=False)
@@ -1179,6 +1213,8 @@ def inspect(
     """List every tensor in a file and the hyperparameters it holds, without reading the data.
 
     Example: convcli inspect sample_data/conv_example.h5
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     report = inspect_file(file)
     with _data_output():
@@ -1234,6 +1270,8 @@ def sweep(
     every configuration ran and passed.
 
     Example: convcli sweep sample_data/sweep.toml --out results.jsonl --jobs 2
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     if append and force:
         raise UsageError("--append adds to the results and --force starts them over: give one")
