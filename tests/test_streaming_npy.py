@@ -73,6 +73,17 @@ def test_forward_streams_a_big_npy_with_the_in_memory_results(npy_layer, tmp_pat
     assert streamed["slices"]["x[63,0,0]"] == in_memory["slices"]["x[63,0,0]"]
 
 
+def test_a_streamed_npy_gives_what_the_same_x_streamed_from_hdf5_gives(npy_layer, tmp_path):
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["x"] = np.load(npy_layer / "x.npy")
+    common = ["forward", "--w", npy_layer / "w.npy", "--pad", "1", "--max-workspace", BUDGET]
+    from_npy = run_json(*common, "--x", npy_layer / "x.npy", "--out", tmp_path / "n.h5")
+    from_h5 = run_json(*common, "--x", f"{tmp_path / 'x.h5'}:x", "--out", tmp_path / "h.h5")
+    assert from_npy["streamed"] is from_h5["streamed"] is True
+    assert from_npy["tensors"]["z"] == from_h5["tensors"]["z"]
+    np.testing.assert_array_equal(read(tmp_path / "n.h5", "z"), read(tmp_path / "h.h5", "z"))
+
+
 def test_backward_streams_x_and_dz_from_npy(npy_layer, tmp_path):
     common = ["backward", *refs(npy_layer, "x", "w", "b", "dz"), "--pad", "1"]
     streamed = run_json(*common, "--max-workspace", BUDGET, "--out", tmp_path / "s.h5")

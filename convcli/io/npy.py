@@ -45,19 +45,20 @@ def npy_layout(handle: IO[bytes]) -> tuple[Shape, np.dtype, bool, int]:
 
 
 class NpyReader(Reader):
-    """A ``.npy`` file. It is not held open: every call opens its path again.
+    """A ``.npy`` file. Headers and whole-array reads open its path again on every call.
 
     :meth:`rows` reads a C-order array a block of rows at a time through one handle, opened
-    on first use and held until :meth:`close`. A Fortran-order array is not streamed (its
-    rows are scattered over the whole file): it is loaded whole, within the memory guard.
+    on first use and held until :meth:`close` (:meth:`stat` is then that handle's). A
+    Fortran-order array is not streamed (each row is scattered over the whole file): it is
+    loaded whole, within the memory guard.
     """
+
+    format = "npy"
+    label = ".npy"
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self._handle: IO[bytes] | None = None
-
-    format = "npy"
-    label = ".npy"
 
     @classmethod
     def sniff(cls, path: Path, head: bytes) -> bool:
