@@ -39,6 +39,7 @@ from convcli.errors import (
     Terminated,
     UsageError,
 )
+from convcli.examples import write_examples
 from convcli.generate import check_generated_memory, generate_layer
 from convcli.hparams import BY_NAME, HPARAMS, build_spec
 from convcli.inspection import inspect_file
@@ -61,6 +62,7 @@ from convcli.run import (
 )
 from convcli.sweep import MAX_CONFIGS, SweepOptions, load_sweep, run_sweep
 from convcli.units import parse_size
+from convcli.versioning import versioned
 
 _state = {"debug": False, "quiet": False}
 # Typer may use click or its own vendored copy: take the classes from Typer itself.
@@ -383,7 +385,10 @@ Workspace = Annotated[
     typer.Option(
         "--max-workspace",
         metavar="SIZE",
-        help="Scratch-memory budget, e.g. 64M or 1G. HDF5 inputs bigger than it are streamed.",
+        help=(
+            "Scratch-memory budget, e.g. 64M or 1G. HDF5 and .npy inputs bigger than it are "
+            "streamed."
+        ),
     ),
 ]
 MaxMemory = Annotated[
@@ -433,7 +438,7 @@ def _load(
     """Tensors from files, and the ConvSpec from the file's hyperparameters and the flags.
 
     Shapes and dtypes are checked against the spec from the headers before any data is read;
-    HDF5 tensors bigger than ``lazy_above`` bytes stay on disk, to be streamed; tensors
+    HDF5 and .npy tensors bigger than ``lazy_above`` bytes stay on disk, to be streamed; tensors
     adding up to more than ``max_bytes`` are refused before they are read.
     """
     loaded = load_tensors(
@@ -543,6 +548,8 @@ def forward(
     """Compute z = conv(x, w) + b and summarise every tensor.
 
     Example: convcli forward sample_data/conv_example.h5 --slice 'z[3,2,1]'
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     _run(
         "forward",
@@ -606,6 +613,8 @@ def backward(
     """Compute dx, dw, db for an upstream gradient dz and summarise every tensor.
 
     Example: convcli backward sample_data/conv_example.npz --slice 'dw[:,:,0,1]'
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     _run(
         "backward",
@@ -826,6 +835,8 @@ def gradcheck(
     """Check dx, dw, db against numerical gradients; exit 1 if any element fails.
 
     Example: convcli gradcheck sample_data/conv_example.h5 --mode exhaustive
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     tolerance = Tolerance(eps=eps, rtol=rtol, atol=atol)
     flags = _hparam_texts(locals())
@@ -1177,15 +1188,17 @@ def _print_generated(out, tensors, attrs, dtype: str, as_json: bool) -> None:
     if as_json:
         print(
             json.dumps(
-                {
-                    "command": "generate",
-                    "out": str(out),
-                    "hparams": attrs,
-                    "tensors": {
-                        k: {"shape": list(v.shape), "dtype": str(v.dtype)}
-                        for k, v in tensors.items()
-                    },
-                }
+                versioned(
+                    {
+                        "command": "generate",
+                        "out": str(out),
+                        "hparams": attrs,
+                        "tensors": {
+                            k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                            for k, v in tensors.items()
+                        },
+                    }
+                )
             )
         )
         return
@@ -1193,6 +1206,33 @@ def _print_generated(out, tensors, attrs, dtype: str, as_json: bool) -> None:
     _data_console().print(
         Text(f"wrote {out}: {listing} {dtype}; hyperparameters {attrs}"), soft_wrap=True
     )
+
+
+@app.command()
+def example(
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR", help="Folder to write into (made if missing).", show_default=False
+        ),
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite files of the same names in DIR.")
+    ] = False,
+    as_json: Json = False,
+) -> None:
+    """Write the classic exercise's files (what the help examples' sample_data/ holds) to DIR:
+    conv_example.npz, conv_example.h5 and sweep.toml. Existing files are kept unless --force.
+
+    Example: convcli example sample_data
+    """
+    written = write_examples(folder, force=force)
+    with _data_output():
+        if as_json:
+            print(json.dumps(versioned({"command": "example", "files": list(map(str, written))})))
+        else:
+            listing = ", ".join(path.name for path in written)
+            _data_console().print(Text(f"wrote {folder}: {listing}"), soft_wrap=True)
 
 
 @app.command()
@@ -1205,11 +1245,13 @@ def inspect(
     """List every tensor in a file and the hyperparameters it holds, without reading the data.
 
     Example: convcli inspect sample_data/conv_example.h5
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     report = inspect_file(file)
     with _data_output():
         if as_json:
-            print(json.dumps(report))
+            print(json.dumps(versioned(report)))
         else:
             print_inventory(_data_console(), report)
 
@@ -1260,6 +1302,8 @@ def sweep(
     every configuration ran and passed.
 
     Example: convcli sweep sample_data/sweep.toml --out results.jsonl --jobs 2
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     if append and force:
         raise UsageError("--append adds to the results and --force starts them over: give one")
@@ -1279,7 +1323,7 @@ def sweep(
         summary = run_sweep(plan, out, options, progress=progress)
     with _data_output():
         if as_json:
-            print(json.dumps(summary.to_json()))
+            print(json.dumps(versioned(summary.to_json())))
         else:
             print_sweep(_data_console(), summary)
     if not summary.passed:

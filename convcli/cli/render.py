@@ -15,6 +15,7 @@ from rich.text import Text
 from convcli.hparams import BY_NAME, format_hparams
 from convcli.run import RunResult, Upstream
 from convcli.sweep import record_verdict
+from convcli.versioning import versioned
 
 
 def result_json(
@@ -38,7 +39,7 @@ def result_json(
         "seconds": result.seconds,
         "streamed": result.streamed,
     }
-    return json.dumps(document, allow_nan=False)
+    return json.dumps(versioned(document), allow_nan=False)
 
 
 def origin_text(origin: str | Upstream) -> str:

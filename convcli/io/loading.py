@@ -3,8 +3,9 @@
 Roles (x, w, b, dz) are found by name (:data:`~convcli.io.tensorfile.ALIASES`) in the data file
 or taken from explicit references (``PATH`` or ``PATH:KEY``, one per role); hyperparameters
 come from the data file (or the file x came from). Big tensors of a format that can read rows
-(:meth:`convcli.io.reader.Reader.rows`; today HDF5) can be left on disk as :class:`DatasetRef`
-for streaming, and a memory guard refuses, before reading, tensors that would not fit.
+(:meth:`convcli.io.reader.Reader.rows`; HDF5 and C-order ``.npy``) can be left on disk as
+:class:`DatasetRef` for streaming, and a memory guard refuses, before reading, tensors that
+would not fit.
 Errors about one role carry ``param=`` the role's name (``"x"``, ``"w"``, ...).
 
 w and b may also come from a layer of a framework's file, by the layer's name (``layer``) or
@@ -297,7 +298,8 @@ def load_tensors(
         Roles that may be absent, e.g. ``("b", "dz")``.
     lazy_above : int, optional
         Tensors of ``lazy_roles`` larger than this many bytes, in a format that can read
-        rows (HDF5), are not read: they come back as :class:`DatasetRef`, to be streamed.
+        rows (HDF5, C-order ``.npy``), are not read: they come back as :class:`DatasetRef`,
+        to be streamed.
     lazy_roles : iterable of str
         Roles that may be left on disk (the batch-sized ones).
     max_bytes : int, optional

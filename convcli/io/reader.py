@@ -190,6 +190,10 @@ class Reader(ABC):
         """A reader of ``key``'s rows without loading it whole; None if the format cannot."""
         return None
 
+    def streaming_hint(self, key: str) -> str:
+        """What would let ``key`` be streamed instead of loaded whole, for messages."""
+        return "store it in HDF5 or as a .npy to stream it"
+
     def where(self, key: str) -> str:
         """Where an array is, for messages: ``"run.npz:W"`` (formats may override)."""
         return f"{self.path}:{key}"

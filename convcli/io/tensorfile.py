@@ -249,7 +249,7 @@ class TensorFile:
             raise DataError(
                 f"{self.origin(key)}: needs {format_size(declared)} ({shape} {dtype}), more "
                 f"than the memory guard allows ({format_size(max_bytes)} left of {{param}}); "
-                "raise {param}, or store it in HDF5 to stream it",
+                f"raise {{param}}, or {self.reader.streaming_hint(key)}",
                 param="max_memory",
             )
         return declared
