@@ -29,6 +29,17 @@ from convcli.io.reader import (
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 
 
+def _refuse_pytorch(path: Path, names: list[str]) -> None:
+    """A zip holding ``data.pkl`` is a PyTorch checkpoint (``torch.save``): a pickle, refused."""
+    pickled = next((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")), None)
+    if pickled is not None:
+        raise DataError(
+            f"{path}: a PyTorch checkpoint (a zip holding {pickled}, a pickle); convcli never "
+            "unpickles; convert it with safetensors.torch.save_file(model.state_dict(), "
+            "'weights.safetensors') and pass that file"
+        )
+
+
 class NpzReader(Reader):
     """An ``.npz`` file held open (its zip directory read once) until :meth:`close`."""
 
@@ -49,7 +60,9 @@ class NpzReader(Reader):
         # the stream is ours so that it is closed even if numpy fails
         stream = open(path, "rb")  # noqa: SIM115 - closed by close() or below
         try:
-            return cls(path, np.load(stream, allow_pickle=False), stream)
+            npz = np.load(stream, allow_pickle=False)
+            _refuse_pytorch(path, npz.zip.namelist())
+            return cls(path, npz, stream)
         except BaseException:
             stream.close()
             raise
