@@ -285,6 +285,14 @@ def test_pytorch_checkpoint_is_refused_with_a_way_out(name, tmp_path):
         read_tensor(path)
 
 
+def test_a_bare_pickle_is_named_as_one(tmp_path):
+    path = tmp_path / "legacy.pt"  # torch.save(..., _use_new_zipfile_serialization=False)
+    path.write_bytes(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.")
+    line = one_error(run("inspect", path), 65)
+    assert "pickle" in line, line
+    assert "safetensors.torch.save_file" in line, line
+
+
 # ---------------------------------------------------------------------------------------------
 # PATH:KEY with ':' in the key or the path
 # ---------------------------------------------------------------------------------------------

@@ -1111,7 +1111,9 @@ def _progress(as_json: bool, label: str):
 def generate(
     out: Annotated[
         Path,
-        typer.Argument(metavar="OUT", help="New .npz or .h5 file to write.", show_default=False),
+        typer.Argument(
+            metavar="OUT", help="New .npz, .h5 or .safetensors file to write.", show_default=False
+        ),
     ],
     shape: Annotated[
         str,

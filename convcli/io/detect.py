@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 from convcli.errors import DataError, InputFileError
 from convcli.io.formats import READERS, spoken_list
+from convcli.io.reader import CONVERT_PYTORCH
 
 #: Bytes read to recognise a format (the longest signature, HDF5's, has 8).
 HEAD_BYTES = 8
@@ -119,4 +120,6 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     for reader in READERS:
         if reader.sniff(path, head):
             return reader.format
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise DataError(f"{path}: a Python pickle (a PyTorch checkpoint?); {CONVERT_PYTORCH}")
     raise DataError(f"{path}: not a {labels} file (first bytes {head!r})")

@@ -16,6 +16,7 @@ from convcli.hparams import FILE_KEYS
 from convcli.io.npy import npy_header
 from convcli.io.reader import (
     CONTENT_ERRORS,
+    CONVERT_PYTORCH,
     Hparams,
     Reader,
     Shape,
@@ -34,9 +35,7 @@ def _refuse_pytorch(path: Path, names: list[str]) -> None:
     pickled = next((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")), None)
     if pickled is not None:
         raise DataError(
-            f"{path}: a PyTorch checkpoint (a zip holding {pickled}, a pickle); convcli never "
-            "unpickles; convert it with safetensors.torch.save_file(model.state_dict(), "
-            "'weights.safetensors') and pass that file"
+            f"{path}: a PyTorch checkpoint (a zip holding {pickled}, a pickle); {CONVERT_PYTORCH}"
         )
 
 

@@ -35,6 +35,11 @@ from convcli.memory import nbytes
 from convcli.units import format_size
 
 MAX_LISTED = 20
+#: What to do with a PyTorch checkpoint (a pickle), said when one is refused.
+CONVERT_PYTORCH = (
+    "convcli never unpickles; convert it with safetensors.torch.save_file("
+    "model.state_dict(), 'weights.safetensors') and pass that file"
+)
 #: The most values a hyperparameter entry or attribute may hold (a 3-D padding has 6).
 MAX_HPARAM_SIZE = 16
 

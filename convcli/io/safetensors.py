@@ -154,8 +154,9 @@ def read_header(handle: IO[bytes], where: str) -> tuple[dict[str, Entry], dict[s
     DataError
         Naming the first problem: a header length above :data:`MAX_HEADER_BYTES` or past the
         end of the file, JSON that is malformed (a name given twice too) or not an object, an
-        entry without dtype, shape or data_offsets, an unknown dtype, offsets outside the data area or in the
-        wrong order, a byte count other than ``itemsize x prod(shape)``, overlapping tensors.
+        entry without dtype, shape or data_offsets, an unknown dtype, offsets outside the data
+        area or in the wrong order, a byte count other than ``itemsize x prod(shape)``,
+        overlapping tensors.
     """
     size = os.fstat(handle.fileno()).st_size
     handle.seek(0)
