@@ -8,7 +8,6 @@ write (bfloat16) and for hostile headers; no framework is needed.
 from __future__ import annotations
 
 import json
-import struct
 import zipfile
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from convcli.cli import app
 from convcli.errors import DataError
 from convcli.io.detect import detect_format, parse_ref
 from convcli.io.tensorfile import open_tensor_file, read_tensor
-from tests import hostile
+from tests.test_hostile_safetensors import HOSTILE, raw_safetensors
 
 runner = CliRunner()
 
@@ -67,14 +66,6 @@ def weights(tmp_path) -> Path:
 def x_nchw(tmp_path) -> Path:
     path = tmp_path / "x.npy"
     np.save(path, np.random.default_rng(1).standard_normal((2, 3, 6, 6)).astype(np.float32))
-    return path
-
-
-def raw_safetensors(path: Path, header: dict | bytes, data: bytes = b"", length=None) -> Path:
-    """A safetensors file written byte by byte: 8-byte length, JSON header, data."""
-    text = header if isinstance(header, bytes) else json.dumps(header).encode()
-    size = len(text) if length is None else length
-    path.write_bytes(struct.pack("<Q", size) + text + data)
     return path
 
 
@@ -209,46 +200,11 @@ def test_a_state_dict_as_the_data_file_names_what_it_holds(weights):
 # hostile headers: each refused before allocating, one line, exit 65
 # ---------------------------------------------------------------------------------------------
 
-GOOD = {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
-
-
-def entry(**fields) -> dict:
-    return {"w": {**GOOD["w"], **fields}}
-
-
-HOSTILE = {
-    "huge length": (GOOD, b"\0" * 16, 2**62, "header length"),
-    "length past the end": (GOOD, b"\0" * 16, 10_000, "header length"),
-    "bad JSON": (b'{"w": {"dtype": "F32",', b"", None, "JSON"),
-    "a key twice": (
-        b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},'
-        b' "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
-        b"\0" * 4,
-        None,
-        "twice",
-    ),
-    "not an object": (b"[1, 2, 3]", b"", None, "not a .npy, .npz, HDF5 or safetensors file"),
-    "no data_offsets": ({"w": {"dtype": "F32", "shape": [2, 2]}}, b"\0" * 16, None, "data_offsets"),
-    "unknown dtype": (entry(dtype="F128"), b"\0" * 16, None, "F128"),
-    "offsets out of the file": (entry(data_offsets=[0, 1 << 40]), b"\0" * 16, None, "outside"),
-    "begin after end": (entry(data_offsets=[16, 0]), b"\0" * 16, None, "data_offsets"),
-    "size mismatch": (entry(shape=[3, 3]), b"\0" * 16, None, "36"),
-    "negative shape": (entry(shape=[-2, -2]), b"\0" * 16, None, "shape"),
-    "overlap": (
-        {
-            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
-        },
-        b"\0" * 12,
-        None,
-        "overlap",
-    ),
-}
-
 
 @pytest.mark.parametrize("case", list(HOSTILE), ids=list(HOSTILE))
 @pytest.mark.parametrize("command", ["inspect", "forward"])
 def test_hostile_header_is_one_line_and_exit_65(case, command, tmp_path):
+    """In-process, for each command; tests/test_hostile_safetensors.py runs the installed one."""
     header, data, length, words = HOSTILE[case]
     path = raw_safetensors(tmp_path / "bad.safetensors", header, data, length)
     args = ("inspect", path) if command == "inspect" else ("forward", "--x", path, "--w", path)
@@ -257,11 +213,11 @@ def test_hostile_header_is_one_line_and_exit_65(case, command, tmp_path):
     assert words in line, line
 
 
-def test_hostile_length_under_a_memory_limit(tmp_path):
-    """Through the installed command: a 2**62-byte header length is refused, not allocated."""
-    path = raw_safetensors(tmp_path / "bomb.safetensors", GOOD, b"\0" * 16, 2**62)
-    result = hostile.run("inspect", path, cwd=tmp_path, limits=hostile.Limits(), timeout=30)
-    assert "header length" in hostile.one_error(result, 65)
+def test_a_truncated_file_is_refused_before_reading(weights, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(weights.read_bytes()[:-100])
+    line = one_error(run("forward", "--x", f"{cut}:conv1.bias", "--w", f"{cut}:conv1.weight"), 65)
+    assert "outside the data area" in line, line
 
 
 # ---------------------------------------------------------------------------------------------
