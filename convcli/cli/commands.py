@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -36,6 +37,7 @@ from convcli.errors import (
     EXIT_TERMINATED,
     EXIT_USAGE,
     ConvcliError,
+    ConvcliNotice,
     Terminated,
     UsageError,
 )
@@ -270,7 +272,10 @@ Data = Annotated[
     str | None,
     typer.Argument(
         metavar="DATA",
-        help="Data file (.npz, .npy, .h5) holding x, w, b (and dz) under their usual names.",
+        help=(
+            "Data file (.npz, .npy, .h5, .safetensors) holding x, w, b (and dz) under their "
+            "usual names."
+        ),
         show_default=False,
     ),
 ]
@@ -377,7 +382,9 @@ Heatmaps = Annotated[
 ]
 Out = Annotated[
     Path | None,
-    typer.Option("--out", metavar="FILE", help="Write the outputs to this .npz or .h5 file."),
+    typer.Option(
+        "--out", metavar="FILE", help="Write the outputs to this .npz, .h5 or .safetensors file."
+    ),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")]
 Workspace = Annotated[
@@ -441,22 +448,41 @@ def _load(
     HDF5 and .npy tensors bigger than ``lazy_above`` bytes stay on disk, to be streamed; tensors
     adding up to more than ``max_bytes`` are refused before they are read.
     """
-    loaded = load_tensors(
-        data,
-        refs,
-        required=required,
-        optional=optional,
-        lazy_above=lazy_above,
-        max_bytes=max_bytes,
-        allow_sparse=allow_sparse,
-        check=header_check(command, flags),
-        layer=layer,
-    )
+    with _reading_notes():
+        loaded = load_tensors(
+            data,
+            refs,
+            required=required,
+            optional=optional,
+            lazy_above=lazy_above,
+            max_bytes=max_bytes,
+            allow_sparse=allow_sparse,
+            check=header_check(command, flags),
+            layer=layer,
+        )
     if loaded.layout_note is not None and flags.get("layout") is None:
         _note(_messages(), loaded.layout_note)
     x = loaded.arrays.get("x")
     rank = None if x is None else len(x.shape) - 2
     return loaded, build_spec(loaded.hparams, flags, rank).spec
+
+
+@contextlib.contextmanager
+def _reading_notes():
+    """Print the notices of reading files (safetensors' float16 read as float32) as notes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvcliNotice)
+        yield
+    for caught_warning in caught:
+        if not issubclass(caught_warning.category, ConvcliNotice):
+            warnings.warn_explicit(
+                caught_warning.message,
+                caught_warning.category,
+                caught_warning.filename,
+                caught_warning.lineno,
+            )
+    for text in dict.fromkeys(str(w.message) for w in caught if w.category is ConvcliNotice):
+        _note(_messages(), text)
 
 
 def _messages() -> Console:
@@ -1063,14 +1089,15 @@ def compare(
         **flags,
     )
     refs = {"z": z_ref, "dx": dx_ref, "dw": dw_ref, "db": db_ref}
-    results = load_tensors(
-        expect if expect is not None else data,
-        refs,
-        (),
-        tuple(refs),
-        max_bytes=memory,
-        allow_sparse=allow_sparse,
-    )
+    with _reading_notes():
+        results = load_tensors(
+            expect if expect is not None else data,
+            refs,
+            (),
+            tuple(refs),
+            max_bytes=memory,
+            allow_sparse=allow_sparse,
+        )
     with _blas_threads(threads):
         run = run_compare(
             RunInputs.from_loaded(loaded),
@@ -1127,7 +1154,9 @@ def _progress(as_json: bool, label: str):
 def generate(
     out: Annotated[
         Path,
-        typer.Argument(metavar="OUT", help="New .npz or .h5 file to write.", show_default=False),
+        typer.Argument(
+            metavar="OUT", help="New .npz, .h5 or .safetensors file to write.", show_default=False
+        ),
     ],
     shape: Annotated[
         str,
@@ -1238,7 +1267,10 @@ def example(
 @app.command()
 def inspect(
     file: Annotated[
-        Path, typer.Argument(metavar="FILE", help="A .npz, .npy or .h5 file.", show_default=False)
+        Path,
+        typer.Argument(
+            metavar="FILE", help="A .npz, .npy, .h5 or .safetensors file.", show_default=False
+        ),
     ],
     as_json: Json = False,
 ) -> None:

@@ -55,7 +55,7 @@ ALIASES = {
 
 
 def open_tensor_file(path: str | os.PathLike[str], *, allow_sparse: bool = False) -> TensorFile:
-    """Open a ``.npy``, ``.npz`` or HDF5 file (format found by content).
+    """Open a ``.npy``, ``.npz``, HDF5 or safetensors file (format found by content).
 
     ``allow_sparse``: read arrays that declare far more data than the file stores (see
     :meth:`TensorFile.check_readable`); refused by default.
@@ -71,12 +71,15 @@ def open_tensor_file(path: str | os.PathLike[str], *, allow_sparse: bool = False
         Missing path, directory, special file, no read permission, or an HDF5 file locked
         by a writer.
     DataError
-        Empty, unrecognised, truncated or corrupt content.
+        Empty, unrecognised, truncated or corrupt content; a safetensors header that does
+        not hold together; a PyTorch checkpoint (a pickle, never read).
     """
     path = Path(path)
     fmt = detect_format(path)
     try:
         return TensorFile(reader_for(fmt).open(path), allow_sparse=allow_sparse)
+    except DataError:
+        raise  # worded by the reader (a PyTorch checkpoint, a bad safetensors header)
     except CONTENT_ERRORS as exc:
         if fmt == "hdf5" and "unable to lock file" in str(exc).lower():
             raise InputFileError(
@@ -89,7 +92,7 @@ def open_tensor_file(path: str | os.PathLike[str], *, allow_sparse: bool = False
 def read_tensor(
     source: str | os.PathLike[str], key: str | None = None, *, allow_sparse: bool = False
 ) -> np.ndarray:
-    """Read one array from a ``.npy``, ``.npz`` or HDF5 file.
+    """Read one array from a ``.npy``, ``.npz``, HDF5 or safetensors file.
 
     Parameters
     ----------
@@ -140,7 +143,7 @@ class TensorFile:
     path : pathlib.Path
         The file, as it was given.
     format : str
-        ``"npy"``, ``"npz"`` or ``"hdf5"``.
+        ``"npy"``, ``"npz"``, ``"hdf5"`` or ``"safetensors"``.
     reader : convcli.io.reader.Reader
         The format's reader, for what is particular to one format.
     allow_sparse : bool
