@@ -244,12 +244,15 @@ HPARAMS: tuple[Hparam, ...] = (
         aliases=("padding",),
         default=0,
         kind="padding",
-        words=("same", "valid"),
+        words=("same", "same_upper", "same_lower", "valid"),
         expected=(
             "expected N, one per axis (PH,PW), before,after per axis (TOP,BOTTOM,LEFT,RIGHT), "
-            "'same' or 'valid'"
+            "'same' (or 'same_upper'), 'same_lower' or 'valid'"
         ),
-        help="N; one per axis (H,W); before,after per axis (TOP,BOTTOM,LEFT,RIGHT); same; valid.",
+        help=(
+            "N; one per axis (H,W); before,after per axis (TOP,BOTTOM,LEFT,RIGHT); same "
+            "(extra pixel last; also same_upper); same_lower (extra pixel first); valid."
+        ),
         metavar="P",
         minimum=0,
     ),

@@ -24,7 +24,10 @@ def inspect_file(path) -> dict:
     dict
         ``{"file", "format", "tensors": [{"key", "shape", "dtype", "bytes", "role"}],
         "roles": {"x": key or None, ...}, "hparams": {name: value}, "origins": {name: text},
-        "problems": [one-line messages]}``. ``hparams`` are what forward/backward would use
+        "metadata": {name: text}, "problems": [one-line messages]}``. A tensor read in
+        another dtype than the file's has ``"stored_dtype"`` (safetensors' ``"bfloat16"``,
+        read as float32); ``metadata`` is what the file says of itself (safetensors'
+        ``__metadata__``; empty for other formats). ``hparams`` are what forward/backward would use
         without flags (padding resolved when x and w are both found).
     """
     problems: list[str] = []
@@ -34,15 +37,18 @@ def inspect_file(path) -> dict:
         for key in keys:
             shape, dtype = tensor_file.shape_dtype(key)
             problems += _refusal(tensor_file, key)
-            tensors.append(
-                {
-                    "key": key,
-                    "shape": list(shape),
-                    "dtype": str(dtype),
-                    "bytes": int(dtype.itemsize * _count(shape)),
-                    "role": None,
-                }
-            )
+            entry: dict[str, Any] = {
+                "key": key,
+                "shape": list(shape),
+                "dtype": str(dtype),
+                "bytes": int(dtype.itemsize * _count(shape)),
+                "role": None,
+            }
+            stored = tensor_file.reader.stored_dtype(key)
+            if stored is not None:  # read as dtype (safetensors' float16 as float32)
+                entry["stored_dtype"] = stored
+            tensors.append(entry)
+        metadata = tensor_file.reader.metadata()
         roles: dict[str, str | None] = {}
         if tensor_file.format != "npy":
             for role in ALIASES:
@@ -75,7 +81,7 @@ def inspect_file(path) -> dict:
         spec, origins = resolved.spec, resolved.origins
         hparams = {  # as stored: one value for every axis, or per axis
             "stride": list(spec.stride),
-            "padding": spec.padding if spec.padding == "same" else _plain(spec.padding),
+            "padding": spec.padding if isinstance(spec.padding, str) else _plain(spec.padding),
             "dilation": list(spec.dilation),
             "groups": spec.groups,
             "padding_mode": spec.padding_mode,
@@ -98,6 +104,7 @@ def inspect_file(path) -> dict:
         "roles": {role: where.get(role) for role in ALIASES} if fmt != "npy" else {},
         "hparams": hparams,
         "origins": origins,
+        "metadata": metadata,
         "problems": problems,
     }
 

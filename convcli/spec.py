@@ -54,9 +54,16 @@ real layer comes near it, and bounded values keep every later product of sizes s
 
 PaddingLike = int | str | tuple | list
 """What ``ConvSpec(padding=...)`` accepts: an int, one int per axis, ((before, after), ...),
-"same" or "valid"."""
+"same" (or "same_upper"), "same_lower" or "valid"."""
 Padding = tuple[int, ...] | tuple[tuple[int, int], ...] | str
-"""ConvSpec.padding once normalised: one int or one per axis, (before, after) pairs, or "same"."""
+"""ConvSpec.padding once normalised: one int or one per axis, (before, after) pairs, "same" or
+"same_lower"."""
+
+
+SAME_FORMS = {"same": "same", "same_upper": "same", "same_lower": "same_lower"}
+"""Padding words that keep ``ceil(in / stride)`` outputs, and their normalised names: "same"
+(also "same_upper"; ONNX SAME_UPPER, TensorFlow's SAME) puts an odd extra pixel at the end,
+"same_lower" (ONNX SAME_LOWER) at the start."""
 
 
 def output_size(size: int, kernel: int, stride: int, dilation: int, before: int, after: int) -> int:
@@ -140,17 +147,18 @@ def _show(values: tuple) -> str:
 
 
 def _normalise_padding(padding: PaddingLike) -> Padding:
-    """``"same"``, a tuple of ints (one for all axes, or one per axis), or a tuple of
-    (before, after) pairs, one per axis. ``"valid"`` is ``(0,)``."""
+    """``"same"``, ``"same_lower"``, a tuple of ints (one for all axes, or one per axis), or
+    a tuple of (before, after) pairs, one per axis. ``"valid"`` is ``(0,)``."""
     padding = _plain(padding)
     if isinstance(padding, str):
         mode = padding.lower()
         if mode == "valid":
             return (0,)
-        if mode == "same":
-            return "same"
+        if mode in SAME_FORMS:
+            return SAME_FORMS[mode]
         raise HyperparameterError(
-            f"padding must be 'same', 'valid' or ints, got {padding!r}", param="padding"
+            f"padding must be 'same', 'same_lower', 'valid' or ints, got {padding!r}",
+            param="padding",
         )
     if _is_int(padding):
         values: tuple[int, ...] = (int(padding),)
@@ -208,10 +216,11 @@ class ConvSpec:
     ----------
     stride : int or one int per spatial axis
         Step between outputs. At least 1.
-    padding : int, one int per spatial axis, ((before, after), ...), "valid" or "same"
+    padding : int, one int per spatial axis, ((before, after), ...), "valid", "same" or "same_lower"
         Padding per axis; for 2-D, ``1``, ``(ph, pw)`` or ``((top, bottom), (left, right))``.
-        ``"same"`` gives ``ceil(in / stride)`` outputs per axis with any odd extra pixel at
-        the end (TensorFlow ``SAME``, ONNX ``SAME_UPPER``). Flat before/after lists
+        ``"same"`` (also spelled ``"same_upper"``) gives ``ceil(in / stride)`` outputs per
+        axis with any odd extra pixel at the end (TensorFlow ``SAME``, ONNX ``SAME_UPPER``);
+        ``"same_lower"`` puts it at the start (ONNX ``SAME_LOWER``). Flat before/after lists
         (``1,2,0,1``) are a file and command-line spelling: :func:`convcli.hparams.spec_from`
         reads them.
     dilation : int or one int per spatial axis
@@ -308,10 +317,11 @@ class ConvSpec:
         return _for_rank("stride", self.stride, rank), _for_rank("dilation", self.dilation, rank)
 
     def explicit_padding(self, rank: int) -> tuple[tuple[int, int], ...] | str:
-        """``"same"``, or ((before, after), ...) per axis, without input sizes."""
+        """``"same"`` or ``"same_lower"``, or ((before, after), ...) per axis, without input
+        sizes."""
         padding = self.padding
         if isinstance(padding, str):
-            return "same"
+            return padding
         pairs = tuple((p, p) if isinstance(p, int) else p for p in padding)
         if len(pairs) == 1:
             return pairs * rank
@@ -337,15 +347,17 @@ class ConvSpec:
         for size, k, s, d in zip(in_sizes, kernel, stride, dilation, strict=True):
             out = math.ceil(size / s)
             total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
-            pairs.append((total // 2, total - total // 2))
+            small, large = total // 2, total - total // 2
+            pairs.append((large, small) if padding == "same_lower" else (small, large))
         return tuple(pairs)
 
     def _transposed_same(
         self, in_sizes, kernel
     ) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
-        """``"same"`` for a transposed convolution: the padding and output_padding that give
-        ``in * stride`` outputs per axis (ONNX's ``auto_pad=SAME_UPPER`` for ConvTranspose:
-        the odd cropped pixel at the end).
+        """``"same"``/``"same_lower"`` for a transposed convolution: the padding and
+        output_padding that give ``in * stride`` outputs per axis (ONNX's ``auto_pad`` for
+        ConvTranspose: ``SAME_UPPER`` crops the odd pixel at the end, ``SAME_LOWER`` at the
+        start).
 
         The cropping needed is ``total = dilation·(k - 1) + 1 + output_padding - stride``;
         when the kernel is shorter than the stride it is negative, and the missing positions
@@ -354,10 +366,12 @@ class ConvSpec:
         rank = len(in_sizes)
         stride, dilation = self.per_axis(rank)
         extra = _for_rank("output_padding", self.output_padding, rank)
+        lower = self.explicit_padding(rank) == "same_lower"
         pairs, paddings = [], []
         for k, s, d, op in zip(kernel, stride, dilation, extra, strict=True):
             total = d * (k - 1) + 1 + op - s
-            pairs.append((total // 2, total - total // 2) if total >= 0 else (0, 0))
+            small, large = max(total, 0) // 2, max(total, 0) - max(total, 0) // 2
+            pairs.append((large, small) if lower else (small, large))
             paddings.append(op if total >= 0 else op - total)
         return tuple(pairs), tuple(paddings)
 

@@ -12,7 +12,7 @@ small = st.integers(1, 3)
 
 @st.composite
 def paddings(draw):
-    kind = draw(st.sampled_from(["int", "pair", "asymmetric", "same", "valid"]))
+    kind = draw(st.sampled_from(["int", "pair", "asymmetric", "same", "same_lower", "valid"]))
     if kind == "int":
         return draw(st.integers(0, 2))
     if kind == "pair":
@@ -71,7 +71,7 @@ def nd_conv_cases(draw, dtypes=(np.float64, np.float32), ranks=(1, 2, 3)):
             st.lists(
                 st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=rank, max_size=rank
             ).map(tuple),
-            st.sampled_from(["same", "valid"]),
+            st.sampled_from(["same", "same_lower", "valid"]),
         )
     )
     spec = ConvSpec(
@@ -123,7 +123,7 @@ def transposed_cases(draw, dtypes=(np.float64, np.float32), ranks=(1, 2, 3)):
             st.lists(
                 st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=rank, max_size=rank
             ).map(tuple),
-            st.just("same"),
+            st.sampled_from(["same", "same_lower"]),
         )
     )
     spec = ConvSpec(

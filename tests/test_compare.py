@@ -191,6 +191,16 @@ def test_same_padding_on_the_wrong_side_is_named():
     assert "SAME_LOWER" in run.tensors["z"].diagnosis.sentence
 
 
+def test_same_lower_and_upper_mixed_up_are_named_by_their_names():
+    x, w, b = _layer(kernel=(2, 2))
+    upper = conv_forward(x, w, b, ConvSpec(padding="same"))[0]
+    run = _compare({"z": upper}, x, w, b, ConvSpec(padding="same_lower"))
+    assert run.tensors["z"].diagnosis.sentence.startswith(
+        "z equals convcli's with padding 0,1,0,1 ('same', SAME_UPPER: the extra pixel last) "
+        "instead of 'same_lower'"
+    )
+
+
 def test_other_stride_and_dilation_are_named():
     x, w, b = _layer()
     z = conv_forward(x, w, b, ConvSpec(padding=1, stride=2))[0]

@@ -116,6 +116,21 @@ def test_same_padding_keeps_ceil_size_with_even_kernel_and_stride():
     assert cache.geometry.pads == ((0, 1), (0, 1))
 
 
+def test_same_lower_puts_the_odd_extra_pixel_first_and_same_upper_is_same():
+    x = np.ones((1, 7, 6, 2))
+    w = np.ones((2, 4, 2, 3))
+    lower = conv_forward(x, w, None, ConvSpec(stride=(2, 3), padding="same_lower"))[1]
+    assert lower.geometry.pads == ((1, 0), (1, 0))  # ONNX SAME_LOWER
+    assert lower.geometry.out_sizes == (4, 2)
+    assert ConvSpec(padding="SAME_UPPER").padding == "same"
+    assert ConvSpec(padding="same_lower").padding == "same_lower"
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 5, 6, 3)), rng.standard_normal((2, 3, 3, 4))
+    z = conv_forward(x, w, None, ConvSpec(padding="same_lower"))[0]
+    explicit = conv_forward(x, w, None, ConvSpec(padding=((1, 0), (1, 1))))[0]
+    np.testing.assert_array_equal(z, explicit)
+
+
 @pytest.mark.parametrize(
     ("dtypes", "expected"),
     [

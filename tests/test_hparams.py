@@ -36,6 +36,8 @@ def from_file_value(name, raw, origin):
         ("padding_mode", "Reflect", "reflect"),
         ("layout", "NCHW", "nchw"),
         ("padding", "SAME", "same"),
+        ("padding", "same_upper", "same_upper"),
+        ("padding", "SAME_LOWER", "same_lower"),
         ("padding", "valid", "valid"),
         ("dilation", " 2 ", 2),
         ("groups", "3", 3),

@@ -90,6 +90,13 @@ CASES = {
         {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
         dict(stride=2, padding="same"),
     ),
+    "autopad-same-lower": (
+        (1, 2, 3, 4),
+        (2, 2, 4, 3),
+        True,
+        {"strides": [2, 3], "auto_pad": "SAME_LOWER"},
+        dict(stride=(2, 3), padding="same_lower"),
+    ),
     "autopad-same-upper-odd": (
         (1, 2, 4),
         (2, 1, 4),

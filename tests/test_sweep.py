@@ -467,17 +467,21 @@ def test_auto_mode_in_a_sweep_is_the_same_on_a_slow_machine(tmp_path, monkeypatc
         ("pad = [[1, 1], [1, 1]]", "pad = 1"),
         ("pad = [1, 1, 1, 1]", "pad = 1"),
         ("dilation = [1, 1]", ""),
+        ('pad = "same_upper"', 'pad = "same"'),
+        ('pad = "SAME_LOWER"', 'pad = "same_lower"'),
     ],
 )
 def test_per_axis_spellings_of_the_same_values_share_a_fingerprint(tmp_path, written, same_as):
     base = "[[configs]]\nshape = [1, 6, 6, 2]\nkernel = 3\ncout = 2\nstride = 2\npad = 1\n"
+    if same_as.startswith('pad = "'):
+        base = base.replace("pad = 1", same_as)
     spec = base.replace(same_as, written) if same_as else base + written + "\n"
     assert spec != base
     assert (
         load_sweep(write(tmp_path, spec, "a.toml")).fingerprint
         == load_sweep(write(tmp_path, base, "b.toml")).fingerprint
     )
-    differs = base.replace("pad = 1", "pad = [1, 2]")
+    differs = base.split("pad = ")[0] + "pad = [1, 2]\n"
     assert load_sweep(write(tmp_path, differs, "c.toml")).fingerprint != (
         load_sweep(write(tmp_path, base, "b.toml")).fingerprint
     )

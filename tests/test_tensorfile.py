@@ -117,7 +117,8 @@ def test_detect_format_empty_file(tmp_path):
 def test_detect_format_garbage(tmp_path):
     path = tmp_path / "sample.npz"
     path.write_bytes(b"hello, world\n")
-    with pytest.raises(DataError, match=named(path) + r": not a \.npy, \.npz or HDF5 file") as info:
+    expected = r": not a \.npy, \.npz, HDF5 or safetensors file"
+    with pytest.raises(DataError, match=named(path) + expected) as info:
         detect_format(path)
     assert "b'hello, w'" in str(info.value)
 
@@ -720,13 +721,13 @@ def test_write_refuses_protected_through_symlink(tmp_path):
 
 @pytest.mark.parametrize("name", ["out.npy", "out.txt", "out"])
 def test_write_unknown_extension(tmp_path, name):
-    expected = r"^out must end in \.npz, \.h5 or \.hdf5.*" + name
+    expected = r"^out must end in \.npz, \.h5, \.hdf5 or \.safetensors.*" + name
     with pytest.raises(UsageError, match=expected) as info:
         write_tensors(tmp_path / name, {"z": np.ones(2)}, {})
-    assert explain(info.value).startswith("--out must end in .npz, .h5 or .hdf5")
+    assert explain(info.value).startswith("--out must end in .npz, .h5, .hdf5 or .safetensors")
     with pytest.raises(UsageError) as info:
         write_tensors(tmp_path / name, {"z": np.ones(2)}, {}, param="generate_out")
-    assert explain(info.value).startswith("OUT must end in .npz, .h5 or .hdf5")
+    assert explain(info.value).startswith("OUT must end in .npz, .h5, .hdf5 or .safetensors")
 
 
 def test_write_missing_folder(tmp_path):

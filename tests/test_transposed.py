@@ -70,18 +70,27 @@ def test_weight_shapes_in_both_layouts():
     ("size", "kernel", "stride", "dilation"),
     [(4, 3, 2, 1), (5, 4, 2, 1), (3, 1, 3, 1), (6, 3, 1, 2), (2, 2, 4, 1), (3, 5, 2, 2)],
 )
-def test_same_gives_in_times_stride(size, kernel, stride, dilation):
-    spec = ConvSpec(stride=stride, dilation=dilation, padding="same", transposed=True)
+@pytest.mark.parametrize("same", ["same", "same_upper", "same_lower"])
+def test_same_gives_in_times_stride(size, kernel, stride, dilation, same):
+    spec = ConvSpec(stride=stride, dilation=dilation, padding=same, transposed=True)
     z, _ = conv_forward(np.ones((1, size, 1)), np.ones((kernel, 1, 1)), None, spec)
     assert z.shape == (1, size * stride, 1)
 
 
-def test_same_crops_the_odd_pixel_at_the_end():
-    spec = ConvSpec(stride=2, padding="same", transposed=True)
-    geometry = spec.geometry((1, 4, 1), (4, 1, 1))  # total cropping 4 + 1 - 2 - 1 = 2... of 3
-    assert geometry.pads == ((1, 1),)
-    geometry = spec.geometry((1, 4, 1), (5, 1, 1))  # 5 - 2 = 3 cropped: 1 before, 2 after
-    assert geometry.pads == ((1, 2),)
+def test_same_crops_the_odd_pixel_at_the_end_and_same_lower_at_the_start():
+    upper = ConvSpec(stride=2, padding="same", transposed=True)
+    lower = ConvSpec(stride=2, padding="same_lower", transposed=True)
+    # cropped: dilation·(k - 1) + 1 + output_padding - stride
+    assert upper.geometry((1, 4, 1), (4, 1, 1)).pads == ((1, 1),)  # 4 - 2 = 2
+    assert upper.geometry((1, 4, 1), (5, 1, 1)).pads == ((1, 2),)  # 5 - 2 = 3
+    assert lower.geometry((1, 4, 1), (5, 1, 1)).pads == ((2, 1),)
+    for spec in (upper, lower):  # a kernel shorter than the stride: zeros added at the end
+        geometry = spec.geometry((1, 3, 1), (1, 1, 1))
+        assert (geometry.pads, geometry.output_padding, geometry.out_sizes) == (
+            ((0, 0),),
+            (1,),
+            (6,),
+        )
 
 
 @pytest.mark.parametrize(

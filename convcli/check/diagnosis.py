@@ -470,7 +470,7 @@ def _format_pads(pads: tuple[tuple[int, int], ...]) -> str:
 
 def _padding_mistakes(setup: Setup, geometry: Geometry) -> Iterator[Candidate]:
     pads = geometry.pads
-    same = setup.spec.padding == "same"
+    same = setup.spec.padding if isinstance(setup.spec.padding, str) else None
     variants: list[tuple[tuple[int, int], ...]] = []
     if any(lo != hi for lo, hi in pads):
         variants.append(tuple((hi, lo) for lo, hi in pads))
@@ -478,14 +478,16 @@ def _padding_mistakes(setup: Setup, geometry: Geometry) -> Iterator[Candidate]:
         variant = tuple((lo + d_lo, hi + d_hi) for lo, hi in pads)
         if all(lo >= 0 and hi >= 0 for lo, hi in variant) and variant not in variants:
             variants.append(variant)
-    was = "'same'" if same else _format_pads(pads)
+    was = f"'{same}'" if same else _format_pads(pads)
     for variant in variants:
         if variant == pads:
             continue
         swapped = variant == tuple((hi, lo) for lo, hi in pads)
         text = _format_pads(variant)
-        if same and swapped:
-            text = f"{text} ('same' with the extra pixel first, SAME_LOWER)"
+        if same == "same" and swapped:
+            text = f"{text} ('same_lower', SAME_LOWER: the extra pixel first)"
+        elif same == "same_lower" and swapped:
+            text = f"{text} ('same', SAME_UPPER: the extra pixel last)"
         yield Candidate(
             f"padding {_format_pads(variant)}",
             _respecified(padding=variant),

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -36,9 +37,11 @@ from convcli.errors import (
     EXIT_TERMINATED,
     EXIT_USAGE,
     ConvcliError,
+    ConvcliNotice,
     Terminated,
     UsageError,
 )
+from convcli.examples import write_examples
 from convcli.generate import check_generated_memory, generate_layer
 from convcli.hparams import BY_NAME, HPARAMS, build_spec
 from convcli.inspection import inspect_file
@@ -61,6 +64,7 @@ from convcli.run import (
 )
 from convcli.sweep import MAX_CONFIGS, SweepOptions, load_sweep, run_sweep
 from convcli.units import parse_size
+from convcli.versioning import versioned
 
 _state = {"debug": False, "quiet": False}
 # Typer may use click or its own vendored copy: take the classes from Typer itself.
@@ -268,7 +272,10 @@ Data = Annotated[
     str | None,
     typer.Argument(
         metavar="DATA",
-        help="Data file (.npz, .npy, .h5) holding x, w, b (and dz) under their usual names.",
+        help=(
+            "Data file (.npz, .npy, .h5, .safetensors) holding x, w, b (and dz) under their "
+            "usual names."
+        ),
         show_default=False,
     ),
 ]
@@ -286,6 +293,15 @@ WRef = Annotated[
 ]
 BRef = Annotated[
     str | None, typer.Option("--b", metavar="REF", help="b (Cout,) or (1,1,1,Cout) as FILE[:KEY].")
+]
+LayerName = Annotated[
+    str | None,
+    typer.Option(
+        "--layer",
+        metavar="NAME",
+        help="w and b of this layer of DATA (or of --w FILE): PyTorch NAME.weight (implies "
+        "--layout nchw), Keras NAME/vars/0 or NAME/kernel:0.",
+    ),
 ]
 
 
@@ -380,7 +396,9 @@ Heatmaps = Annotated[
 ]
 Out = Annotated[
     Path | None,
-    typer.Option("--out", metavar="FILE", help="Write the outputs to this .npz or .h5 file."),
+    typer.Option(
+        "--out", metavar="FILE", help="Write the outputs to this .npz, .h5 or .safetensors file."
+    ),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")]
 Workspace = Annotated[
@@ -388,7 +406,10 @@ Workspace = Annotated[
     typer.Option(
         "--max-workspace",
         metavar="SIZE",
-        help="Scratch-memory budget, e.g. 64M or 1G. HDF5 inputs bigger than it are streamed.",
+        help=(
+            "Scratch-memory budget, e.g. 64M or 1G. HDF5 and .npy inputs bigger than it are "
+            "streamed."
+        ),
     ),
 ]
 MaxMemory = Annotated[
@@ -432,27 +453,50 @@ def _load(
     lazy_above=None,
     max_bytes=None,
     allow_sparse=False,
+    layer=None,
     **flags,
 ):
     """Tensors from files, and the ConvSpec from the file's hyperparameters and the flags.
 
     Shapes and dtypes are checked against the spec from the headers before any data is read;
-    HDF5 tensors bigger than ``lazy_above`` bytes stay on disk, to be streamed; tensors
+    HDF5 and .npy tensors bigger than ``lazy_above`` bytes stay on disk, to be streamed; tensors
     adding up to more than ``max_bytes`` are refused before they are read.
     """
-    loaded = load_tensors(
-        data,
-        refs,
-        required=required,
-        optional=optional,
-        lazy_above=lazy_above,
-        max_bytes=max_bytes,
-        allow_sparse=allow_sparse,
-        check=header_check(command, flags),
-    )
+    with _reading_notes():
+        loaded = load_tensors(
+            data,
+            refs,
+            required=required,
+            optional=optional,
+            lazy_above=lazy_above,
+            max_bytes=max_bytes,
+            allow_sparse=allow_sparse,
+            check=header_check(command, flags),
+            layer=layer,
+        )
+    if loaded.layout_note is not None and flags.get("layout") is None:
+        _note(_messages(), loaded.layout_note)
     x = loaded.arrays.get("x")
     rank = None if x is None else len(x.shape) - 2
     return loaded, build_spec(loaded.hparams, flags, rank).spec
+
+
+@contextlib.contextmanager
+def _reading_notes():
+    """Print the notices of reading files (safetensors' float16 read as float32) as notes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvcliNotice)
+        yield
+    for caught_warning in caught:
+        if not issubclass(caught_warning.category, ConvcliNotice):
+            warnings.warn_explicit(
+                caught_warning.message,
+                caught_warning.category,
+                caught_warning.filename,
+                caught_warning.lineno,
+            )
+    for text in dict.fromkeys(str(w.message) for w in caught if w.category is ConvcliNotice):
+        _note(_messages(), text)
 
 
 def _messages() -> Console:
@@ -522,6 +566,7 @@ def forward(
     x: XRef = None,
     w: WRef = None,
     b: BRef = None,
+    layer: LayerName = None,
     stride: Stride = None,
     pad: Pad = None,
     dilation: Dilation = None,
@@ -545,12 +590,15 @@ def forward(
     """Compute z = conv(x, w) + b and summarise every tensor.
 
     Example: convcli forward sample_data/conv_example.h5 --slice 'z[3,2,1]'
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     _run(
         "forward",
         data,
         {"x": x, "w": w, "b": b},
         _hparam_texts(locals()),
+        layer=layer,
         engine=engine.value,
         slice_exprs=slice_,
         heatmap_exprs=heatmap,
@@ -571,6 +619,7 @@ def backward(
     x: XRef = None,
     w: WRef = None,
     b: BRef = None,
+    layer: LayerName = None,
     dz: Annotated[
         str | None,
         typer.Option(
@@ -608,12 +657,15 @@ def backward(
     """Compute dx, dw, db for an upstream gradient dz and summarise every tensor.
 
     Example: convcli backward sample_data/conv_example.npz --slice 'dw[:,:,0,1]'
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     _run(
         "backward",
         data,
         {"x": x, "w": w, "b": b, "dz": dz},
         _hparam_texts(locals()),
+        layer=layer,
         engine=engine.value,
         slice_exprs=slice_,
         heatmap_exprs=heatmap,
@@ -644,6 +696,7 @@ def _run(
     max_memory,
     threads,
     allow_sparse=False,
+    layer=None,
     upstream="z",
     seed=None,
     **options,
@@ -663,6 +716,7 @@ def _run(
         lazy_above=workspace,
         max_bytes=memory,
         allow_sparse=allow_sparse,
+        layer=layer,
         **flags,
     )
     _check_slices(command, loaded, spec, out, slices, pictures)
@@ -724,6 +778,7 @@ def gradcheck(
     x: XRef = None,
     w: WRef = None,
     b: BRef = None,
+    layer: LayerName = None,
     dz: Annotated[
         str | None,
         typer.Option("--dz", metavar="REF", help="Upstream gradient g as FILE[:KEY]."),
@@ -826,12 +881,16 @@ def gradcheck(
     """Check dx, dw, db against numerical gradients; exit 1 if any element fails.
 
     Example: convcli gradcheck sample_data/conv_example.h5 --mode exhaustive
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     tolerance = Tolerance(eps=eps, rtol=rtol, atol=atol)
     flags = _hparam_texts(locals())
-    layer = _layer_flags(shape, kernel, cout)
+    drawn = _layer_flags(shape, kernel, cout)
     memory = parse_memory(max_memory)
     from_files = bool(data or x or w or b or dz)
+    if layer is not None and not from_files:
+        raise UsageError("--layer picks a layer in a data file (or --w FILE): pass one")
     with_impl = {"--timeout": timeout, "--signature": signature, "--nondet-tol": nondet_tol}
     if impl is not None and (transposed or output_padding is not None):
         raise UsageError(
@@ -840,7 +899,7 @@ def gradcheck(
     for flag, value in with_impl.items():
         if value is not None and impl is None:
             raise UsageError(f"{flag} goes with --impl")
-    if layer is not None and from_files:
+    if drawn is not None and from_files:
         raise UsageError("give either a data file (or --x/--w) or --shape, not both")
     with _blas_threads(threads), _progress(as_json, "gradcheck") as progress:
         if impl is not None:
@@ -848,7 +907,7 @@ def gradcheck(
                 impl,
                 data,
                 {"x": x, "w": w, "b": b, "dz": dz},
-                layer,
+                drawn,
                 flags,
                 ImplFlags(
                     mode=None if mode is None else mode.value,
@@ -866,14 +925,15 @@ def gradcheck(
                     timeout=timeout,
                     memory=memory,
                     allow_sparse=allow_sparse,
+                    layer=layer,
                 ),
                 progress,
             )
         else:
-            if layer is not None:
-                spec = build_spec({}, flags, len(layer.shape) - 2).spec
-                check_generated_memory(layer.shape, layer.kernel, layer.cout, spec, memory)
-                arrays, _ = generate_layer(layer.shape, layer.kernel, layer.cout, spec, seed=seed)
+            if drawn is not None:
+                spec = build_spec({}, flags, len(drawn.shape) - 2).spec
+                check_generated_memory(drawn.shape, drawn.kernel, drawn.cout, spec, memory)
+                arrays, _ = generate_layer(drawn.shape, drawn.kernel, drawn.cout, spec, seed=seed)
             elif from_files:
                 loaded, spec = _load(
                     "gradcheck",
@@ -883,6 +943,7 @@ def gradcheck(
                     ("b", "dz"),
                     max_bytes=memory,
                     allow_sparse=allow_sparse,
+                    layer=layer,
                     **flags,
                 )
                 arrays = loaded.arrays
@@ -927,6 +988,7 @@ class ImplFlags:
     timeout: float | None
     memory: int | None
     allow_sparse: bool
+    layer: str | None = None
 
 
 def _impl_check(impl, data, refs, layer, flags, options: ImplFlags, progress) -> GradcheckRun:
@@ -958,6 +1020,7 @@ def _impl_check(impl, data, refs, layer, flags, options: ImplFlags, progress) ->
             ("b", "dz"),
             max_bytes=options.memory,
             allow_sparse=options.allow_sparse,
+            layer=options.layer,
             **flags,
         )
         impl_layer = ImplLayer(spec=spec, inputs=RunInputs.of(loaded.arrays))
@@ -998,6 +1061,7 @@ def compare(
     x: XRef = None,
     w: WRef = None,
     b: BRef = None,
+    layer: LayerName = None,
     dz: Annotated[
         str | None,
         typer.Option(
@@ -1045,17 +1109,19 @@ def compare(
         ("b", "dz"),
         max_bytes=memory,
         allow_sparse=allow_sparse,
+        layer=layer,
         **flags,
     )
     refs = {"z": z_ref, "dx": dx_ref, "dw": dw_ref, "db": db_ref}
-    results = load_tensors(
-        expect if expect is not None else data,
-        refs,
-        (),
-        tuple(refs),
-        max_bytes=memory,
-        allow_sparse=allow_sparse,
-    )
+    with _reading_notes():
+        results = load_tensors(
+            expect if expect is not None else data,
+            refs,
+            (),
+            tuple(refs),
+            max_bytes=memory,
+            allow_sparse=allow_sparse,
+        )
     with _blas_threads(threads):
         run = run_compare(
             RunInputs.from_loaded(loaded),
@@ -1112,7 +1178,9 @@ def _progress(as_json: bool, label: str):
 def generate(
     out: Annotated[
         Path,
-        typer.Argument(metavar="OUT", help="New .npz or .h5 file to write.", show_default=False),
+        typer.Argument(
+            metavar="OUT", help="New .npz, .h5 or .safetensors file to write.", show_default=False
+        ),
     ],
     shape: Annotated[
         str,
@@ -1173,15 +1241,17 @@ def _print_generated(out, tensors, attrs, dtype: str, as_json: bool) -> None:
     if as_json:
         print(
             json.dumps(
-                {
-                    "command": "generate",
-                    "out": str(out),
-                    "hparams": attrs,
-                    "tensors": {
-                        k: {"shape": list(v.shape), "dtype": str(v.dtype)}
-                        for k, v in tensors.items()
-                    },
-                }
+                versioned(
+                    {
+                        "command": "generate",
+                        "out": str(out),
+                        "hparams": attrs,
+                        "tensors": {
+                            k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                            for k, v in tensors.items()
+                        },
+                    }
+                )
             )
         )
         return
@@ -1192,20 +1262,52 @@ def _print_generated(out, tensors, attrs, dtype: str, as_json: bool) -> None:
 
 
 @app.command()
+def example(
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR", help="Folder to write into (made if missing).", show_default=False
+        ),
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite files of the same names in DIR.")
+    ] = False,
+    as_json: Json = False,
+) -> None:
+    """Write the classic exercise's files (what the help examples' sample_data/ holds) to DIR:
+    conv_example.npz, conv_example.h5 and sweep.toml. Existing files are kept unless --force.
+
+    Example: convcli example sample_data
+    """
+    written = write_examples(folder, force=force)
+    with _data_output():
+        if as_json:
+            print(json.dumps(versioned({"command": "example", "files": list(map(str, written))})))
+        else:
+            listing = ", ".join(path.name for path in written)
+            _data_console().print(Text(f"wrote {folder}: {listing}"), soft_wrap=True)
+
+
+@app.command()
 def inspect(
     file: Annotated[
-        Path, typer.Argument(metavar="FILE", help="A .npz, .npy or .h5 file.", show_default=False)
+        Path,
+        typer.Argument(
+            metavar="FILE", help="A .npz, .npy, .h5 or .safetensors file.", show_default=False
+        ),
     ],
     as_json: Json = False,
 ) -> None:
     """List every tensor in a file and the hyperparameters it holds, without reading the data.
 
     Example: convcli inspect sample_data/conv_example.h5
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     report = inspect_file(file)
     with _data_output():
         if as_json:
-            print(json.dumps(report))
+            print(json.dumps(versioned(report)))
         else:
             print_inventory(_data_console(), report)
 
@@ -1256,6 +1358,8 @@ def sweep(
     every configuration ran and passed.
 
     Example: convcli sweep sample_data/sweep.toml --out results.jsonl --jobs 2
+
+    Without a clone, `convcli example sample_data` writes the files used here.
     """
     if append and force:
         raise UsageError("--append adds to the results and --force starts them over: give one")
@@ -1275,7 +1379,7 @@ def sweep(
         summary = run_sweep(plan, out, options, progress=progress)
     with _data_output():
         if as_json:
-            print(json.dumps(summary.to_json()))
+            print(json.dumps(versioned(summary.to_json())))
         else:
             print_sweep(_data_console(), summary)
     if not summary.passed:

@@ -30,6 +30,7 @@ _FLAGS = {
     "spec": "SPEC",
     "workspace": "--max-workspace",
     "generate_out": "OUT",  # generate's positional output file
+    "folder": "DIR",  # example's positional folder
 }
 
 

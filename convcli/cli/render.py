@@ -15,6 +15,7 @@ from rich.text import Text
 from convcli.hparams import BY_NAME, format_hparams
 from convcli.run import RunResult, Upstream
 from convcli.sweep import record_verdict
+from convcli.versioning import versioned
 
 
 def result_json(
@@ -38,7 +39,7 @@ def result_json(
         "seconds": result.seconds,
         "streamed": result.streamed,
     }
-    return json.dumps(document, allow_nan=False)
+    return json.dumps(versioned(document), allow_nan=False)
 
 
 def origin_text(origin: str | Upstream) -> str:
@@ -191,11 +192,15 @@ def print_inventory(console: Console, report: dict) -> None:
         table.add_row(
             Text(entry["key"] or "(unnamed)"),
             str(tuple(entry["shape"])),
-            entry["dtype"],
+            entry["dtype"]
+            + (f" (stored {entry['stored_dtype']})" if "stored_dtype" in entry else ""),
             f"{entry['bytes']:,}",
             entry["role"] or "",
         )
     print_table(console, table)
+    if report.get("metadata"):
+        pairs = ", ".join(f"{name}={value}" for name, value in report["metadata"].items())
+        console.print(Text(f"metadata: {pairs}"))
     h = report["hparams"]
     if h:
         stored = [k for k, v in report["origins"].items() if v != "default"]

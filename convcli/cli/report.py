@@ -19,6 +19,7 @@ from convcli.compare import CompareRun, TensorComparison
 from convcli.engine.operands import x_to_last
 from convcli.hparams import format_hparams
 from convcli.run import GradcheckRun
+from convcli.versioning import versioned
 
 LABELS = {"dx": "dx", "dw": "dw", "db": "db"}
 
@@ -55,7 +56,7 @@ def gradcheck_json(run: GradcheckRun) -> str:
         ]
         + [result.to_json() for result in run.impl_results],
     }
-    return json.dumps(document, allow_nan=False)
+    return json.dumps(versioned(document), allow_nan=False)
 
 
 def _verdict(passed: bool) -> Text:
@@ -263,7 +264,7 @@ def compare_json(run: CompareRun) -> str:
         "seconds": run.seconds,
         "tensors": {name: t.to_json() for name, t in run.tensors.items()},
     }
-    return json.dumps(document, allow_nan=False, default=str)
+    return json.dumps(versioned(document), allow_nan=False, default=str)
 
 
 def print_compare(console: Console, run: CompareRun) -> None:

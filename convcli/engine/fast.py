@@ -401,6 +401,28 @@ def blas_threads() -> int:
     return max(counts, default=1)
 
 
+def blas_libraries() -> list[dict[str, Any]]:
+    """The BLAS libraries NumPy has loaded, as threadpoolctl sees them.
+
+    Returns
+    -------
+    list of dict
+        Per library: ``internal_api`` (``"openblas"``, ``"mkl"``, ``"blis"``), ``version``,
+        ``threading_layer`` (``"pthreads"``, ``"openmp"``, ...) and ``num_threads`` now.
+    """
+    controller = _blas_controller()
+    return [
+        {
+            "internal_api": lib.internal_api,
+            "version": lib.version,
+            "threading_layer": getattr(lib, "threading_layer", None),
+            "num_threads": lib.num_threads,
+        }
+        for lib in controller.lib_controllers
+        if lib.user_api == "blas"
+    ]
+
+
 def _worker_count(threads: int | None) -> int:
     """Worker threads for a call: ``threads``, or as many as BLAS uses; at least 1."""
     return max(1, int(threads) if threads is not None else blas_threads())

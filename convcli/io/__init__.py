@@ -3,7 +3,8 @@
 One module per format, each with a reader (and, for output formats, a writer) of one
 interface (:mod:`convcli.io.reader`), listed in :mod:`convcli.io.formats`:
 
-- :mod:`convcli.io.npy`, :mod:`convcli.io.npz`, :mod:`convcli.io.hdf5`: the formats.
+- :mod:`convcli.io.npy`, :mod:`convcli.io.npz`, :mod:`convcli.io.hdf5`,
+  :mod:`convcli.io.safetensors`: the formats.
 - :mod:`convcli.io.detect`: ``PATH[:KEY]`` references, regular-file checks, format by content.
 - :mod:`convcli.io.tensorfile`: :class:`TensorFile` (any format, roles by name, memory guard)
   and :func:`read_tensor`.

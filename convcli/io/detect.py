@@ -1,9 +1,9 @@
 """Which file is meant and what format it holds, before anything is read.
 
 A *tensor reference* is ``PATH`` or ``PATH:KEY`` (``run.h5:/layer1/W``; the leading ``/`` of
-an HDF5 path is optional): :func:`parse_ref`. Only regular files are opened
-(:func:`regular_file_size`), so a FIFO or device never blocks, and formats are recognised by
-their content, never by their extension (:func:`detect_format`).
+an HDF5 path is optional; keys and paths may hold ``:``): :func:`parse_ref`. Only regular
+files are opened (:func:`regular_file_size`), so a FIFO or device never blocks, and formats
+are recognised by their content, never by their extension (:func:`detect_format`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 from convcli.errors import DataError, InputFileError
 from convcli.io.formats import READERS, spoken_list
+from convcli.io.reader import CONVERT_PYTORCH
 
 #: Bytes read to recognise a format (the longest signature, HDF5's, has 8).
 HEAD_BYTES = 8
@@ -31,7 +32,10 @@ def parse_ref(ref: str) -> TensorRef:
     """Split a tensor reference ``PATH`` or ``PATH:KEY``.
 
     If the whole string names an existing path it has no key; otherwise it is split at the
-    last ``:``. An empty key (``"run.npz:"``) counts as no key.
+    ``:`` after the longest prefix that names an existing path, so keys may hold ``:``
+    (Keras 2's ``run.h5:conv2d/kernel:0``) and so may file names (``run:2.npz:W``). When no
+    prefix exists it is split at the last ``:`` (the error then names the missing file).
+    An empty key (``"run.npz:"``) counts as no key.
 
     Parameters
     ----------
@@ -45,8 +49,9 @@ def parse_ref(ref: str) -> TensorRef:
     """
     if os.path.lexists(ref) or ":" not in ref:
         return TensorRef(Path(ref), None)
-    path, _, key = ref.rpartition(":")
-    return TensorRef(Path(path), key or None)
+    colons = [index for index, char in enumerate(ref) if char == ":"]
+    split = next((i for i in reversed(colons) if os.path.lexists(ref[:i])), colons[-1])
+    return TensorRef(Path(ref[:split]), ref[split + 1 :] or None)
 
 
 def regular_file_size(path: str | os.PathLike[str]) -> int:
@@ -97,8 +102,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     -------
     str
         The :attr:`~convcli.io.reader.Reader.format` of the first reader in
-        :data:`~convcli.io.formats.READERS` that recognises it: ``"npy"``, ``"npz"`` or
-        ``"hdf5"``.
+        :data:`~convcli.io.formats.READERS` that recognises it: ``"npy"``, ``"npz"``,
+        ``"hdf5"`` or ``"safetensors"``.
 
     Raises
     ------
@@ -115,4 +120,6 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     for reader in READERS:
         if reader.sniff(path, head):
             return reader.format
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise DataError(f"{path}: a Python pickle (a PyTorch checkpoint?); {CONVERT_PYTORCH}")
     raise DataError(f"{path}: not a {labels} file (first bytes {head!r})")

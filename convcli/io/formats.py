@@ -12,13 +12,14 @@ from convcli.io.hdf5 import Hdf5Reader, Hdf5Writer
 from convcli.io.npy import NpyReader
 from convcli.io.npz import NpzReader, NpzWriter
 from convcli.io.reader import Reader, Writer
+from convcli.io.safetensors import SafetensorsReader, SafetensorsWriter
 
-READERS: tuple[type[Reader], ...] = (NpyReader, NpzReader, Hdf5Reader)
-WRITERS: tuple[type[Writer], ...] = (NpzWriter, Hdf5Writer)
+READERS: tuple[type[Reader], ...] = (NpyReader, NpzReader, Hdf5Reader, SafetensorsReader)
+WRITERS: tuple[type[Writer], ...] = (NpzWriter, Hdf5Writer, SafetensorsWriter)
 
 
 def reader_for(fmt: str) -> type[Reader]:
-    """The reader class of format ``fmt`` (``"npy"``, ``"npz"``, ``"hdf5"``)."""
+    """The reader class of format ``fmt`` (``"npy"``, ``"npz"``, ``"hdf5"``, ``"safetensors"``)."""
     return next(reader for reader in READERS if reader.format == fmt)
 
 

@@ -3,9 +3,14 @@
 Roles (x, w, b, dz) are found by name (:data:`~convcli.io.tensorfile.ALIASES`) in the data file
 or taken from explicit references (``PATH`` or ``PATH:KEY``, one per role); hyperparameters
 come from the data file (or the file x came from). Big tensors of a format that can read rows
-(:meth:`convcli.io.reader.Reader.rows`; today HDF5) can be left on disk as :class:`DatasetRef`
-for streaming, and a memory guard refuses, before reading, tensors that would not fit.
+(:meth:`convcli.io.reader.Reader.rows`; HDF5 and C-order ``.npy``) can be left on disk as
+:class:`DatasetRef` for streaming, and a memory guard refuses, before reading, tensors that
+would not fit.
 Errors about one role carry ``param=`` the role's name (``"x"``, ``"w"``, ...).
+
+w and b may also come from a layer of a framework's file, by the layer's name (``layer``) or
+as the file's only layer when no tensor is called w (:mod:`convcli.io.layers`); the layout
+the framework's names imply becomes the ``layout`` hyperparameter unless the file sets one.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from typing import Any
 import numpy as np
 
 from convcli.errors import DataError, UsageError
+from convcli.hparams import DEFAULTS
 from convcli.io import tensorfile
 from convcli.io.detect import parse_ref, regular_file_size
+from convcli.io.layers import Layer
 from convcli.io.reader import Hparams, RowReader, Shape
-from convcli.io.tensorfile import ALIASES, TensorFile, origin_text
+from convcli.io.tensorfile import ALIASES, TensorFile, layer_listing, origin_text
 from convcli.memory import nbytes
 
 _IDENTITY_LABELS = (
@@ -204,12 +211,19 @@ class Loaded:
         Canonical hyperparameter name -> (raw value, origin), see :meth:`TensorFile.hparams`.
     sources : list of pathlib.Path
         Resolved path of every file read (an output must not overwrite any of them).
+    layer : Layer, optional
+        The layer w and b came from, when they were found by a framework's names.
+    layout_note : str, optional
+        Set when that layer's names implied a layout other than the default (PyTorch's nchw):
+        a notice for a caller that did not choose the layout itself.
     """
 
     arrays: dict[str, np.ndarray | DatasetRef] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
     hparams: Hparams = field(default_factory=dict)
     sources: list[Path] = field(default_factory=list)
+    layer: Layer | None = None
+    layout_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +281,7 @@ def load_tensors(
     max_bytes: int | None = None,
     allow_sparse: bool = False,
     check: Callable[[Headers], None] | None = None,
+    layer: str | None = None,
 ) -> Loaded:
     """Gather the tensors a command needs from a data file and/or explicit references.
 
@@ -283,7 +298,8 @@ def load_tensors(
         Roles that may be absent, e.g. ``("b", "dz")``.
     lazy_above : int, optional
         Tensors of ``lazy_roles`` larger than this many bytes, in a format that can read
-        rows (HDF5), are not read: they come back as :class:`DatasetRef`, to be streamed.
+        rows (HDF5, C-order ``.npy``), are not read: they come back as :class:`DatasetRef`,
+        to be streamed.
     lazy_roles : iterable of str
         Roles that may be left on disk (the batch-sized ones).
     max_bytes : int, optional
@@ -295,6 +311,13 @@ def load_tensors(
     check : callable, optional
         Called with the :class:`Headers` once every role is located and before any tensor
         data is read, to refuse shapes and dtypes that do not fit (by raising).
+    layer : str, optional
+        Take w and b from the layer of this name (:meth:`TensorFile.layers`: PyTorch
+        ``NAME.weight``/``NAME.bias``, Keras 3 ``layers/NAME/vars/0|1``, Keras 2
+        ``NAME/kernel:0``/``bias:0``) in the data file, or without one in the file of w.
+        Without it, a file with no tensor called w and one such layer uses that layer.
+        The layout its names imply (PyTorch: nchw) is the ``layout`` hyperparameter unless
+        the file stores one.
 
     Every role's header is checked (truncation, missing filters, data in other files,
     sparse or bomb datasets) before the first tensor is read.
@@ -310,10 +333,12 @@ def load_tensors(
     InputFileError
         A referenced file is missing or unreadable.
     UsageError
-        A required role has neither a data file nor a reference (``param=`` the role).
+        A required role has neither a data file nor a reference (``param=`` the role), or
+        ``layer`` is given without a file to look in (``param="layer"``).
     DataError
         A required role is found nowhere, a name is ambiguous, a key is missing, the data
-        file is a ``.npy``, or content is unreadable.
+        file is a ``.npy``, or content is unreadable; no layer called ``layer``, or several
+        layers and no ``layer`` (``param="layer"``; the message lists the layers).
     """
     required = tuple(required)
     lazy_roles = tuple(lazy_roles)
@@ -322,12 +347,16 @@ def load_tensors(
     with contextlib.ExitStack() as stack:
         cache = _FileCache(stack, allow_sparse)
         data_file = _open_data_file(cache, data) if data is not None else None
-        for role in (*required, *(r for r in optional if r not in required)):
-            found = _locate(cache, data_file, role, refs.get(role), role in required)
+        roles = (*required, *(r for r in optional if r not in required))
+        chosen = _choose_layer(cache, data_file, refs, layer) if "w" in roles else None
+        for role in roles:
+            found = _locate(cache, data_file, role, refs.get(role), role in required, chosen)
             if found is not None:
                 keys[role] = found
         loaded.origins = {role: origin_text(file, key) for role, (file, key) in keys.items()}
         loaded.hparams = _hparams_for(data_file, keys.get("x"))
+        if chosen is not None:
+            _imply_layout(loaded, *chosen)
         if check is not None:
             headers = {role: file.shape_dtype(key) for role, (file, key) in keys.items()}
             check(
@@ -391,14 +420,85 @@ def _open_data_file(cache: _FileCache, data: str | os.PathLike[str]) -> TensorFi
     return data_file
 
 
+def _choose_layer(
+    cache: _FileCache,
+    data_file: TensorFile | None,
+    refs: Mapping[str, str | None],
+    layer: str | None,
+) -> tuple[TensorFile, Layer] | None:
+    """The layer w and b come from, and its file; None when they are found otherwise.
+
+    The file searched is the data file, or the file of a w reference without a key. Without
+    ``layer``, a layer is used only when w is not named by a key, and its file holds no
+    tensor named as w and exactly one layer.
+    """
+    source = data_file
+    w_ref = refs.get("w")
+    if w_ref:
+        path, key = parse_ref(w_ref)
+        if key is not None and layer is None:
+            return None  # w is named: b is found as usual
+        source = cache.open(path) if key is None else data_file
+    if layer is not None:
+        if source is None:
+            raise UsageError(
+                "{param} " + f"{layer!r} names a layer in a file: pass a data file holding it",
+                param="layer",
+            )
+        return source, source.layer(layer)
+    if source is None or source.format == "npy" or source.find("w") is not None:
+        return None
+    if w_ref and source is not data_file and len(source.tensor_keys()) == 1:
+        return None  # a file of one tensor: that is w
+    layers = source.layers()
+    if len(layers) == 1:
+        return source, next(iter(layers.values()))
+    if len(layers) > 1:
+        raise DataError(
+            f"{source.path} holds the weights of {len(layers)} layers; say which with "
+            "{param} NAME; " + layer_listing(source, layers),
+            param="layer",
+        )
+    return None
+
+
+def _imply_layout(loaded: Loaded, tensor_file: TensorFile, layer: Layer) -> None:
+    """Record the chosen layer, and the layout its names imply unless the file sets one."""
+    loaded.layer = layer
+    layout = layer.scheme.layout
+    if "layout" in loaded.hparams:
+        return
+    where = f"{tensor_file.path} ({layer.scheme.name} names: {layer.weight})"
+    loaded.hparams["layout"] = (layout, where)
+    if layout != DEFAULTS["layout"]:
+        loaded.layout_note = (
+            f"layer {layer.name} of {tensor_file.path}: {layer.describe()}; "
+            f"{layer.scheme.name} names, so layout {layout} "
+            "(x (n, C, *spatial), w (Cout, Cin/groups, *kernel))"
+        )
+
+
 def _locate(
-    cache: _FileCache, data_file: TensorFile | None, role: str, ref: str | None, required: bool
+    cache: _FileCache,
+    data_file: TensorFile | None,
+    role: str,
+    ref: str | None,
+    required: bool,
+    chosen: tuple[TensorFile, Layer] | None = None,
 ) -> tuple[TensorFile, str] | None:
-    """File and key holding ``role``, or None for an optional role found nowhere."""
+    """File and key holding ``role``, or None for an optional role found nowhere.
+
+    ``chosen``: the layer w and b come from (unless a reference with a key names them).
+    """
+    by_layer = _layer_key(chosen, role)
     if ref:
         path, key = parse_ref(ref)
         tensor_file = cache.open(path)
+        if key is None and by_layer is not None and by_layer[0] is tensor_file:
+            return by_layer
         return tensor_file, (key if key is not None else _default_key(tensor_file, role))
+    if chosen is not None and role in ("w", "b"):
+        return by_layer  # a layer without a bias has none, whatever else the file holds
     if data_file is not None:
         key = data_file.find(role)
         if key is not None:
@@ -413,6 +513,15 @@ def _locate(
     if required:
         raise UsageError(f"no {role} given: pass a data file or {{param}} FILE[:KEY]", param=role)
     return None
+
+
+def _layer_key(chosen: tuple[TensorFile, Layer] | None, role: str) -> tuple[TensorFile, str] | None:
+    """File and key of ``role`` (w or b) in the chosen layer, when it has one."""
+    if chosen is None or role not in ("w", "b"):
+        return None
+    tensor_file, layer = chosen
+    key = layer.weight if role == "w" else layer.bias
+    return None if key is None else (tensor_file, key)
 
 
 def _default_key(tensor_file: TensorFile, role: str) -> str:

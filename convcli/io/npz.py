@@ -16,6 +16,7 @@ from convcli.hparams import FILE_KEYS
 from convcli.io.npy import npy_header
 from convcli.io.reader import (
     CONTENT_ERRORS,
+    CONVERT_PYTORCH,
     Hparams,
     Reader,
     Shape,
@@ -27,6 +28,15 @@ from convcli.io.reader import (
 )
 
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _refuse_pytorch(path: Path, names: list[str]) -> None:
+    """A zip holding ``data.pkl`` is a PyTorch checkpoint (``torch.save``): a pickle, refused."""
+    pickled = next((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")), None)
+    if pickled is not None:
+        raise DataError(
+            f"{path}: a PyTorch checkpoint (a zip holding {pickled}, a pickle); {CONVERT_PYTORCH}"
+        )
 
 
 class NpzReader(Reader):
@@ -49,7 +59,9 @@ class NpzReader(Reader):
         # the stream is ours so that it is closed even if numpy fails
         stream = open(path, "rb")  # noqa: SIM115 - closed by close() or below
         try:
-            return cls(path, np.load(stream, allow_pickle=False), stream)
+            npz = np.load(stream, allow_pickle=False)
+            _refuse_pytorch(path, npz.zip.namelist())
+            return cls(path, npz, stream)
         except BaseException:
             stream.close()
             raise

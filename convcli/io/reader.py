@@ -1,10 +1,11 @@
 """The interface every file format's reader and writer implements, and what they share.
 
 A format is one module (:mod:`~convcli.io.npy`, :mod:`~convcli.io.npz`,
-:mod:`~convcli.io.hdf5`) with a :class:`Reader` subclass (and, for output formats, a
-:class:`Writer` subclass), listed once in :mod:`convcli.io.formats`. Readers answer from
-headers where they can (keys, shape, dtype, stored bytes) and read data only in
-:meth:`Reader.read_array` and through :meth:`Reader.rows`; they never unpickle.
+:mod:`~convcli.io.hdf5`, :mod:`~convcli.io.safetensors`) with a :class:`Reader` subclass
+(and, for output formats, a :class:`Writer` subclass), listed once in
+:mod:`convcli.io.formats`. Readers answer from headers where they can (keys, shape, dtype,
+stored bytes) and read data only in :meth:`Reader.read_array` and through
+:meth:`Reader.rows`; they never unpickle.
 
 Reader methods may raise what numpy, zipfile and h5py raise on damaged content
 (:data:`CONTENT_ERRORS`); :class:`~convcli.io.tensorfile.TensorFile` turns those into
@@ -34,6 +35,11 @@ from convcli.memory import nbytes
 from convcli.units import format_size
 
 MAX_LISTED = 20
+#: What to do with a PyTorch checkpoint (a pickle), said when one is refused.
+CONVERT_PYTORCH = (
+    "convcli never unpickles; convert it with safetensors.torch.save_file("
+    "model.state_dict(), 'weights.safetensors') and pass that file"
+)
 #: The most values a hyperparameter entry or attribute may hold (a 3-D padding has 6).
 MAX_HPARAM_SIZE = 16
 
@@ -186,9 +192,22 @@ class Reader(ABC):
         """Hyperparameters stored in the file (none unless the format overrides this)."""
         return {}
 
+    def stored_dtype(self, key: str) -> str | None:
+        """The dtype in the file when it differs from :meth:`header`'s (a reader that
+        converts on reading: safetensors' ``"bfloat16"`` read as float32); else None."""
+        return None
+
+    def metadata(self) -> dict[str, str]:
+        """Free-form text the file stores about itself (safetensors' ``__metadata__``)."""
+        return {}
+
     def rows(self, key: str) -> RowReader | None:
         """A reader of ``key``'s rows without loading it whole; None if the format cannot."""
         return None
+
+    def streaming_hint(self, key: str) -> str:
+        """What would let ``key`` be streamed instead of loaded whole, for messages."""
+        return "store it in HDF5 or as a .npy to stream it"
 
     def where(self, key: str) -> str:
         """Where an array is, for messages: ``"run.npz:W"`` (formats may override)."""

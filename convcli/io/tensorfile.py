@@ -37,6 +37,7 @@ import numpy as np
 from convcli.errors import DataError, InputFileError
 from convcli.io.detect import detect_format, parse_ref
 from convcli.io.formats import reader_for
+from convcli.io.layers import SCHEMES, Layer, find_layers
 from convcli.io.reader import CONTENT_ERRORS, Hparams, Reader, RowReader, Shape, reason
 from convcli.units import format_size
 
@@ -54,7 +55,7 @@ ALIASES = {
 
 
 def open_tensor_file(path: str | os.PathLike[str], *, allow_sparse: bool = False) -> TensorFile:
-    """Open a ``.npy``, ``.npz`` or HDF5 file (format found by content).
+    """Open a ``.npy``, ``.npz``, HDF5 or safetensors file (format found by content).
 
     ``allow_sparse``: read arrays that declare far more data than the file stores (see
     :meth:`TensorFile.check_readable`); refused by default.
@@ -70,12 +71,15 @@ def open_tensor_file(path: str | os.PathLike[str], *, allow_sparse: bool = False
         Missing path, directory, special file, no read permission, or an HDF5 file locked
         by a writer.
     DataError
-        Empty, unrecognised, truncated or corrupt content.
+        Empty, unrecognised, truncated or corrupt content; a safetensors header that does
+        not hold together; a PyTorch checkpoint (a pickle, never read).
     """
     path = Path(path)
     fmt = detect_format(path)
     try:
         return TensorFile(reader_for(fmt).open(path), allow_sparse=allow_sparse)
+    except DataError:
+        raise  # worded by the reader (a PyTorch checkpoint, a bad safetensors header)
     except CONTENT_ERRORS as exc:
         if fmt == "hdf5" and "unable to lock file" in str(exc).lower():
             raise InputFileError(
@@ -88,7 +92,7 @@ def open_tensor_file(path: str | os.PathLike[str], *, allow_sparse: bool = False
 def read_tensor(
     source: str | os.PathLike[str], key: str | None = None, *, allow_sparse: bool = False
 ) -> np.ndarray:
-    """Read one array from a ``.npy``, ``.npz`` or HDF5 file.
+    """Read one array from a ``.npy``, ``.npz``, HDF5 or safetensors file.
 
     Parameters
     ----------
@@ -139,7 +143,7 @@ class TensorFile:
     path : pathlib.Path
         The file, as it was given.
     format : str
-        ``"npy"``, ``"npz"`` or ``"hdf5"``.
+        ``"npy"``, ``"npz"``, ``"hdf5"`` or ``"safetensors"``.
     reader : convcli.io.reader.Reader
         The format's reader, for what is particular to one format.
     allow_sparse : bool
@@ -248,7 +252,7 @@ class TensorFile:
             raise DataError(
                 f"{self.origin(key)}: needs {format_size(declared)} ({shape} {dtype}), more "
                 f"than the memory guard allows ({format_size(max_bytes)} left of {{param}}); "
-                "raise {param}, or store it in HDF5 to stream it",
+                f"raise {{param}}, or {self.reader.streaming_hint(key)}",
                 param="max_memory",
             )
         return declared
@@ -285,6 +289,34 @@ class TensorFile:
             )
         return matches[0] if matches else None
 
+    def layers(self) -> dict[str, Layer]:
+        """Convolution layers whose weights the file holds under a framework's names.
+
+        Returns
+        -------
+        dict of str to Layer
+            Layer name -> its weight and bias keys and naming scheme
+            (:func:`convcli.io.layers.find_layers`), for weights with 3 to 5 axes.
+        """
+        return find_layers(self.tensor_keys(), lambda key: len(self.shape_dtype(key)[0]))
+
+    def layer(self, name: str) -> Layer:
+        """The layer called ``name`` (see :meth:`layers`).
+
+        Raises
+        ------
+        DataError
+            ``param="layer"``: no layer of that name (the message lists the layers found).
+        """
+        layers = self.layers()
+        if name not in layers:
+            raise DataError(
+                f"{{param}} {name!r}: {self.path} holds no such layer; "
+                + layer_listing(self, layers),
+                param="layer",
+            )
+        return layers[name]
+
     # -- hyperparameters --------------------------------------------------------------------
 
     def hparams(self, near_key: str | None = None) -> Hparams:
@@ -313,6 +345,19 @@ class TensorFile:
             or an entry cannot be read.
         """
         return self.reader.hparams(near_key)
+
+
+MAX_LISTED = 24
+
+
+def layer_listing(tensor_file: TensorFile, layers: dict[str, Layer]) -> str:
+    """``"its layers: conv1, conv2"`` for messages (at most :data:`MAX_LISTED` names)."""
+    if not layers:
+        schemes = ", ".join(scheme.name for scheme in SCHEMES)
+        return f"no layer weights named as {schemes} save them; it {tensor_file.describe()}"
+    names = list(layers)
+    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return f"its layers: {', '.join(names[:MAX_LISTED])}{more}"
 
 
 def origin_text(tensor_file: TensorFile, key: str) -> str:

@@ -46,19 +46,21 @@ def write_tensors(
     protect: Iterable[str | os.PathLike[str]] = (),
     param: str = "out",
 ) -> None:
-    """Write arrays and attributes atomically to ``.npz`` or HDF5 (format from the extension).
+    """Write arrays and attributes atomically to ``.npz``, HDF5 or safetensors (format from
+    the extension).
 
     Parameters
     ----------
     path : str or os.PathLike
-        Target ending in ``.npz``, ``.h5`` or ``.hdf5``.
+        Target ending in ``.npz``, ``.h5``, ``.hdf5`` or ``.safetensors``.
     tensors : mapping of str to numpy.ndarray
         Name -> array, any shape (e.g. ``z`` of shape ``(n, Ho, Wo, Cout)``). HDF5: datasets
-        at the root; npz: members.
+        at the root; npz: members; safetensors: tensors.
     attrs : mapping of str to object
         Int, float, str or (nested) lists of them, e.g.
         ``{"stride": [2, 2], "padding": [[2, 2], [2, 2]], "groups": 1}``. HDF5: root
-        attributes; npz: extra members. They read back through :meth:`TensorFile.hparams`.
+        attributes; npz: extra members; safetensors: ``__metadata__`` entries (JSON text).
+        They read back through :meth:`TensorFile.hparams`.
     force : bool
         Overwrite an existing target.
     protect : iterable of path
@@ -104,7 +106,8 @@ def _writer_for(path: Path, param: str) -> type[Writer]:
 
 
 def output_format(path: str | os.PathLike[str], param: str = "out") -> str:
-    """The format written to ``path``, from its extension: ``"npz"`` or ``"hdf5"``.
+    """The format written to ``path``, from its extension: ``"npz"``, ``"hdf5"`` or
+    ``"safetensors"``.
 
     Raises
     ------

@@ -36,6 +36,7 @@ from convcli.errors import DataError, InputFileError, OutputError, OutputExistsE
 from convcli.io.detect import regular_file_size
 from convcli.io.writing import check_target
 from convcli.sweep.schema import Sweep
+from convcli.versioning import SCHEMA_VERSION
 
 VERDICTS = ("passed", "failed", "errored")
 
@@ -461,7 +462,8 @@ class ResultsFile:
         self._failed = False
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record (with the spec's fingerprint added), flushed and fsynced.
+        """Append one record (with the spec's fingerprint and the schema version added),
+        flushed and fsynced.
 
         Raises
         ------
@@ -470,6 +472,7 @@ class ResultsFile:
             complete record).
         """
         record["spec_fingerprint"] = self.fingerprint
+        record["schema_version"] = SCHEMA_VERSION  # last: records begin with their key
         line = (json.dumps(record) + "\n").encode()
         end = self._handle.tell()
         try:

@@ -16,13 +16,21 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from convcli import __version__
 from convcli.check import gradcheck
-from convcli.engine.fast import DEFAULT_WORKSPACE, conv_backward, conv_forward, scratch_bytes
+from convcli.engine.fast import (
+    DEFAULT_WORKSPACE,
+    blas_libraries,
+    conv_backward,
+    conv_forward,
+    scratch_bytes,
+)
 from convcli.errors import ConvcliError, UsageError
 from convcli.generate import generate_layer
 from convcli.memory import check_memory, in_memory_run_needs, nbytes
@@ -125,7 +133,7 @@ def run_config(
         The record: ``key``, ``config`` (as JSON), ``actions``, ``status``, ``error``, and
         as far as the run got, ``hparams`` (resolved), ``forward`` (summary of z),
         ``backward`` (summaries of dx, dw, db), ``gradcheck`` (verdict per gradient); then
-        ``seconds``.
+        ``seconds`` and ``provenance`` (:func:`provenance`, of the process that ran it).
 
     Never raises for a bad configuration or a failing run: the record's ``"status"`` is
     ``"errored"`` with a one-line ``"error"`` when an action raised or the configuration
@@ -139,6 +147,7 @@ def run_config(
         "status": "passed",
         "error": None,
     }
+    started = _now()
     start = time.perf_counter()
     try:
         check_memory(config_memory_needs(config, actions), max_memory)
@@ -148,7 +157,37 @@ def run_config(
     except Exception as error:  # a crash inside convcli: record it, the sweep goes on
         record["status"], record["error"] = "errored", f"{type(error).__name__}: {error}"
     record["seconds"] = time.perf_counter() - start
+    record["provenance"] = provenance(started, _now())
     return record
+
+
+def provenance(started: datetime, ended: datetime) -> dict[str, Any]:
+    """What produced a record, and when: for comparing results across machines and runs.
+
+    Returns
+    -------
+    dict
+        ``convcli`` and ``numpy`` (versions), ``blas`` (:func:`~convcli.engine.fast.blas_libraries`:
+        internal_api, version, threading_layer, num_threads per library), ``host`` (this
+        machine's name), ``started`` and ``ended`` (ISO 8601 in UTC, e.g.
+        ``"2026-12-03T16:05:09.123Z"``).
+    """
+    return {
+        "convcli": __version__,
+        "numpy": np.__version__,
+        "blas": blas_libraries(),
+        "host": socket.gethostname(),
+        "started": _iso(started),
+        "ended": _iso(ended),
+    }
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def config_memory_needs(config: Config, actions: Sequence[str]) -> dict[str, int]:
@@ -546,6 +585,7 @@ def _result(future: Any, key: str, config: Config, sweep: Sweep) -> dict[str, An
     try:
         return future.result()
     except Exception as error:
+        now = _now()  # no run to time: when the failure was seen, by this process
         return {
             "key": key,
             "config": config.to_json(),
@@ -553,4 +593,5 @@ def _result(future: Any, key: str, config: Config, sweep: Sweep) -> dict[str, An
             "status": "errored",
             "error": f"worker failed: {type(error).__name__}: {error}",
             "seconds": 0.0,
+            "provenance": provenance(now, now),
         }
