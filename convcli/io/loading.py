@@ -378,6 +378,35 @@ def load_tensors(
     return loaded
 
 
+def read_headers(
+    data: str | os.PathLike[str] | None,
+    refs: Mapping[str, str | None],
+    required: Iterable[str],
+    optional: Iterable[str] = (),
+) -> Headers:
+    """What :func:`load_tensors` would gather, from the files' headers alone: no tensor data
+    is read (so nothing is checked that only reading would find).
+
+    Parameters as for :func:`load_tensors`; raises as it does when a role cannot be found.
+    """
+    required = tuple(required)
+    with contextlib.ExitStack() as stack:
+        cache = _FileCache(stack)
+        data_file = _open_data_file(cache, data) if data is not None else None
+        keys: dict[str, tuple[TensorFile, str]] = {}
+        for role in (*required, *(r for r in optional if r not in required)):
+            found = _locate(cache, data_file, role, refs.get(role), role in required)
+            if found is not None:
+                keys[role] = found
+        headers = {role: file.shape_dtype(key) for role, (file, key) in keys.items()}
+        return Headers(
+            shapes={role: shape for role, (shape, _) in headers.items()},
+            dtypes={role: dtype for role, (_, dtype) in headers.items()},
+            hparams=_hparams_for(data_file, keys.get("x")),
+            origins={role: origin_text(file, key) for role, (file, key) in keys.items()},
+        )
+
+
 def _in_memory(arrays: Mapping[str, np.ndarray | DatasetRef]) -> int:
     return sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
 
