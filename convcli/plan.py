@@ -36,7 +36,7 @@ from convcli.hparams import build_spec
 from convcli.io.loading import read_headers
 from convcli.memory import gradcheck_needs, in_memory_run_needs, nbytes
 from convcli.run import check_shapes, compute_dtype
-from convcli.spec import AXIS_NAMES, ConvSpec, Geometry, padding_source
+from convcli.spec import AXIS_NAMES, ConvSpec, Geometry, output_size, padding_source
 from convcli.sweep.schema import LayerTables, SpecError
 
 _CHUNK = 1 << 20  # positions computed at once when finding the pixels an axis reads
@@ -462,12 +462,7 @@ def _axis_plan(geometry: Geometry, axis: int) -> AxisPlan:
     size, k = geometry.in_sizes[axis], geometry.kernel[axis]
     s, d = geometry.stride[axis], geometry.dilation[axis]
     before, after = geometry.pads[axis]
-    out = geometry.out_sizes[axis]
-    read = _read_mask(size, k, s, d, before, out, geometry.padding_mode)
-    positions = np.flatnonzero(read)
-    # unread before the first position read and after the last (all of them if none is)
-    border = int(positions[0]) + size - 1 - int(positions[-1]) if positions.size else size
-    unread = size - int(positions.size)
+    unread, border = _unread(size, k, s, d, before, after, geometry.padding_mode)
     return AxisPlan(
         axis=AXIS_NAMES[geometry.rank][axis],
         size=size,
@@ -476,11 +471,38 @@ def _axis_plan(geometry: Geometry, axis: int) -> AxisPlan:
         stride=s,
         dilation=d,
         padding=(before, after),
-        out=out,
+        out=geometry.out_sizes[axis],
         unread=unread,
         unread_border=border,
         unread_gaps=unread - border,
     )
+
+
+def _unread(
+    size: int, kernel: int, stride: int, dilation: int, before: int, after: int, mode: str
+) -> tuple[int, int]:
+    """Input positions along one axis that no output reads, and how many of them lie before
+    the first position read or after the last (all of them when none is read).
+
+    Away from the ends (``margin = span + stride`` positions from either), whether a
+    position is read depends only on its remainder modulo the stride, as long as padding
+    reads nothing from there (zeros, replicate). So a long axis is computed as a shorter one
+    with whole periods of the stride taken out of its middle, and each period removed counts
+    as one period of that middle: the time and memory do not grow with the axis.
+    """
+    margin = dilation * (kernel - 1) + 1 + stride
+    periods = 0
+    if mode in ("zeros", "replicate") and size > 2 * margin + 2 * stride:
+        periods = (size - 2 * margin - stride) // stride
+    short = size - periods * stride
+    out = output_size(short, kernel, stride, dilation, before, after)
+    read = _read_mask(short, kernel, stride, dilation, before, out, mode)
+    positions = np.flatnonzero(read)
+    # a removed period is read like positions margin .. margin + stride of the short axis
+    unread = short - positions.size + periods * int(stride - read[margin : margin + stride].sum())
+    if not positions.size:
+        return unread, unread
+    return unread, int(positions[0]) + short - 1 - int(positions[-1])
 
 
 def _read_mask(

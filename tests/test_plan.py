@@ -250,6 +250,29 @@ def test_planned_shapes_and_unread_pixels_match_the_engine(case):
     assert pixels.size - pixels.sum() == plan.unread_pixels
 
 
+@pytest.mark.parametrize("mode", ["zeros", "replicate", "reflect"])
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "dilation", "padding"),
+    [
+        (101, 2, 3, 1, 0),
+        (150, 3, 5, 2, ((4, 1),)),
+        (97, 1, 4, 1, "same"),
+        (120, 4, 7, 3, 2),
+        (64, 5, 2, 1, "valid"),
+    ],
+)
+def test_unread_pixels_of_long_axes_match_the_engine(mode, size, kernel, stride, dilation, padding):
+    # long enough that the middle of the axis is counted by periods of the stride
+    spec = ConvSpec(stride=stride, dilation=dilation, padding=padding, padding_mode=mode)
+    plan = plan_layer((1, size, 1), (kernel, 1, 1), spec, bias=False)
+    z, cache = conv_forward(np.ones((1, size, 1)), np.ones((kernel, 1, 1)), None, spec)
+    dx, _, _ = conv_backward(np.ones_like(z), cache)
+    read = np.flatnonzero(dx[0, :, 0] > 0)
+    (axis,) = plan.axes
+    assert axis.unread == size - read.size
+    assert axis.unread_border == read[0] + size - 1 - read[-1]
+
+
 # -- the command ------------------------------------------------------------------------------
 
 

@@ -26,6 +26,9 @@ import numpy as np
 
 from convcli.spec import Geometry, padding_source
 
+# padding modes that read an input from beyond the window's span (a mirrored or wrapped copy);
+# with zeros or replicate padding an output's inputs lie within one span, so the span is the period
+_FOLDING = ("reflect", "circular")
 # forward(x, w, b) -> z, all float64 and channels last
 CountedForward = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 
@@ -55,12 +58,13 @@ def perturbation_periods(geometry: Geometry) -> list[int]:
     """
     periods = []
     for axis in range(geometry.rank):
-        feeds = feeding_inputs(axis, geometry)
         size = geometry.in_sizes[axis]
         span = geometry.dilation[axis] * (geometry.kernel[axis] - 1) + 1
         period = min(span, size)
-        while period < size and any(len({i % period for i in f}) < len(f) for f in feeds):
-            period += 1
+        if geometry.padding_mode in _FOLDING:  # only these can feed an output from afar
+            feeds = feeding_inputs(axis, geometry)
+            while period < size and any(len({i % period for i in f}) < len(f) for f in feeds):
+                period += 1
         periods.append(period)
     return periods
 
