@@ -337,6 +337,11 @@ def test_cli_data_file_and_stack(tmp_path):
     doc = json.loads(result.stdout)
     assert doc["layers"][0]["gradcheck"]["exhaustive_passes"] == 50
     assert doc["source"] == str(SAMPLE_H5)
+    result = run("plan", "--x", f"{SAMPLE_NPZ}:A_prev", "--w", f"{SAMPLE_NPZ}:W", "--json")
+    doc = json.loads(result.stdout)
+    assert doc["source"] == f"--x {SAMPLE_NPZ}:A_prev --w {SAMPLE_NPZ}:W"
+    assert not doc["layers"][0]["bias"]  # no b given
+    assert doc["layers"][0]["shapes"]["z"] == [10, 4, 4, 8]  # stride, pad of the file x is in
     path = tmp_path / "net.toml"
     path.write_text(STACK)
     result = run("plan", "--stack", path)

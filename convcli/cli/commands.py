@@ -1317,7 +1317,7 @@ def plan(
         typer.Option(
             "--stack",
             metavar="FILE.toml",
-            help="Layers as [[layers]] tables (the sweep spec's keys); shape on the first only.",
+            help="TOML with a layers table per layer (sweep spec keys; shape on the first only).",
         ),
     ] = None,
     stride: Stride = None,
@@ -1328,7 +1328,7 @@ def plan(
     layout: Layout = None,
     dtype: Annotated[
         DtypeName | None,
-        typer.Option("--dtype", help="With --shape: float32 or float64 [float64]."),
+        typer.Option("--dtype", help="With --shape: float32 or float64 (default)."),
     ] = None,
     no_bias: Annotated[
         bool, typer.Option("--no-bias", help="With --shape: a layer without bias.")
@@ -1387,7 +1387,8 @@ def _plans(data, refs, layer, stack, texts, *, workspace, bias, dtype) -> tuple[
         plans, source = StackPlan.of([single]), "flags"
     else:
         single = plan_file(data, refs, texts, workspace=workspace)
-        plans, source = StackPlan.of([single]), str(data) if data is not None else "references"
+        given = " ".join(f"--{role} {ref}" for role, ref in refs.items() if ref is not None)
+        plans, source = StackPlan.of([single]), " ".join(str(v) for v in (data, given) if v)
     return plans, source
 
 
