@@ -409,16 +409,18 @@ def plan_file(
     refs: Mapping[str, str | None],
     texts: Mapping[str, str | None],
     *,
+    layer: str | None = None,
     workspace: int = DEFAULT_WORKSPACE,
 ) -> LayerPlan:
     """Plan the layer a data file (and per-role references) describes, from headers alone.
 
-    ``refs`` and ``texts`` as ``forward`` takes them: ``{"x": "FILE:KEY", ...}`` and
-    hyperparameter texts by library name (they win over the file's). The bias is there when
-    the file holds one. Shapes, dtypes and hyperparameters are checked as ``forward`` checks
+    ``refs``, ``texts`` and ``layer`` as ``forward`` takes them: ``{"x": "FILE:KEY", ...}``,
+    hyperparameter texts by library name (they win over the file's) and the name of the
+    layer w and b come from (see :func:`convcli.io.loading.load_tensors`). The bias is there
+    when the file holds one. Shapes, dtypes and hyperparameters are checked as ``forward`` checks
     them before reading; no tensor data is read.
     """
-    headers = read_headers(data, refs, ("x", "w"), ("b",))
+    headers = read_headers(data, refs, ("x", "w"), ("b",), layer=layer)
     rank = len(headers.shapes["x"]) - 2
     spec = build_spec(headers.hparams, texts, rank).spec
     check_shapes("forward", headers.shapes, headers.dtypes, spec)

@@ -164,6 +164,31 @@ def test_huge_file_is_planned_without_reading(tmp_path, monkeypatch):
     assert plan.tensors["x"] == 100_000 * 1024 * 1024 * 3 * 4
 
 
+def test_a_state_dicts_layer_from_headers(tmp_path):
+    # PyTorch names: w and b found by the layer's name, layout nchw implied, as forward does
+    path = tmp_path / "state.npz"
+    np.savez(
+        path,
+        x=np.zeros((2, 3, 8, 8)),
+        **{
+            "conv1.weight": np.zeros((5, 3, 3, 3), np.float32),
+            "conv1.bias": np.zeros(5, np.float32),
+            "conv2.weight": np.zeros((4, 3, 1, 1), np.float32),
+        },
+    )
+    plan = plan_file(path, {}, {"padding": "1"}, layer="conv1")
+    assert plan.shapes == {"x": (2, 3, 8, 8), "w": (5, 3, 3, 3), "b": (5,), "z": (2, 5, 8, 8)}
+    assert plan.geometry.layout == "nchw"
+    plan = plan_file(path, {}, {}, layer="conv2")
+    assert (plan.shapes["z"], plan.bias) == ((2, 4, 8, 8), False)
+    result = run("plan", path)
+    assert result.exit_code == 65
+    assert "conv1" in result.stderr
+    assert "conv2" in result.stderr
+    result = run("plan", path, "--layer", "conv2", "--json")
+    assert json.loads(result.stdout)["layers"][0]["shapes"]["w"] == [4, 3, 1, 1]
+
+
 # -- stacks -----------------------------------------------------------------------------------
 
 STACK = """\

@@ -1296,6 +1296,7 @@ def plan(
     x: XRef = None,
     w: WRef = None,
     b: BRef = None,
+    layer_name: LayerName = None,
     shape: Annotated[
         str | None,
         typer.Option(
@@ -1343,8 +1344,8 @@ def plan(
     Example: convcli plan --shape 1,32,32,3 --kernel 3 --cout 16 --pad 1
     """
     texts = _hparam_texts(locals())
-    layer = _layer_flags(shape, kernel, cout)
-    if layer is None and (dtype is not None or no_bias):
+    sized = _layer_flags(shape, kernel, cout)
+    if sized is None and (dtype is not None or no_bias):
         raise UsageError("--dtype and --no-bias go with --shape (files and stacks say their own)")
     options = {
         "workspace": parse_size(max_workspace),
@@ -1354,9 +1355,9 @@ def plan(
     given = [
         name
         for name, used in (
-            ("--shape", layer is not None),
+            ("--shape", sized is not None),
             ("--stack", stack is not None),
-            ("a data file", data is not None or any((x, w, b))),
+            ("a data file", data is not None or any((x, w, b, layer_name))),
         )
         if used
     ]
@@ -1366,7 +1367,8 @@ def plan(
             f"give --shape (with --kernel, --cout), --stack or a data file: one of them, {what}"
         )
     with _blas_threads(threads):  # the engine's workspace grows with its parallel tiles
-        plans, source = _plans(data, {"x": x, "w": w, "b": b}, layer, stack, texts, **options)
+        refs = {"x": x, "w": w, "b": b}
+        plans, source = _plans(data, refs, sized, stack, texts, layer_name=layer_name, **options)
     with _data_output():
         if as_json:
             print(plan_json(plans, source))
@@ -1374,19 +1376,21 @@ def plan(
             print_plan(_data_console(), plans, source)
 
 
-def _plans(data, refs, layer, stack, texts, *, workspace, bias, dtype) -> tuple[StackPlan, str]:
+def _plans(
+    data, refs, sized, stack, texts, *, layer_name, workspace, bias, dtype
+) -> tuple[StackPlan, str]:
     """The plan ``convcli plan`` prints, and where its layers came from."""
     if stack is not None:
         if any(text is not None for text in texts.values()):
             raise UsageError("with --stack, hyperparameters go in the stack file's [[layers]]")
         plans, source = plan_stack(stack, workspace=workspace), str(stack)
-    elif layer is not None:
-        spec = build_spec({}, texts, len(layer.shape) - 2).spec
-        x_shape, w_shape = layer_shapes(layer.shape, layer.kernel, layer.cout, spec)
+    elif sized is not None:
+        spec = build_spec({}, texts, len(sized.shape) - 2).spec
+        x_shape, w_shape = layer_shapes(sized.shape, sized.kernel, sized.cout, spec)
         single = plan_layer(x_shape, w_shape, spec, bias=bias, dtype=dtype, workspace=workspace)
         plans, source = StackPlan.of([single]), "flags"
     else:
-        single = plan_file(data, refs, texts, workspace=workspace)
+        single = plan_file(data, refs, texts, layer=layer_name, workspace=workspace)
         given = " ".join(f"--{role} {ref}" for role, ref in refs.items() if ref is not None)
         plans, source = StackPlan.of([single]), " ".join(str(v) for v in (data, given) if v)
     return plans, source
