@@ -20,18 +20,24 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from convcli.spec import Geometry, padding_source
 
+# padding modes that read an input from beyond the window's span (a mirrored or wrapped copy);
+# with zeros or replicate padding an output's inputs lie within one span, so the span is the period
+_FOLDING = ("reflect", "circular")
 # forward(x, w, b) -> z, all float64 and channels last
 CountedForward = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 
 
-def feeding_inputs(axis: int, geometry: Geometry) -> list[set[int]]:
-    """For each output position along spatial ``axis``, the input positions that feed it.
+def feeding_inputs(
+    axis: int, geometry: Geometry, outputs: Iterable[int] | None = None
+) -> list[set[int]]:
+    """For each output position along spatial ``axis`` (or each of ``outputs``), the input
+    positions that feed it.
 
     Through any tap of the kernel, after the padding mode maps padded positions back onto
     the input (zero padding feeds nothing).
@@ -42,7 +48,7 @@ def feeding_inputs(axis: int, geometry: Geometry) -> list[set[int]]:
     taps = np.arange(k) * d - before
     return [
         {int(i) for i in padding_source(o * s + taps, size, geometry.padding_mode) if i >= 0}
-        for o in range(geometry.out_sizes[axis])
+        for o in (range(geometry.out_sizes[axis]) if outputs is None else outputs)
     ]
 
 
@@ -55,14 +61,26 @@ def perturbation_periods(geometry: Geometry) -> list[int]:
     """
     periods = []
     for axis in range(geometry.rank):
-        feeds = feeding_inputs(axis, geometry)
         size = geometry.in_sizes[axis]
         span = geometry.dilation[axis] * (geometry.kernel[axis] - 1) + 1
         period = min(span, size)
-        while period < size and any(len({i % period for i in f}) < len(f) for f in feeds):
-            period += 1
+        if geometry.padding_mode in _FOLDING:  # only these can feed an output from afar
+            feeds = feeding_inputs(axis, geometry, _padded_outputs(axis, geometry))
+            while period < size and any(len({i % period for i in f}) < len(f) for f in feeds):
+                period += 1
         periods.append(period)
     return periods
+
+
+def _padded_outputs(axis: int, geometry: Geometry) -> itertools.chain[int]:
+    """The outputs along ``axis`` whose window reaches into the padding: only they can be fed
+    by mirrored or wrapped copies (a window inside the input spans less than one period)."""
+    out, s = geometry.out_sizes[axis], geometry.stride[axis]
+    before = geometry.pads[axis][0]
+    span = geometry.dilation[axis] * (geometry.kernel[axis] - 1) + 1
+    first_inside = min(-(-before // s), out)  # the window of o starts at o·s - before
+    last_inside = (geometry.in_sizes[axis] - span + before) // s
+    return itertools.chain(range(first_inside), range(max(last_inside + 1, first_inside), out))
 
 
 def exhaustive_passes(geometry: Geometry, has_bias: bool) -> int:
