@@ -22,16 +22,15 @@ def inspect_file(path) -> dict:
     Returns
     -------
     dict
-        ``{"file", "format", "tensors": [{"key", "shape", "dtype", "bytes", "role"}],
-        "roles": {"x": key or None, ...}, "layers": {name: {"weight", "bias", "scheme",
-        "layout"}}, "hparams": {name: value}, "origins": {name: text}, "metadata": {name:
-        text}, "problems": [one-line messages]}``. ``layers`` are the convolution layers whose
-        weights the file holds under a framework's names (``--layer NAME``); their tensors
-        have ``"layer"``. A tensor read in
-        another dtype than the file's has ``"stored_dtype"`` (safetensors' ``"bfloat16"``,
-        read as float32); ``metadata`` is what the file says of itself (safetensors'
-        ``__metadata__``; empty for other formats). ``hparams`` are what forward/backward would use
-        without flags (padding resolved when x and w are both found).
+        ``{"file", "format", "tensors": [{"key", "shape", "dtype", "bytes", "role"}], "roles":
+        {"x": key or None, ...}, "layers": {name: {"weight", "bias", "scheme", "layout"}},
+        "hparams": {name: value}, "origins": {name: text}, "metadata": {name: text}, "problems":
+        [one-line messages]}``. ``layers`` are the convolution layers whose weights the file
+        holds under a framework's names (the ``layer`` parameter); their tensors have
+        ``"layer"``. A tensor read in another dtype than the file's has ``"stored_dtype"``
+        (safetensors' ``"bfloat16"``, read as float32); ``metadata`` is what the file says of
+        itself (safetensors' ``__metadata__``; empty for other formats). ``hparams`` are what
+        forward/backward would use without flags (padding resolved when x and w are both found).
     """
     problems: list[str] = []
     with open_tensor_file(path) as tensor_file:
