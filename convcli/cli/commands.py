@@ -835,7 +835,7 @@ def gradcheck(
     upstream: Annotated[
         UpstreamName | None,
         typer.Option(
-            "--upstream", help="g in L = Σ z⊙g when no dz is given: z, ones, random [random]."
+            "--upstream", help="g in L = Σ z⊙g when no dz is given: z, ones or random (the default)."
         ),
     ] = None,
     seed: Annotated[
@@ -1423,7 +1423,7 @@ def sweep(
         typer.Option(
             "--scheduler",
             metavar="ADDRESS",
-            help="Run on a Dask cluster at tcp://HOST:PORT (convcli[dask]).",
+            help="Run on a Dask cluster at tcp://HOST:PORT (pip install 'convcli\\[dask]').",
         ),
     ] = None,
     max_configs: Annotated[
