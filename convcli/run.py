@@ -581,7 +581,7 @@ def _plan(command: str, inputs: RunInputs, spec: ConvSpec, options: RunOptions) 
             geometry,
             dtype,
             input_bytes=sum(np.asarray(value).nbytes for value in given.values()),
-            scratch=scratch_bytes(geometry, dtype, workspace),
+            scratch=scratch_bytes(geometry, dtype, workspace, options.threads),
             backward=backward,
         )
         check_memory(needs, options.max_memory)
