@@ -38,6 +38,13 @@ _EXPORTS = {
     # comparing saved results with convcli's
     "CompareRun": "convcli.compare",
     "run_compare": "convcli.compare",
+    # planning a layer or a stack from shapes alone
+    "LayerPlan": "convcli.plan",
+    "StackPlan": "convcli.plan",
+    "layer_shapes": "convcli.plan",
+    "plan_file": "convcli.plan",
+    "plan_layer": "convcli.plan",
+    "plan_stack": "convcli.plan",
     # tensor files
     "open_tensor_file": "convcli.io",
     "read_tensor": "convcli.io",

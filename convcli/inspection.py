@@ -22,13 +22,15 @@ def inspect_file(path) -> dict:
     Returns
     -------
     dict
-        ``{"file", "format", "tensors": [{"key", "shape", "dtype", "bytes", "role"}],
-        "roles": {"x": key or None, ...}, "hparams": {name: value}, "origins": {name: text},
-        "metadata": {name: text}, "problems": [one-line messages]}``. A tensor read in
-        another dtype than the file's has ``"stored_dtype"`` (safetensors' ``"bfloat16"``,
-        read as float32); ``metadata`` is what the file says of itself (safetensors'
-        ``__metadata__``; empty for other formats). ``hparams`` are what forward/backward would use
-        without flags (padding resolved when x and w are both found).
+        ``{"file", "format", "tensors": [{"key", "shape", "dtype", "bytes", "role"}], "roles":
+        {"x": key or None, ...}, "layers": {name: {"weight", "bias", "scheme", "layout"}},
+        "hparams": {name: value}, "origins": {name: text}, "metadata": {name: text}, "problems":
+        [one-line messages]}``. ``layers`` are the convolution layers whose weights the file
+        holds under a framework's names (the ``layer`` parameter); their tensors have
+        ``"layer"``. A tensor read in another dtype than the file's has ``"stored_dtype"``
+        (safetensors' ``"bfloat16"``, read as float32); ``metadata`` is what the file says of
+        itself (safetensors' ``__metadata__``; empty for other formats). ``hparams`` are what
+        forward/backward would use without flags (padding resolved when x and w are both found).
     """
     problems: list[str] = []
     with open_tensor_file(path) as tensor_file:
@@ -58,6 +60,7 @@ def inspect_file(path) -> dict:
                     roles[role] = None
                     problems.append(str(error))
         by_key = {t["key"]: t for t in tensors}
+        layers = _layers(tensor_file, by_key)
         for role, found in roles.items():
             if found is not None and found in by_key:
                 by_key[found]["role"] = role
@@ -102,10 +105,29 @@ def inspect_file(path) -> dict:
         "format": fmt,
         "tensors": tensors,
         "roles": {role: where.get(role) for role in ALIASES} if fmt != "npy" else {},
+        "layers": layers,
         "hparams": hparams,
         "origins": origins,
         "metadata": metadata,
         "problems": problems,
+    }
+
+
+def _layers(tensor_file: TensorFile, by_key: dict[str, dict]) -> dict[str, dict]:
+    """The file's layers as JSON; each one's tensors in ``by_key`` get its name as "layer"."""
+    layers = tensor_file.layers() if tensor_file.format != "npy" else {}
+    for name, layer in layers.items():
+        for key in (layer.weight, layer.bias):
+            if key in by_key:
+                by_key[key]["layer"] = name
+    return {
+        name: {
+            "weight": layer.weight,
+            "bias": layer.bias,
+            "scheme": layer.scheme.name,
+            "layout": layer.scheme.layout,
+        }
+        for name, layer in layers.items()
     }
 
 

@@ -564,7 +564,7 @@ def _plan(command: str, inputs: RunInputs, spec: ConvSpec, options: RunOptions) 
         {name: value.dtype for name, value in considered.items()},
         spec,
     )
-    dtype = _compute_dtype(value.dtype for name, value in given.items() if name != "dz")
+    dtype = compute_dtype(value.dtype for name, value in given.items() if name != "dz")
     backward = command == "backward"
     workspace = options.workspace
     if streamed:
@@ -581,7 +581,7 @@ def _plan(command: str, inputs: RunInputs, spec: ConvSpec, options: RunOptions) 
             geometry,
             dtype,
             input_bytes=sum(np.asarray(value).nbytes for value in given.values()),
-            scratch=scratch_bytes(geometry, dtype, workspace),
+            scratch=scratch_bytes(geometry, dtype, workspace, options.threads),
             backward=backward,
         )
         check_memory(needs, options.max_memory)
@@ -600,7 +600,7 @@ def _output_bytes(
     return {name: nbytes(shapes[name], dtype) for name in written if name in shapes}
 
 
-def _compute_dtype(dtypes: Iterable[np.dtype]) -> np.dtype:
+def compute_dtype(dtypes: Iterable[np.dtype]) -> np.dtype:
     """The dtype the engine computes in (integers count as float64)."""
     floats = [np.float64 if np.dtype(d).kind in "iu" else np.dtype(d) for d in dtypes]
     return np.result_type(*floats)

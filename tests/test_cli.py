@@ -9,6 +9,8 @@ import sys
 import h5py
 import numpy as np
 import pytest
+import typer
+from rich.text import Text
 from typer.testing import CliRunner
 
 from convcli.cli import app
@@ -422,3 +424,12 @@ def test_choice_enums_list_exactly_the_library_names():
         (DtypeName, DTYPES),
     ):
         assert [c.value for c in choices] == list(names)
+
+
+def test_no_help_text_loses_words_to_rich_markup():
+    """Typer renders help as Rich markup: ``[random]`` would vanish unless escaped."""
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():  # type: ignore[attr-defined]
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        for text in texts:
+            assert Text.from_markup(text).plain == text.replace("\\[", "["), (name, text)

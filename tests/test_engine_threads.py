@@ -20,8 +20,10 @@ from convcli import (
     conv_forward,
     conv_forward_reference,
 )
-from convcli.engine.fast import DEFAULT_WORKSPACE, blas_threads
+from convcli.engine.fast import DEFAULT_WORKSPACE, blas_threads, scratch_bytes
 from convcli.engine.tiling import Plan
+from convcli.errors import MemoryLimitError
+from convcli.run import RunInputs, RunOptions, run_forward
 
 REPEATS = 12
 TOO_BIG_FOR_THE_LOOPS = 200_000  # elements of x; the reference engine is one Python step per output
@@ -217,3 +219,20 @@ def test_row_tiles_wholly_inside_the_padding_read_zeros(
         dx, dw, _ = conv_backward(dz, cache)
         np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(dw, dw_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_the_run_memory_estimate_counts_the_threads_asked_for():
+    """RunOptions(threads=N) runs N tiles at once: the estimate is the engine's bound for N
+    workers, not for as many as BLAS has."""
+    x, w = np.zeros((16, 24, 24, 8)), np.zeros((3, 3, 8, 8))
+    spec, workspace = ConvSpec(padding=1), 1 << 18
+    geometry = spec.geometry(x.shape, w.shape)
+    estimates = set()
+    for threads in (1, 5):
+        options = RunOptions(threads=threads, workspace=workspace, max_memory=1)
+        with pytest.raises(MemoryLimitError) as caught:
+            run_forward(RunInputs.of({"x": x, "w": w}), spec, options)
+        bound = scratch_bytes(geometry, np.float64, workspace, threads)
+        assert caught.value.needs["workspace"] == bound
+        estimates.add(bound)
+    assert len(estimates) == 2

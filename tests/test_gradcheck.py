@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import convcli.check.gradients as gc
 from convcli import ConvSpec, conv_backward, conv_forward
 from convcli.check import Tolerance, gradcheck
-from convcli.check.exhaustive import exhaustive_passes, perturbation_periods
+from convcli.check.exhaustive import exhaustive_passes, feeding_inputs, perturbation_periods
 from convcli.cli.heatmap import RAMP, heatmap
 from tests.strategies import conv_cases, nd_conv_cases
 
@@ -357,3 +357,18 @@ def test_channels_first_report_uses_the_callers_indices():
     dw = result.tensors["dw"]
     assert set(dw.failures_per_channel) == {2}
     assert all(row["index"][0] == 2 for row in dw.worst)
+
+
+@settings(max_examples=30)
+@given(nd_conv_cases(dtypes=(np.float64,)))
+def test_periods_are_the_smallest_that_separate_every_outputs_inputs(case):
+    # the search perturbation_periods skips for zeros and replicate padding, done in full
+    x, w, _, spec = case
+    geometry = spec.geometry(x.shape, w.shape)
+    for axis, period in enumerate(perturbation_periods(geometry)):
+        size = geometry.in_sizes[axis]
+        smallest = min(geometry.dilation[axis] * (geometry.kernel[axis] - 1) + 1, size)
+        feeds = feeding_inputs(axis, geometry)
+        while smallest < size and any(len({i % smallest for i in f}) < len(f) for f in feeds):
+            smallest += 1
+        assert period == smallest

@@ -270,3 +270,26 @@ def test_a_name_in_two_places_is_given_by_its_path():
 def test_gradcheck_layer_without_a_file_is_a_usage_error():
     result = run("gradcheck", "--shape", "1,4,4,2", "--kernel", "3", "--cout", "2", "--layer", "c")
     assert_error(result, 2, "--layer")
+
+
+@pytest.mark.parametrize(
+    ("make", "names"),
+    [
+        (torch_file, {"layer2.0.conv1", "layer2.0.conv2"}),
+        (keras3_file, {"conv2d", "conv2d_1"}),
+        (keras2_file, {"conv2d", "conv2d_1"}),
+    ],
+)
+def test_inspect_lists_the_layers_and_their_tensors(tmp_path, layer, make, names):
+    path = make(tmp_path, layer)
+    result = run("inspect", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert set(doc["layers"]) == names
+    first = doc["layers"][sorted(names)[0]]
+    assert set(first) == {"weight", "bias", "scheme", "layout"}
+    by_key = {t["key"]: t for t in doc["tensors"]}
+    assert by_key[first["weight"]]["layer"] == sorted(names)[0]
+    table = run("inspect", path)
+    assert f"w of {sorted(names)[0]}" in table.stdout
+    assert f"b of {sorted(names)[0]}" in table.stdout

@@ -1,9 +1,9 @@
 """The package's structure, checked from the source rather than trusted to convention.
 
-- Layers point one way: ``cli → {run, compare, sweep, generate, inspection, examples} →
-  {check, io, engine} → {spec, hparams, memory, stats, units, versioning} → errors``. A module
-  may import its own layer and the layers below, never above, and the module graph (imports
-  inside functions included) has no cycle.
+- Layers point one way: ``cli → {run, compare, sweep, generate, inspection, examples,
+  plan} → {check, io, engine} → {spec, hparams, memory, stats, units, versioning} →
+  errors``. A module may import its own layer and the layers below, never above, and the
+  module graph (imports inside functions included) has no cycle.
 - ``typer`` and ``rich`` are the command line's business (ruff's TID251 says the same at lint
   time); no string in the library names a command-line flag: library errors name parameters
   and the CLI maps them to flags.
@@ -25,7 +25,7 @@ LAYERS = (
     ("errors",),
     ("spec", "hparams", "memory", "stats", "units", "versioning"),
     ("check", "io", "engine"),
-    ("run", "compare", "sweep", "generate", "inspection", "examples"),
+    ("run", "compare", "sweep", "generate", "inspection", "examples", "plan"),
     ("cli",),
     ("entry", "__main__"),
 )

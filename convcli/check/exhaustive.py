@@ -25,18 +25,24 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from convcli.spec import Geometry, padding_source
 
+# padding modes that read an input from beyond the window's span (a mirrored or wrapped copy);
+# with zeros or replicate padding an output's inputs lie within one span, so the span is the period
+_FOLDING = ("reflect", "circular")
 # forward(x, w, b) -> z, all float64 and channels last
 CountedForward = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 
 
-def feeding_inputs(axis: int, geometry: Geometry) -> list[set[int]]:
-    """For each output position along spatial ``axis``, the input positions that feed it.
+def feeding_inputs(
+    axis: int, geometry: Geometry, outputs: Iterable[int] | None = None
+) -> list[set[int]]:
+    """For each output position along spatial ``axis`` (or each of ``outputs``), the input
+    positions that feed it.
 
     Through any tap of the kernel, after the padding mode maps padded positions back onto
     the input (zero padding feeds nothing). For a transposed convolution, the inputs ``i``
@@ -45,18 +51,20 @@ def feeding_inputs(axis: int, geometry: Geometry) -> list[set[int]]:
     size, k = geometry.in_sizes[axis], geometry.kernel[axis]
     s, d = geometry.stride[axis], geometry.dilation[axis]
     before = geometry.pads[axis][0]
-    if geometry.transposed:
-        feeds: list[set[int]] = [set() for _ in range(geometry.out_sizes[axis])]
-        for i in range(size):
-            for t in range(k):
-                o = i * s + t * d - before
-                if 0 <= o < len(feeds):
-                    feeds[o].add(i)
-        return feeds
+    chosen = range(geometry.out_sizes[axis]) if outputs is None else outputs
+    if geometry.transposed:  # input i adds into output i·s + t·d - before
+        return [
+            {
+                (o + before - t * d) // s
+                for t in range(k)
+                if (o + before - t * d) % s == 0 and 0 <= (o + before - t * d) // s < size
+            }
+            for o in chosen
+        ]
     taps = np.arange(k) * d - before
     return [
         {int(i) for i in padding_source(o * s + taps, size, geometry.padding_mode) if i >= 0}
-        for o in range(geometry.out_sizes[axis])
+        for o in chosen
     ]
 
 
@@ -69,14 +77,40 @@ def perturbation_periods(geometry: Geometry) -> list[int]:
     """
     periods = []
     for axis in range(geometry.rank):
-        feeds = feeding_inputs(axis, geometry)
         size = geometry.in_sizes[axis]
         span = geometry.dilation[axis] * (geometry.kernel[axis] - 1) + 1
-        period = 1 if geometry.transposed else min(span, size)
-        while period < size and any(len({i % period for i in f}) < len(f) for f in feeds):
-            period += 1
+        period = _transposed_period(axis, geometry) if geometry.transposed else min(span, size)
+        if geometry.padding_mode in _FOLDING:  # only these can feed an output from afar
+            feeds = feeding_inputs(axis, geometry, _padded_outputs(axis, geometry))
+            while period < size and any(len({i % period for i in f}) < len(f) for f in feeds):
+                period += 1
         periods.append(period)
     return periods
+
+
+def _transposed_period(axis: int, geometry: Geometry) -> int:
+    """The period along ``axis`` of a transposed convolution: two inputs ``Δ`` apart feed one
+    output when ``Δ·stride = δ·dilation`` for a difference of taps ``1 <= δ < k``; the
+    smallest P none of those ``Δ`` is a multiple of (from sizes alone, like the span)."""
+    size, k = geometry.in_sizes[axis], geometry.kernel[axis]
+    s, d = geometry.stride[axis], geometry.dilation[axis]
+    apart = {delta * d // s for delta in range(1, k) if delta * d % s == 0}
+    apart = {a for a in apart if a < size}
+    period = 1
+    while period < size and any(a % period == 0 for a in apart):
+        period += 1
+    return period
+
+
+def _padded_outputs(axis: int, geometry: Geometry) -> itertools.chain[int]:
+    """The outputs along ``axis`` whose window reaches into the padding: only they can be fed
+    by mirrored or wrapped copies (a window inside the input spans less than one period)."""
+    out, s = geometry.out_sizes[axis], geometry.stride[axis]
+    before = geometry.pads[axis][0]
+    span = geometry.dilation[axis] * (geometry.kernel[axis] - 1) + 1
+    first_inside = min(-(-before // s), out)  # the window of o starts at o·s - before
+    last_inside = (geometry.in_sizes[axis] - span + before) // s
+    return itertools.chain(range(first_inside), range(max(last_inside + 1, first_inside), out))
 
 
 def exhaustive_passes(geometry: Geometry, has_bias: bool) -> int:

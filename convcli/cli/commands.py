@@ -25,6 +25,7 @@ from convcli.check.gradients import DEFAULT_PROBES, DEFAULT_SAMPLES
 from convcli.check.tolerance import DEFAULT_ATOL, DEFAULT_EPS, DEFAULT_RTOL, Tolerance
 from convcli.cli.heatmap import print_heatmap
 from convcli.cli.messages import ASCII_ERRORS, explain, flag_for, one_line, out_of_memory
+from convcli.cli.plan_view import plan_json, print_plan
 from convcli.cli.render import print_inventory, print_result, print_sweep, result_json
 from convcli.cli.report import compare_json, gradcheck_json, print_compare, print_gradcheck
 from convcli.cli.slices import check_slice, parse_slice, take
@@ -48,6 +49,7 @@ from convcli.inspection import inspect_file
 from convcli.io.loading import load_tensors
 from convcli.io.writing import write_tensors
 from convcli.memory import check_disk, parse_memory
+from convcli.plan import StackPlan, layer_shapes, plan_file, plan_layer, plan_stack
 from convcli.run import (
     GradcheckRun,
     ImplLayer,
@@ -851,7 +853,8 @@ def gradcheck(
     upstream: Annotated[
         UpstreamName | None,
         typer.Option(
-            "--upstream", help="g in L = Σ z⊙g when no dz is given: z, ones, random [random]."
+            "--upstream",
+            help="g in L = Σ z⊙g when no dz is given: z, ones or random (the default).",
         ),
     ] = None,
     seed: Annotated[
@@ -1313,6 +1316,112 @@ def inspect(
 
 
 @app.command()
+def plan(
+    data: Data = None,
+    x: XRef = None,
+    w: WRef = None,
+    b: BRef = None,
+    layer_name: LayerName = None,
+    shape: Annotated[
+        str | None,
+        typer.Option(
+            "--shape", metavar="N,H,W,CIN", help="x as N,*spatial,CIN (1-3 axes), with --kernel."
+        ),
+    ] = None,
+    kernel: Annotated[
+        str | None,
+        typer.Option(
+            "--kernel", metavar="K[,K..]", help="Kernel size (or one per axis), with --shape."
+        ),
+    ] = None,
+    cout: Annotated[
+        int | None,
+        typer.Option("--cout", metavar="C", min=1, help="Output channels with --shape."),
+    ] = None,
+    stack: Annotated[
+        Path | None,
+        typer.Option(
+            "--stack",
+            metavar="FILE.toml",
+            help="TOML with a layers table per layer (sweep spec keys; shape on the first only).",
+        ),
+    ] = None,
+    stride: Stride = None,
+    pad: Pad = None,
+    dilation: Dilation = None,
+    groups: Groups = None,
+    padding_mode: PaddingMode = None,
+    layout: Layout = None,
+    dtype: Annotated[
+        DtypeName | None,
+        typer.Option("--dtype", help="With --shape: float32 or float64 (default)."),
+    ] = None,
+    no_bias: Annotated[
+        bool, typer.Option("--no-bias", help="With --shape: a layer without bias.")
+    ] = False,
+    max_workspace: Workspace = "256M",
+    threads: Threads = None,
+    as_json: Json = False,
+) -> None:
+    """Shapes, padding, parameters, MACs and FLOPs, receptive field and memory of a layer,
+    from flags, a data file's headers (no data is read) or a stack of layers in TOML.
+
+    Example: convcli plan --shape 1,32,32,3 --kernel 3 --cout 16 --pad 1
+    """
+    texts = _hparam_texts(locals())
+    sized = _layer_flags(shape, kernel, cout)
+    if sized is None and (dtype is not None or no_bias):
+        raise UsageError("--dtype and --no-bias go with --shape (files and stacks say their own)")
+    options = {
+        "workspace": parse_size(max_workspace),
+        "bias": not no_bias,
+        "dtype": "float64" if dtype is None else dtype.value,
+    }
+    given = [
+        name
+        for name, used in (
+            ("--shape", sized is not None),
+            ("--stack", stack is not None),
+            ("a data file", data is not None or any((x, w, b, layer_name))),
+        )
+        if used
+    ]
+    if len(given) != 1:
+        what = f"got {' and '.join(given)}" if given else "got none"
+        raise UsageError(
+            f"give --shape (with --kernel, --cout), --stack or a data file: one of them, {what}"
+        )
+    with _blas_threads(threads):  # the engine's workspace grows with its parallel tiles
+        refs = {"x": x, "w": w, "b": b}
+        plans, source = _plans(data, refs, sized, stack, texts, layer_name=layer_name, **options)
+    with _data_output():
+        if as_json:
+            print(plan_json(plans, source))
+        else:
+            print_plan(_data_console(), plans, source)
+
+
+def _plans(
+    data, refs, sized, stack, texts, *, layer_name, workspace, bias, dtype
+) -> tuple[StackPlan, str]:
+    """The plan ``convcli plan`` prints, and where its layers came from."""
+    if stack is not None:
+        if any(text is not None for text in texts.values()):
+            raise UsageError("with --stack, hyperparameters go in the stack file's [[layers]]")
+        plans, source = plan_stack(stack, workspace=workspace), str(stack)
+    elif sized is not None:
+        spec = build_spec({}, texts, len(sized.shape) - 2).spec
+        x_shape, w_shape = layer_shapes(sized.shape, sized.kernel, sized.cout, spec)
+        single = plan_layer(x_shape, w_shape, spec, bias=bias, dtype=dtype, workspace=workspace)
+        plans, source = StackPlan.of([single]), "flags"
+    else:
+        single = plan_file(data, refs, texts, layer=layer_name, workspace=workspace)
+        given = " ".join(f"--{role} {ref}" for role, ref in refs.items() if ref is not None)
+        plans, source = StackPlan.of([single]), " ".join(str(v) for v in (data, given) if v)
+    return plans, source
+
+
+@app.command()
 def sweep(
     spec: Annotated[
         Path, typer.Argument(metavar="SPEC.toml", help="The sweep to run.", show_default=False)
@@ -1339,7 +1448,7 @@ def sweep(
         typer.Option(
             "--scheduler",
             metavar="ADDRESS",
-            help="Run on a Dask cluster at tcp://HOST:PORT (convcli[dask]).",
+            help="Run on a Dask cluster at tcp://HOST:PORT (pip install 'convcli\\[dask]').",
         ),
     ] = None,
     max_configs: Annotated[

@@ -122,6 +122,14 @@ def result_table(result: RunResult) -> Table:
     return table
 
 
+def _used_as(entry: dict, layers: dict) -> str:
+    """An inspect row's use: its role, or ``"w of conv1"`` for a layer's weight."""
+    name = entry.get("layer")
+    if entry["role"] or name is None:
+        return entry["role"] or ""
+    return f"{'w' if layers[name]['weight'] == entry['key'] else 'b'} of {name}"
+
+
 def format_pair(values) -> str:
     """Per-axis values in one word: ``[2, 2]`` -> ``2``, ``[1, 2]`` -> ``1,2``."""
     return BY_NAME["stride"].format(values)
@@ -195,7 +203,7 @@ def print_inventory(console: Console, report: dict) -> None:
             entry["dtype"]
             + (f" (stored {entry['stored_dtype']})" if "stored_dtype" in entry else ""),
             f"{entry['bytes']:,}",
-            entry["role"] or "",
+            _used_as(entry, report.get("layers", {})),
         )
     print_table(console, table)
     if report.get("metadata"):

@@ -340,33 +340,12 @@ def load_tensors(
         file is a ``.npy``, or content is unreadable; no layer called ``layer``, or several
         layers and no ``layer`` (``param="layer"``; the message lists the layers).
     """
-    required = tuple(required)
     lazy_roles = tuple(lazy_roles)
-    loaded = Loaded()
-    keys: dict[str, tuple[TensorFile, str]] = {}
     with contextlib.ExitStack() as stack:
         cache = _FileCache(stack, allow_sparse)
-        data_file = _open_data_file(cache, data) if data is not None else None
-        roles = (*required, *(r for r in optional if r not in required))
-        chosen = _choose_layer(cache, data_file, refs, layer) if "w" in roles else None
-        for role in roles:
-            found = _locate(cache, data_file, role, refs.get(role), role in required, chosen)
-            if found is not None:
-                keys[role] = found
-        loaded.origins = {role: origin_text(file, key) for role, (file, key) in keys.items()}
-        loaded.hparams = _hparams_for(data_file, keys.get("x"))
-        if chosen is not None:
-            _imply_layout(loaded, *chosen)
+        keys, loaded = _gather(cache, data, refs, required, optional, layer)
         if check is not None:
-            headers = {role: file.shape_dtype(key) for role, (file, key) in keys.items()}
-            check(
-                Headers(
-                    shapes={role: shape for role, (shape, _) in headers.items()},
-                    dtypes={role: dtype for role, (_, dtype) in headers.items()},
-                    hparams=loaded.hparams,
-                    origins=dict(loaded.origins),
-                )
-            )
+            check(_headers(keys, loaded))
         for tensor_file, key in keys.values():
             tensor_file.check_readable(key)
         for role, (tensor_file, key) in keys.items():
@@ -376,6 +355,62 @@ def load_tensors(
             )
         loaded.sources = cache.sources
     return loaded
+
+
+def read_headers(
+    data: str | os.PathLike[str] | None,
+    refs: Mapping[str, str | None],
+    required: Iterable[str],
+    optional: Iterable[str] = (),
+    *,
+    layer: str | None = None,
+) -> Headers:
+    """What :func:`load_tensors` would gather, from the files' headers alone: no tensor data
+    is read (so nothing is checked that only reading would find).
+
+    Parameters as for :func:`load_tensors`; raises as it does when a role cannot be found.
+    """
+    with contextlib.ExitStack() as stack:
+        return _headers(*_gather(_FileCache(stack), data, refs, required, optional, layer))
+
+
+def _gather(
+    cache: _FileCache,
+    data: str | os.PathLike[str] | None,
+    refs: Mapping[str, str | None],
+    required: Iterable[str],
+    optional: Iterable[str],
+    layer: str | None,
+) -> tuple[dict[str, tuple[TensorFile, str]], Loaded]:
+    """The file and key of every role found, and a :class:`Loaded` without arrays (origins,
+    hyperparameters, the layer w and b came from)."""
+    required = tuple(required)
+    loaded = Loaded()
+    keys: dict[str, tuple[TensorFile, str]] = {}
+    data_file = _open_data_file(cache, data) if data is not None else None
+    roles = (*required, *(r for r in optional if r not in required))
+    chosen = _choose_layer(cache, data_file, refs, layer) if "w" in roles else None
+    for role in roles:
+        found = _locate(cache, data_file, role, refs.get(role), role in required, chosen)
+        if found is not None:
+            keys[role] = found
+    loaded.origins = {role: origin_text(file, key) for role, (file, key) in keys.items()}
+    loaded.hparams = _hparams_for(data_file, keys.get("x"))
+    if chosen is not None:
+        _imply_layout(loaded, *chosen)
+    return keys, loaded
+
+
+def _headers(keys: Mapping[str, tuple[TensorFile, str]], loaded: Loaded) -> Headers:
+    """The shapes and dtypes the files declare for ``keys``, with ``loaded``'s origins and
+    hyperparameters."""
+    headers = {role: file.shape_dtype(key) for role, (file, key) in keys.items()}
+    return Headers(
+        shapes={role: shape for role, (shape, _) in headers.items()},
+        dtypes={role: dtype for role, (_, dtype) in headers.items()},
+        hparams=loaded.hparams,
+        origins=dict(loaded.origins),
+    )
 
 
 def _in_memory(arrays: Mapping[str, np.ndarray | DatasetRef]) -> int:

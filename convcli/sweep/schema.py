@@ -33,6 +33,9 @@ hyperparameter table (:data:`convcli.hparams.HPARAMS`, by :attr:`~convcli.hparam
 A value that cannot be used is a :class:`SpecError` citing the file, the line, the table
 (``[[configs]] table 2``, ``[grid]``, ...) and the key that hold it.
 
+A stack file for ``convcli plan`` lists ``[[layers]]`` tables with the same keys, read and
+checked by the same rules (:class:`LayerTables`).
+
 Each configuration's run has a key (:meth:`Sweep.key`), a hash of what runs, and the spec a
 fingerprint (:attr:`Sweep.fingerprint`), a hash of its runs' keys: both ignore how the spec
 is written (comments, key order, ``kernel = 3`` versus ``[3, 3]``, defaults spelled out).
@@ -44,6 +47,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -294,6 +298,9 @@ def _plain(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+_ARRAYS = ("configs", "layers")  # arrays of tables: [[configs]] (sweeps), [[layers]] (stacks)
+
+
 @dataclass(frozen=True)
 class SpecTable:
     """A table of the spec: ``SpecTable("configs", 1)`` is the second ``[[configs]]``."""
@@ -304,12 +311,12 @@ class SpecTable:
     @property
     def header(self) -> str:
         """The header line that opens it: ``[[configs]]``, ``[grid]``."""
-        return f"[[{self.name}]]" if self.name == "configs" else f"[{self.name}]"
+        return f"[[{self.name}]]" if self.name in _ARRAYS else f"[{self.name}]"
 
     @property
     def label(self) -> str:
         """How messages name it: ``[[configs]] table 2``, ``[grid]``."""
-        return f"{self.header} table {self.index + 1}" if self.name == "configs" else self.header
+        return f"{self.header} table {self.index + 1}" if self.name in _ARRAYS else self.header
 
 
 def load_sweep(path: str | Path, *, max_configs: int = MAX_CONFIGS) -> Sweep:
@@ -357,6 +364,66 @@ def load_sweep(path: str | Path, *, max_configs: int = MAX_CONFIGS) -> Sweep:
     sweep = Sweep(path=path, configs=configs, actions=actions, gradcheck=gradcheck)
     sweep.keys  # noqa: B018  # checks every configuration (and keeps the keys) before any run
     return sweep
+
+
+class LayerTables(Sequence[Config]):
+    """The ``[[layers]]`` of a stack file, the input of ``convcli.plan.plan_stack``: a
+    network's layers in order, each a table with the keys of a sweep configuration, over an
+    optional ``[defaults]``.
+
+    Only the first layer needs a ``shape``; each later one takes the previous layer's output
+    ``(n, *out, Cout)`` (channels last, like every configuration's shape), which
+    :meth:`config` is given. A later layer that states a shape must state that one.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        text, data = _read_toml(self.path)
+        self._checker = checker = _Checker(self.path, text)
+        checker.keys(data, {"layers", "defaults"}, "the top level")
+        given = checker.table(data.get("defaults", {}), "defaults")
+        checker.keys(given, set(CONFIG_KEYS), "[defaults]", SpecTable("defaults"))
+        defaults, sources = DEFAULTS | given, dict.fromkeys(given, SpecTable("defaults"))
+        layers = data.get("layers", [])
+        if not isinstance(layers, list) or not all(isinstance(t, dict) for t in layers):
+            checker.fail("layers", "[[layers]] must be a list of tables")
+        if not layers:
+            raise SpecError(f"{self.path}: no layers: add [[layers]] tables")
+        self._written: list[_Written] = []
+        for index, entry in enumerate(layers):
+            table = SpecTable("layers", index)
+            checker.keys(entry, set(CONFIG_KEYS), "[[layers]]", table)
+            self._written.append((defaults | entry, sources | dict.fromkeys(entry, table)))
+
+    def __len__(self) -> int:
+        return len(self._written)
+
+    @overload
+    def __getitem__(self, index: int) -> Config: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Config]: ...
+
+    def __getitem__(self, index: int | slice) -> Config | Sequence[Config]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.config(index)
+
+    def config(self, index: int, shape: Sequence[int] | None = None) -> Config:
+        """Layer ``index`` checked like a sweep configuration; ``shape`` is the previous
+        layer's output (channels last), used when the table gives none."""
+        written, sources = self._written[index]
+        if shape is not None:
+            shape = [int(v) for v in shape]
+            if "shape" in written and written["shape"] != shape:
+                self._checker.fail(
+                    "shape",
+                    f"shape {shown(written['shape'])} is not the previous layer's output "
+                    f"{shown(shape)}",
+                    sources.get("shape"),
+                )
+            written = {**written, "shape": shape}
+        return self._checker.config(written, sources)
 
 
 def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
