@@ -42,6 +42,13 @@ LAYERS = {
     "conv1d": ((32, 1024, 64), (3,), 64, {"padding": 1}),
     "conv3d": ((4, 16, 32, 32, 16), (3, 3, 3), 32, {"padding": 1}),
     "classic": ((10, 4, 4, 3), (2, 2), 8, {"stride": 2, "padding": 2}),
+    # a 2x upsampling decoder layer (ConvTranspose2d(64, 32, 3, 2, 1, output_padding=1))
+    "decoder": (
+        (8, 32, 32, 64),
+        (3, 3),
+        32,
+        {"stride": 2, "padding": 1, "output_padding": 1, "transposed": True},
+    ),
 }
 SMOKE_LAYERS = {
     "cifar": ((2, 8, 8, 4), (3, 3), 4, {"padding": 1}),
@@ -49,6 +56,7 @@ SMOKE_LAYERS = {
     "conv1d": ((2, 16, 4), (3,), 4, {"padding": 1}),
     "conv3d": ((1, 4, 5, 6, 2), (3, 3, 3), 3, {"padding": 1}),
     "classic": LAYERS["classic"],
+    "decoder": ((2, 4, 4, 4), (3, 3), 4, LAYERS["decoder"][-1]),
 }
 REFERENCE_LAYER = ((2, 8, 8, 4), (3, 3), 8, {"padding": 1})
 WARM_UP_SECONDS = 0.3
@@ -96,11 +104,13 @@ def make_layer(layer, dtype):
     rng = np.random.default_rng(0)
     n, cin = x_shape[0], x_shape[-1]
     x = rng.standard_normal(x_shape).astype(dtype)
-    wt = rng.standard_normal((*kernel, cin // spec.groups, cout)).astype(dtype)
+    wt = rng.standard_normal(spec.weight_shape(kernel, cin, cout)).astype(dtype)
     b = rng.standard_normal(cout).astype(dtype)
     geometry = spec.geometry(x.shape, wt.shape)
     taps = int(np.prod(kernel))
-    flops = 2 * n * int(np.prod(geometry.out_sizes)) * cout * taps * cin // spec.groups
+    # a transposed layer's products: every input pixel times every tap and output channel
+    pixels = geometry.in_sizes if spec.transposed else geometry.out_sizes
+    flops = 2 * n * int(np.prod(pixels)) * taps * cout * cin // spec.groups
     return x, wt, b, spec, flops
 
 
@@ -114,7 +124,7 @@ def bench_layer(name, layer, dtype, repeats, gemm, rounds) -> dict:
         "backward": lambda: conv_backward(dz, cache),
         "fwd_bwd": lambda: conv_backward(dz, conv_forward(x, w, b, spec)[1]),
     }
-    if spec.groups > 1 or set(w.shape[:-2]) == {1}:
+    if not spec.transposed and (spec.groups > 1 or set(w.shape[:-2]) == {1}):
         operations["per_group_gemm_forward"] = per_group_gemm(x, w, b, spec)
     return {
         "name": name,
@@ -122,6 +132,7 @@ def bench_layer(name, layer, dtype, repeats, gemm, rounds) -> dict:
         "x": x,
         "w": w,
         "hparams": layer[-1],
+        "cout": layer[2],
         "flops": flops,
         "gemm": gemm,
         "operations": operations,
@@ -147,7 +158,7 @@ def layer_row(case: dict) -> dict:
         "dtype": case["dtype"].name,
         "shape": list(case["x"].shape),
         "kernel": list(w.shape[:-2]),
-        "cout": w.shape[-1],
+        "cout": case["cout"],
         "hparams": case["hparams"],
         "forward_s": seconds["forward"],
         "backward_s": seconds["backward"],

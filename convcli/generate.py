@@ -10,7 +10,7 @@ import numpy as np
 
 from convcli.engine.operands import w_from_last, x_from_last
 from convcli.errors import HyperparameterError, UsageError
-from convcli.spec import ConvSpec
+from convcli.spec import ConvSpec, in_layout
 
 DTYPES = ("float32", "float64")
 
@@ -65,17 +65,14 @@ def generate_layer(
         raise UsageError(f"{{param}} {dtype!r}: choose from {', '.join(DTYPES)}", param="dtype")
     n, *spatial, cin = (int(v) for v in shape)
     kernel = _kernel_for(kernel, len(spatial))
-    if cin % spec.groups:
+    if cin % spec.groups or (spec.transposed and cout % spec.groups):
         raise HyperparameterError(
             f"groups={spec.groups} must divide both Cin={cin} and Cout={cout}"
         )
-    w_shape = (*kernel, cin // spec.groups, cout)
     x_shape = (n, *spatial, cin)
     layout = spec.layout
-    if layout == "nchw":
-        geometry = spec.geometry((n, cin, *spatial), (cout, cin // spec.groups, *kernel))
-    else:
-        geometry = spec.geometry(x_shape, w_shape)
+    geometry = spec.geometry(in_layout(x_shape, "x", layout), spec.weight_shape(kernel, cin, cout))
+    w_shape = geometry.w_shape
     rng = np.random.default_rng(seed)
     tensors = {
         "x": x_from_last(rng.standard_normal(x_shape).astype(dtype), layout),

@@ -52,7 +52,8 @@ class Hparam:
         The value when nothing is given.
     kind : str
         ``"ints"`` (one value, or one per spatial axis), ``"int"`` (one value), ``"padding"``
-        (ints, before/after pairs, or a word) or ``"word"`` (one of :attr:`words`).
+        (ints, before/after pairs, or a word), ``"word"`` (one of :attr:`words`) or
+        ``"flag"`` (0 or 1; also true/false, yes/no; read as 0 or 1).
     words : tuple of str
         Accepted words (``"word"`` kind; ``same``/``valid`` for padding).
     expected : str
@@ -63,6 +64,8 @@ class Hparam:
         The placeholder in the command line's help.
     shown_when_default : bool
         Whether :func:`format_hparams` shows the value when it is the default.
+    minimum : int
+        The smallest value of an integer kind.
     """
 
     name: str
@@ -75,6 +78,7 @@ class Hparam:
     metavar: str
     words: tuple[str, ...] = ()
     shown_when_default: bool = True
+    minimum: int = 1
 
     @property
     def file_keys(self) -> tuple[str, ...]:
@@ -91,6 +95,10 @@ class Hparam:
         """
         cleaned = text.strip().lower()
         where = f"{{param}} {text!r}"
+        if self.kind == "flag":
+            if cleaned not in FLAG_WORDS:
+                raise UsageError(f"{where}: {self.expected}", param=self.name)
+            return FLAG_WORDS[cleaned]
         if self.kind == "word" or (self.kind == "padding" and cleaned in self.words):
             if cleaned not in self.words:
                 raise UsageError(f"{where}: {self.expected}", param=self.name)
@@ -113,6 +121,8 @@ class Hparam:
             Naming the value and ``origin``.
         """
         where = f"{self.name} = {shown(raw)} from {origin}"
+        if self.kind == "flag":
+            return _flag(raw, where, self.expected)
         if isinstance(raw, str):
             cleaned = raw.strip().lower()
             if cleaned in self.words:
@@ -136,7 +146,7 @@ class Hparam:
         counts = {"padding": (1, 2, 3, 4, 6), "int": (1,)}.get(self.kind, (1, 2, 3))
         if len(values) not in counts:
             raise error(f"{where}: {self.expected}")
-        minimum = 0 if self.kind == "padding" else 1
+        minimum = self.minimum
         if any(v < minimum for v in values):
             raise error(f"{where}: must be >= {minimum}")
         if any(v > MAX_INT for v in values):
@@ -148,6 +158,8 @@ class Hparam:
     def format(self, value: object) -> str:
         """A resolved value (as in :meth:`~convcli.spec.Geometry.hparams`) for one line of text:
         ``[2, 2]`` -> ``2``, ``[[1, 1], [0, 0]]`` -> ``1,0``, ``[[1, 2]]`` -> ``1,2``."""
+        if isinstance(value, bool):
+            return str(int(value))
         if isinstance(value, str | int):
             return str(value)
         values = list(value)  # type: ignore[call-overload]  # a sequence by the table's kinds
@@ -172,6 +184,23 @@ def shown(raw: object) -> str:
         return f"array of {len(raw)} values"
     text = repr(raw)
     return text if len(text) <= 200 else text[:150] + f"... ({len(text):,} characters)"
+
+
+FLAG_WORDS = {"0": 0, "1": 1, "false": 0, "true": 1, "no": 0, "yes": 1}
+"""How a ``"flag"`` hyperparameter may be written, and the value each spelling means."""
+
+
+def _flag(raw: object, where: str, expected: str) -> int:
+    """A flag read from a file: a boolean, 0 or 1 (2.0-style floats too), or a flag word."""
+    if isinstance(raw, str) and raw.strip().lower() in FLAG_WORDS:
+        return FLAG_WORDS[raw.strip().lower()]
+    if isinstance(raw, list) and len(raw) == 1:
+        raw = raw[0]
+    if isinstance(raw, bool):
+        return int(raw)
+    if isinstance(raw, numbers.Real) and raw in (0, 1):
+        return 1 if raw == 1 else 0
+    raise HyperparameterError(f"{where}: {expected}")
 
 
 def _usage(name: str) -> Callable[[str], ConvcliError]:
@@ -225,6 +254,7 @@ HPARAMS: tuple[Hparam, ...] = (
             "(extra pixel last; also same_upper); same_lower (extra pixel first); valid."
         ),
         metavar="P",
+        minimum=0,
     ),
     Hparam(
         name="dilation",
@@ -269,6 +299,29 @@ HPARAMS: tuple[Hparam, ...] = (
         help="nhwc (channels last, weights HWIO) or nchw (channels first, weights OIHW); any rank.",
         metavar="L",
         shown_when_default=False,
+    ),
+    Hparam(
+        name="transposed",
+        key="transposed",
+        aliases=(),
+        default=0,
+        kind="flag",
+        expected="expected 1 (a transposed convolution) or 0",
+        help="1: a transposed convolution (ConvTranspose); w is (*kernel,Cout/g,Cin).",
+        metavar="0|1",
+        shown_when_default=False,
+    ),
+    Hparam(
+        name="output_padding",
+        key="output_padding",
+        aliases=(),
+        default=0,
+        kind="ints",
+        expected="expected an integer >= 0, or one per spatial axis like 1,0",
+        help="Transposed: positions added at the end, N or one per axis (< stride or dilation).",
+        metavar="OP",
+        shown_when_default=False,
+        minimum=0,
     ),
 )
 

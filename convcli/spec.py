@@ -16,7 +16,13 @@ The output size along each spatial axis is computed in exactly one place,
 
     Ho = floor((H + top + bottom - dilation_h * (kh - 1) - 1) / stride_h) + 1
 
-and likewise for every other spatial axis.
+and likewise for every other spatial axis. A transposed convolution (``ConvSpec(transposed=True)``,
+PyTorch's ``ConvTranspose``) maps sizes the other way, :func:`transposed_output_size`::
+
+    Ho = (H - 1) * stride_h - top - bottom + dilation_h * (kh - 1) + output_padding_h + 1
+
+Its weights are ``(*kernel, Cout / groups, Cin)`` channels last and ``(Cin, Cout / groups,
+*kernel)`` channels first: the weights of the convolution it is the input gradient of.
 """
 
 from __future__ import annotations
@@ -63,6 +69,24 @@ SAME_FORMS = {"same": "same", "same_upper": "same", "same_lower": "same_lower"}
 def output_size(size: int, kernel: int, stride: int, dilation: int, before: int, after: int) -> int:
     """Output length along one spatial axis (the one place this formula lives)."""
     return (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def transposed_output_size(
+    size: int,
+    kernel: int,
+    stride: int,
+    dilation: int,
+    before: int,
+    after: int,
+    output_padding: int,
+) -> int:
+    """Output length along one axis of a transposed convolution (the one place this lives).
+
+    The padding crops the output (``before`` at the start, ``after`` at the end);
+    ``output_padding`` adds positions at the end. A convolution with the same hyperparameters
+    maps this many positions back to ``size`` (:func:`output_size`).
+    """
+    return (size - 1) * stride - before - after + dilation * (kernel - 1) + output_padding + 1
 
 
 def in_layout(values: tuple, which: str, layout: str) -> tuple:
@@ -207,6 +231,16 @@ class ConvSpec:
         What the padding holds (PyTorch's names and semantics).
     layout : "nhwc" (channels last) or "nchw" (channels first)
         See the module docstring; ``nlc``, ``ndhwc``, ``ncl``, ``ncdhw`` are aliases.
+    transposed : bool
+        A transposed convolution (PyTorch's ``ConvTranspose``, ONNX ``ConvTranspose``): the
+        gradient with respect to its input of the convolution with these hyperparameters.
+        x is ``(n, *spatial, Cin)``, w ``(*kernel, Cout / groups, Cin)`` channels last or
+        ``(Cin, Cout / groups, *kernel)`` channels first; the padding crops the output, and
+        ``"same"`` gives ``in * stride`` outputs per axis (ONNX's ``auto_pad`` rule). Zero
+        padding only.
+    output_padding : int or one int per spatial axis
+        Positions added at the end of a transposed convolution's output, each smaller than
+        the stride or the dilation of its axis; 0 for a convolution.
 
     Values are validated on construction and resolved per axis when the spec meets tensors
     (:meth:`geometry`), since the rank comes from x.
@@ -219,6 +253,8 @@ class ConvSpec:
     groups: int
     padding_mode: str
     layout: str
+    transposed: bool
+    output_padding: tuple[int, ...]
 
     def __init__(
         self,
@@ -228,6 +264,8 @@ class ConvSpec:
         groups: int = 1,
         padding_mode: str = "zeros",
         layout: str = "nhwc",
+        transposed: bool = False,
+        output_padding: int | Sequence[int] = 0,
     ) -> None:
         setattr_ = object.__setattr__  # frozen: set once, here
         setattr_(self, "stride", _ints("stride", stride, 1))
@@ -251,6 +289,24 @@ class ConvSpec:
                 param="layout",
             )
         setattr_(self, "layout", canonical)
+        transposed = _plain(transposed)
+        if not isinstance(transposed, numbers.Integral) or transposed not in (0, 1):
+            raise HyperparameterError(
+                f"transposed must be True or False, got {transposed!r}", param="transposed"
+            )
+        setattr_(self, "transposed", bool(transposed))
+        setattr_(self, "output_padding", _ints("output_padding", output_padding, 0))
+        if not self.transposed and any(self.output_padding):
+            raise HyperparameterError(
+                f"output_padding={_show(self.output_padding)} applies to transposed "
+                "convolutions only (transposed=True)",
+                param="output_padding",
+            )
+        if self.transposed and mode != "zeros":
+            raise HyperparameterError(
+                f"a transposed convolution pads with zeros only, got padding_mode={mode!r}",
+                param="padding_mode",
+            )
 
     @property
     def channels_first(self) -> bool:
@@ -284,6 +340,8 @@ class ConvSpec:
         padding = self.explicit_padding(rank)
         if not isinstance(padding, str):
             return padding
+        if self.transposed:
+            return self._transposed_same(in_sizes, kernel)[0]
         stride, dilation = self.per_axis(rank)
         pairs = []
         for size, k, s, d in zip(in_sizes, kernel, stride, dilation, strict=True):
@@ -292,6 +350,42 @@ class ConvSpec:
             small, large = total // 2, total - total // 2
             pairs.append((large, small) if padding == "same_lower" else (small, large))
         return tuple(pairs)
+
+    def _transposed_same(
+        self, in_sizes, kernel
+    ) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+        """``"same"``/``"same_lower"`` for a transposed convolution: the padding and
+        output_padding that give ``in * stride`` outputs per axis (ONNX's ``auto_pad`` for
+        ConvTranspose: ``SAME_UPPER`` crops the odd pixel at the end, ``SAME_LOWER`` at the
+        start).
+
+        The cropping needed is ``total = dilation·(k - 1) + 1 + output_padding - stride``;
+        when the kernel is shorter than the stride it is negative, and the missing positions
+        (which no input reaches) are added as output_padding instead.
+        """
+        rank = len(in_sizes)
+        stride, dilation = self.per_axis(rank)
+        extra = _for_rank("output_padding", self.output_padding, rank)
+        lower = self.explicit_padding(rank) == "same_lower"
+        pairs, paddings = [], []
+        for k, s, d, op in zip(kernel, stride, dilation, extra, strict=True):
+            total = d * (k - 1) + 1 + op - s
+            small, large = max(total, 0) // 2, max(total, 0) - max(total, 0) // 2
+            pairs.append((large, small) if lower else (small, large))
+            paddings.append(op if total >= 0 else op - total)
+        return tuple(pairs), tuple(paddings)
+
+    def weight_shape(self, kernel, cin: int, cout: int) -> tuple[int, ...]:
+        """The shape of w in this spec's layout, for x with ``cin`` and z with ``cout``
+        channels: ``(*kernel, Cin/groups, Cout)`` or ``(Cout, Cin/groups, *kernel)``;
+        transposed ``(*kernel, Cout/groups, Cin)`` or ``(Cin, Cout/groups, *kernel)``."""
+        kernel = tuple(int(k) for k in kernel)
+        g = self.groups
+        if self.transposed:
+            last = (*kernel, max(1, cout // g), cin)
+        else:
+            last = (*kernel, max(1, cin // g), cout)
+        return in_layout(last, "w", self.layout)
 
     def to_channels_last(self, x_shape, w_shape) -> tuple[tuple, tuple]:
         """Shapes of x and w in the engine's channels-last order."""
@@ -322,6 +416,12 @@ class ConvSpec:
         w_form = (
             "(Cout, Cin/groups, *kernel)" if self.channels_first else "(*kernel, Cin/groups, Cout)"
         )
+        if self.transposed:
+            w_form = (
+                "(Cin, Cout/groups, *kernel)"
+                if self.channels_first
+                else "(*kernel, Cout/groups, Cin)"
+            )
         if not 1 <= rank <= MAX_SPATIAL_DIMS:
             raise ShapeError(
                 f"x must be {x_form} with 1 to {MAX_SPATIAL_DIMS} spatial axes, "
@@ -335,6 +435,8 @@ class ConvSpec:
         if 0 in x_shape:
             raise ShapeError(f"x has an empty dimension: shape {self._user(x_shape, 'x')}")
         n, *in_sizes, cin = x_shape
+        if self.transposed:
+            return self._transposed_geometry(x_shape, w_shape)
         *kernel, cin_per_group, cout = w_shape
         g = self.groups
         if cin % g or cout % g:
@@ -378,6 +480,62 @@ class ConvSpec:
             layout=self.layout,
         )
 
+    def _transposed_geometry(self, x_shape: tuple, w_shape: tuple) -> Geometry:
+        """:meth:`geometry` of a transposed convolution (shapes channels last, ranks checked)."""
+        n, *in_sizes, cin = x_shape
+        *kernel, cout_per_group, w_cin = w_shape
+        g = self.groups
+        if cin % g:
+            raise HyperparameterError(f"groups={g} must divide Cin={cin}", param="groups")
+        if w_cin != cin:
+            raise ShapeError(
+                f"Cin of x is {cin} but w {self._user(w_shape, 'w')} of a transposed "
+                f"convolution expects Cin = {w_cin} (w is (Cin, Cout/groups, *kernel) channels "
+                "first, (*kernel, Cout/groups, Cin) channels last)"
+            )
+        if min(kernel) < 1 or cout_per_group < 1:
+            raise ShapeError(f"w has an empty dimension: shape {self._user(w_shape, 'w')}")
+        rank = len(in_sizes)
+        stride, dilation = self.per_axis(rank)
+        extra = _for_rank("output_padding", self.output_padding, rank)
+        if isinstance(self.explicit_padding(rank), str):
+            pads, extra = self._transposed_same(in_sizes, kernel)
+        else:
+            pads = self.resolve_padding(in_sizes, kernel)
+        out_sizes = []
+        for axis, size, k, s, d, (lo, hi), op in zip(
+            AXIS_NAMES[rank], in_sizes, kernel, stride, dilation, pads, extra, strict=True
+        ):
+            if op >= s and op >= d:
+                raise HyperparameterError(
+                    f"output_padding along {axis} must be smaller than the stride ({s}) or the "
+                    f"dilation ({d}), got {op}",
+                    param="output_padding",
+                )
+            out = transposed_output_size(size, k, s, d, lo, hi, op)
+            if out < 1:
+                raise HyperparameterError(
+                    f"padding {lo}+{hi} along {axis} crops the whole output of the transposed "
+                    f"convolution ({out + lo + hi} positions before cropping)"
+                )
+            out_sizes.append(out)
+        return Geometry(
+            n=n,
+            in_sizes=tuple(in_sizes),
+            cin=cin,
+            kernel=tuple(kernel),
+            cout=cout_per_group * g,
+            groups=g,
+            stride=stride,
+            dilation=dilation,
+            pads=pads,
+            out_sizes=tuple(out_sizes),
+            padding_mode=self.padding_mode,
+            layout=self.layout,
+            transposed=True,
+            output_padding=tuple(extra),
+        )
+
     def _check_mode_fits(self, axis: str, size: int, lo: int, hi: int) -> None:
         """PyTorch's limits: reflect needs pad < size, circular pad <= size."""
         if self.padding_mode == "reflect" and max(lo, hi) >= size:
@@ -401,7 +559,9 @@ class Geometry:
     """Everything about one convolution's shapes, resolved and checked (channels last).
 
     The fields and :attr:`out_shape` are the engine's channels-last view; the shapes in the
-    caller's layout come from :meth:`user_shapes`.
+    caller's layout come from :meth:`user_shapes`. For a transposed convolution
+    (``transposed``) w is ``(*kernel, Cout/groups, Cin)`` and ``output_padding`` holds one
+    value per axis; :meth:`adjoint` is the convolution it is the input gradient of.
     """
 
     n: int
@@ -416,6 +576,8 @@ class Geometry:
     out_sizes: tuple[int, ...]
     padding_mode: str = "zeros"
     layout: str = "nhwc"
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
 
     @property
     def rank(self) -> int:
@@ -438,18 +600,58 @@ class Geometry:
         written for them, or checked against their data (dz, slices, files) uses these.
         Gradients have the shape of their tensor: dx of x, dw of w, dz of z.
         """
-        cin_per_group = self.cin // self.groups
+        w_last = self.w_shape
         if self.layout == "nchw":
             return {
                 "x": (self.n, self.cin, *self.in_sizes),
-                "w": (self.cout, cin_per_group, *self.kernel),
+                "w": (w_last[-1], w_last[-2], *self.kernel),
                 "z": (self.n, self.cout, *self.out_sizes),
             }
         return {
             "x": (self.n, *self.in_sizes, self.cin),
-            "w": (*self.kernel, cin_per_group, self.cout),
+            "w": w_last,
             "z": self.out_shape,
         }
+
+    @property
+    def w_shape(self) -> tuple[int, ...]:
+        """Shape of w channels last: (*kernel, Cin/groups, Cout), or (*kernel, Cout/groups,
+        Cin) when transposed."""
+        if self.transposed:
+            return (*self.kernel, self.cout // self.groups, self.cin)
+        return (*self.kernel, self.cin // self.groups, self.cout)
+
+    def adjoint(self) -> Geometry:
+        """The convolution whose input gradient this transposed convolution is.
+
+        It maps ``(n, *out_sizes, Cout)`` to ``(n, *in_sizes', Cin)`` with the same w
+        (``(*kernel, Cout/groups, Cin)`` is its ``(*kernel, Cin'/groups, Cout')``), stride,
+        padding, dilation and groups, where ``in_sizes'`` is ``in_sizes`` plus the positions
+        an output_padding at least the stride adds (it is ``in_sizes`` when output_padding <
+        stride): those see no input of the transposed convolution.
+        """
+        if not self.transposed:
+            raise ValueError("adjoint() is the geometry of a transposed convolution's adjoint")
+        out_sizes = tuple(
+            output_size(size, k, s, d, lo, hi)
+            for size, k, s, d, (lo, hi) in zip(
+                self.out_sizes, self.kernel, self.stride, self.dilation, self.pads, strict=True
+            )
+        )
+        return Geometry(
+            n=self.n,
+            in_sizes=self.out_sizes,
+            cin=self.cout,
+            kernel=self.kernel,
+            cout=self.cin,
+            groups=self.groups,
+            stride=self.stride,
+            dilation=self.dilation,
+            pads=self.pads,
+            out_sizes=out_sizes,
+            padding_mode=self.padding_mode,
+            layout="nhwc",
+        )
 
     def hparams(self) -> dict:
         """Resolved hyperparameters as plain JSON-ready values."""
@@ -460,6 +662,11 @@ class Geometry:
             "groups": self.groups,
             "padding_mode": self.padding_mode,
             "layout": self.layout,
+            **(
+                {"transposed": 1, "output_padding": list(self.output_padding)}
+                if self.transposed
+                else {}
+            ),
         }
 
 

@@ -97,3 +97,56 @@ def nd_conv_cases(draw, dtypes=(np.float64, np.float32), ranks=(1, 2, 3)):
     w = rng.standard_normal(w_shape).astype(dtype)
     b = rng.standard_normal(cout).astype(dtype) if draw(st.booleans()) else None
     return x, w, b, spec
+
+
+@st.composite
+def transposed_cases(draw, dtypes=(np.float64, np.float32), ranks=(1, 2, 3)):
+    """(x, w, b, spec) of a transposed convolution of any rank and layout; arrays in the
+    spec's layout (w ``(*kernel, Cout/g, Cin)`` channels last, ``(Cin, Cout/g, *kernel)``
+    channels first)."""
+    rank = draw(st.sampled_from(ranks))
+    max_size = {1: 6, 2: 4, 3: 3}[rank]
+    groups = draw(st.integers(1, 2))
+    cin, cout = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    n = draw(st.integers(1, 2))
+    sizes = [draw(st.integers(1, max_size)) for _ in range(rank)]
+    kernel = [draw(st.integers(1, 3)) for _ in range(rank)]
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    output_padding = tuple(
+        draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True)
+    )
+    layout = draw(st.sampled_from(["nhwc", "nchw"]))
+    padding = draw(
+        st.one_of(
+            st.integers(0, 2),
+            st.lists(
+                st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=rank, max_size=rank
+            ).map(tuple),
+            st.sampled_from(["same", "same_lower"]),
+        )
+    )
+    spec = ConvSpec(
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        layout=layout,
+        transposed=True,
+        output_padding=output_padding,
+    )
+    x_shape = (n, *sizes, cin)
+    w_shape = (*kernel, cout // groups, cin)
+    if layout == "nchw":
+        x_shape = (n, cin, *sizes)
+        w_shape = (cin, cout // groups, *kernel)
+    try:
+        spec.geometry(x_shape, w_shape)
+    except HyperparameterError:
+        assume(False)
+    dtype = draw(st.sampled_from(dtypes))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype) if draw(st.booleans()) else None
+    return x, w, b, spec

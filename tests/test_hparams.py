@@ -121,6 +121,8 @@ def test_flags_override_file_and_defaults_fill_the_rest():
         "groups": "default",
         "padding_mode": "default",
         "layout": "default",
+        "transposed": "default",
+        "output_padding": "default",
     }
 
 

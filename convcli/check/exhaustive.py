@@ -9,6 +9,11 @@ passes, and each one's difference is read back from its own region of z:
 - the weights ``w[i, j, c, :]`` of all output channels at once;
 - all biases at once.
 
+For a transposed convolution (``geometry.transposed``) input pixel ``i`` reaches outputs
+``i·stride + t·dilation - before`` (its own reach, :func:`feeding_inputs`), so the period is
+about ``span / stride``; its w ``(*kernel, Cout/groups, Cin)`` is perturbed at one input
+channel of every group, for all its output channels at once.
+
 So an exhaustive check takes ``2 · (∏periods · Cin/groups + ∏kernel · Cin/groups + 1)``
 forward passes (:func:`exhaustive_passes`), independent of n, H and W.
 
@@ -40,15 +45,26 @@ def feeding_inputs(
     positions that feed it.
 
     Through any tap of the kernel, after the padding mode maps padded positions back onto
-    the input (zero padding feeds nothing).
+    the input (zero padding feeds nothing). For a transposed convolution, the inputs ``i``
+    with ``i·stride + t·dilation - before = o`` for some tap ``t``.
     """
     size, k = geometry.in_sizes[axis], geometry.kernel[axis]
     s, d = geometry.stride[axis], geometry.dilation[axis]
     before = geometry.pads[axis][0]
+    chosen = range(geometry.out_sizes[axis]) if outputs is None else outputs
+    if geometry.transposed:  # input i adds into output i·s + t·d - before
+        return [
+            {
+                (o + before - t * d) // s
+                for t in range(k)
+                if (o + before - t * d) % s == 0 and 0 <= (o + before - t * d) // s < size
+            }
+            for o in chosen
+        ]
     taps = np.arange(k) * d - before
     return [
         {int(i) for i in padding_source(o * s + taps, size, geometry.padding_mode) if i >= 0}
-        for o in (range(geometry.out_sizes[axis]) if outputs is None else outputs)
+        for o in chosen
     ]
 
 
@@ -63,13 +79,27 @@ def perturbation_periods(geometry: Geometry) -> list[int]:
     for axis in range(geometry.rank):
         size = geometry.in_sizes[axis]
         span = geometry.dilation[axis] * (geometry.kernel[axis] - 1) + 1
-        period = min(span, size)
+        period = _transposed_period(axis, geometry) if geometry.transposed else min(span, size)
         if geometry.padding_mode in _FOLDING:  # only these can feed an output from afar
             feeds = feeding_inputs(axis, geometry, _padded_outputs(axis, geometry))
             while period < size and any(len({i % period for i in f}) < len(f) for f in feeds):
                 period += 1
         periods.append(period)
     return periods
+
+
+def _transposed_period(axis: int, geometry: Geometry) -> int:
+    """The period along ``axis`` of a transposed convolution: two inputs ``Δ`` apart feed one
+    output when ``Δ·stride = δ·dilation`` for a difference of taps ``1 <= δ < k``; the
+    smallest P none of those ``Δ`` is a multiple of (from sizes alone, like the span)."""
+    size, k = geometry.in_sizes[axis], geometry.kernel[axis]
+    s, d = geometry.stride[axis], geometry.dilation[axis]
+    apart = {delta * d // s for delta in range(1, k) if delta * d % s == 0}
+    apart = {a for a in apart if a < size}
+    period = 1
+    while period < size and any(a % period == 0 for a in apart):
+        period += 1
+    return period
 
 
 def _padded_outputs(axis: int, geometry: Geometry) -> itertools.chain[int]:
@@ -163,11 +193,18 @@ def exhaustive_numeric(
     every_output = tuple(range(rank + 1))
     for taps in itertools.product(*(range(k) for k in geometry.kernel)):
         for channel in range(cin_group):
-            weights = (*taps, channel)
+            weights: tuple[int | slice, ...] = (*taps, channel)
+            if geometry.transposed:
+                # w[taps, j, c-th input channel of group G] feeds output channel G·Cout/g + j
+                weights = (*taps, slice(None), slice(channel, None, cin_group))
             w_step[...] = 0
             w_step[weights] = eps
             weighted = difference(x, x, w + w_step, w - w_step, b, b)
-            numeric["dw"][weights] = weighted.sum(axis=every_output)
+            by_channel = weighted.sum(axis=every_output)  # (Cout,)
+            if geometry.transposed:
+                numeric["dw"][weights] = by_channel.reshape(groups, cout // groups).T
+            else:
+                numeric["dw"][weights] = by_channel
     if b is not None:
         weighted = difference(x, x, w, w, b + eps, b - eps)
         numeric["db"] = weighted.sum(axis=every_output)

@@ -309,7 +309,10 @@ def _channels_last(forward: ForwardFn, backward: BackwardFn, layout: str):
 
 
 def forward_multiply_adds(geometry: Geometry) -> int:
-    """Multiply-adds of one forward pass: ``n · ∏out · Cout · ∏kernel · Cin/groups``."""
+    """Multiply-adds of one forward pass: ``n · ∏out · Cout · ∏kernel · Cin/groups``
+    (transposed: ``n · ∏in · Cin · ∏kernel · Cout/groups``)."""
+    if geometry.transposed:
+        return forward_multiply_adds(geometry.adjoint())
     return (
         geometry.n
         * math.prod(geometry.out_sizes)

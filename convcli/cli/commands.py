@@ -323,7 +323,11 @@ def _hparam_texts(arguments: dict[str, object]) -> dict[str, str | None]:
     Every command names its hyperparameter arguments by the table's keys (``pad`` for
     padding), so the table, not each command, says which arguments are hyperparameters.
     """
-    return {row.name: cast("str | None", arguments[row.key]) for row in HPARAMS}
+    texts = {row.name: arguments.get(row.key) for row in HPARAMS}
+    return {  # a boolean flag (--transposed) as the table's text for it
+        name: str(int(value)) if isinstance(value, bool) else cast("str | None", value)
+        for name, value in texts.items()
+    }
 
 
 Stride = Annotated[str | None, _hparam_option("stride")]
@@ -332,6 +336,16 @@ Dilation = Annotated[str | None, _hparam_option("dilation")]
 Groups = Annotated[str | None, _hparam_option("groups")]
 PaddingMode = Annotated[str | None, _hparam_option("padding_mode")]
 Layout = Annotated[str | None, _hparam_option("layout")]
+Transposed = Annotated[
+    bool | None,
+    typer.Option(
+        "--transposed/--no-transposed",
+        help="A transposed convolution (ConvTranspose); w is (*kernel,Cout/g,Cin), nchw "
+        "(Cin,Cout/g,*kernel). Default: file, else no.",
+        show_default=False,
+    ),
+]
+OutputPadding = Annotated[str | None, _hparam_option("output_padding")]
 
 
 # Choices as Typer wants them (enums), spelled out so that type checkers see their members;
@@ -561,6 +575,8 @@ def forward(
     groups: Groups = None,
     padding_mode: PaddingMode = None,
     layout: Layout = None,
+    transposed: Transposed = None,
+    output_padding: OutputPadding = None,
     engine: Engine = EngineName.fast,
     slice_: Slices = None,
     heatmap: Heatmaps = None,
@@ -626,6 +642,8 @@ def backward(
     groups: Groups = None,
     padding_mode: PaddingMode = None,
     layout: Layout = None,
+    transposed: Transposed = None,
+    output_padding: OutputPadding = None,
     engine: Engine = EngineName.fast,
     slice_: Slices = None,
     heatmap: Heatmaps = None,
@@ -835,7 +853,8 @@ def gradcheck(
     upstream: Annotated[
         UpstreamName | None,
         typer.Option(
-            "--upstream", help="g in L = Σ z⊙g when no dz is given: z, ones or random (the default)."
+            "--upstream",
+            help="g in L = Σ z⊙g when no dz is given: z, ones or random (the default).",
         ),
     ] = None,
     seed: Annotated[
@@ -847,6 +866,8 @@ def gradcheck(
     groups: Groups = None,
     padding_mode: PaddingMode = None,
     layout: Layout = None,
+    transposed: Transposed = None,
+    output_padding: OutputPadding = None,
     as_json: Json = False,
     max_memory: MaxMemory = "auto",
     allow_sparse: AllowSparse = False,
@@ -874,6 +895,10 @@ def gradcheck(
     if layer is not None and not from_files:
         raise UsageError("--layer picks a layer in a data file (or --w FILE): pass one")
     with_impl = {"--timeout": timeout, "--signature": signature, "--nondet-tol": nondet_tol}
+    if impl is not None and (transposed or output_padding is not None):
+        raise UsageError(
+            "--impl checks convolutions; --transposed and --output-padding do not apply"
+        )
     for flag, value in with_impl.items():
         if value is not None and impl is None:
             raise UsageError(f"{flag} goes with --impl")

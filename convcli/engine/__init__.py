@@ -1,7 +1,8 @@
 """The conv engines: the fast vectorized one and the plain-loop reference beside it.
 
 Both take and return arrays in the :class:`~convcli.spec.ConvSpec`'s layout (channels last by
-default: x ``(n, *spatial, Cin)``, w ``(*kernel, Cin/groups, Cout)``), float32 or float64.
+default: x ``(n, *spatial, Cin)``, w ``(*kernel, Cin/groups, Cout)``, or ``(*kernel,
+Cout/groups, Cin)`` for a transposed convolution), float32 or float64.
 
 - :mod:`convcli.engine.operands`: checking and converting the arrays a call receives, the
   :class:`ConvCache` a forward pass hands to backward.

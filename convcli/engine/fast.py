@@ -39,6 +39,12 @@ time ever write the same memory:
 Because the waves fix the order in which contributions reach each dx element, dx is the same
 bit for bit whatever the number of threads, given the same tiles (each worker gets
 ``workspace / threads`` of scratch, so the tiling depends on both).
+
+Transposed convolutions (``ConvSpec(transposed=True)``) reuse these passes on their *adjoint*
+(:meth:`~convcli.spec.Geometry.adjoint`, the convolution they are the input gradient of):
+forward is the adjoint's dx for upstream x, dx the adjoint's forward pass of dz, and dw the
+adjoint's dw with dz as its input and x as its upstream gradient — same tiles, waves and
+workspace bound.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from convcli.engine.kernels import (
 )
 from convcli.engine.operands import (
     ConvCache,
+    Index,
     finish_gradients,
     prepare,
     prepare_upstream,
@@ -87,14 +94,18 @@ def conv_forward(
     workspace: int = DEFAULT_WORKSPACE,
     threads: int | None = None,
 ) -> tuple[np.ndarray, ConvCache]:
-    """Convolve x with w and add b.
+    """Convolve x with w and add b (or, with ``spec.transposed``, the transposed convolution).
 
     Parameters
     ----------
     x : ndarray of shape (n, *spatial, Cin), or (n, Cin, *spatial) when channels first
-    w : ndarray of shape (*kernel, Cin / groups, Cout), or (Cout, Cin / groups, *kernel)
+    w : ndarray of shape (*kernel, Cin / groups, Cout), or (Cout, Cin / groups, *kernel);
+        transposed: (*kernel, Cout / groups, Cin), or (Cin, Cout / groups, *kernel)
     b : None or ndarray of shape (Cout,) or broadcastable against z, e.g. (1, 1, 1, Cout)
     spec : ConvSpec, default ``ConvSpec()`` (stride 1, no padding, channels last)
+        With ``transposed=True`` z is the gradient with respect to the input of the
+        convolution with the same hyperparameters, weights and upstream x; its sizes are
+        :func:`convcli.spec.transposed_output_size`.
     workspace : int
         Budget in bytes for all scratch buffers together (default 256 MiB).
     threads : int, optional
@@ -110,19 +121,17 @@ def conv_forward(
     operands = prepare(x, w, b, spec)
     x_last, w_last, bias, geometry = operands.x, operands.w, operands.b, operands.geometry
     workspace = check_workspace(workspace)
-    z = np.empty(geometry.out_shape, dtype=x_last.dtype)
-    w_groups = weights_by_group(w_last, geometry)
-
-    def work(plan: Plan, tile: Tile) -> None:
-        z_tile = plan.output_rows(z, tile)
-        if plan.depthwise:
-            depthwise_forward(plan, x_last, w_last, tile, z_tile)
-        else:
-            grouped_matmul(plan.im2col(x_last, tile), w_groups, z_tile)
+    if geometry.transposed:
+        # the adjoint convolution's dx, with x as its upstream gradient
+        adjoint = geometry.adjoint()
+        z, _ = _gradients(
+            None, w_last, extend(x_last, adjoint), adjoint, workspace, threads, need_dw=False
+        )
+        assert z is not None  # need_dx
         if bias is not None:
-            z_tile += bias  # while the tile is in cache
-
-    _for_each_tile(geometry, x_last.dtype, workspace, threads, backward=False, work=work)
+            z += bias
+    else:
+        z = _forward(x_last, w_last, bias, geometry, workspace, threads)
     cache = ConvCache(
         x=x_last,
         w=w_last,
@@ -143,62 +152,144 @@ def conv_backward(
     Parameters
     ----------
     dz : ndarray of the shape of z: (n, *out, Cout), or (n, Cout, *out) when channels first
-    cache : ConvCache from :func:`conv_forward`
+    cache : ConvCache from :func:`conv_forward` (a convolution or a transposed one)
 
     Returns
     -------
     dx : ndarray of the shape of x
     dw : ndarray of the shape of w
     db : ndarray in the shape b was given, or None when the forward pass had no bias
+
+    Notes
+    -----
+    For a transposed convolution, dx is the adjoint convolution of dz (the same w and
+    hyperparameters) and dw that convolution's weight gradient with the roles of its input
+    (dz) and upstream gradient (x) swapped.
     """
     dz_last, dtype = prepare_upstream(dz, cache)
     geometry = cache.geometry
     x = cache.x.astype(dtype, copy=False)
     w = cache.w.astype(dtype, copy=False)
-    transposed = transposed_conv(geometry, w)  # dx as a convolution of dz, when it is one
-    dx: np.ndarray | None
-    if is_depthwise(geometry):
-        dx = np.zeros(x.shape, dtype=dtype)
-        work, dw_shape = _depthwise_backward_work(x, w, dz_last, dx), w.shape
-    else:
-        w_groups = weights_by_group(w, geometry)
-        dx = None if transposed is not None else np.zeros(x.shape, dtype=dtype)
-        work, dw_shape = _gemm_backward_work(x, w_groups, dz_last, dx), w_groups.shape
-    plans = _for_each_tile(
-        geometry,
-        dtype,
-        cache.workspace,
-        cache.threads,
-        backward=transposed is None,
-        work=work,
-        dw_shape=dw_shape,
-    )
-    dw = _sum_accumulators(plans)
-    if not is_depthwise(geometry):
-        dw = weights_from_groups(dw, geometry)
-    if transposed is not None:
-        w_flipped, spec_t = transposed
-        dx, _ = conv_forward(
-            dz_last, w_flipped, None, spec_t, workspace=cache.workspace, threads=cache.threads
+    if geometry.transposed:
+        adjoint = geometry.adjoint()
+        dx_adjoint = _forward(dz_last, w, None, adjoint, cache.workspace, cache.threads)
+        crop: Index = (slice(None), *(slice(0, size) for size in geometry.in_sizes))
+        dx: np.ndarray | None = dx_adjoint[crop]
+        dw: np.ndarray | None
+        _, dw = _gradients(
+            dz_last,
+            w,
+            extend(x, adjoint),
+            adjoint,
+            cache.workspace,
+            cache.threads,
+            need_dx=False,
         )
-    assert dx is not None  # gathered by the tiles, or the transposed convolution's output
+    else:
+        dx, dw = _gradients(x, w, dz_last, geometry, cache.workspace, cache.threads)
+    assert dx is not None  # both asked for
+    assert dw is not None
     db = dz_last.sum(axis=tuple(range(dz_last.ndim - 1))) if cache.b_shape is not None else None
     return finish_gradients(dx, dw, db, cache)
 
 
+def extend(x: np.ndarray, adjoint: Geometry) -> np.ndarray:
+    """A transposed convolution's input x (n, *in_sizes, Cin) as the upstream gradient of its
+    adjoint (n, *adjoint.out_sizes, Cin): zeros appended where an output_padding at least the
+    stride makes the adjoint's output longer; x itself otherwise."""
+    missing = [out - size for out, size in zip(adjoint.out_sizes, x.shape[1:-1], strict=True)]
+    if not any(missing):
+        return x
+    return np.pad(x, [(0, 0), *((0, m) for m in missing), (0, 0)])
+
+
+def _forward(
+    x: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray | None,
+    geometry: Geometry,
+    workspace: int,
+    threads: int | None,
+) -> np.ndarray:
+    """z (n, *out, Cout) of a convolution, all channels last: x (n, *spatial, Cin),
+    w (*kernel, Cin/g, Cout), bias (Cout,) or None."""
+    z = np.empty(geometry.out_shape, dtype=x.dtype)
+    w_groups = weights_by_group(w, geometry)
+
+    def work(plan: Plan, tile: Tile) -> None:
+        z_tile = plan.output_rows(z, tile)
+        if plan.depthwise:
+            depthwise_forward(plan, x, w, tile, z_tile)
+        else:
+            grouped_matmul(plan.im2col(x, tile), w_groups, z_tile)
+        if bias is not None:
+            z_tile += bias  # while the tile is in cache
+
+    _for_each_tile(geometry, x.dtype, workspace, threads, backward=False, work=work)
+    return z
+
+
+def _gradients(
+    x: np.ndarray | None,
+    w: np.ndarray,
+    dz: np.ndarray,
+    geometry: Geometry,
+    workspace: int,
+    threads: int | None,
+    *,
+    need_dx: bool = True,
+    need_dw: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(dx, dw) of a convolution, all channels last: x (n, *spatial, Cin) (None when dw is
+    not needed), w (*kernel, Cin/g, Cout), dz (n, *out, Cout); a gradient not asked for is
+    None. The dtype is dz's."""
+    dtype = dz.dtype
+    x_shape = (geometry.n, *geometry.in_sizes, geometry.cin)
+    # dx as a convolution of dz, when it is one
+    transposed = transposed_conv(geometry, w) if need_dx else None
+    dx = np.zeros(x_shape, dtype=dtype) if need_dx and transposed is None else None
+    source = x if need_dw else None
+    if is_depthwise(geometry):
+        work, dw_shape = _depthwise_backward_work(source, w, dz, dx), w.shape
+    else:
+        w_groups = weights_by_group(w, geometry)
+        work, dw_shape = _gemm_backward_work(source, w_groups, dz, dx), w_groups.shape
+    dw = None
+    if need_dw or dx is not None:
+        plans = _for_each_tile(
+            geometry,
+            dtype,
+            workspace,
+            threads,
+            backward=dx is not None,
+            work=work,
+            dw_shape=dw_shape if need_dw else None,
+        )
+        if need_dw:
+            dw = _sum_accumulators(plans)
+            if not is_depthwise(geometry):
+                dw = weights_from_groups(dw, geometry)
+    if transposed is not None:
+        w_flipped, spec_t = transposed
+        dx, _ = conv_forward(dz, w_flipped, None, spec_t, workspace=workspace, threads=threads)
+    return dx, dw
+
+
 def _gemm_backward_work(
-    x: np.ndarray, w_groups: np.ndarray, dz: np.ndarray, dx: np.ndarray | None
+    x: np.ndarray | None, w_groups: np.ndarray, dz: np.ndarray, dx: np.ndarray | None
 ) -> Work:
-    """A tile's dw (into its plan's accumulator) by one GEMM, and, unless ``dx`` is None,
-    its patch gradients scattered into dx (n, *spatial, Cin)."""
+    """A tile's dw (into its plan's accumulator) by one GEMM unless ``x`` is None, and, unless
+    ``dx`` is None, its patch gradients scattered into dx (n, *spatial, Cin)."""
     g, _, cout_group = w_groups.shape
     w_groups_t = np.ascontiguousarray(w_groups.transpose(0, 2, 1))
 
     def work(plan: Plan, tile: Tile) -> None:
         dz_tile = plan.output_rows(dz, tile)
-        cols = plan.im2col(x, tile)
         dz_groups = dz_tile.reshape(-1, g, cout_group).transpose(1, 0, 2)
-        plan.dw += np.matmul(cols.transpose(0, 2, 1), dz_groups)
+        if x is not None:
+            assert plan.dw is not None  # set by _run_plans when dw is asked for
+            cols = plan.im2col(x, tile)
+            plan.dw += np.matmul(cols.transpose(0, 2, 1), dz_groups)
         if dx is not None:
             dcols = np.matmul(dz_groups, w_groups_t, out=plan.dcols(tile))
             plan.col2im(dcols, dx, tile)
@@ -206,11 +297,13 @@ def _gemm_backward_work(
     return work
 
 
-def _depthwise_backward_work(x: np.ndarray, w: np.ndarray, dz: np.ndarray, dx: np.ndarray) -> Work:
-    """A depthwise tile's dw (into its plan's accumulator) and dx, by per-tap kernels."""
+def _depthwise_backward_work(
+    x: np.ndarray | None, w: np.ndarray, dz: np.ndarray, dx: np.ndarray | None
+) -> Work:
+    """A depthwise tile's dw (into its plan's accumulator, unless ``x`` is None) and dx
+    (unless None), by per-tap kernels."""
 
     def work(plan: Plan, tile: Tile) -> None:
-        assert plan.dw is not None  # set by _run_plans for the backward pass
         depthwise_backward(plan, x, w, plan.output_rows(dz, tile), tile, dx, plan.dw)
 
     return work
@@ -246,7 +339,10 @@ def scratch_bytes(
     """An upper bound in bytes of the scratch memory a call will use (for memory estimates).
 
     ``threads`` as for :func:`conv_forward`; see :func:`convcli.engine.tiling.scratch_bound`.
+    A transposed convolution's tiles are those of its adjoint convolution.
     """
+    if geometry.transposed:
+        geometry = geometry.adjoint()
     return scratch_bound(geometry, dtype, workspace, _worker_count(threads))
 
 

@@ -127,29 +127,35 @@ def depthwise_forward(
 
 def depthwise_backward(
     plan: Plan,
-    x: np.ndarray,
+    x: np.ndarray | None,
     w: np.ndarray,
     dz_tile: np.ndarray,
     tile: Tile,
-    dx: np.ndarray,
-    dw: np.ndarray,
+    dx: np.ndarray | None,
+    dw: np.ndarray | None,
 ) -> None:
     """Accumulate dw (*kernel, 1, Cout) and dx (n, *spatial, Cin) for one tile of a depthwise
-    layer, given the tile's dz rows ``dz_tile`` (pixels, Cout)."""
+    layer, given the tile's dz rows ``dz_tile`` (pixels, Cout).
+
+    Either gradient may be skipped: ``dw`` None (then ``x`` may be None too) or ``dx`` None.
+    """
     g = plan.geometry.groups
-    windows = plan.windows(plan.padded_input(x, tile), tile)
+    shape = (tile.n_images, tile.n_rows, *plan.geometry.out_sizes[1:], g, -1)
+    dz_view = dz_tile.reshape(shape)
     weights = _depthwise_weights(plan, w)
-    dz_view = dz_tile.reshape(*windows.shape[: 1 + len(plan.geometry.kernel)], g, -1)
-    dx_padded = plan.dx_buffer(tile)
-    dx_windows = plan.writable_windows(dx_padded, tile)
-    dw_taps = dw.reshape(plan.taps, g, -1)
+    windows = None if dw is None or x is None else plan.windows(plan.padded_input(x, tile), tile)
+    dx_padded = None if dx is None else plan.dx_buffer(tile)
+    dx_windows = None if dx_padded is None else plan.writable_windows(dx_padded, tile)
+    dw_taps = None if dw is None else dw.reshape(plan.taps, g, -1)
     product = plan.buffer("product", dz_view.shape)
     spatial = tuple(range(1 + len(plan.geometry.kernel)))
     for tap, offset in enumerate(plan.offsets):
         index: Index = (Ellipsis, *offset, slice(None))
-        source = windows[index][..., None]
-        np.multiply(source, dz_view, out=product)
-        dw_taps[tap] += product.sum(axis=spatial)
-        np.multiply(dz_view, weights[tap], out=product)
-        dx_windows[index] += product.sum(axis=-1)
-    plan.add_interior(dx_padded, dx, tile)
+        if windows is not None and dw_taps is not None:
+            np.multiply(windows[index][..., None], dz_view, out=product)
+            dw_taps[tap] += product.sum(axis=spatial)
+        if dx_windows is not None:
+            np.multiply(dz_view, weights[tap], out=product)
+            dx_windows[index] += product.sum(axis=-1)
+    if dx_padded is not None and dx is not None:
+        plan.add_interior(dx_padded, dx, tile)

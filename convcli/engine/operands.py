@@ -102,7 +102,8 @@ class ConvCache:
     Attributes
     ----------
     x : ndarray of shape (n, *spatial, Cin) (channels last), C-contiguous, dtype ``dtype``
-    w : ndarray of shape (*kernel, Cin / groups, Cout), dtype ``dtype``
+    w : ndarray of shape (*kernel, Cin / groups, Cout) (transposed: (*kernel, Cout / groups,
+        Cin)), dtype ``dtype``
     b_shape : shape ``b`` was given in (``None`` when there was no bias)
     spec : the ConvSpec used
     geometry : resolved shapes and padding

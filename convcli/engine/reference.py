@@ -10,6 +10,11 @@ one index per axis) the kernel tap ``t`` reads padded position ``o * stride + t 
 output channel ``co`` belongs to group ``co // (Cout / groups)`` and sees only that group's
 input channels. It is slow (one Python iteration per output element) and meant for small
 tensors.
+
+A transposed convolution (``spec.transposed``) is written in its scatter form: input pixel
+``p`` adds ``x[p, ci] · w[t, co, ci]`` at output position ``p * stride + t * dilation -
+before`` for every kernel tap ``t``, and contributions landing outside the output (in the
+padding it crops) are dropped. There w is ``(*kernel, Cout/groups, Cin)`` channels last.
 """
 
 from __future__ import annotations
@@ -73,6 +78,14 @@ def conv_forward_reference(
     operands = prepare(x, w, b, spec)
     geo, bias = operands.geometry, operands.b
     x_last, w_last = operands.x, operands.w
+    if geo.transposed:
+        z = _transposed_forward(x_last, w_last, geo)
+        if bias is not None:
+            z += bias
+        cache = ConvCache(
+            x=x_last, w=w_last, b_shape=operands.b_shape, spec=spec, geometry=geo, workspace=0
+        )
+        return x_from_last(z, geo.layout), cache
     x_padded = _pad(x_last, geo)
     in_per_group = geo.cin // geo.groups
     out_per_group = geo.cout // geo.groups
@@ -108,6 +121,10 @@ def conv_backward_reference(
     dz, dtype = prepare_upstream(dz_in, cache)
     geo = cache.geometry
     x, w = cache.x.astype(dtype), cache.w.astype(dtype)
+    if geo.transposed:
+        dx, dw = _transposed_backward(dz, x, w, geo)
+        db_t = dz.sum(axis=tuple(range(dz.ndim - 1))) if cache.b_shape is not None else None
+        return finish_gradients(dx, dw, db_t, cache)
     x_padded = _pad(x, geo)
     in_per_group = geo.cin // geo.groups
     out_per_group = geo.cout // geo.groups
@@ -146,3 +163,62 @@ def _unpad(dx_padded: np.ndarray, geo: Geometry) -> np.ndarray:
             outof: Index = (slice(None), *position)
             dx[into] += dx_padded[outof]
     return dx
+
+
+# -- transposed convolution: scatter form ----------------------------------------------------
+
+
+def _scatter_targets(geo: Geometry, position: tuple[int, ...]):
+    """(tap, output position) pairs that input ``position`` of a transposed convolution adds
+    into: output ``p * stride + t * dilation - before`` per axis, when inside the output."""
+    for tap in itertools.product(*(range(k) for k in geo.kernel)):
+        target = tuple(
+            p * s + t * d - lo
+            for p, t, s, d, (lo, _) in zip(
+                position, tap, geo.stride, geo.dilation, geo.pads, strict=True
+            )
+        )
+        if all(0 <= o < size for o, size in zip(target, geo.out_sizes, strict=True)):
+            yield tap, target
+
+
+def _group_channels(geo: Geometry, ci: int) -> slice:
+    """The output channels input channel ``ci`` of a transposed convolution reaches."""
+    out_per_group = geo.cout // geo.groups
+    group = ci // (geo.cin // geo.groups)
+    return slice(group * out_per_group, (group + 1) * out_per_group)
+
+
+def _transposed_forward(x: np.ndarray, w: np.ndarray, geo: Geometry) -> np.ndarray:
+    """z (n, *out, Cout) of a transposed convolution of x (n, *in, Cin) with
+    w (*kernel, Cout/groups, Cin), every contribution scattered one by one."""
+    z = np.zeros(geo.out_shape, dtype=x.dtype)
+    for i in range(geo.n):
+        for position in itertools.product(*(range(size) for size in geo.in_sizes)):
+            for tap, target in _scatter_targets(geo, position):
+                for ci in range(geo.cin):
+                    pixel: Index = (i, *position, ci)
+                    into: Index = (i, *target, _group_channels(geo, ci))
+                    weights: Index = (*tap, slice(None), ci)  # (Cout/groups,)
+                    z[into] += x[pixel] * w[weights]
+    return z
+
+
+def _transposed_backward(
+    dz: np.ndarray, x: np.ndarray, w: np.ndarray, geo: Geometry
+) -> tuple[np.ndarray, np.ndarray]:
+    """(dx, dw) of a transposed convolution: every contribution of the forward pass, followed
+    back from the output position it was added to."""
+    dx = np.zeros_like(x)
+    dw = np.zeros_like(w)
+    for i in range(geo.n):
+        for position in itertools.product(*(range(size) for size in geo.in_sizes)):
+            for tap, target in _scatter_targets(geo, position):
+                for ci in range(geo.cin):
+                    pixel: Index = (i, *position, ci)
+                    outof: Index = (i, *target, _group_channels(geo, ci))
+                    weights: Index = (*tap, slice(None), ci)
+                    g = dz[outof]  # (Cout/groups,)
+                    dx[pixel] += np.dot(g, w[weights])
+                    dw[weights] += x[pixel] * g
+    return dx, dw

@@ -34,7 +34,7 @@ from convcli.engine.fast import (
 from convcli.errors import ConvcliError, UsageError
 from convcli.generate import generate_layer
 from convcli.memory import check_memory, in_memory_run_needs, nbytes
-from convcli.spec import ConvSpec, Geometry
+from convcli.spec import ConvSpec, Geometry, in_layout
 from convcli.stats import summarize
 from convcli.sweep.results import ResultsFile, SweepSummary, open_results
 from convcli.sweep.schema import Config, GradcheckOptions, Sweep
@@ -218,11 +218,8 @@ def config_memory_needs(config: Config, actions: Sequence[str]) -> dict[str, int
 
 def _geometry(config: Config, spec: ConvSpec) -> Geometry:
     """The geometry of ``config``'s tensors, from sizes alone (nothing is made)."""
-    n, *spatial, cin = config.shape
-    cin_per_group = max(1, cin // spec.groups)
-    if spec.channels_first:
-        return spec.geometry((n, cin, *spatial), (config.cout, cin_per_group, *config.kernel))
-    return spec.geometry(config.shape, (*config.kernel, cin_per_group, config.cout))
+    x_shape = in_layout(config.shape, "x", spec.layout)
+    return spec.geometry(x_shape, spec.weight_shape(config.kernel, config.shape[-1], config.cout))
 
 
 def _run_actions(

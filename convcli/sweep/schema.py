@@ -71,6 +71,9 @@ ACTIONS = ("forward", "backward", "gradcheck")
 # a configuration: the layer's sizes, the hyperparameters by their spec keys (``pad``), dtype, seed
 CONFIG_KEYS = ("shape", "kernel", "cout", *(h.key for h in HPARAMS), "dtype", "seed")
 DEFAULTS: dict[str, Any] = {**{h.key: h.default for h in HPARAMS}, "dtype": "float64", "seed": 0}
+OMITTED_AT_DEFAULT = ("transposed", "output_padding")
+"""Keys a record leaves out at their default, so that the records and run keys of plain
+convolutions stay those of the versions before transposed convolutions."""
 GRADCHECK_KEYS: dict[str, type] = {
     "mode": str,
     "samples": int,
@@ -159,12 +162,18 @@ class Config:
         return spec_from({h.name: _spelling(self.hparams[h.key]) for h in HPARAMS}, self.rank)
 
     def to_json(self) -> dict[str, Any]:
-        """The configuration as a result record holds it: every key of :data:`CONFIG_KEYS`."""
+        """The configuration as a result record holds it: every key of :data:`CONFIG_KEYS`,
+        except those of :data:`OMITTED_AT_DEFAULT` at their default."""
+        hparams = {
+            key: value
+            for key, value in self.hparams.items()
+            if not (key in OMITTED_AT_DEFAULT and value == DEFAULTS[key])
+        }
         return {
             "shape": list(self.shape),
             "kernel": list(self.kernel),
             "cout": self.cout,
-            **self.hparams,
+            **hparams,
             "dtype": self.dtype,
             "seed": self.seed,
         }
