@@ -122,6 +122,9 @@ def in_memory_run_needs(
         The engine's scratch estimate (:func:`convcli.engine.scratch_bytes`).
     backward : bool
         Also dz (when made from z), dx and dw.
+
+    A transposed convolution whose output_padding reaches the stride runs on x extended with
+    zeros to its adjoint's output sizes: that copy is ``"copy of x"``.
     """
     z = nbytes(geometry.out_shape, dtype)
     needs = {
@@ -129,6 +132,10 @@ def in_memory_run_needs(
         "outputs": z * (2 if backward else 1),  # z, and dz when it is made
         "workspace": scratch,
     }
+    if geometry.transposed:
+        extended = geometry.adjoint().out_sizes
+        if extended != geometry.in_sizes:
+            needs["copy of x"] = nbytes((geometry.n, *extended, geometry.cin), dtype)
     if backward:
         shapes = geometry.user_shapes()
         needs["gradients"] = nbytes(shapes["x"], dtype) + nbytes(shapes["w"], dtype)
