@@ -116,7 +116,9 @@ def test_plan_counts_outputs_no_input_reaches():
     assert big.out == 3 * 10**9 + 1
     assert big.unreached == (10**9 - 1) + 2
     # cropping: padding 2,2 keeps uncropped positions 2..8 of 0..10
-    cropped = plan_layer((1, 4, 1), (2, 1, 1), ConvSpec(stride=3, padding=((2, 2),), transposed=True))
+    cropped = plan_layer(
+        (1, 4, 1), (2, 1, 1), ConvSpec(stride=3, padding=((2, 2),), transposed=True)
+    )
     assert cropped.axes[0].out == 7
     assert cropped.axes[0].unread == 2  # inputs 0 (to 0,1) and 3 (to 9,10) are cropped whole
 

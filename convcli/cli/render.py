@@ -240,7 +240,12 @@ def print_sweep(console: Console, summary) -> None:
         if any(r["config"].get(key, default) not in (default, [default]) for r in summary.records)
     ]
     # a transposed layer is marked T; output_padding (op) only when some layer has one
-    headers = {"padding_mode": "mode", "layout": "layout", "transposed": "T", "output_padding": "op"}
+    headers = {
+        "padding_mode": "mode",
+        "layout": "layout",
+        "transposed": "T",
+        "output_padding": "op",
+    }
     columns = ["#", "shape", "kernel", "cout", "stride", "pad", "dil", "groups"]
     columns += [headers[key] for key in extra]
     for column in (*columns, "dtype", "status", "gradcheck", "s"):
