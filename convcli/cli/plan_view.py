@@ -108,7 +108,10 @@ def _print_layer(console: Console, plan: LayerPlan, source: str) -> None:
 def _unreached_line(plan: LayerPlan) -> str:
     """A transposed layer's outputs no input reaches (they hold the bias alone)."""
     if not plan.unreached_pixels:
-        return f"every output pixel is reached by some input ({plan.output_pixels:,} per image)"
+        return (
+            f"every output pixel is reached by some input ({plan.output_pixels:,} per image "
+            "and channel)"
+        )
     axes = ", ".join(f"{a.unreached} along {a.axis}" for a in plan.axes if a.unreached)
     return (
         f"no input reaches: {plan.unreached_pixels:,} of {plan.output_pixels:,} output pixels "
@@ -155,7 +158,7 @@ def _print_stack(console: Console, stack: StackPlan, source: str) -> None:
         table.add_row(
             str(index),
             _shape((*plan.geometry.in_sizes, plan.geometry.cin)),
-            _shape(plan.geometry.kernel),
+            _shape(plan.geometry.kernel) + (" T" if plan.geometry.transposed else ""),
             _shape(plan.geometry.stride),
             ",".join(f"{lo}+{hi}" for lo, hi in plan.geometry.pads),
             _shape((*plan.geometry.out_sizes, plan.geometry.cout)),
@@ -184,12 +187,19 @@ def _print_stack(console: Console, stack: StackPlan, source: str) -> None:
     n = stack.layers[0].plan.geometry.n
     lines = [
         f"shapes channels last, without the batch (n={n}); RF: receptive field on the input; "
-        "jump: input pixels between neighbouring outputs",
+        "jump: input pixels between neighbouring outputs"
+        + (
+            "; T: transposed (its stride divides the jump, its pad crops z)"
+            if any(layer.plan.geometry.transposed for layer in stack.layers)
+            else ""
+        ),
         f"backward: {stack.macs.backward_dx:,} MACs for dx and {stack.macs.backward_dw:,} for "
         f"dw; FLOPs = 2 x MACs; bias additions not counted",
     ]
     for index, layer in enumerate(stack.layers, start=1):
         if layer.plan.unread_pixels:
             lines.append(f"layer {index}: {_unread_line(layer.plan)}")
+        if layer.plan.unreached_pixels:
+            lines.append(f"layer {index}: {_unreached_line(layer.plan)}")
     for line in lines:
         console.print(Text(line), soft_wrap=True)
