@@ -217,3 +217,21 @@ def test_unreached_outputs_of_long_axes_match_the_engine(
     z, _ = conv_forward(np.ones((1, size, 1)), np.ones((kernel, 1, 1)), None, spec)
     assert axis.out == z.shape[1]
     assert axis.unreached == int((z[0, :, 0] == 0).sum())
+
+
+def test_gradcheck_streamed_blocks_and_plan_count_the_copy_too():
+    from convcli.memory import block_bytes, gradcheck_needs
+
+    spec = ConvSpec(stride=2, dilation=3, output_padding=2, transposed=True)
+    geometry = spec.geometry((2, 5, 5, 3), (2, 2, 4, 3))
+    plain = ConvSpec(stride=2, dilation=3, output_padding=1, transposed=True).geometry(
+        (2, 5, 5, 3), (2, 2, 4, 3)
+    )
+    assert gradcheck_needs(geometry, input_bytes=0, scratch=0)["copy of x"] == 2 * 36 * 3 * 8
+    assert "copy of x" not in gradcheck_needs(plain, input_bytes=0, scratch=0)
+    grown = block_bytes(geometry, np.float64, 1, False) - block_bytes(plain, np.float64, 1, False)
+    # z is one row and column longer too (14 vs 13 per axis, 4 channels), plus the copy
+    assert grown == (14 * 14 * 4 - 13 * 13 * 4 + 36 * 3) * 8
+    planned = plan_layer((2, 5, 5, 3), (2, 2, 4, 3), spec)
+    assert planned.needs["forward"]["copy of x"] == 2 * 36 * 3 * 8
+    assert planned.needs["gradcheck"]["copy of x"] == 2 * 36 * 3 * 8
