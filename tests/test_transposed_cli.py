@@ -39,11 +39,12 @@ def test_generate_plan_and_compare_take_the_flags(tmp_path):
     np.savez(tmp_path / "yours.npz", z=z, dx=dx, dw=dw, db=db)
     result = _cli("compare", tmp_path / "t.npz", "--expect", tmp_path / "yours.npz", "--json")
     assert result.exit_code == 0, result.stderr
-    # the flags win over the file: without them the saved z is of another shape
+    # the flags win over the file: with output_padding 0 the saved z is of another shape
     result = _cli(
         "compare", tmp_path / "t.npz", "--expect", tmp_path / "yours.npz", "--output-padding", "0"
     )
     assert result.exit_code == 1
+    assert "z equals convcli's with output_padding 1 instead of 0" in result.stdout
     result = _cli("plan", "--shape", "1,4,4,2", "--kernel", "3", "--cout", "3", *FLAGS, "--json")
     assert result.exit_code == 0, result.stderr
     planned = json.loads(result.stdout)["layers"][0]
