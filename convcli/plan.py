@@ -528,7 +528,7 @@ def _axis_plan(geometry: Geometry, axis: int) -> AxisPlan:
     unreached = 0
     if geometry.transposed:
         out = geometry.out_sizes[axis]
-        unread, unreached = _transposed_unread(size, k, s, d, before, out)
+        unread, unreached = _transposed_unread(size, k, s, d, before, after, out)
         border = unread  # only the cropping padding leaves inputs unused: at the ends
     else:
         unread, border = _unread(size, k, s, d, before, after, geometry.padding_mode)
@@ -593,35 +593,46 @@ def _read_mask(
 
 
 def _transposed_unread(
-    size: int, kernel: int, stride: int, dilation: int, before: int, out: int
+    size: int, kernel: int, stride: int, dilation: int, before: int, after: int, out: int
 ) -> tuple[int, int]:
     """Along one axis of a transposed convolution: the inputs none of whose contributions
     lands in the output (the padding crops them all), and the outputs no input reaches.
 
-    Input ``i`` adds to the uncropped positions ``i·stride + j·dilation`` (``0 <= j <
-    kernel``); output ``o`` is uncropped position ``o + before``. Away from the ends, whether
-    an uncropped position is reached depends only on its remainder modulo the stride, and
-    every input is used: a long axis is computed as a shorter one with inputs taken out of
-    its middle, each of them counted as ``stride`` outputs of the short axis's middle.
+    Input ``i`` adds to the uncropped positions ``t = i·stride + j·dilation`` (``0 <= j <
+    kernel``); output ``o`` is ``t = o + before``. Inputs are unused only at the ends, where
+    the padding crops everything they give (counted in closed form; when the output is
+    shorter than the dilation, taps may also step over it, and the few inputs whose taps
+    straddle it are looked at one by one). A position ``t`` between ``span - 1`` and
+    ``(size - 1)·stride`` is reached exactly when ``t mod stride`` is some ``j·dilation mod
+    stride``; the positions before and after are looked at one by one (at most a span and an
+    output_padding of them). So time and memory do not grow with the axis.
     """
     span = dilation * (kernel - 1) + 1
-    margin = span + before + 2 * stride  # inputs from either end whose outputs may differ
-    periods = 0
-    short = size
-    if size > 4 * margin:
-        short = 4 * margin
-        periods = size - short
-    out_short = out - periods * stride
-    reached = np.zeros(max(out_short, 0), dtype=bool)
-    used = np.zeros(short, dtype=bool)
-    inputs = np.arange(short)
-    for tap in range(kernel):
-        landing = inputs * stride + tap * dilation - before
-        inside = (landing >= 0) & (landing < out_short)
-        reached[landing[inside]] = True
-        used |= inside
-    # the middle input 2·margin's outputs stand for those of every input taken out
-    middle = 2 * margin * stride - before
-    missed = stride - int(reached[middle : middle + stride].sum())
-    unreached = out_short - int(reached.sum()) + periods * missed
-    return short - int(used.sum()), unreached
+    last = (size - 1) * stride  # where the last input's first tap lands
+    start, stop = before, before + out  # the uncropped positions kept
+    # inputs whose last tap lands before the output, and whose first lands after it
+    early = min(size, max(0, -(-(start - span + 1) // stride)))
+    late = min(size - early, max(0, size - -(-stop // stride)))
+    unread = early + late
+    if out < dilation and early < size - late:  # taps may step over a short output
+        landing = np.add.outer(np.arange(early, size - late) * stride, np.arange(kernel) * dilation)
+        unread += int((~((landing >= start) & (landing < stop)).any(axis=1)).sum())
+
+    def missed(first: int, end: int) -> int:
+        """Positions in [first, end) that no tap of any input lands on, one by one."""
+        if end <= first:
+            return 0
+        t = np.arange(first, end)
+        reached = np.zeros(t.size, dtype=bool)
+        for j in range(kernel):
+            u = t - j * dilation
+            reached |= (u >= 0) & (u <= last) & (u % stride == 0)
+        return int(t.size - reached.sum())
+
+    low, high = max(start, span - 1), min(stop, last + 1)  # the periodic middle
+    if low >= high:
+        return unread, missed(start, stop)
+    residues = {j * dilation % stride for j in range(kernel)}
+    reached = sum((high - 1 - r) // stride - (low - 1 - r) // stride for r in residues)
+    unreached = missed(start, low) + (high - low - reached) + missed(high, stop)
+    return unread, unreached

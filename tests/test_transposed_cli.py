@@ -205,7 +205,14 @@ def test_planned_transposed_layers_match_the_engine(case):
 
 @pytest.mark.parametrize(
     ("size", "kernel", "stride", "dilation", "padding", "output_padding"),
-    [(101, 2, 3, 1, 0, 2), (150, 3, 5, 2, ((4, 1),), 1), (97, 1, 4, 1, 2, 3), (120, 4, 7, 3, 5, 6)],
+    [
+        (101, 2, 3, 1, 0, 2),
+        (150, 3, 5, 2, ((4, 1),), 1),
+        (97, 1, 4, 1, 2, 3),
+        (120, 4, 7, 3, 5, 6),
+        (500, 3, 2, 1, ((1, 400),), 1),
+        (400, 2, 1, 5, ((300, 2),), 4),
+    ],
 )
 def test_unreached_outputs_of_long_axes_match_the_engine(
     size, kernel, stride, dilation, padding, output_padding
