@@ -206,7 +206,7 @@ def check_disk(path: str | os.PathLike[str], needs: Mapping[str, int], param: st
 
 def _image_bytes(geometry: Geometry, dtype: np.dtype | type, backward: bool) -> int:
     """Bytes one image takes in a block: x as read and as converted, and z; ``backward``
-    adds dz (read and converted) and dx."""
+    adds dz (read and converted) and dx; a transposed layer may add x zero-extended."""
     x_elems = math.prod(geometry.in_sizes) * geometry.cin
     z_elems = math.prod(geometry.out_sizes) * geometry.cout
     per_image = 2 * x_elems + z_elems + (2 * z_elems + x_elems if backward else 0)
