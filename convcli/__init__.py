@@ -31,6 +31,8 @@ _EXPORTS = {
     "ConvSpec": "convcli.spec",
     "Geometry": "convcli.spec",
     "output_size": "convcli.spec",
+    "onnx_transposed_padding": "convcli.spec",
+    "transposed_output_size": "convcli.spec",
     # checking
     "GradcheckResult": "convcli.check",
     "Tolerance": "convcli.check",

@@ -13,6 +13,7 @@ dx, dw and db depend on the upstream gradient: ``inputs.dz`` when given, else dz
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -199,12 +200,23 @@ def run_compare(
 
 def reduction_size(name: str, geometry: Geometry, has_bias: bool) -> int:
     """K for ``name``: z kh·kw·Cin/groups (+1 for the bias), dx Cout/groups·kh·kw, dw and
-    db n·Ho·Wo (products summed into one element)."""
+    db n·Ho·Wo (products summed into one element).
+
+    A transposed layer's z sums only the taps that land on its position: along an axis at
+    most ``ceil(k / (stride / gcd(stride, dilation)))`` of the k (taps land ``dilation``
+    apart, inputs ``stride``), times Cin/groups; its dw sums over n·H·W (x's pixels)."""
     taps = int(np.prod(geometry.kernel))
     if name == "z":
+        if geometry.transposed:
+            taps = math.prod(
+                -(-k // (s // math.gcd(s, d)))
+                for k, s, d in zip(geometry.kernel, geometry.stride, geometry.dilation, strict=True)
+            )
         return taps * geometry.cin // geometry.groups + int(has_bias)
     if name == "dx":
         return taps * geometry.cout // geometry.groups
+    if name == "dw" and geometry.transposed:
+        return geometry.n * int(np.prod(geometry.in_sizes))
     return geometry.n * int(np.prod(geometry.out_sizes))
 
 

@@ -122,6 +122,9 @@ def in_memory_run_needs(
         The engine's scratch estimate (:func:`convcli.engine.scratch_bytes`).
     backward : bool
         Also dz (when made from z), dx and dw.
+
+    A transposed convolution whose output_padding reaches the stride runs on x extended with
+    zeros to its adjoint's output sizes: that copy is ``"copy of x"``.
     """
     z = nbytes(geometry.out_shape, dtype)
     needs = {
@@ -129,6 +132,8 @@ def in_memory_run_needs(
         "outputs": z * (2 if backward else 1),  # z, and dz when it is made
         "workspace": scratch,
     }
+    if _extended_x(geometry):
+        needs["copy of x"] = _extended_x(geometry) * np.dtype(dtype).itemsize
     if backward:
         shapes = geometry.user_shapes()
         needs["gradients"] = nbytes(shapes["x"], dtype) + nbytes(shapes["w"], dtype)
@@ -158,16 +163,20 @@ def gradcheck_needs(geometry: Geometry, *, input_bytes: int, scratch: int) -> di
     about eight arrays the size of x and w (float64 and channels-last copies, the two
     perturbed operands of a pass, analytic and numerical gradients, their errors) and six
     the size of z (z, g, the two perturbed outputs, their difference, the forward inside
-    the analytic backward); ``scratch`` is the engine's workspace.
+    the analytic backward); ``scratch`` is the engine's workspace. A transposed layer whose
+    output_padding reaches the stride adds its zero-extended copy of x (``"copy of x"``).
     """
     shapes = geometry.user_shapes()
     operands = nbytes(shapes["x"], np.float64) + nbytes(shapes["w"], np.float64)
-    return {
+    needs = {
         "inputs": input_bytes,
         "copies of x and w": 8 * operands,
         "copies of z": 6 * nbytes(geometry.out_shape, np.float64),
         "workspace": scratch,
     }
+    if _extended_x(geometry):  # a transposed layer's zero-extended x, one pass at a time
+        needs["copy of x"] = _extended_x(geometry) * 8
+    return needs
 
 
 def check_disk(path: str | os.PathLike[str], needs: Mapping[str, int], param: str = "out") -> None:
@@ -197,11 +206,23 @@ def check_disk(path: str | os.PathLike[str], needs: Mapping[str, int], param: st
 
 def _image_bytes(geometry: Geometry, dtype: np.dtype | type, backward: bool) -> int:
     """Bytes one image takes in a block: x as read and as converted, and z; ``backward``
-    adds dz (read and converted) and dx."""
+    adds dz (read and converted) and dx; a transposed layer may add x zero-extended."""
     x_elems = math.prod(geometry.in_sizes) * geometry.cin
     z_elems = math.prod(geometry.out_sizes) * geometry.cout
     per_image = 2 * x_elems + z_elems + (2 * z_elems + x_elems if backward else 0)
+    per_image += _extended_x(geometry) // max(geometry.n, 1)
     return max(1, per_image * np.dtype(dtype).itemsize)
+
+
+def _extended_x(geometry: Geometry) -> int:
+    """Elements of the zero-extended copy of x a transposed convolution runs on when its
+    output_padding reaches the stride (its adjoint's output is longer than x); else 0."""
+    if not geometry.transposed:
+        return 0
+    extended = geometry.adjoint().out_sizes
+    if extended == geometry.in_sizes:
+        return 0
+    return geometry.n * math.prod(extended) * geometry.cin
 
 
 def chunk_images(geometry: Geometry, dtype: np.dtype | type, workspace: int, backward: bool) -> int:

@@ -24,6 +24,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +52,12 @@ class AxisPlan:
     tap, after the padding mode maps padded positions back), ``unread_border`` those before
     the first and after the last position read (``valid`` dropping the end) and
     ``unread_gaps`` those between (a stride longer than the kernel's span).
+
+    A transposed convolution reads every input position except those whose every
+    contribution the padding crops (all at the ends: ``unread_gaps`` is 0); what it can leave
+    out are *outputs*: ``unreached`` counts the output positions along this axis that no input
+    reaches (a stride longer than the kernel's span, an output_padding at least the stride),
+    which hold only the bias.
     """
 
     axis: str
@@ -64,8 +71,11 @@ class AxisPlan:
     unread: int
     unread_border: int
     unread_gaps: int
+    transposed: bool = False
+    unreached: int = 0
 
     def to_json(self) -> dict:
+        extra = {"unreached": self.unreached} if self.transposed else {}
         return {
             "axis": self.axis,
             "size": self.size,
@@ -78,6 +88,7 @@ class AxisPlan:
             "unread": self.unread,
             "unread_border": self.unread_border,
             "unread_gaps": self.unread_gaps,
+            **extra,
         }
 
 
@@ -190,8 +201,21 @@ class LayerPlan:
 
     @property
     def receptive_field(self) -> tuple[int, ...]:
-        """Input positions one output sees along each axis (the effective kernel)."""
-        return tuple(axis.effective_kernel for axis in self.axes)
+        """Input positions one output sees along each axis: the effective kernel; for a
+        transposed layer at most ``ceil(effective_kernel / stride)`` (its taps land
+        ``stride`` output positions apart per input)."""
+        return tuple(_field(axis) for axis in self.axes)
+
+    @property
+    def output_pixels(self) -> int:
+        """Spatial positions of one image (and channel) of z."""
+        return math.prod(self.geometry.out_sizes)
+
+    @property
+    def unreached_pixels(self) -> int:
+        """Spatial positions of z no input reaches (transposed layers; 0 otherwise): they
+        hold the bias alone."""
+        return self.output_pixels - math.prod(a.out - a.unreached for a in self.axes)
 
     @property
     def input_pixels(self) -> int:
@@ -212,6 +236,11 @@ class LayerPlan:
             "axes": [axis.to_json() for axis in self.axes],
             "input_pixels": self.input_pixels,
             "unread_pixels": self.unread_pixels,
+            **(
+                {"output_pixels": self.output_pixels, "unreached_pixels": self.unreached_pixels}
+                if self.geometry.transposed
+                else {}
+            ),
             "parameters": {
                 "weights": self.weights,
                 "biases": self.biases,
@@ -240,21 +269,30 @@ class StackLayer:
     """A layer of a stack: its plan, and the receptive field and jump of its outputs on the
     stack's input, per spatial axis.
 
-    ``receptive_field`` is ``r_l = r_(l-1) + (effective_kernel_l - 1) · j_(l-1)`` and
-    ``jump`` (the distance on the input between neighbouring outputs) ``j_l = j_(l-1) ·
-    stride_l``, from ``r_0 = j_0 = 1``.
+    ``receptive_field`` is ``r_l = r_(l-1) + (f_l - 1) · j_(l-1)`` and ``jump`` (the
+    distance on the input between neighbouring outputs) ``j_l = j_(l-1) · stride_l``, from
+    ``r_0 = j_0 = 1``, where ``f_l`` is the layer's own receptive field (its effective kernel).
+    A transposed layer's outputs are ``stride`` times denser than its inputs: there ``j_l =
+    j_(l-1) / stride_l`` (a fraction of an input pixel once the stack upsamples past its
+    input) and ``f_l = ceil(effective_kernel / stride)``; ``r_l`` is then rounded up to whole
+    input pixels.
     """
 
     plan: LayerPlan
     receptive_field: tuple[int, ...]
-    jump: tuple[int, ...]
+    jump: tuple[float, ...]
 
     def to_json(self) -> dict:
         return {
             **self.plan.to_json(),
             "receptive_field": list(self.receptive_field),
-            "jump": list(self.jump),
+            "jump": _jumps(self.jump),
         }
+
+
+def _jumps(jump: tuple[float, ...]) -> list[float | int]:
+    """Whole jumps as ints in JSON (as before transposed layers), fractions as floats."""
+    return [int(j) if float(j).is_integer() else float(j) for j in jump]
 
 
 @dataclass(frozen=True)
@@ -268,14 +306,23 @@ class StackPlan:
         """Chain ``plans`` (each layer's x the previous layer's z)."""
         layers: list[StackLayer] = []
         rank = plans[0].geometry.rank if plans else 0
-        field, jump = (1,) * rank, (1,) * rank
+        field: tuple[Fraction, ...] = (Fraction(1),) * rank
+        jump: tuple[Fraction, ...] = (Fraction(1),) * rank
         for plan in plans:
             field = tuple(
-                r + (a.effective_kernel - 1) * j
-                for r, a, j in zip(field, plan.axes, jump, strict=True)
+                r + (_field(a) - 1) * j for r, a, j in zip(field, plan.axes, jump, strict=True)
             )
-            jump = tuple(j * a.stride for j, a in zip(jump, plan.axes, strict=True))
-            layers.append(StackLayer(plan, field, jump))
+            jump = tuple(
+                j / a.stride if a.transposed else j * a.stride
+                for j, a in zip(jump, plan.axes, strict=True)
+            )
+            layers.append(
+                StackLayer(
+                    plan,
+                    tuple(math.ceil(r) for r in field),
+                    tuple(int(j) if j.denominator == 1 else float(j) for j in jump),
+                )
+            )
         return cls(tuple(layers))
 
     @property
@@ -307,7 +354,7 @@ class StackPlan:
                 "flops": self.flops.to_json(),
                 "bias_adds": self.bias_adds,
                 "receptive_field": list(last.receptive_field),
-                "jump": list(last.jump),
+                "jump": _jumps(last.jump),
             },
         }
 
@@ -322,14 +369,21 @@ def layer_shapes(
     shape : (n, *spatial, Cin), 1 to 3 spatial axes, whatever the layout
     kernel : one size for every spatial axis, or one per axis
     cout : output channels
+
+    w is ``(*kernel, Cin/groups, Cout)`` or ``(Cout, Cin/groups, *kernel)``; for a transposed
+    ``spec`` ``(*kernel, Cout/groups, Cin)`` or ``(Cin, Cout/groups, *kernel)``.
     """
     n, *spatial, cin = (int(v) for v in shape)
     sizes = [int(k) for k in kernel]
     sizes = sizes * len(spatial) if len(sizes) == 1 else sizes
-    per_group = cin // spec.groups if cin % spec.groups == 0 else cin
+    cout = int(cout)
+    # transposed: w is (*kernel, Cout/groups, Cin); a count groups does not divide is left
+    # whole, for the geometry to refuse with its own message
+    grouped, whole = (cout, cin) if spec.transposed else (cin, cout)
+    per_group = grouped // spec.groups if grouped % spec.groups == 0 else grouped
     if spec.channels_first:
-        return (n, cin, *spatial), (int(cout), per_group, *sizes)
-    return (n, *spatial, cin), (*sizes, per_group, int(cout))
+        return (n, cin, *spatial), (whole, per_group, *sizes)
+    return (n, *spatial, cin), (*sizes, per_group, whole)
 
 
 def plan_layer(
@@ -460,12 +514,27 @@ def plan_stack(path: str | os.PathLike[str], *, workspace: int = DEFAULT_WORKSPA
     return StackPlan.of(plans)
 
 
+def _field(axis: AxisPlan) -> int:
+    """Positions of its input one output of this axis sees (see LayerPlan.receptive_field)."""
+    if axis.transposed:
+        return -(-axis.effective_kernel // axis.stride)
+    return axis.effective_kernel
+
+
 def _axis_plan(geometry: Geometry, axis: int) -> AxisPlan:
     size, k = geometry.in_sizes[axis], geometry.kernel[axis]
     s, d = geometry.stride[axis], geometry.dilation[axis]
     before, after = geometry.pads[axis]
-    unread, border = _unread(size, k, s, d, before, after, geometry.padding_mode)
+    unreached = 0
+    if geometry.transposed:
+        out = geometry.out_sizes[axis]
+        unread, unreached = _transposed_unread(size, k, s, d, before, after, out)
+        border = unread  # only the cropping padding leaves inputs unused: at the ends
+    else:
+        unread, border = _unread(size, k, s, d, before, after, geometry.padding_mode)
     return AxisPlan(
+        transposed=geometry.transposed,
+        unreached=unreached,
         axis=AXIS_NAMES[geometry.rank][axis],
         size=size,
         kernel=k,
@@ -521,3 +590,49 @@ def _read_mask(
             sources = padding_source(np.add.outer(starts, taps).ravel(), size, mode)
             read[sources[sources >= 0]] = True
     return read
+
+
+def _transposed_unread(
+    size: int, kernel: int, stride: int, dilation: int, before: int, after: int, out: int
+) -> tuple[int, int]:
+    """Along one axis of a transposed convolution: the inputs none of whose contributions
+    lands in the output (the padding crops them all), and the outputs no input reaches.
+
+    Input ``i`` adds to the uncropped positions ``t = i·stride + j·dilation`` (``0 <= j <
+    kernel``); output ``o`` is ``t = o + before``. Inputs are unused only at the ends, where
+    the padding crops everything they give (counted in closed form; when the output is
+    shorter than the dilation, taps may also step over it, and the few inputs whose taps
+    straddle it are looked at one by one). A position ``t`` between ``span - 1`` and
+    ``(size - 1)·stride`` is reached exactly when ``t mod stride`` is some ``j·dilation mod
+    stride``; the positions before and after are looked at one by one (at most a span and an
+    output_padding of them). So time and memory do not grow with the axis.
+    """
+    span = dilation * (kernel - 1) + 1
+    last = (size - 1) * stride  # where the last input's first tap lands
+    start, stop = before, before + out  # the uncropped positions kept
+    # inputs whose last tap lands before the output, and whose first lands after it
+    early = min(size, max(0, -(-(start - span + 1) // stride)))
+    late = min(size - early, max(0, size - -(-stop // stride)))
+    unread = early + late
+    if out < dilation and early < size - late:  # taps may step over a short output
+        landing = np.add.outer(np.arange(early, size - late) * stride, np.arange(kernel) * dilation)
+        unread += int((~((landing >= start) & (landing < stop)).any(axis=1)).sum())
+
+    def missed(first: int, end: int) -> int:
+        """Positions in [first, end) that no tap of any input lands on, one by one."""
+        if end <= first:
+            return 0
+        t = np.arange(first, end)
+        reached = np.zeros(t.size, dtype=bool)
+        for j in range(kernel):
+            u = t - j * dilation
+            reached |= (u >= 0) & (u <= last) & (u % stride == 0)
+        return int(t.size - reached.sum())
+
+    low, high = max(start, span - 1), min(stop, last + 1)  # the periodic middle
+    if low >= high:
+        return unread, missed(start, stop)
+    residues = {j * dilation % stride for j in range(kernel)}
+    reached = sum((high - 1 - r) // stride - (low - 1 - r) // stride for r in residues)
+    unreached = missed(start, low) + (high - low - reached) + missed(high, stop)
+    return unread, unreached

@@ -48,7 +48,7 @@ from convcli.engine.operands import (
     x_to_last,
 )
 from convcli.engine.reference import conv_backward_reference, conv_forward_reference
-from convcli.errors import ConvcliNotice, ShapeError, UsageError
+from convcli.errors import ConvcliNotice, HyperparameterError, ShapeError, UsageError
 from convcli.hparams import build_spec
 from convcli.io.loading import DatasetRef, FileIdentity, Headers, Loaded
 from convcli.io.writing import (
@@ -971,6 +971,12 @@ def run_impl_check(
         )
     if not (0 <= nondet_tol < float("inf")):
         raise UsageError(f"{{param}} {nondet_tol:g}: must be >= 0", param="nondet_tol")
+    if layer is not None and layer.spec.transposed:
+        raise HyperparameterError(
+            "a user's implementation is checked as a convolution, and this layer is a "
+            "transposed convolution (transposed = 1); check it with convcli's engine instead",
+            param="transposed",
+        )
     impl = load_impl(path, timeout=timeout, signature=signature, layout=layout)
     arrays = None
     if layer is not None:

@@ -89,6 +89,75 @@ def transposed_output_size(
     return (size - 1) * stride - before - after + dilation * (kernel - 1) + output_padding + 1
 
 
+def onnx_transposed_padding(
+    in_sizes: Sequence[int],
+    kernel: Sequence[int],
+    output_shape: Sequence[int],
+    *,
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    output_padding: int | Sequence[int] = 0,
+    auto_pad: str = "NOTSET",
+) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """The padding and output_padding of a transposed convolution that gives ``output_shape``
+    (the spatial sizes of z), as ONNX's ``ConvTranspose`` derives pads from its
+    ``output_shape`` attribute.
+
+    Per axis, ``total = stride·(in - 1) + output_padding + dilation·(k - 1) + 1 - out`` is
+    cropped: with ``auto_pad="SAME_UPPER"`` the larger half at the end, otherwise
+    (``"SAME_LOWER"``, ``"NOTSET"``) at the start. ``output_padding`` is returned as given.
+
+    Parameters
+    ----------
+    in_sizes, kernel, output_shape : one int per spatial axis (x's sizes, the kernel, z's)
+    stride, dilation, output_padding : one int, or one per spatial axis
+
+    Returns
+    -------
+    padding : ((before, after), ...) for ``ConvSpec(padding=...)``
+    output_padding : tuple of int, one per axis
+
+    Raises
+    ------
+    HyperparameterError
+        An output longer than the transposed convolution's uncropped output (ONNX would pad
+        negatively), or lengths that disagree.
+    """
+    rank = len(in_sizes)
+    if auto_pad not in ("NOTSET", "SAME_UPPER", "SAME_LOWER"):
+        raise HyperparameterError(
+            f"auto_pad {auto_pad!r}: output_shape goes with NOTSET, SAME_UPPER or SAME_LOWER",
+            param="auto_pad",
+        )
+    if len(kernel) != rank or len(output_shape) != rank:
+        raise HyperparameterError(
+            f"output_shape {tuple(output_shape)} and kernel {tuple(kernel)} need one size per "
+            f"spatial axis of x ({rank})",
+            param="output_shape",
+        )
+    steps = [
+        _for_rank(name, _ints(name, value, 1 if name != "output_padding" else 0), rank)
+        for name, value in (
+            ("stride", stride),
+            ("dilation", dilation),
+            ("output_padding", output_padding),
+        )
+    ]
+    pads = []
+    for size, k, out, s, d, op in zip(in_sizes, kernel, output_shape, *steps, strict=True):
+        full = transposed_output_size(int(size), int(k), s, d, 0, 0, op)
+        total = full - int(out)
+        if total < 0 or int(out) < 1:
+            raise HyperparameterError(
+                f"output_shape {tuple(output_shape)}: along an axis {out} outputs of the "
+                f"{full} a transposed convolution of {size} inputs gives before cropping",
+                param="output_shape",
+            )
+        small, large = total // 2, total - total // 2
+        pads.append((small, large) if auto_pad == "SAME_UPPER" else (large, small))
+    return tuple(pads), tuple(steps[2])
+
+
 def in_layout(values: tuple, which: str, layout: str) -> tuple:
     """A channels-last shape or index of x-like (``which="x"``: x, z, dx, dz) or w-like
     (``"w"``: w, dw) arrays, in ``layout``: ``(n, *spatial, C)`` -> ``(n, C, *spatial)`` and

@@ -292,6 +292,80 @@ def test_a_wrong_shape_fails_and_is_diagnosed_not_refused():
     assert run.tensors["z"].shape == (2, 4, 3, 4)
 
 
+# -- transposed convolutions ----------------------------------------------------------------------
+
+TSPEC = ConvSpec(stride=2, padding=1, output_padding=1, transposed=True)
+
+
+def _square_layer(seed=3):
+    """x (2, 4, 4, 3), w (3, 3, 3, 3) and b (3,): a convolution and a transposed one alike."""
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((2, 4, 4, 3)),
+        rng.standard_normal((3, 3, 3, 3)),
+        rng.standard_normal(3),
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_correct_transposed_results_pass_without_diagnosis(dtype):
+    x, w, b = (a.astype(dtype) for a in _square_layer())
+    z, cache = conv_forward(x, w, b, TSPEC)
+    dx, dw, db = conv_backward(z, cache)
+    assert z.shape == (2, 8, 8, 3)
+    run = _compare({"z": z, "dx": dx, "dw": dw, "db": db}, x, w, b, TSPEC)
+    assert run.passed, {n: t.check.max_rel_err for n, t in run.tensors.items()}
+    assert all(t.diagnosis is None for t in run.tensors.values())
+
+
+def test_transposed_result_for_a_convolution_is_named():
+    x, w, b = _square_layer()
+    spec = ConvSpec(stride=2, padding=1)
+    z = conv_forward(x, w, b, ConvSpec(stride=2, padding=1, transposed=True))[0]
+    assert z.shape == (2, 7, 7, 3)  # not the convolution's (2, 2, 2, 3)
+    assert _named("z", z, x, w, b, spec) == "transposed convolution"
+    run = _compare({"z": z}, x, w, b, spec)
+    assert "transposed convolution" in run.tensors["z"].diagnosis.sentence
+
+
+def test_convolution_result_for_a_transposed_layer_is_named():
+    x, w, b = _square_layer()
+    z, cache = conv_forward(x, w, b, ConvSpec(stride=2, padding=1))
+    assert _named("z", z, x, w, b, TSPEC) == "not transposed"
+    # the same layer's gradients, with dz = z of the convolution, name it too
+    _, dw, _ = conv_backward(z, cache)
+    assert _named("dw", dw, x, w, b, TSPEC) == "not transposed"
+
+
+def test_other_output_padding_is_named():
+    x, w, b = _square_layer()
+    z = conv_forward(x, w, b, ConvSpec(stride=2, padding=1, transposed=True))[0]
+    assert _named("z", z, x, w, b, TSPEC) == "output_padding 0"
+    run = _compare({"z": z}, x, w, b, TSPEC)
+    assert run.tensors["z"].diagnosis.sentence.startswith(
+        "z equals convcli's with output_padding 0 instead of 1"
+    )
+    wide = ConvSpec(stride=(2, 3), padding=1, output_padding=(1, 0), transposed=True)
+    z = conv_forward(
+        x, w, b, ConvSpec(stride=(2, 3), padding=1, output_padding=(1, 2), transposed=True)
+    )[0]
+    assert _named("z", z, x, w, b, wide) == "output_padding 1,2"
+
+
+def test_transposed_reduction_counts_the_taps_that_land():
+    from convcli.compare import reduction_size
+
+    # kernel 3, stride 2: one output gets ceil(3 / 2) = 2 taps per axis; kernel 4, dilation 2,
+    # stride 4: taps land 2 apart modulo 4, so 2 of 4 per position
+    geometry = TSPEC.geometry((2, 4, 4, 3), (3, 3, 5, 3))
+    assert reduction_size("z", geometry, True) == 2 * 2 * 3 + 1
+    assert reduction_size("dx", geometry, True) == 3 * 3 * 5
+    assert reduction_size("dw", geometry, True) == 2 * 4 * 4  # n · input pixels
+    assert reduction_size("db", geometry, True) == 2 * 8 * 8  # n · output pixels
+    spread = ConvSpec(stride=4, dilation=2, transposed=True).geometry((1, 5, 2), (4, 1, 2))
+    assert reduction_size("z", spread, False) == 2 * 2
+
+
 def test_no_result_and_bad_dtypes_are_refused():
     x, w, b = _layer()
     with pytest.raises(DataError, match=r"z \(z, Z, y, out, output\)") as caught:

@@ -3,7 +3,8 @@
 A user's z, dx, dw or db that fails :func:`convcli.compare.run_compare` is tried against
 convcli's own results for the usual mistakes, each computed with convcli's engine on an
 altered spec or altered inputs (:data:`Candidate`): the kernel flipped (true convolution),
-its spatial axes swapped, data or weights read in the other layout, padding off by one or on
+its spatial axes swapped, a transposed convolution for a convolution or the reverse, another
+output_padding, data or weights read in the other layout, padding off by one or on
 the other side, another stride or dilation (on every axis or on one), the bias missing or
 added twice, dw or db divided by the batch size or summed over the wrong axis, dw's im2col
 product left transposed, dx left padded or cropped one pixel off. A candidate *explains* a
@@ -77,6 +78,8 @@ class Setup:
             "groups": spec.groups,
             "padding_mode": spec.padding_mode,
             "layout": spec.layout,
+            "transposed": spec.transposed,
+            "output_padding": spec.output_padding,
             **changes,
         }
         return Setup(self.x, self.w, self.b, self.dz, ConvSpec(**fields))  # type: ignore[arg-type]
@@ -175,6 +178,7 @@ def _verdict(name: str, found: list[Candidate], tried: int) -> Diagnosis:
 def candidates(setup: Setup, geometry: Geometry) -> Iterator[Candidate]:
     """Every usual mistake that applies to this layer, most specific first."""
     yield from _weight_mistakes(geometry)
+    yield from _transposed_mistakes(geometry)
     yield from _bias_mistakes(setup)
     yield from _reduction_mistakes(geometry)
     yield from _crop_mistakes(setup, geometry)
@@ -397,8 +401,49 @@ def _respecified(**changes: object) -> Make:
     return lambda setup: setup.with_spec(**changes).compute()
 
 
+def _transposed_mistakes(geometry: Geometry) -> Iterator[Candidate]:
+    """A transposed convolution for a convolution or the reverse (same w, hyperparameters),
+    and for a transposed layer another output_padding: on every axis, then on one alone.
+
+    The result usually has another shape than convcli's; it is compared when it has the
+    user's."""
+    if not geometry.transposed:
+        yield Candidate(
+            "transposed convolution",
+            _respecified(transposed=True),
+            "equals convcli's transposed convolution (ConvTranspose) of x with the same w and "
+            "hyperparameters: this layer is a convolution",
+        )
+        return
+    yield Candidate(
+        "not transposed",
+        _respecified(transposed=False, output_padding=0),
+        "equals convcli's convolution of x with the same w and hyperparameters: this layer "
+        "is a transposed convolution (transposed = 1)",
+    )
+    current = geometry.output_padding
+    limits = [max(s, d) for s, d in zip(geometry.stride, geometry.dilation, strict=True)]
+    was = _format_steps(current)
+    tried = {current}
+    variants = [(value,) * len(current) for value in range(max(limits))]
+    for axis, limit in enumerate(limits if len(current) > 1 else ()):
+        variants += [(*current[:axis], v, *current[axis + 1 :]) for v in range(limit)]
+    for variant in variants:
+        if variant in tried or any(v >= limit for v, limit in zip(variant, limits, strict=True)):
+            continue
+        tried.add(variant)
+        text = _format_steps(variant)
+        yield Candidate(
+            f"output_padding {text}",
+            _respecified(output_padding=variant),
+            f"equals convcli's with output_padding {text} instead of {was}",
+        )
+
+
 def _crop_mistakes(setup: Setup, geometry: Geometry) -> Iterator[Candidate]:
     pads = geometry.pads
+    if geometry.transposed:
+        return  # a transposed layer's padding crops z, not x: dx is never cropped
     if geometry.padding_mode != "zeros" or not any(lo or hi for lo, hi in pads):
         return
     rank, first = geometry.rank, geometry.layout == "nchw"

@@ -1091,6 +1091,8 @@ def compare(
     groups: Groups = None,
     padding_mode: PaddingMode = None,
     layout: Layout = None,
+    transposed: Transposed = None,
+    output_padding: OutputPadding = None,
     as_json: Json = False,
     max_memory: MaxMemory = "auto",
     allow_sparse: AllowSparse = False,
@@ -1201,6 +1203,8 @@ def generate(
     groups: Groups = None,
     padding_mode: PaddingMode = None,
     layout: Layout = None,
+    transposed: Transposed = None,
+    output_padding: OutputPadding = None,
     seed: Annotated[int, typer.Option("--seed", metavar="N", min=0, help="Random seed.")] = 0,
     dtype: Annotated[
         DtypeName, typer.Option("--dtype", help="float32 or float64.")
@@ -1352,6 +1356,8 @@ def plan(
     groups: Groups = None,
     padding_mode: PaddingMode = None,
     layout: Layout = None,
+    transposed: Transposed = None,
+    output_padding: OutputPadding = None,
     dtype: Annotated[
         DtypeName | None,
         typer.Option("--dtype", help="With --shape: float32 or float64 (default)."),

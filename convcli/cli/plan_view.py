@@ -47,15 +47,19 @@ def _print_layer(console: Console, plan: LayerPlan, source: str) -> None:
     )
     names = [axis.axis for axis in plan.axes]
     axes = _table("axis", *names, right=tuple(names))
+    fields = dict(zip(names, plan.receptive_field, strict=True))
+    transposed = plan.geometry.transposed
     rows = (
         ("input", lambda a: a.size),
         ("kernel", lambda a: a.kernel),
         ("dilation", lambda a: a.dilation),
-        ("receptive field", lambda a: a.effective_kernel),
+        ("receptive field", lambda a: fields[a.axis]),
         ("stride", lambda a: a.stride),
-        ("padding", lambda a: f"{a.padding[0]}+{a.padding[1]}"),
+        # a transposed layer's padding crops its output
+        ("cropped" if transposed else "padding", lambda a: f"{a.padding[0]}+{a.padding[1]}"),
         ("output", lambda a: a.out),
         ("never read", lambda a: a.unread),
+        *((("no input reaches", lambda a: a.unreached),) if transposed else ()),
     )
     for label, cell in rows:
         axes.add_row(label, *(str(cell(axis)) for axis in plan.axes))
@@ -91,6 +95,7 @@ def _print_layer(console: Console, plan: LayerPlan, source: str) -> None:
         f"parameters {plan.parameters:,} ({plan.weights:,} weights + {plan.biases:,} "
         f"bias{'' if plan.biases == 1 else 'es'})",
         _unread_line(plan),
+        *([_unreached_line(plan)] if transposed else []),
         "FLOPs = 2 x MACs; bias additions not counted"
         + (f" ({plan.bias_adds:,} in forward, as many for db)" if plan.bias else ""),
         f"gradcheck: exhaustive takes {plan.gradcheck_passes:,} forward passes; "
@@ -100,18 +105,30 @@ def _print_layer(console: Console, plan: LayerPlan, source: str) -> None:
         console.print(Text(line), soft_wrap=True)
 
 
+def _unreached_line(plan: LayerPlan) -> str:
+    """A transposed layer's outputs no input reaches (they hold the bias alone)."""
+    if not plan.unreached_pixels:
+        return (
+            f"every output pixel is reached by some input ({plan.output_pixels:,} per image "
+            "and channel)"
+        )
+    axes = ", ".join(f"{a.unreached} along {a.axis}" for a in plan.axes if a.unreached)
+    return (
+        f"no input reaches: {plan.unreached_pixels:,} of {plan.output_pixels:,} output pixels "
+        f"per image and channel hold the bias alone ({axes}: a stride longer than the "
+        "kernel's span, or an output_padding at least the stride)"
+    )
+
+
 def _unread_line(plan: LayerPlan) -> str:
     if not plan.unread_pixels:
         return f"every input pixel is read ({plan.input_pixels:,} per image and channel)"
+    ends = "cropped whole by the padding" if plan.geometry.transposed else "beyond every window"
     axes = []
     for axis in plan.axes:
         parts = [
             *([f"{axis.unread_gaps} in gaps between windows"] if axis.unread_gaps else []),
-            *(
-                [f"{axis.unread_border} at the ends, beyond every window"]
-                if axis.unread_border
-                else []
-            ),
+            *([f"{axis.unread_border} at the ends, {ends}"] if axis.unread_border else []),
         ]
         if parts:
             axes.append(f"along {axis.axis}: {', '.join(parts)}")
@@ -141,7 +158,7 @@ def _print_stack(console: Console, stack: StackPlan, source: str) -> None:
         table.add_row(
             str(index),
             _shape((*plan.geometry.in_sizes, plan.geometry.cin)),
-            _shape(plan.geometry.kernel),
+            _shape(plan.geometry.kernel) + (" T" if plan.geometry.transposed else ""),
             _shape(plan.geometry.stride),
             ",".join(f"{lo}+{hi}" for lo, hi in plan.geometry.pads),
             _shape((*plan.geometry.out_sizes, plan.geometry.cout)),
@@ -170,12 +187,19 @@ def _print_stack(console: Console, stack: StackPlan, source: str) -> None:
     n = stack.layers[0].plan.geometry.n
     lines = [
         f"shapes channels last, without the batch (n={n}); RF: receptive field on the input; "
-        "jump: input pixels between neighbouring outputs",
+        "jump: input pixels between neighbouring outputs"
+        + (
+            "; T: transposed (its stride divides the jump, its pad crops z)"
+            if any(layer.plan.geometry.transposed for layer in stack.layers)
+            else ""
+        ),
         f"backward: {stack.macs.backward_dx:,} MACs for dx and {stack.macs.backward_dw:,} for "
         f"dw; FLOPs = 2 x MACs; bias additions not counted",
     ]
     for index, layer in enumerate(stack.layers, start=1):
         if layer.plan.unread_pixels:
             lines.append(f"layer {index}: {_unread_line(layer.plan)}")
+        if layer.plan.unreached_pixels:
+            lines.append(f"layer {index}: {_unreached_line(layer.plan)}")
     for line in lines:
         console.print(Text(line), soft_wrap=True)

@@ -231,10 +231,21 @@ def print_sweep(console: Console, summary) -> None:
     )
     extra = [
         key
-        for key, default in (("padding_mode", "zeros"), ("layout", "nhwc"))
-        if any(r["config"].get(key, default) != default for r in summary.records)
+        for key, default in (
+            ("padding_mode", "zeros"),
+            ("layout", "nhwc"),
+            ("transposed", 0),
+            ("output_padding", 0),
+        )
+        if any(r["config"].get(key, default) not in (default, [default]) for r in summary.records)
     ]
-    headers = {"padding_mode": "mode", "layout": "layout"}
+    # a transposed layer is marked T; output_padding (op) only when some layer has one
+    headers = {
+        "padding_mode": "mode",
+        "layout": "layout",
+        "transposed": "T",
+        "output_padding": "op",
+    }
     columns = ["#", "shape", "kernel", "cout", "stride", "pad", "dil", "groups"]
     columns += [headers[key] for key in extra]
     for column in (*columns, "dtype", "status", "gradcheck", "s"):
@@ -254,7 +265,7 @@ def print_sweep(console: Console, summary) -> None:
             str(c["pad"]),
             str(c["dilation"]),
             str(c["groups"]),
-            *(str(c.get(key, "")) for key in extra),
+            *(_extra_cell(key, c) for key in extra),
             c["dtype"],
             Text(status, style="green" if status == "passed" else "red"),
             Text(verdict, style="bold green" if verdict == "PASS" else "bold red"),
@@ -276,3 +287,13 @@ def print_sweep(console: Console, summary) -> None:
         ),
         soft_wrap=True,  # one line, for people and for grep
     )
+
+
+def _extra_cell(key: str, config: dict) -> str:
+    """A sweep row's cell for an optional column: T for a transposed layer, op as a pair."""
+    value = config.get(key)
+    if key == "transposed":
+        return "T" if value else ""
+    if key == "output_padding":
+        return "" if value is None else format_pair(value)
+    return "" if value is None else str(value)
