@@ -1,7 +1,15 @@
-"""Benchmark the conv engine against this machine's GEMM throughput.
+"""Benchmark the conv engine against this machine's GEMM throughput and, when it is
+importable, PyTorch.
 
-    python benchmarks/bench_engine.py [--repeats 5] [--dtype float32 float64] [--threads N]
-                                      [--layers cifar resnet ...] [--out FILE] [--smoke]
+    python benchmarks/bench_engine.py [--quick] [--repeats 5] [--rounds 3] [--threads N]
+                                      [--dtype float32 float64] [--layers cifar resnet ...]
+                                      [--out FILE] [--keep-blas-env] [--no-torch] [--smoke]
+    python benchmarks/bench_engine.py --table-from FILE     # the README table from a JSON
+
+Native BLAS kernels: ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` (set on some machines to
+work around old OpenBLAS builds) pin slower kernels than a user's machine gets, so the script
+re-executes itself once without them and says so; ``--keep-blas-env`` keeps the environment
+as it is (the test suite does). It prints the BLAS library threadpoolctl reports.
 
 In one run, on one machine and thread count, it measures
 - NumPy matrix-multiply throughput (2048 x 2048 operands) per dtype: the practical ceiling
@@ -10,15 +18,21 @@ In one run, on one machine and thread count, it measures
   (NHWC, 3x3 unless stated): GFLOP/s (forward 2·n·Ho·Wo·Cout·kh·kw·Cin/groups, backward
   twice that), the ratio to GEMM of the same dtype, the median of the repeats, and the peak
   memory NumPy allocated during one call (tracemalloc);
+- when ``import torch`` works: PyTorch's conv1d/2d/3d (or conv_transpose) forward and
+  forward + backward on the same data, with ``torch.set_num_threads`` equal to convcli's
+  threads, the better of NCHW and channels_last; its calls alternate with convcli's, repeat
+  by repeat, so that changes in load hit both. Ratios are PyTorch's time over convcli's
+  (> 1: convcli faster);
 - the reference engine on a small layer, for the speed-up.
 Results go to a JSON file and a Rich table. ``--smoke`` runs tiny sizes once (the test suite
-does, so the script cannot rot).
+does, so the script cannot rot); ``--quick`` one round of 3 repeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -29,15 +43,18 @@ from pathlib import Path
 import numpy as np
 
 from convcli import ConvSpec, conv_backward, conv_forward
+from convcli.engine.fast import blas_threads
 from convcli.engine.reference import conv_backward_reference, conv_forward_reference
 
 # name: (x shape (n, *spatial, Cin), kernel, Cout, ConvSpec kwargs)
 LAYERS = {
     "cifar": ((32, 32, 32, 16), (3, 3), 32, {"padding": 1}),
     "resnet": ((8, 56, 56, 64), (3, 3), 64, {"padding": 1}),
+    "wide": ((8, 28, 28, 128), (3, 3), 128, {"padding": 1}),
     "stride2": ((16, 64, 64, 32), (3, 3), 64, {"stride": 2, "padding": 1}),
-    "depthwise": ((16, 56, 56, 64), (3, 3), 64, {"padding": 1, "groups": 64}),
     "dilated": ((8, 64, 64, 32), (3, 3), 32, {"dilation": 2, "padding": 2}),
+    "k7": ((4, 64, 64, 16), (7, 7), 16, {"padding": 3}),
+    "depthwise": ((16, 56, 56, 64), (3, 3), 64, {"padding": 1, "groups": 64}),
     "pointwise": ((16, 28, 28, 128), (1, 1), 256, {}),
     "conv1d": ((32, 1024, 64), (3,), 64, {"padding": 1}),
     "conv3d": ((4, 16, 32, 32, 16), (3, 3, 3), 32, {"padding": 1}),
@@ -61,6 +78,33 @@ SMOKE_LAYERS = {
 REFERENCE_LAYER = ((2, 8, 8, 4), (3, 3), 8, {"padding": 1})
 WARM_UP_SECONDS = 0.3
 
+#: Variables that pin OpenBLAS to other kernels than it would pick on this CPU.
+BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+#: Set in the re-executed process: the overrides it was started without (comma-separated).
+REEXEC_MARK = "CONVCLI_BENCH_CLEARED_BLAS_ENV"
+
+
+def reexec_with_native_blas(argv: list[str]) -> None:
+    """Re-execute this script once without :data:`BLAS_OVERRIDES`, so OpenBLAS loads the
+    kernels it picks for this CPU. Does nothing with ``--keep-blas-env``, in the re-executed
+    process, or when none of the variables is set."""
+    if "--keep-blas-env" in argv or "--table-from" in argv or REEXEC_MARK in os.environ:
+        return
+    cleared = [name for name in BLAS_OVERRIDES if name in os.environ]
+    if not cleared:
+        return
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_OVERRIDES}
+    env[REEXEC_MARK] = ",".join(cleared)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+
+
+def blas_environment(keep: bool) -> dict:
+    """What the run did with the BLAS overrides, for the output."""
+    cleared = [name for name in os.environ.get(REEXEC_MARK, "").split(",") if name]
+    present = {name: os.environ[name] for name in BLAS_OVERRIDES if name in os.environ}
+    return {"kept": keep, "cleared": cleared, "set": present, "native": not present}
+
 
 def median_seconds(function, repeats: int) -> float:
     """Median wall time of ``repeats`` calls, after calling it for WARM_UP_SECONDS.
@@ -68,16 +112,24 @@ def median_seconds(function, repeats: int) -> float:
     The first calls after other work run slower here (allocator and page state, thread
     pools, clocks); a time-based warm-up makes the medians repeatable.
     """
-    start = time.perf_counter()
-    function()
-    while time.perf_counter() - start < WARM_UP_SECONDS:
-        function()
-    times = []
-    for _ in range(repeats):
+    return interleaved_medians({"f": function}, repeats)["f"]
+
+
+def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
+    """Median wall time per function; after a warm-up of each, every repeat calls each
+    function once, in turn, so that slow spells of a shared machine hit all of them."""
+    for function in functions.values():
         start = time.perf_counter()
         function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        while time.perf_counter() - start < WARM_UP_SECONDS:
+            function()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def peak_bytes(function) -> int:
@@ -102,7 +154,7 @@ def make_layer(layer, dtype):
     x_shape, kernel, cout, hparams = layer
     spec = ConvSpec(**hparams)
     rng = np.random.default_rng(0)
-    n, cin = x_shape[0], x_shape[-1]
+    cin = x_shape[-1]
     x = rng.standard_normal(x_shape).astype(dtype)
     wt = rng.standard_normal(spec.weight_shape(kernel, cin, cout)).astype(dtype)
     b = rng.standard_normal(cout).astype(dtype)
@@ -110,12 +162,63 @@ def make_layer(layer, dtype):
     taps = int(np.prod(kernel))
     # a transposed layer's products: every input pixel times every tap and output channel
     pixels = geometry.in_sizes if spec.transposed else geometry.out_sizes
-    flops = 2 * n * int(np.prod(pixels)) * taps * cout * cin // spec.groups
+    flops = 2 * x_shape[0] * int(np.prod(pixels)) * taps * cout * cin // spec.groups
     return x, wt, b, spec, flops
 
 
-def bench_layer(name, layer, dtype, repeats, gemm, rounds) -> dict:
-    """Times of one layer: for each operation, the median of its per-round medians."""
+def torch_operations(x, w, b, z, dz, spec: ConvSpec, threads: int) -> dict:
+    """PyTorch's forward and forward + backward of the layer, per memory format: names
+    ``torch_forward_<format>`` and ``torch_fwd_bwd_<format>`` (format ``nchw`` or ``cl``).
+
+    x (n, *spatial, Cin), w (*kernel, Cin/g, Cout) (transposed: (*kernel, Cout/g, Cin)) and
+    z and dz (n, *out, Cout) are convcli's channels-last arrays; PyTorch gets channels-first
+    copies of the same values, and its output must match z (else the comparison is void).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    nd = x.ndim - 2
+    to_first = (0, nd + 1, *range(1, nd + 1))
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(to_first)))
+    # (*kernel, a, b) -> (b, a, *kernel): Cout first (conv), Cin first (transposed)
+    wt = torch.from_numpy(np.ascontiguousarray(w.transpose(nd + 1, nd, *range(nd))))
+    bt = torch.from_numpy(b)
+    dzt = torch.from_numpy(np.ascontiguousarray(dz.transpose(to_first)))
+    common = {"stride": spec.stride, "padding": spec.padding, "dilation": spec.dilation}
+    if spec.transposed:
+        conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+        common["output_padding"] = spec.output_padding
+    else:
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    formats = {"nchw": torch.contiguous_format}
+    if nd in (2, 3):
+        formats["cl"] = torch.channels_last if nd == 2 else torch.channels_last_3d
+    operations = {}
+    for label, memory_format in formats.items():
+        xf = xt.contiguous(memory_format=memory_format).requires_grad_(True)
+        wf = wt.contiguous(memory_format=memory_format).requires_grad_(True)
+        bf = bt.clone().requires_grad_(True)
+        dzf = dzt.contiguous(memory_format=memory_format)
+
+        def forward(xf=xf, wf=wf, bf=bf):
+            with torch.no_grad():
+                return conv(xf, wf, bf, groups=spec.groups, **common)
+
+        def fwd_bwd(xf=xf, wf=wf, bf=bf, dzf=dzf):
+            xf.grad = wf.grad = bf.grad = None
+            conv(xf, wf, bf, groups=spec.groups, **common).backward(dzf)
+
+        ours = z.transpose(to_first)
+        if not np.allclose(forward().numpy(), ours, rtol=1e-3, atol=1e-3 * np.abs(ours).max()):
+            raise RuntimeError(f"PyTorch's output differs from convcli's ({label})")
+        operations[f"torch_forward_{label}"] = forward
+        operations[f"torch_fwd_bwd_{label}"] = fwd_bwd
+    return operations
+
+
+def bench_layer(name, layer, dtype, gemm, torch_threads: int | None) -> dict:
+    """A layer's timed operations (convcli's, a per-group GEMM's, PyTorch's when asked)."""
     x, w, b, spec, flops = make_layer(layer, dtype)
     z, cache = conv_forward(x, w, b, spec)
     dz = np.random.default_rng(1).standard_normal(z.shape).astype(dtype)
@@ -126,6 +229,8 @@ def bench_layer(name, layer, dtype, repeats, gemm, rounds) -> dict:
     }
     if not spec.transposed and (spec.groups > 1 or set(w.shape[:-2]) == {1}):
         operations["per_group_gemm_forward"] = per_group_gemm(x, w, b, spec)
+    if torch_threads is not None:
+        operations.update(torch_operations(x, w, b, z, dz, spec, torch_threads))
     return {
         "name": name,
         "dtype": np.dtype(dtype),
@@ -145,9 +250,7 @@ def bench_layer(name, layer, dtype, repeats, gemm, rounds) -> dict:
 
 
 def measure_round(case: dict, repeats: int) -> None:
-    case["rounds"].append(
-        {op: median_seconds(function, repeats) for op, function in case["operations"].items()}
-    )
+    case["rounds"].append(interleaved_medians(case["operations"], repeats))
 
 
 def layer_row(case: dict) -> dict:
@@ -174,6 +277,15 @@ def layer_row(case: dict) -> dict:
     if "per_group_gemm_forward" in seconds:
         row["per_group_gemm_forward_s"] = seconds["per_group_gemm_forward"]
         row["speedup_vs_per_group_gemm"] = seconds["per_group_gemm_forward"] / seconds["forward"]
+    for key in ("forward", "fwd_bwd"):
+        formats = {
+            op.rsplit("_", 1)[1]: t for op, t in seconds.items() if op.startswith(f"torch_{key}_")
+        }
+        if formats:
+            best = min(formats, key=formats.__getitem__)
+            row[f"torch_{key}_s"] = formats[best]
+            row[f"torch_{key}_format"] = best
+            row[f"{key}_vs_torch"] = formats[best] / seconds[key]
     return row
 
 
@@ -233,10 +345,38 @@ def blas_info() -> dict:
         return {"blas": "threadpoolctl not installed"}
 
 
-def main(argv=None) -> dict:
+def torch_version(wanted: bool) -> str | None:
+    """PyTorch's version when it is importable and wanted, else None."""
+    if not wanted:
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    return str(torch.__version__)
+
+
+def describe_blas(info: dict, environment: dict) -> str:
+    pools = info["blas"] if isinstance(info["blas"], list) else []
+    kernels = "; ".join(
+        f"{p['internal_api']} {p['version']}, kernel {p['architecture']}, "
+        f"{p['num_threads']} threads"
+        for p in pools
+    )
+    if environment["cleared"]:
+        how = f"native kernels: re-executed without {', '.join(environment['cleared'])}"
+    elif environment["set"]:
+        how = "environment kept: " + ", ".join(f"{k}={v}" for k, v in environment["set"].items())
+    else:
+        how = "native kernels: no BLAS overrides in the environment"
+    return f"BLAS: {kernels or info['blas']} ({how})"
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per round")
     parser.add_argument("--rounds", type=int, default=3, help="passes over all layers")
+    parser.add_argument("--quick", action="store_true", help="one round of 3 repeats")
     parser.add_argument("--dtype", nargs="+", default=["float32", "float64"])
     parser.add_argument("--layers", nargs="+", default=None, help=f"any of {', '.join(LAYERS)}")
     parser.add_argument(
@@ -244,15 +384,36 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine.json"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--keep-blas-env",
+        action="store_true",
+        help=f"do not re-execute without {' and '.join(BLAS_OVERRIDES)}",
+    )
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if present")
+    parser.add_argument(
+        "--table-from", type=Path, default=None, help="print the README table of a results JSON"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.table_from is not None:
+        results = json.loads(args.table_from.read_text())
+        print(markdown_table(results))
+        return results
     layers = SMOKE_LAYERS if args.smoke else LAYERS
     if args.layers:
         layers = {name: layers[name] for name in args.layers}
+    if args.quick:
+        args.repeats, args.rounds = 3, 1
     repeats = 1 if args.smoke else args.repeats
     args.rounds = 1 if args.smoke else args.rounds
     global WARM_UP_SECONDS
-    WARM_UP_SECONDS = 0.0 if args.smoke else WARM_UP_SECONDS
+    WARM_UP_SECONDS = 0.0 if args.smoke else 0.1 if args.quick else WARM_UP_SECONDS
     gemm_size = 256 if args.smoke else 2048
+    environment = blas_environment(args.keep_blas_env)
+    torch_found = torch_version(not args.no_torch)
 
     limiter = None
     if args.threads is not None:
@@ -260,9 +421,18 @@ def main(argv=None) -> dict:
 
         limiter = threadpool_limits(limits=args.threads, user_api="blas")
     try:
+        info = blas_info()
+        threads = blas_threads()  # convcli's default worker count
+        print(describe_blas(info, environment), flush=True)
+        print(
+            f"PyTorch {torch_found}, {threads} threads, interleaved with convcli"
+            if torch_found
+            else "PyTorch: not importable (or --no-torch); convcli and GEMM only",
+            flush=True,
+        )
         gemm = {dtype: gemm_gflops(dtype, gemm_size, repeats) for dtype in args.dtype}
         cases = [
-            bench_layer(name, shape, dtype, repeats, gemm[dtype], args.rounds)
+            bench_layer(name, shape, dtype, gemm[dtype], threads if torch_found else None)
             for dtype in args.dtype
             for name, shape in layers.items()
         ]
@@ -271,7 +441,6 @@ def main(argv=None) -> dict:
                 measure_round(case, repeats)
         rows = [layer_row(case) for case in cases]
         reference = bench_reference(repeats)
-        info = blas_info()
     finally:
         if limiter is not None:
             limiter.restore_original_limits()
@@ -280,7 +449,10 @@ def main(argv=None) -> dict:
             "python": sys.version.split()[0],
             "numpy": np.__version__,
             "platform": platform.platform(),
-            "threads": args.threads,
+            "cpus": os.cpu_count(),
+            "threads": threads,
+            "blas_environment": environment,
+            "torch": torch_found,
             **info,
         },
         "repeats": repeats,
@@ -297,6 +469,33 @@ def main(argv=None) -> dict:
     return results
 
 
+def markdown_table(results: dict) -> str:
+    """The README's table: convcli's times, ratio to GEMM, and PyTorch's when measured."""
+    torch_found = any("torch_forward_s" in r for r in results["layers"])
+    header = ["layer", "dtype", "fwd ms", "fwd / GEMM", "f+b ms", "f+b / GEMM"]
+    if torch_found:
+        header += ["torch fwd ms", "torch f+b ms", "fwd ÷ torch", "f+b ÷ torch"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for r in results["layers"]:
+        cells = [
+            r["layer"],
+            r["dtype"],
+            f"{r['forward_s'] * 1e3:.2f}",
+            f"{r['forward_vs_gemm']:.2f}",
+            f"{r['fwd_bwd_s'] * 1e3:.2f}",
+            f"{r['fwd_bwd_vs_gemm']:.2f}",
+        ]
+        if torch_found:
+            cells += [
+                f"{r['torch_forward_s'] * 1e3:.2f} ({r['torch_forward_format']})",
+                f"{r['torch_fwd_bwd_s'] * 1e3:.2f} ({r['torch_fwd_bwd_format']})",
+                f"{r['forward_vs_torch']:.2f}",
+                f"{r['fwd_bwd_vs_torch']:.2f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -305,35 +504,45 @@ def print_table(results: dict) -> None:
     runs = f"{results['rounds']} rounds x {results['repeats']}"
     title = f"convcli engine, {runs} · GEMM {results['gemm_size']}²: {gemm}"
     table = Table(title=title)
-    for column in (
+    torch_found = any("torch_forward_s" in r for r in results["layers"])
+    columns = [
         "layer",
         "dtype",
         "fwd ms",
         "fwd GF/s",
         "xGEMM",
         "bwd ms",
-        "bwd GF/s",
         "xGEMM",
         "f+b ms",
         "xGEMM",
         "peak MiB f/b",
-    ):
+    ]
+    if torch_found:
+        columns += ["torch fwd", "torch f+b", "fwd ÷torch", "f+b ÷torch"]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("layer", "dtype") else "right")
     for r in results["layers"]:
-        table.add_row(
+        cells = [
             r["layer"],
             r["dtype"],
             f"{r['forward_s'] * 1e3:.2f}",
             f"{r['forward_gflops']:.1f}",
             f"{r['forward_vs_gemm']:.2f}",
             f"{r['backward_s'] * 1e3:.2f}",
-            f"{r['backward_gflops']:.1f}",
             f"{r['backward_vs_gemm']:.2f}",
             f"{r['fwd_bwd_s'] * 1e3:.2f}",
             f"{r['fwd_bwd_vs_gemm']:.2f}",
             f"{r['forward_peak_mib']:.0f}/{r['backward_peak_mib']:.0f}",
-        )
-    console = Console(width=140)
+        ]
+        if torch_found:
+            cells += [
+                f"{r['torch_forward_s'] * 1e3:.2f} {r['torch_forward_format']}",
+                f"{r['torch_fwd_bwd_s'] * 1e3:.2f} {r['torch_fwd_bwd_format']}",
+                f"{r['forward_vs_torch']:.2f}",
+                f"{r['fwd_bwd_vs_torch']:.2f}",
+            ]
+        table.add_row(*cells)
+    console = Console(width=170)
     console.print(table)
     for r in results["layers"]:
         if "speedup_vs_per_group_gemm" in r:
@@ -352,4 +561,5 @@ def print_table(results: dict) -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_native_blas(sys.argv[1:])
     main()

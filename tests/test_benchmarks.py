@@ -1,6 +1,7 @@
 """The benchmark scripts run (tiny sizes) and write their JSON, so they cannot rot."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,13 +10,14 @@ import pytest
 from tests.conftest import ROOT
 
 
-def run_script(name, *args):
+def run_script(name, *args, env=None):
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / name), *map(str, args)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         check=False,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     return done
@@ -23,8 +25,10 @@ def run_script(name, *args):
 
 def test_engine_benchmark_smoke(tmp_path):
     out = tmp_path / "engine.json"
-    run_script("bench_engine.py", "--smoke", "--out", out)
+    run_script("bench_engine.py", "--smoke", "--keep-blas-env", "--no-torch", "--out", out)
     results = json.loads(out.read_text())
+    assert results["machine"]["blas_environment"]["kept"]
+    assert results["machine"]["blas_environment"]["cleared"] == []
     assert set(results["gemm_gflops"]) == {"float32", "float64"}
     layers = {(row["layer"], row["dtype"]) for row in results["layers"]}
     assert ("classic", "float64") in layers
@@ -82,10 +86,14 @@ def test_compare_engines_smoke(baseline):
 
 
 def test_engine_benchmark_full_path_on_one_small_layer(tmp_path):
-    """The non-smoke code path (warm-up, rounds) on the classic layer only."""
+    """The non-smoke code path (warm-up, rounds) on the classic layer only; the script
+    re-executes itself once without the variables that pin OpenBLAS's kernels."""
     out = tmp_path / "one.json"
-    run_script(
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "1048576"}
+    env.pop("CONVCLI_BENCH_CLEARED_BLAS_ENV", None)
+    done = run_script(
         "bench_engine.py",
+        "--no-torch",
         "--layers",
         "classic",
         "--dtype",
@@ -96,7 +104,37 @@ def test_engine_benchmark_full_path_on_one_small_layer(tmp_path):
         "2",
         "--out",
         out,
+        env=env,
     )
     results = json.loads(out.read_text())
     assert results["rounds"] == 2
     assert [row["layer"] for row in results["layers"]] == ["classic"]
+    environment = results["machine"]["blas_environment"]
+    assert environment["cleared"] == ["OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"]
+    assert environment["native"]
+    assert "re-executed without OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE" in done.stdout
+    table = run_script("bench_engine.py", "--table-from", out).stdout.splitlines()
+    assert table[0].startswith("| layer | dtype | fwd ms")
+    assert table[2].startswith("| classic | float64 |")
+
+
+def test_engine_benchmark_against_torch(tmp_path):
+    """With PyTorch importable, the same run times it and reports the ratios."""
+    pytest.importorskip("torch")
+    out = tmp_path / "torch.json"
+    run_script(
+        "bench_engine.py",
+        "--smoke",
+        "--keep-blas-env",
+        "--layers",
+        "cifar",
+        "conv1d",
+        "decoder",
+        "--out",
+        out,
+    )
+    rows = json.loads(out.read_text())["layers"]
+    for row in rows:
+        assert row["forward_vs_torch"] > 0
+        assert row["fwd_bwd_vs_torch"] > 0
+    assert {row["torch_forward_format"] for row in rows} <= {"nchw", "cl"}

@@ -236,3 +236,85 @@ def test_the_run_memory_estimate_counts_the_threads_asked_for():
         assert caught.value.needs["workspace"] == bound
         estimates.add(bound)
     assert len(estimates) == 2
+
+
+@given(
+    n=st.integers(1, 3),
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 7),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 4)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    pads=st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 2), st.integers(0, 2)),
+    mode=st.sampled_from(["zeros", "reflect", "circular"]),
+    cout=st.integers(1, 3),
+    workspace=st.sampled_from([64, 2048, DEFAULT_WORKSPACE]),
+    threads=st.sampled_from([1, 2, 3]),
+)
+def test_shifted_kernel_rows_match_reference(
+    n, rows, cols, kernel, dilation, pads, mode, cout, workspace, threads
+):
+    """Stride-1 layers with kw·Cin >= 3·Cout (and taps·Cin < 1024) copy only along kw and do
+    one GEMM per kernel row on shifted rows of that copy: the same values as the reference,
+    forced into row tiles and threads, padding modes and dilation included."""
+    cin = 4
+    top, bottom, left, right = pads
+    spans = [d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True)]
+    assume(rows + top + bottom >= spans[0] and cols + left + right >= spans[1])
+    if mode != "zeros":  # reflect/circular padding must be narrower than the input
+        assume(max(top, bottom) < rows and max(left, right) < cols)
+    spec = ConvSpec(padding=((top, bottom), (left, right)), dilation=dilation, padding_mode=mode)
+    rng = np.random.default_rng(rows * 10 + cols)
+    x = rng.standard_normal((n, rows, cols, cin))
+    w = rng.standard_normal((*kernel, cin, cout))
+    b = rng.standard_normal(cout)
+    geometry = spec.geometry(x.shape, w.shape)
+    assume(kernel[1] * cin >= 3 * cout and (kernel != (1, 1) or any(pads)))  # not pointwise
+    assert Plan(geometry, np.float64, workspace, backward=False).shifted
+    z_ref, cache_ref = conv_forward_reference(x, w, b, spec)
+    dz = rng.standard_normal(z_ref.shape)
+    dx_ref, dw_ref, _ = conv_backward_reference(dz, cache_ref)
+    for _ in range(2):  # the second call reuses the first call's scratch
+        z, cache = conv_forward(x, w, b, spec, workspace=workspace, threads=threads)
+        np.testing.assert_allclose(z, z_ref, rtol=1e-12, atol=1e-12)
+        dx, dw, _ = conv_backward(dz, cache)
+        np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dw, dw_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "spec"),
+    [
+        ((2, 20, 18, 8), (3, 3, 8, 8), ConvSpec(padding=1)),  # shifted kernel rows
+        ((2, 20, 18, 8), (7, 7, 8, 4), ConvSpec(padding=3, padding_mode="reflect")),
+        ((1, 6, 7, 8, 8), (3, 3, 3, 8, 8), ConvSpec(padding=1)),  # 3-D, shifted
+        ((2, 20, 18, 4), (3, 3, 4, 16), ConvSpec(padding=1)),  # im2col (kw·Cin < 3·Cout)
+        ((2, 20, 18, 8), (3, 3, 8, 8), ConvSpec(stride=2, padding=1)),  # im2col
+    ],
+)
+@pytest.mark.parametrize("workspace", [1500, 20_000, DEFAULT_WORKSPACE])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_real_scratch_stays_under_the_bound(
+    monkeypatch, x_shape, w_shape, spec, workspace, threads
+):
+    """The scratch each worker's plan asks for, times the workers, is no more than
+    scratch_bytes says (the memory estimates rely on it), forward and backward."""
+    needs: dict[int, dict[str, int]] = {}
+    original = Plan.buffer
+
+    alive: list[Plan] = []  # kept, so that no later plan reuses an earlier one's id
+
+    def counting(self, name, shape):
+        alive.append(self)
+        sizes = needs.setdefault(id(self), {})
+        sizes[name] = max(sizes.get(name, 0), int(np.prod(shape)) * self.dtype.itemsize)
+        return original(self, name, shape)
+
+    monkeypatch.setattr(Plan, "buffer", counting)
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    bound = scratch_bytes(spec.geometry(x.shape, w.shape), np.float64, workspace, threads)
+    z, cache = conv_forward(x, w, None, spec, workspace=workspace, threads=threads)
+    conv_backward(z, cache)
+    assert needs
+    worst = max(sum(sizes.values()) for sizes in needs.values())
+    assert worst * threads <= bound, (worst, threads, bound)

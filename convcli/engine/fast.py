@@ -10,10 +10,12 @@ How it works. :mod:`convcli.engine.tiling` cuts the batch into *tiles* (blocks o
 blocks of output rows of one image when one image is too big) sized to stay in the CPU cache
 and never above the ``workspace`` budget, and builds each tile's patch matrix;
 :mod:`convcli.engine.kernels` does the arithmetic: one matrix product (batched over groups) per
-tile forward; backward, one GEMM per tile for dw and ``dcols = dz @ wᵀ`` scattered back into
-dx, or, at stride 1 with zero padding, dx as a convolution of dz with the flipped weights.
-Depthwise layers use per-tap multiply-adds instead of a GEMM. There is no Python loop over
-images, output pixels or channels: the loops are over tiles and kernel taps. Scratch memory
+tile forward (at stride 1 where it pays, :attr:`~convcli.engine.tiling.Plan.shifted`, one
+GEMM per kernel row on shifted views of a copy along kw only, accumulated in the tile);
+backward, one GEMM per tile for dw and ``dcols = dz @ wᵀ`` scattered back into dx, or, at
+stride 1 with zero padding, dx as a convolution of dz with the flipped weights. Depthwise
+layers use per-tap multiply-adds instead of a GEMM. There is no Python loop over images,
+output pixels or channels: the loops are over tiles and kernel taps. Scratch memory
 (patch matrices, padded buffers, group transposes) stays under ``workspace`` bytes, except
 that one output row of one image is the smallest tile. This module drives the tiles: the
 two public calls, the worker threads, and BLAS's own threads.
@@ -61,8 +63,10 @@ import numpy.typing as npt
 from convcli.engine.kernels import (
     depthwise_backward,
     depthwise_forward,
+    dx_convolution,
     grouped_matmul,
     is_depthwise,
+    shifted_forward,
     transposed_conv,
     weights_by_group,
     weights_from_groups,
@@ -215,11 +219,14 @@ def _forward(
     w (*kernel, Cin/g, Cout), bias (Cout,) or None."""
     z = np.empty(geometry.out_shape, dtype=x.dtype)
     w_groups = weights_by_group(w, geometry)
+    w_rows = w.reshape(-1, geometry.kernel[-1] * w.shape[-2], geometry.cout)  # for shifted tiles
 
     def work(plan: Plan, tile: Tile) -> None:
         z_tile = plan.output_rows(z, tile)
         if plan.depthwise:
             depthwise_forward(plan, x, w, tile, z_tile)
+        elif plan.shifted:
+            shifted_forward(plan, x, w_rows, tile, z_tile)
         else:
             grouped_matmul(plan.im2col(x, tile), w_groups, z_tile)
         if bias is not None:
@@ -339,11 +346,22 @@ def scratch_bytes(
     """An upper bound in bytes of the scratch memory a call will use (for memory estimates).
 
     ``threads`` as for :func:`conv_forward`; see :func:`convcli.engine.tiling.scratch_bound`.
-    A transposed convolution's tiles are those of its adjoint convolution.
+    A transposed convolution's tiles are those of its adjoint convolution. At stride 1 the
+    backward pass computes dx as a convolution of dz (Cout in, Cin out), whose tiles may
+    need more scratch than the forward's: the bound is the larger of the two.
     """
     if geometry.transposed:
         geometry = geometry.adjoint()
-    return scratch_bound(geometry, dtype, workspace, _worker_count(threads))
+    workers = _worker_count(threads)
+    bound = scratch_bound(geometry, dtype, workspace, workers)
+    spec = dx_convolution(geometry)
+    if spec is not None:
+        g = geometry.groups
+        dz_shape = (geometry.n, *geometry.out_sizes, geometry.cout)
+        dx_geometry = spec.geometry(dz_shape, (*geometry.kernel, geometry.cout // g, geometry.cin))
+        dx_bound = scratch_bound(dx_geometry, dtype, workspace, workers, passes=(False,))
+        bound = max(bound, dx_bound)
+    return bound
 
 
 # -- scratch kept between calls ---------------------------------------------------------------

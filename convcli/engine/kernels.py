@@ -55,6 +55,33 @@ def grouped_matmul(cols: np.ndarray, w_groups: np.ndarray, out: np.ndarray) -> N
         )
 
 
+def shifted_forward(
+    plan: Plan, x: np.ndarray, w_rows: np.ndarray, tile: Tile, out: np.ndarray
+) -> None:
+    """out (pixels, Cout) of a stride-1, one-group tile without a full patch matrix.
+
+    x is (n, *spatial, Cin), w_rows the weights (taps / kw, kw·Cin, Cout) (kernel rows of
+    the last axis, in kernel order). One GEMM per kernel row on shifted rows of
+    :meth:`~convcli.engine.tiling.Plan.shifted_matrix`, accumulated over the padded grid,
+    then the valid outputs copied out.
+    """
+    matrix, offsets = plan.shifted_matrix(x, tile)
+    positions, cout = matrix.shape[0], w_rows.shape[-1]
+    rows = positions - offsets[-1]
+    acc = plan.buffer("acc", (positions, cout))
+    np.matmul(matrix[:rows], w_rows[0], out=acc[:rows])
+    if len(offsets) > 1:
+        product = plan.buffer("product", (rows, cout))
+        for offset, w_row in zip(offsets[1:], w_rows[1:], strict=True):
+            np.matmul(matrix[offset : offset + rows], w_row, out=product)
+            acc[:rows] += product
+    _, lengths = plan.input_window(tile)
+    grid = acc.reshape(tile.n_images, *lengths, cout)
+    out_tile = (tile.n_rows, *plan.geometry.out_sizes[1:])
+    valid: Index = (slice(None), *(slice(0, size) for size in out_tile), slice(None))
+    out.reshape(tile.n_images, *out_tile, cout)[...] = grid[valid]
+
+
 def transposed_conv(geometry: Geometry, w: np.ndarray) -> tuple[np.ndarray, ConvSpec] | None:
     """dx as a convolution of dz, when it is one (stride 1, zero padding, not depthwise).
 
@@ -73,13 +100,8 @@ def transposed_conv(geometry: Geometry, w: np.ndarray) -> tuple[np.ndarray, Conv
     (n, *out, Cout) with to get dx (n, *spatial, Cin); or None when the padding this needs
     would be negative (then dx is gathered from the patch gradients instead).
     """
-    if set(geometry.stride) != {1} or is_depthwise(geometry) or geometry.padding_mode != "zeros":
-        return None
-    pads = tuple(
-        (d * (k - 1) - lo, d * (k - 1) - hi)
-        for d, k, (lo, hi) in zip(geometry.dilation, geometry.kernel, geometry.pads, strict=True)
-    )
-    if any(v < 0 for pair in pads for v in pair):
+    spec = dx_convolution(geometry)
+    if spec is None:
         return None
     g = geometry.groups
     nd = len(geometry.kernel)
@@ -91,8 +113,23 @@ def transposed_conv(geometry: Geometry, w: np.ndarray) -> tuple[np.ndarray, Conv
     w_t = np.ascontiguousarray(np.swapaxes(grouped, -3, -1)).reshape(
         *geometry.kernel, cout_g, g * cin_g
     )
-    spec = ConvSpec(stride=geometry.stride, padding=pads, dilation=geometry.dilation, groups=g)
     return w_t, spec
+
+
+def dx_convolution(geometry: Geometry) -> ConvSpec | None:
+    """The spec of the convolution of dz that gives dx (see :func:`transposed_conv`), or None
+    when dx is not one (stride above 1, depthwise, other padding modes, negative padding)."""
+    if set(geometry.stride) != {1} or is_depthwise(geometry) or geometry.padding_mode != "zeros":
+        return None
+    pads = tuple(
+        (d * (k - 1) - lo, d * (k - 1) - hi)
+        for d, k, (lo, hi) in zip(geometry.dilation, geometry.kernel, geometry.pads, strict=True)
+    )
+    if any(v < 0 for pair in pads for v in pair):
+        return None
+    return ConvSpec(
+        stride=geometry.stride, padding=pads, dilation=geometry.dilation, groups=geometry.groups
+    )
 
 
 # -- depthwise (one input channel per group) ----------------------------------------------------

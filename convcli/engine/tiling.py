@@ -13,7 +13,10 @@ a tile it
    skipped when there is no padding), so that every kernel tap reads valid memory;
 2. shows every receptive field as a strided view ``(images, *out_tile, *kernel, Cin)``
    (:meth:`Plan.windows`) and copies it into the patch matrix ``cols`` of shape
-   ``(groups, tile_pixels, kernel_taps·Cin/groups)`` (:meth:`Plan.im2col`);
+   ``(groups, tile_pixels, kernel_taps·Cin/groups)`` (:meth:`Plan.im2col`); or, for
+   stride-1 layers where it pays (:attr:`Plan.shifted`), copies the padded input only along
+   the last kernel axis (:meth:`Plan.shifted_matrix`), whose row-shifted views give each
+   kernel row its GEMM operand;
 3. in the backward pass, scatters patch gradients back with one strided add per kernel tap
    into its own padded buffer (:meth:`Plan.col2im`) and folds that buffer into dx
    (:meth:`Plan.add_interior`, the adjoint of padding).
@@ -83,6 +86,11 @@ class Plan:
         One input channel per group (groups > 1): per-tap kernels instead of a GEMM.
     pointwise : bool
         1x1 kernel, stride 1, no padding, one group: x itself is the patch matrix.
+    shifted : bool
+        Stride 1, one group, 2 or 3 spatial axes, not pointwise, ``kw·Cin >= 3·Cout`` and
+        ``taps·Cin < 1024``: the forward pass copies only along the last kernel axis
+        (:meth:`shifted_matrix`) and does one GEMM per position of the other kernel axes on
+        row-shifted views of that matrix, instead of building the full patch matrix.
     buffers : dict
         Scratch arrays by (name, dtype); lent by the caller for one call.
     dw : ndarray or None
@@ -109,6 +117,20 @@ class Plan:
         self.pointwise = (
             self.taps == 1 and set(geometry.stride) == {1} and not self.padded and g == 1
         )
+        # the kw-copy saves (taps - kw)·Cin copied values per output and costs about three
+        # passes over Cout per further kernel row (GEMM product out, read, accumulate): it
+        # pays when kw·Cin >= 3·Cout, and not once a patch row of 1024 values makes the
+        # full im2col GEMM efficient enough (measured with benchmarks/compare_engines.py
+        # --cpu-time: cifar 16->32 and wide 128->128 lose; resnet 64->64, dilated and
+        # 7x7 16->16 gain)
+        self.shifted = (
+            set(geometry.stride) == {1}
+            and g == 1
+            and len(geometry.kernel) >= 2
+            and not self.pointwise
+            and geometry.kernel[-1] * geometry.cin >= 3 * geometry.cout
+            and self.k_group < 1024
+        )
         self.backward = backward
         self.rows_per_tile, self.images_per_tile = self._choose_tiles(workspace)
         self.offsets = list(itertools.product(*(range(k) for k in geometry.kernel)))
@@ -127,6 +149,10 @@ class Plan:
         elements = 0
         if self.pointwise:
             elements += pixels * geometry.cout  # x is used in place; keep the z tile cache-sized
+        elif self.shifted:  # cols for dw; or the kw-copy, its accumulator and a GEMM product
+            positions = padded_input // geometry.cin
+            kw_cols = positions * geometry.kernel[-1] * geometry.cin
+            elements += max(pixels * self.k_group, kw_cols + 2 * positions * geometry.cout)
         elif not self.depthwise:
             elements += pixels * geometry.groups * self.k_group  # cols
             if geometry.groups > 1:
@@ -297,6 +323,38 @@ class Plan:
         np.copyto(cols, windows)
         return cols.reshape(g, -1, self.k_group)
 
+    def shifted_matrix(self, x: np.ndarray, tile: Tile) -> tuple[np.ndarray, list[int]]:
+        """The tile's padded input copied along the last kernel axis only, for a stride-1
+        layer (:attr:`shifted`).
+
+        With the padded input (images, *window lengths, Cin) flattened to ``positions`` rows
+        of Cin, row p of the returned matrix (positions, kw·Cin) holds rows p, p + d, ...,
+        p + (kw - 1)·d of it (d the last axis's dilation; zeros past the end). The
+        receptive field of the output at padded position p is then rows p + offset of this
+        matrix, one offset per position of the other kernel axes, returned in kernel order:
+        output = Σ over offsets of matrix[offset : offset + q] @ w[that kernel row], for the
+        first q = positions - max(offsets) rows. Rows whose position lies past an output's
+        extent (the last span - 1 positions of each axis) are computed and dropped.
+        """
+        geometry = self.geometry
+        cin, kw, d = geometry.cin, geometry.kernel[-1], geometry.dilation[-1]
+        padded = self.padded_input(x, tile)
+        flat = padded.reshape(-1, cin)
+        positions = flat.shape[0]
+        matrix = self.buffer("kw_cols", (positions, kw, cin))
+        for b in range(kw):
+            shift = min(b * d, positions)
+            matrix[: positions - shift, b] = flat[shift:]
+            matrix[positions - shift :, b] = 0
+        lengths = padded.shape[1:-1]
+        steps = [math.prod(lengths[axis + 1 :]) for axis in range(len(lengths) - 1)]
+        dilations = geometry.dilation[:-1]
+        offsets = [
+            sum(a * dil * step for a, dil, step in zip(rest, dilations, steps, strict=True))
+            for rest in itertools.product(*(range(k) for k in geometry.kernel[:-1]))
+        ]
+        return matrix.reshape(positions, kw * cin), offsets
+
     def dcols(self, tile: Tile) -> np.ndarray:
         """Scratch (g, pixels, taps·Cin/g) for the patch gradients."""
         pixels = tile.n_images * tile.n_rows * math.prod(self.geometry.out_sizes[1:])
@@ -351,15 +409,26 @@ class Plan:
         ]
 
 
-def scratch_bound(geometry: Geometry, dtype: npt.DTypeLike, workspace: int, workers: int) -> int:
+def scratch_bound(
+    geometry: Geometry,
+    dtype: npt.DTypeLike,
+    workspace: int,
+    workers: int,
+    passes: Sequence[bool] = (False, True),
+) -> int:
     """An upper bound in bytes of the scratch ``workers`` plans sharing ``workspace`` use.
 
-    Each worker's plan gets ``workspace // workers``; the bound is the workspace unless even
-    the smallest tile (one output row of one image) is bigger.
+    Each worker's plan gets ``workspace // workers`` and picks its tiles for the forward
+    (``False`` in ``passes``) or the backward pass (``True``); the bound is the workers times
+    the biggest of those tiles: at most the workspace, unless even the smallest tile (one
+    output row of one image) is bigger.
     """
-    plan = Plan(geometry, dtype, max(1, workspace // workers), backward=True)
-    one_tile = plan.tile_bytes(plan.images_per_tile, plan.rows_per_tile)
-    return min(workspace, workers * one_tile) if one_tile <= workspace else workers * one_tile
+    share = max(1, workspace // workers)
+    one_tile = 0
+    for backward in passes:
+        plan = Plan(geometry, dtype, share, backward=backward)
+        one_tile = max(one_tile, plan.tile_bytes(plan.images_per_tile, plan.rows_per_tile))
+    return workers * one_tile
 
 
 def _inside(starts: Sequence[int], lengths: Sequence[int], sizes: Sequence[int]) -> list[slice]:
