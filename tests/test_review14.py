@@ -3,6 +3,9 @@ same_lower); each test failed before its fix."""
 
 from __future__ import annotations
 
+import json
+import struct
+
 from typer.testing import CliRunner
 
 from convcli import ConvSpec
@@ -29,3 +32,34 @@ def test_same_on_a_given_layer_reaches_classic_as_the_integer_it_resolves_to():
     config = impl_config((1, 7, 7, 3), (3,), 2, ConvSpec(padding="same"), ADAPTERS["classic"])
     assert config.pad == 1
 
+
+def _safetensors(path, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+ESC = "\x1b]0;pwned\x07\x1b[31m"
+
+
+def test_inspect_shows_control_characters_in_keys_and_metadata_escaped(tmp_path):
+    """A downloaded file's key or __metadata__ reaches the terminal as text, never as an
+    escape sequence (error lines already escape them)."""
+    data = tmp_path / f"dl{ESC}.safetensors"
+    entry = {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}
+    _safetensors(data, {f"k{ESC}": entry, "__metadata__": {f"n{ESC}": f"v{ESC}\nx"}}, b"\0" * 4)
+    result = runner.invoke(app, ["inspect", str(data)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout, repr(result.stdout)
+    assert "k\\x1b]0;pwned" in result.stdout, result.stdout
+    assert "v\\x1b]0;pwned\\x07\\x1b[31m\\nx" in result.stdout, result.stdout
+
+
+def test_forward_shows_a_key_with_control_characters_escaped_in_its_origin(tmp_path):
+    data = tmp_path / "state.safetensors"
+    entry = {"dtype": "F32", "shape": [1, 3, 3, 1], "data_offsets": [0, 36]}
+    weight = {"dtype": "F32", "shape": [1, 1, 1, 1], "data_offsets": [36, 40]}
+    _safetensors(data, {"x": entry, f"w{ESC}": weight}, b"\0" * 40)
+    result = runner.invoke(app, ["forward", "--x", f"{data}:x", "--w", f"{data}:w{ESC}"])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout, repr(result.stdout)
+    assert "w\\x1b]0;pwned" in result.stdout, result.stdout
