@@ -63,3 +63,19 @@ def test_forward_shows_a_key_with_control_characters_escaped_in_its_origin(tmp_p
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.stdout, repr(result.stdout)
     assert "w\\x1b]0;pwned" in result.stdout, result.stdout
+
+
+def test_a_metadata_that_is_not_an_object_is_refused_not_read_as_empty(tmp_path):
+    """``"__metadata__": []`` (or "", 0, false) is malformed like a list of numbers is; only
+    an object of strings, or null, is a metadata."""
+    entry = {"dtype": "F32", "shape": [1, 3, 3, 1], "data_offsets": [0, 36]}
+    weight = {"dtype": "F32", "shape": [1, 1, 1, 1], "data_offsets": [36, 40]}
+    for index, metadata in enumerate([[], "", 0, False, ["stride"]]):
+        data = tmp_path / f"m{index}.safetensors"
+        _safetensors(data, {"x": entry, "w": weight, "__metadata__": metadata}, b"\0" * 40)
+        result = runner.invoke(app, ["inspect", str(data)])
+        assert result.exit_code == 65, (metadata, result.output)
+        assert "__metadata__ must be an object of strings" in result.stderr
+    data = tmp_path / "null.safetensors"
+    _safetensors(data, {"x": entry, "w": weight, "__metadata__": None}, b"\0" * 40)
+    assert runner.invoke(app, ["inspect", str(data)]).exit_code == 0

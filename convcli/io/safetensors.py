@@ -181,7 +181,8 @@ def read_header(handle: IO[bytes], where: str) -> tuple[dict[str, Entry], dict[s
         raise DataError(f"{where}: safetensors header is not valid JSON ({reason(exc)})") from exc
     if not isinstance(header, dict):
         raise DataError(f"{where}: safetensors header is not a JSON object")
-    metadata = header.pop(METADATA, None) or {}
+    metadata = header.pop(METADATA, None)
+    metadata = {} if metadata is None else metadata  # null: no metadata; [] or "" is malformed
     if not isinstance(metadata, dict) or not all(
         isinstance(value, str) for value in metadata.values()
     ):
