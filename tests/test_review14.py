@@ -22,7 +22,9 @@ def test_same_lower_reaches_a_callable_resolved_not_as_a_word_it_never_agreed_to
     adapter = callable_adapter("nhwc", ("stride", "padding"))
     config = impl_config((1, 8, 8, 3), (3,), 2, ConvSpec(stride=2, padding="same_lower"), adapter)
     assert config.pad == ((1, 0), (1, 0))
-    symmetric = impl_config((1, 7, 7, 3), (3,), 2, ConvSpec(stride=2, padding="same_lower"), adapter)
+    symmetric = impl_config(
+        (1, 7, 7, 3), (3,), 2, ConvSpec(stride=2, padding="same_lower"), adapter
+    )
     assert symmetric.pad == 1
 
 
@@ -49,7 +51,8 @@ def test_inspect_shows_control_characters_in_keys_and_metadata_escaped(tmp_path)
     _safetensors(data, {f"k{ESC}": entry, "__metadata__": {f"n{ESC}": f"v{ESC}\nx"}}, b"\0" * 4)
     result = runner.invoke(app, ["inspect", str(data)])
     assert result.exit_code == 0, result.output
-    assert "\x1b" not in result.stdout and "\x07" not in result.stdout, repr(result.stdout)
+    assert "\x1b" not in result.stdout, repr(result.stdout)
+    assert "\x07" not in result.stdout, repr(result.stdout)
     assert "k\\x1b]0;pwned" in result.stdout, result.stdout
     assert "v\\x1b]0;pwned\\x07\\x1b[31m\\nx" in result.stdout, result.stdout
 
@@ -108,3 +111,24 @@ def test_a_big_safetensors_x_streams_like_the_same_x_from_npy(tmp_path):
     assert from_st["tensors"]["z"] == from_npy["tensors"]["z"]
     with h5py.File(tmp_path / "s.h5") as s, h5py.File(tmp_path / "n.h5") as n:
         np.testing.assert_array_equal(s["z"][()], n["z"][()])
+
+
+def test_sampled_gradients_step_a_transposed_operand():
+    """A layer from an nchw file reaches the check as transposed views; the sampled central
+    differences stepped a copy of them and found 0 everywhere, so
+    `gradcheck --impl classic_conv.py --mode sample nchw.npz --layout nchw` failed a correct
+    backward ("dW wrong at 3/3 elements ... numerically 0") while exhaustive mode passed."""
+    import numpy as np
+
+    from convcli.check.numgrad import sampled_gradients
+
+    x = np.arange(12.0).reshape(3, 4).T  # not C-contiguous, as x_to_last makes it
+    w, b = np.ones((2, 2)).T, np.ones(2)
+
+    def forward(x, w, b):
+        return 2 * x + w.sum() + 3 * b.sum()
+
+    sampled = sampled_gradients(forward, x, w, b, np.ones(x.shape), samples=5, eps=1e-3)
+    np.testing.assert_allclose(sampled.values["dx"], 2.0)
+    np.testing.assert_allclose(sampled.values["dw"], x.size)
+    np.testing.assert_allclose(sampled.values["db"], 3 * x.size)

@@ -208,9 +208,7 @@ def print_inventory(console: Console, report: dict) -> None:
         )
     print_table(console, table)
     if report.get("metadata"):
-        pairs = ", ".join(
-            one_line(f"{name}={value}") for name, value in report["metadata"].items()
-        )
+        pairs = ", ".join(one_line(f"{name}={value}") for name, value in report["metadata"].items())
         console.print(Text(f"metadata: {pairs}"))
     h = report["hparams"]
     if h:
