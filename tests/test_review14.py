@@ -132,3 +132,13 @@ def test_sampled_gradients_step_a_transposed_operand():
     np.testing.assert_allclose(sampled.values["dx"], 2.0)
     np.testing.assert_allclose(sampled.values["dw"], x.size)
     np.testing.assert_allclose(sampled.values["db"], 3 * x.size)
+
+
+def test_two_schemes_naming_the_same_group_are_two_layers_not_one_silently():
+    """``conv1.weight`` (PyTorch) and ``conv1/kernel:0`` (Keras 2) share the group ``conv1``;
+    the second was dropped, so a file of two layers ran the first without --layer."""
+    from convcli.io.layers import find_layers
+
+    layers = find_layers(["conv1.weight", "conv1/kernel:0", "x"])
+    assert len(layers) == 2, layers
+    assert {layer.weight for layer in layers.values()} == {"conv1.weight", "conv1/kernel:0"}
