@@ -142,3 +142,31 @@ def test_two_schemes_naming_the_same_group_are_two_layers_not_one_silently():
     layers = find_layers(["conv1.weight", "conv1/kernel:0", "x"])
     assert len(layers) == 2, layers
     assert {layer.weight for layer in layers.values()} == {"conv1.weight", "conv1/kernel:0"}
+
+
+def _npy_with_shape(path, shape: str, data: bytes) -> None:
+    header = f"{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + data)
+
+
+def test_a_negative_dimension_in_an_npy_header_is_refused_as_corrupt(tmp_path):
+    """numpy's header parser takes (-1, 2, 2, 3); inspect listed it with -96 bytes and no
+    problem, and forward failed late with numpy's wording. safetensors refuses the same."""
+    import zipfile
+
+    _npy_with_shape(tmp_path / "x.npy", "(-1, 2, 2, 3)", b"\0" * 96)
+    with zipfile.ZipFile(tmp_path / "d.npz", "w") as archive:
+        archive.write(tmp_path / "x.npy", "x.npy")
+    for target in ("x.npy", "d.npz"):
+        result = runner.invoke(app, ["inspect", str(tmp_path / target)])
+        assert result.exit_code == 65, result.output
+        assert "negative" in result.stderr, result.stderr
+    import numpy as np
+
+    np.save(tmp_path / "w.npy", np.ones((1, 1, 3, 4)))
+    result = runner.invoke(
+        app, ["forward", "--x", str(tmp_path / "x.npy"), "--w", str(tmp_path / "w.npy")]
+    )
+    assert result.exit_code == 65, result.output
+    assert "negative" in result.stderr, result.stderr
