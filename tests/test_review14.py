@@ -170,3 +170,24 @@ def test_a_negative_dimension_in_an_npy_header_is_refused_as_corrupt(tmp_path):
     )
     assert result.exit_code == 65, result.output
     assert "negative" in result.stderr, result.stderr
+
+
+def test_inspect_lists_a_file_with_a_tensor_convcli_does_not_read(tmp_path):
+    """An FP8 tensor beside float32 ones (quantized checkpoints): forward runs on the others,
+    but inspect refused the whole file (exit 65) instead of listing it from the header."""
+    data = tmp_path / "fp8.safetensors"
+    x = {"dtype": "F32", "shape": [1, 3, 3, 1], "data_offsets": [0, 36]}
+    w = {"dtype": "F32", "shape": [1, 1, 1, 1], "data_offsets": [36, 40]}
+    q = {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [40, 44]}
+    _safetensors(data, {"x": x, "w": w, "q": q}, b"\0" * 44)
+    result = runner.invoke(app, ["inspect", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    by_key = {t["key"]: t for t in report["tensors"]}
+    assert set(by_key) == {"x", "w", "q"}
+    assert by_key["x"]["role"] == "x"
+    assert by_key["q"]["dtype"] is None
+    assert any("F8_E4M3" in problem for problem in report["problems"])
+    table = runner.invoke(app, ["inspect", str(data)])
+    assert table.exit_code == 0, table.output
+    assert "unreadable" in table.stdout

@@ -198,6 +198,9 @@ def print_inventory(console: Console, report: dict) -> None:
     for column in ("key", "shape", "dtype", "bytes", "used as"):
         table.add_column(column, justify="right" if column == "bytes" else "left")
     for entry in report["tensors"]:
+        if entry["dtype"] is None:  # not read by convcli: its refusal is among the problems
+            table.add_row(Text(one_line(entry["key"])), "", "unreadable", "", "")
+            continue
         table.add_row(
             Text(one_line(entry["key"]) or "(unnamed)"),
             str(tuple(entry["shape"])),
