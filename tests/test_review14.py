@@ -191,3 +191,31 @@ def test_inspect_lists_a_file_with_a_tensor_convcli_does_not_read(tmp_path):
     table = runner.invoke(app, ["inspect", str(data)])
     assert table.exit_code == 0, table.output
     assert "unreadable" in table.stdout
+
+
+def test_wrote_messages_show_control_characters_in_names_escaped(tmp_path):
+    """'wrote ...' lines of generate, example and --out printed the path raw."""
+    name = "o\x1b[31m"
+    made = runner.invoke(
+        app,
+        [
+            "generate",
+            str(tmp_path / f"{name}.npz"),
+            "--shape",
+            "1,4,4,1",
+            "--kernel",
+            "1",
+            "--cout",
+            "1",
+        ],
+    )
+    assert made.exit_code == 0, made.output
+    example = runner.invoke(app, ["example", str(tmp_path / name)])
+    assert example.exit_code == 0, example.output
+    out = runner.invoke(
+        app, ["forward", str(tmp_path / f"{name}.npz"), "--out", str(tmp_path / f"z{name}.npz")]
+    )
+    assert out.exit_code == 0, out.output
+    for result in (made, example, out):
+        assert "\x1b" not in result.stdout + result.stderr, repr(result.stdout + result.stderr)
+        assert "o\\x1b[31m" in result.stdout + result.stderr
