@@ -27,29 +27,17 @@ def inspect_file(path) -> dict:
         "hparams": {name: value}, "origins": {name: text}, "metadata": {name: text}, "problems":
         [one-line messages]}``. ``layers`` are the convolution layers whose weights the file
         holds under a framework's names (the ``layer`` parameter); their tensors have
-        ``"layer"``. A tensor read in another dtype than the file's has ``"stored_dtype"``
-        (safetensors' ``"bfloat16"``, read as float32); ``metadata`` is what the file says of
+        ``"layer"``. A tensor convcli does not read (safetensors' FP8) has ``None`` for
+        shape, dtype and bytes, and its refusal among the problems. A tensor read in another
+        dtype than the file's has ``"stored_dtype"`` (safetensors' ``"bfloat16"``, read as
+        float32); ``metadata`` is what the file says of
         itself (safetensors' ``__metadata__``; empty for other formats). ``hparams`` are what
         forward/backward would use without flags (padding resolved when x and w are both found).
     """
     problems: list[str] = []
     with open_tensor_file(path) as tensor_file:
-        tensors: list[dict[str, Any]] = []
-        keys = tensor_file.keys()
-        for key in keys:
-            shape, dtype = tensor_file.shape_dtype(key)
-            problems += _refusal(tensor_file, key)
-            entry: dict[str, Any] = {
-                "key": key,
-                "shape": list(shape),
-                "dtype": str(dtype),
-                "bytes": int(dtype.itemsize * _count(shape)),
-                "role": None,
-            }
-            stored = tensor_file.reader.stored_dtype(key)
-            if stored is not None:  # read as dtype (safetensors' float16 as float32)
-                entry["stored_dtype"] = stored
-            tensors.append(entry)
+        keys = tensor_file.keys()  # a TensorFile, not a dict
+        tensors = [_entry(tensor_file, key, problems) for key in keys]
         metadata = tensor_file.reader.metadata()
         roles: dict[str, str | None] = {}
         if tensor_file.format != "npy":
@@ -72,8 +60,17 @@ def inspect_file(path) -> dict:
         except DataError as error:
             raw = {}
             problems.append(str(error))
-        shapes = {role: by_key[key]["shape"] for role, key in roles.items() if key in by_key}
-        dtypes = {role: tensor_file.shape_dtype(key)[1] for role, key in roles.items() if key}
+        shapes = {
+            role: by_key[key]["shape"]
+            for role, key in roles.items()
+            if key in by_key and by_key[key]["shape"] is not None
+        }
+        readable = {t["key"] for t in tensors if t["dtype"] is not None}
+        dtypes = {
+            role: tensor_file.shape_dtype(key)[1]
+            for role, key in roles.items()
+            if key is not None and key in readable
+        }
         fmt = tensor_file.format
         where = {role: origin_text(tensor_file, key) for role, key in roles.items() if key}
     hparams: dict[str, Any] = {}
@@ -111,6 +108,29 @@ def inspect_file(path) -> dict:
         "metadata": metadata,
         "problems": problems,
     }
+
+
+def _entry(tensor_file: TensorFile, key: str, problems: list[str]) -> dict[str, Any]:
+    """``key``'s row (key, shape, dtype, bytes, role), its refusals added to ``problems``."""
+    try:
+        shape, dtype = tensor_file.shape_dtype(key)
+    except DataError as error:
+        if tensor_file.format != "safetensors":
+            raise  # a corrupt header; a safetensors header was checked whole on opening,
+        problems.append(str(error))  # so this is a dtype convcli does not read (FP8)
+        return {"key": key, "shape": None, "dtype": None, "bytes": None, "role": None}
+    problems += _refusal(tensor_file, key)
+    entry: dict[str, Any] = {
+        "key": key,
+        "shape": list(shape),
+        "dtype": str(dtype),
+        "bytes": int(dtype.itemsize * _count(shape)),
+        "role": None,
+    }
+    stored = tensor_file.reader.stored_dtype(key)
+    if stored is not None:  # read as dtype (safetensors' float16 as float32)
+        entry["stored_dtype"] = stored
+    return entry
 
 
 def _layers(tensor_file: TensorFile, by_key: dict[str, dict]) -> dict[str, dict]:

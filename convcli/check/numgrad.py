@@ -213,7 +213,7 @@ def sampled_gradients(
     element reaches: each value is the element's own central difference over all of z.
     """
     rng = np.random.default_rng(seed)
-    operands = [np.array(a, dtype=np.float64) for a in (x, w, b)]
+    operands = [np.array(a, dtype=np.float64, order="C") for a in (x, w, b)]  # flat views
     g = np.asarray(g, dtype=np.float64)
     indices: dict[str, np.ndarray] = {}
     values: dict[str, np.ndarray] = {}

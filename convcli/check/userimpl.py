@@ -983,7 +983,7 @@ def impl_config(shape, kernel, cout: int, spec: ConvSpec, adapter: Adapter | Non
             "only; give one size",
             param="kernel",
         )
-    stride, pad, dilation = _expressed(spec, rank, adapter)
+    stride, pad, dilation = _expressed(spec, rank, adapter, tuple(shape[1:-1]), kernel)
     config = Config(
         shape=tuple(shape),
         kernel=kernel,
@@ -997,17 +997,23 @@ def impl_config(shape, kernel, cout: int, spec: ConvSpec, adapter: Adapter | Non
     return config
 
 
-def _expressed(spec: ConvSpec, rank: int, adapter: Adapter) -> tuple[Step, Pad, Step]:
+def _expressed(
+    spec: ConvSpec, rank: int, adapter: Adapter, in_sizes: tuple[int, ...], kernel
+) -> tuple[Step, Pad, Step]:
     """``(stride, pad, dilation)`` of ``spec`` as ``adapter`` takes them: one integer each
     (pad "same" or "valid" only with the "padding_forms" feature), or, with the "per_axis"
-    feature, a tuple per axis where the axes differ (pad: ``(before, after)`` pairs)."""
+    feature, a tuple per axis where the axes differ (pad: ``(before, after)`` pairs).
+
+    A padding word the adapter does not take ("same_lower" always, "same" without the
+    "padding_forms" feature) is resolved for the layer's ``in_sizes`` and ``kernel``."""
     stride_axes, dilation_axes = spec.per_axis(rank)
     padding = spec.explicit_padding(rank)
+    forms = ("same", "valid") if "padding_forms" in adapter.features else ()
+    if isinstance(padding, str) and padding not in forms:
+        padding = spec.resolve_padding(in_sizes, kernel)
     pads: set[int | str] = (
-        set() if isinstance(padding, str) else {v for pair in padding for v in pair}
+        {padding} if isinstance(padding, str) else {v for pair in padding for v in pair}
     )
-    if isinstance(spec.padding, str) and "padding_forms" in adapter.features:
-        pads = {spec.padding}
     per_axis = "per_axis" in adapter.features
     one_integer = f"checking a user's implementation needs one integer, as in {_EXERCISE}"
     if len(set(stride_axes)) != 1 and not per_axis:

@@ -547,7 +547,7 @@ def _finish(result: RunResult, slice_exprs, as_json: bool, out, heatmap_exprs=()
         for label, value in pictures.items():
             print_heatmap(console, value, f"{label}, shape {value.shape}")
     if out is not None:
-        messages.print(Text(f"wrote {', '.join(result.outputs)} to {out}"))
+        messages.print(Text(one_line(f"wrote {', '.join(result.outputs)} to {out}")))
 
 
 @contextlib.contextmanager
@@ -1264,7 +1264,8 @@ def _print_generated(out, tensors, attrs, dtype: str, as_json: bool) -> None:
         return
     listing = ", ".join(f"{name} {tuple(a.shape)}" for name, a in tensors.items())
     _data_console().print(
-        Text(f"wrote {out}: {listing} {dtype}; hyperparameters {attrs}"), soft_wrap=True
+        Text(one_line(f"wrote {out}: {listing} {dtype}; hyperparameters {attrs}", 10**4)),
+        soft_wrap=True,
     )
 
 
@@ -1292,7 +1293,7 @@ def example(
             print(json.dumps(versioned({"command": "example", "files": list(map(str, written))})))
         else:
             listing = ", ".join(path.name for path in written)
-            _data_console().print(Text(f"wrote {folder}: {listing}"), soft_wrap=True)
+            _data_console().print(Text(one_line(f"wrote {folder}: {listing}")), soft_wrap=True)
 
 
 @app.command()

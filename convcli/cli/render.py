@@ -12,6 +12,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from convcli.cli.messages import one_line
 from convcli.hparams import BY_NAME, format_hparams
 from convcli.run import RunResult, Upstream
 from convcli.sweep import record_verdict
@@ -78,7 +79,7 @@ def result_table(result: RunResult) -> Table:
     """
     h = result.hparams
     sources = "\n".join(
-        f"{name} ← {origin_text(tensor.origin)}"
+        f"{name} ← {one_line(origin_text(tensor.origin))}"
         for name, tensor in result.tensors.items()
         if tensor.role == "input"
     )
@@ -189,7 +190,7 @@ def print_result(console: Console, result: RunResult, slices: dict[str, np.ndarr
 def print_inventory(console: Console, report: dict) -> None:
     """``convcli inspect``: one row per array, then the hyperparameters it would use."""
     table = Table(
-        title=f"{report['file']} ({report['format']})",
+        title=f"{one_line(report['file'])} ({report['format']})",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
@@ -197,17 +198,20 @@ def print_inventory(console: Console, report: dict) -> None:
     for column in ("key", "shape", "dtype", "bytes", "used as"):
         table.add_column(column, justify="right" if column == "bytes" else "left")
     for entry in report["tensors"]:
+        if entry["dtype"] is None:  # not read by convcli: its refusal is among the problems
+            table.add_row(Text(one_line(entry["key"])), "", "unreadable", "", "")
+            continue
         table.add_row(
-            Text(entry["key"] or "(unnamed)"),
+            Text(one_line(entry["key"]) or "(unnamed)"),
             str(tuple(entry["shape"])),
             entry["dtype"]
             + (f" (stored {entry['stored_dtype']})" if "stored_dtype" in entry else ""),
             f"{entry['bytes']:,}",
-            _used_as(entry, report.get("layers", {})),
+            one_line(_used_as(entry, report.get("layers", {}))),
         )
     print_table(console, table)
     if report.get("metadata"):
-        pairs = ", ".join(f"{name}={value}" for name, value in report["metadata"].items())
+        pairs = ", ".join(one_line(f"{name}={value}") for name, value in report["metadata"].items())
         console.print(Text(f"metadata: {pairs}"))
     h = report["hparams"]
     if h:

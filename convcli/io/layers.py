@@ -95,7 +95,8 @@ def find_layers(keys: Iterable[str], rank: Callable[[str], int] | None = None) -
     Returns
     -------
     dict of str to Layer
-        The layer's name (the Keras 3 group path when its name occurs twice) -> Layer.
+        The layer's name (the Keras 3 group path when its name occurs twice; the weight's
+        key when two schemes give the same group) -> Layer.
     """
     keys = list(keys)
     present = set(keys)
@@ -112,10 +113,15 @@ def find_layers(keys: Iterable[str], rank: Callable[[str], int] | None = None) -
     counts: dict[str, int] = {}
     for layer in found:
         counts[layer.name] = counts.get(layer.name, 0) + 1
+    names = [layer.name if counts[layer.name] == 1 else _group(layer) for layer in found]
+    taken: dict[str, int] = {}
+    for name in names:
+        taken[name] = taken.get(name, 0) + 1
     layers: dict[str, Layer] = {}
-    for layer in found:
-        name = layer.name if counts[layer.name] == 1 else _group(layer)
-        layers.setdefault(name, Layer(name, layer.weight, layer.bias, layer.scheme))
+    for layer, name in zip(found, names, strict=True):
+        if taken[name] > 1:  # two schemes, one group (conv1.weight, conv1/kernel:0): the key
+            name = layer.weight
+        layers[name] = Layer(name, layer.weight, layer.bias, layer.scheme)
     return layers
 
 

@@ -25,13 +25,14 @@ def npy_header(handle: IO[bytes]) -> tuple[Shape, np.dtype]:
     """Shape and dtype from an open ``.npy`` stream positioned at its start; no data is read.
 
     The stream is left at the first byte of the data.
+
+    Raises
+    ------
+    ValueError
+        Also for a shape with a negative dimension, which numpy's header parser accepts.
     """
-    version = np.lib.format.read_magic(handle)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
-    else:
-        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
-    return tuple(shape), dtype
+    shape, dtype, _, _ = npy_layout(handle)
+    return shape, dtype
 
 
 def npy_layout(handle: IO[bytes]) -> tuple[Shape, np.dtype, bool, int]:
@@ -41,6 +42,8 @@ def npy_layout(handle: IO[bytes]) -> tuple[Shape, np.dtype, bool, int]:
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
     else:
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+    if any(size < 0 for size in shape):
+        raise ValueError(f"shape {tuple(shape)} has a negative dimension")
     return tuple(shape), dtype, bool(fortran), handle.tell()
 
 

@@ -10,7 +10,9 @@ The whole header is checked when the file is opened, before any tensor is alloca
 length is bounded (:data:`MAX_HEADER_BYTES`, and the file's size), the JSON is an object,
 every entry has a known dtype, a shape of non-negative integers and ``data_offsets`` inside
 the data area holding exactly ``itemsize x prod(shape)`` bytes, and no two tensors share
-bytes. Tensors are then read at their offsets, one at a time (never the whole file).
+bytes. Tensors are then read at their offsets, one at a time (never the whole file), or a
+block of rows at a time for streaming (:meth:`SafetensorsReader.rows`, the ``.npy`` reader's
+:class:`~convcli.io.npy.NpyRows`).
 float16 and bfloat16 are read as float32 (the engine computes in float32 or float64), with a
 :class:`~convcli.errors.ConvcliNotice`.
 
@@ -40,6 +42,7 @@ import numpy as np
 
 from convcli.errors import ConvcliNotice, DataError
 from convcli.hparams import FILE_KEYS
+from convcli.io.npy import NpyRows
 from convcli.io.reader import (
     MAX_HPARAM_SIZE,
     Hparams,
@@ -181,7 +184,8 @@ def read_header(handle: IO[bytes], where: str) -> tuple[dict[str, Entry], dict[s
         raise DataError(f"{where}: safetensors header is not valid JSON ({reason(exc)})") from exc
     if not isinstance(header, dict):
         raise DataError(f"{where}: safetensors header is not a JSON object")
-    metadata = header.pop(METADATA, None) or {}
+    metadata = header.pop(METADATA, None)
+    metadata = {} if metadata is None else metadata  # null: no metadata; [] or "" is malformed
     if not isinstance(metadata, dict) or not all(
         isinstance(value, str) for value in metadata.values()
     ):
@@ -286,6 +290,24 @@ class SafetensorsReader(Reader):
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
+
+    def rows(self, key: str) -> NpyRows | None:
+        """Rows of a tensor read at their offsets, as a C-order ``.npy``'s are; None for
+        float16/bfloat16 (converted on reading) and 0-d tensors."""
+        entry = self._entry(key)
+        if self._handle is None:
+            raise DataError(f"{self.path}: file is closed")
+        if entry.code not in DTYPES or entry.code in UPCAST or not entry.shape:
+            return None
+        start = self._data_start + entry.begin
+        return NpyRows(
+            self._handle.fileno(), start, entry.shape, DTYPES[entry.code], self.where(key)
+        )
+
+    def streaming_hint(self, key: str) -> str:
+        if self.stored_dtype(key) is not None:
+            return "store it as float32 to stream it (float16 and bfloat16 are converted whole)"
+        return super().streaming_hint(key)
 
     def read_array(self, key: str) -> np.ndarray:
         entry = self._entry(key)
