@@ -415,3 +415,13 @@ def test_callable_takes_per_axis_steps_and_asymmetric_padding(tmp_path):
     result = runner.invoke(app, ["gradcheck", "--impl", str(classic), *square])
     assert result.exit_code == 2
     assert "--stride 1,2" in result.stderr
+
+
+def test_the_bundled_numpy_kernel_takes_per_axis_strides_and_padding_pairs():
+    kernel = ROOT / "sample_data" / "numpy_kernel.py"
+    layer = ["--shape", "2,3,7,8", "--layout", "nchw", "--kernel", "3,2", "--cout", "4"]
+    layer += ["--stride", "1,2", "--pad", "1,0,0,2"]
+    result = runner.invoke(app, ["gradcheck", "--impl", f"{kernel}:conv", *layer, "--json"])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(result.stdout)["results"]
+    assert entry["config"]["pad"] == [[1, 0], [0, 2]]
