@@ -99,3 +99,11 @@ def test_a_file_where_the_folder_should_be_is_refused(tmp_path):
     result = invoke("example", tmp_path / "taken")
     assert result.exit_code == 73
     assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_an_empty_folder_name_is_refused_not_taken_for_the_current_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["example", ""])
+    assert result.exit_code == 2
+    assert "DIR is empty" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1272,7 +1272,7 @@ def _print_generated(out, tensors, attrs, dtype: str, as_json: bool) -> None:
 @app.command()
 def example(
     folder: Annotated[
-        Path,
+        str,
         typer.Argument(
             metavar="DIR", help="Folder to write into (made if missing).", show_default=False
         ),
@@ -1287,7 +1287,9 @@ def example(
 
     Example: convcli example sample_data
     """
-    written = write_examples(folder, force=force)
+    if not folder:  # Path("") would be the current folder
+        raise UsageError("DIR is empty: name the folder to write into (. for this one)")
+    written = write_examples(Path(folder), force=force)
     with _data_output():
         if as_json:
             print(json.dumps(versioned({"command": "example", "files": list(map(str, written))})))
