@@ -293,3 +293,9 @@ def test_inspect_lists_the_layers_and_their_tensors(tmp_path, layer, make, names
     table = run("inspect", path)
     assert f"w of {sorted(names)[0]}" in table.stdout
     assert f"b of {sorted(names)[0]}" in table.stdout
+
+
+def test_layer_and_a_named_w_together_are_a_usage_error(tmp_path, layer):
+    path = torch_file(tmp_path, layer)
+    result = run("forward", path, "--layer", "layer2.0.conv1", "--w", f"{path}:x")
+    assert_error(result, 2, "--layer 'layer2.0.conv1' picks w and b", "give one of the two")

@@ -473,6 +473,12 @@ def _choose_layer(
         path, key = parse_ref(w_ref)
         if key is not None and layer is None:
             return None  # w is named: b is found as usual
+        if key is not None:
+            raise UsageError(
+                "{param} " + f"{layer!r} picks w and b by the layer's names, and w is named as "
+                f"well ({w_ref}): give one of the two",
+                param="layer",
+            )
         source = cache.open(path) if key is None else data_file
     if layer is not None:
         if source is None:
