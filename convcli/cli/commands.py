@@ -433,6 +433,18 @@ AllowSparse = Annotated[
         help="Read tensors declaring over 1000x more data than their file stores (over 16 MiB).",
     ),
 ]
+# the layer drawn by --shape (gradcheck, plan)
+ShapeKernel = Annotated[
+    str | None,
+    typer.Option(
+        "--kernel", metavar="K[,K..]", help="Kernel size (or one per axis), with --shape."
+    ),
+]
+ShapeCout = Annotated[
+    int | None,
+    typer.Option("--cout", metavar="C", min=1, help="Output channels with --shape."),
+]
+
 MAX_THREADS = 1024  # more is never useful, and huge counts overflow the BLAS libraries' ints
 Threads = Annotated[
     int | None,
@@ -793,16 +805,8 @@ def gradcheck(
             help="Random x of this shape (N,*spatial,CIN; 1-3 axes).",
         ),
     ] = None,
-    kernel: Annotated[
-        str | None,
-        typer.Option(
-            "--kernel", metavar="K[,K..]", help="Kernel size (or one per axis), with --shape."
-        ),
-    ] = None,
-    cout: Annotated[
-        int | None,
-        typer.Option("--cout", metavar="C", min=1, help="Output channels with --shape."),
-    ] = None,
+    kernel: ShapeKernel = None,
+    cout: ShapeCout = None,
     impl: Annotated[
         str | None,
         typer.Option(
@@ -1335,16 +1339,8 @@ def plan(
             "--shape", metavar="N,H,W,CIN", help="x as N,*spatial,CIN (1-3 axes), with --kernel."
         ),
     ] = None,
-    kernel: Annotated[
-        str | None,
-        typer.Option(
-            "--kernel", metavar="K[,K..]", help="Kernel size (or one per axis), with --shape."
-        ),
-    ] = None,
-    cout: Annotated[
-        int | None,
-        typer.Option("--cout", metavar="C", min=1, help="Output channels with --shape."),
-    ] = None,
+    kernel: ShapeKernel = None,
+    cout: ShapeCout = None,
     stack: Annotated[
         Path | None,
         typer.Option(
