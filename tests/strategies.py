@@ -82,21 +82,8 @@ def nd_conv_cases(draw, dtypes=(np.float64, np.float32), ranks=(1, 2, 3)):
         padding_mode=mode,
         layout=layout,
     )
-    x_shape = (n, *sizes, cin)
-    w_shape = (*kernel, cin // groups, cout)
-    if layout == "nchw":
-        x_shape = (n, cin, *sizes)
-        w_shape = (cout, cin // groups, *kernel)
-    try:
-        spec.geometry(x_shape, w_shape)
-    except HyperparameterError:
-        assume(False)
-    dtype = draw(st.sampled_from(dtypes))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    x = rng.standard_normal(x_shape).astype(dtype)
-    w = rng.standard_normal(w_shape).astype(dtype)
-    b = rng.standard_normal(cout).astype(dtype) if draw(st.booleans()) else None
-    return x, w, b, spec
+    w_last = (*kernel, cin // groups, cout)
+    return _arrays(draw, spec, (n, *sizes, cin), w_last, cout, dtypes)
 
 
 @st.composite
@@ -135,11 +122,17 @@ def transposed_cases(draw, dtypes=(np.float64, np.float32), ranks=(1, 2, 3)):
         transposed=True,
         output_padding=output_padding,
     )
-    x_shape = (n, *sizes, cin)
-    w_shape = (*kernel, cout // groups, cin)
-    if layout == "nchw":
-        x_shape = (n, cin, *sizes)
-        w_shape = (cin, cout // groups, *kernel)
+    w_last = (*kernel, cout // groups, cin)
+    return _arrays(draw, spec, (n, *sizes, cin), w_last, cout, dtypes)
+
+
+def _arrays(draw, spec, x_last, w_last, cout, dtypes):
+    """Random x, w, b for ``spec`` from channels-last shapes (moved to ``spec.layout``);
+    configurations the spec refuses are rejected."""
+    x_shape, w_shape = x_last, w_last
+    if spec.layout == "nchw":
+        x_shape = (x_last[0], x_last[-1], *x_last[1:-1])
+        w_shape = (w_last[-1], w_last[-2], *w_last[:-2])
     try:
         spec.geometry(x_shape, w_shape)
     except HyperparameterError:
