@@ -5,6 +5,8 @@ with the environment variable ``CONVCLI_HYPOTHESIS_PROFILE``.
 """
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,21 @@ def classic():
             "pad": int(f["pad"]),
             "stride": int(f["stride"]),
         }
+
+
+def peak_rss(*args) -> int:
+    """Peak resident memory in bytes of ``convcli ARGS`` run in a child of a fresh process."""
+    code = (
+        "import resource, subprocess, sys;"
+        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
+    )
+    command = [sys.executable, "-m", "convcli", *map(str, args)]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *command],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    return int(done.stdout.strip())

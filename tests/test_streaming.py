@@ -1,9 +1,6 @@
 """HDF5 inputs bigger than the workspace are streamed in chunks: same results, bounded memory."""
 
 import json
-import os
-import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -15,6 +12,7 @@ from convcli.cli import app
 from convcli.errors import UsageError
 from convcli.memory import chunk_images
 from convcli.run import RunOptions, Upstream
+from tests.conftest import peak_rss
 
 runner = CliRunner()
 BUDGET = "256K"
@@ -183,22 +181,6 @@ def test_streamed_forward_peak_memory_stays_near_the_budget(tmp_path):
         f["w"] = rng.standard_normal((3, 3, 16, 4)).astype(np.float32)
         f.attrs["pad"] = 1
     x_bytes = 512 * 64 * 64 * 16 * 4
-
-    def peak_rss(*args) -> int:
-        code = (
-            "import resource, subprocess, sys;"
-            "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
-        )
-        command = [sys.executable, "-m", "convcli", *map(str, args)]
-        done = subprocess.run(
-            [sys.executable, "-c", code, *command],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "NO_COLOR": "1"},
-        )
-        return int(done.stdout.strip())
 
     start_up = peak_rss("--version")
     streamed = peak_rss(

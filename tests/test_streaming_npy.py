@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -16,6 +14,7 @@ from convcli.errors import DataError
 from convcli.io.loading import DatasetRef, load_tensors
 from convcli.io.npy import NpyReader
 from convcli.run import RunInputs, RunOptions, run_forward
+from tests.conftest import peak_rss
 
 runner = CliRunner()
 BUDGET = "256K"
@@ -230,22 +229,6 @@ def test_streamed_npy_peak_memory_stays_near_the_budget(tmp_path):
     del x
     np.save(tmp_path / "w.npy", rng.standard_normal((3, 3, 16, 4)).astype(np.float32))
     x_bytes = 512 * 64 * 64 * 16 * 4
-
-    def peak_rss(*args) -> int:
-        code = (
-            "import resource, subprocess, sys;"
-            "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
-        )
-        command = [sys.executable, "-m", "convcli", *map(str, args)]
-        done = subprocess.run(
-            [sys.executable, "-c", code, *command],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "NO_COLOR": "1"},
-        )
-        return int(done.stdout.strip())
 
     start_up = peak_rss("--version")
     streamed = peak_rss(
