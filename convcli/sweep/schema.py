@@ -366,7 +366,30 @@ def load_sweep(path: str | Path, *, max_configs: int = MAX_CONFIGS) -> Sweep:
     return sweep
 
 
-class LayerTables(Sequence[Config]):
+class _ConfigSequence(Sequence[Config]):
+    """Configurations made on demand: a subclass gives ``__len__`` and :meth:`_at`."""
+
+    @overload
+    def __getitem__(self, index: int) -> Config: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Config]: ...
+
+    def __getitem__(self, index: int | slice) -> Config | Sequence[Config]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._at(index)
+
+    def _at(self, index: int) -> Config:
+        """Configuration ``index``, with ``0 <= index < len(self)``."""
+        raise NotImplementedError
+
+
+class LayerTables(_ConfigSequence):
     """The ``[[layers]]`` of a stack file, the input of ``convcli.plan.plan_stack``: a
     network's layers in order, each a table with the keys of a sweep configuration, over an
     optional ``[defaults]``.
@@ -398,15 +421,7 @@ class LayerTables(Sequence[Config]):
     def __len__(self) -> int:
         return len(self._written)
 
-    @overload
-    def __getitem__(self, index: int) -> Config: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[Config]: ...
-
-    def __getitem__(self, index: int | slice) -> Config | Sequence[Config]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+    def _at(self, index: int) -> Config:
         return self.config(index)
 
     def config(self, index: int, shape: Sequence[int] | None = None) -> Config:
@@ -496,7 +511,7 @@ def _gradcheck_options(data: dict[str, Any], checker: _Checker) -> GradcheckOpti
 _Written = tuple[dict[str, Any], dict[str, SpecTable]]
 
 
-class SpecConfigs(Sequence[Config]):
+class SpecConfigs(_ConfigSequence):
     """The configurations of a spec in spec order: the ``[[configs]]`` tables, then the
     ``[grid]`` product (first key slowest), each checked and made only when it is reached.
 
@@ -521,19 +536,7 @@ class SpecConfigs(Sequence[Config]):
     def __len__(self) -> int:
         return len(self._listed) + self._combinations
 
-    @overload
-    def __getitem__(self, index: int) -> Config: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[Config]: ...
-
-    def __getitem__(self, index: int | slice) -> Config | Sequence[Config]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _at(self, index: int) -> Config:
         if index < len(self._listed):
             return self._checker.config(*self._listed[index])
         rest, combination = index - len(self._listed), []
