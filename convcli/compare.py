@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -335,15 +335,4 @@ def _with_diagnoses(
         setup,
         {name: compared[name].tolerance for name in failing},
     )
-    return {
-        name: TensorComparison(
-            check=c.check,
-            dtype=c.dtype,
-            reduction=c.reduction,
-            tolerance=c.tolerance,
-            origin=c.origin,
-            shape=c.shape,
-            diagnosis=found.get(name),
-        )
-        for name, c in compared.items()
-    }
+    return {name: replace(c, diagnosis=found.get(name)) for name, c in compared.items()}
