@@ -24,7 +24,26 @@ def _stop(message: str, code: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     sys.stderr.write(f"convcli: error: {message}\n")
-    raise SystemExit(code) from None
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """End an interrupted or terminated run with ``code``, now.
+
+    Everything the command opened has been unwound already. Exiting through the interpreter
+    instead can turn the code into death by SIGINT: when the Ctrl-C landed inside Python code
+    that an extension module runs while it is imported, CPython remembers the interrupt as
+    unhandled and kills itself with SIGINT on the way out, whatever convcli did with it.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def main() -> None:
@@ -39,6 +58,10 @@ def main() -> None:
         _stop("interrupted", EXIT_INTERRUPTED)
     except Terminated:
         _stop("terminated", EXIT_TERMINATED)
+    except SystemExit as done:
+        if done.code in (EXIT_INTERRUPTED, EXIT_TERMINATED):  # the line is printed already
+            _exit_now(done.code)
+        raise
     finally:
         # The command is over and its exit code decided: a Ctrl-C or SIGTERM now (during
         # interpreter shutdown) must not turn that code into death by signal.

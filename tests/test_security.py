@@ -759,3 +759,25 @@ def test_a_late_sigint_never_kills_the_process_by_signal(moment):
     assert "Traceback" not in done.stderr
     if expected == 130:
         assert done.stderr.splitlines() == ["convcli: error: interrupted"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_start_up_always_exits_130(tmp_path):
+    """Ctrl-C while the heavy modules import: some imports run Python code from C, and an
+    interrupt landing there made the interpreter kill itself with SIGINT on the way out
+    (about one run in ten), after convcli had printed its line. Every run must exit 130."""
+    data = tmp_path / "layer.npz"
+    np.savez(data, x=np.ones((2, 8, 8, 3)), w=np.ones((3, 3, 3, 4)))
+    codes = []
+    for attempt in range(16):
+        proc = start_forward(data, tmp_path / "z.npz")
+        try:
+            wait_for_convcli(proc)
+            time.sleep(0.02 * attempt)
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=TIMEOUT)
+        finally:
+            stop(proc)
+        codes.append(proc.returncode)
+        assert "Traceback" not in stderr.decode(errors="replace")
+    assert all(code in (0, 130) for code in codes), codes
