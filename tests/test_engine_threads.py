@@ -20,8 +20,8 @@ from convcli import (
     conv_forward,
     conv_forward_reference,
 )
-from convcli.engine.fast import DEFAULT_WORKSPACE, blas_threads, scratch_bytes
-from convcli.engine.tiling import Plan
+from convcli.engine.fast import DEFAULT_WORKSPACE, _for_each_tile, blas_threads, scratch_bytes
+from convcli.engine.tiling import Plan, deal
 from convcli.errors import MemoryLimitError
 from convcli.run import RunInputs, RunOptions, run_forward
 
@@ -318,3 +318,98 @@ def test_real_scratch_stays_under_the_bound(
     assert needs
     worst = max(sum(sizes.values()) for sizes in needs.values())
     assert worst * threads <= bound, (worst, threads, bound)
+
+
+# -- how tiles are cut and dealt to the workers -------------------------------------------------
+
+
+def _loads(plan: Plan, workers: int) -> list[int]:
+    """Output rows (over all images) each worker computes, the tiles dealt as the engine does."""
+    return [
+        sum(tile.n_images * tile.n_rows for tile in share)
+        for wave in plan.waves()
+        for share in deal(wave, workers)
+    ]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [5, 7, 32])
+def test_whole_image_tiles_are_dealt_evenly(workers, n):
+    """cifar's layer: six images fill a tile; each worker gets the same number of images, to
+    one, and no tile is larger than the plan's scratch model allows."""
+    geometry = ConvSpec(padding=1).geometry((n, 32, 32, 16), (3, 3, 16, 32))
+    share = DEFAULT_WORKSPACE // workers
+    plan = Plan(geometry, np.float32, share, backward=False, workers=workers)
+    tiles = list(plan.tiles())
+    starts = [tile.images.start for tile in tiles]
+    assert starts == sorted(starts) and starts[0] == 0
+    assert [t.images.stop for t in tiles[:-1]] == starts[1:] and tiles[-1].images.stop == n
+    assert max(t.n_images for t in tiles) == plan.images_per_tile
+    images = [load // geometry.out_sizes[0] for load in _loads(plan, workers)]
+    assert sum(images) == n
+    assert max(images) - min(images) <= 1, images
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_row_blocks_of_one_image_are_equal_to_one_row(backward):
+    """56 output rows that fit 5 at a time are cut 12 blocks of 4 or 5 rows (not eleven of 5
+    and one of 1)."""
+    geometry = ConvSpec(padding=1).geometry((2, 56, 56, 64), (3, 3, 64, 64))
+    plan = Plan(geometry, np.float32, 2_750_000 if backward else 1_500_000, backward=backward)
+    assert plan.rows_per_tile < 56, "the case must be cut into row tiles"
+    rows = [tile.n_rows for tile in plan.tiles()]
+    assert max(rows) - min(rows) <= 1, rows
+    assert max(rows) == plan.rows_per_tile
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_one_image_forward_is_split_between_the_workers(workers):
+    """A batch of one image that fits one tile still keeps every worker busy going forward."""
+    geometry = ConvSpec(padding=1).geometry((1, 64, 64, 16), (3, 3, 16, 16))
+    plan = Plan(geometry, np.float32, DEFAULT_WORKSPACE // workers, backward=False, workers=workers)
+    loads = _loads(plan, workers)
+    assert min(loads) > 0 and max(loads) - min(loads) <= 1, loads
+
+
+def test_one_worker_runs_blas_on_one_thread():
+    """threads=1 means one core: BLAS is not left multi-threaded inside small tiles."""
+    if blas_threads() < 2:
+        pytest.skip("BLAS runs one thread here already")
+    geometry = ConvSpec(padding=1).geometry((4, 16, 16, 8), (3, 3, 8, 8))
+    seen: list[int] = []
+    _for_each_tile(
+        geometry,
+        np.float64,
+        DEFAULT_WORKSPACE,
+        1,
+        backward=False,
+        work=lambda plan, tile: seen.append(blas_threads()),
+    )
+    assert seen and set(seen) == {1}
+    assert blas_threads() >= 2, "BLAS gets its threads back"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pointwise_layers_are_one_gemm_without_tiles(monkeypatch, threads, dtype):
+    """A 1x1 stride-1 unpadded one-group layer is a matrix product of x as it lies in memory:
+    forward, dx and dw are one GEMM each, no tiles, no scratch."""
+    import convcli.engine.fast as fast
+
+    def no_tiles(*args, **kwargs):
+        raise AssertionError("a pointwise layer went through the tiles")
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 5, 7, 6)).astype(dtype)
+    w = rng.standard_normal((1, 1, 6, 4)).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
+    z_ref, cache_ref = conv_forward_reference(x, w, b, ConvSpec())
+    dz = rng.standard_normal(z_ref.shape).astype(dtype)
+    dx_ref, dw_ref, db_ref = conv_backward_reference(dz, cache_ref)
+    monkeypatch.setattr(fast, "_for_each_tile", no_tiles)
+    z, cache = conv_forward(x, w, b, ConvSpec(), threads=threads)
+    dx, dw, db = conv_backward(dz, cache)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert z.dtype == dx.dtype == dw.dtype == dtype
+    for got, want in ((z, z_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref)):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)

@@ -79,7 +79,7 @@ from convcli.engine.operands import (
     prepare_upstream,
     x_from_last,
 )
-from convcli.engine.tiling import Plan, Tile, scratch_bound
+from convcli.engine.tiling import Plan, Tile, deal, is_pointwise, scratch_bound
 from convcli.errors import UsageError
 from convcli.spec import ConvSpec, Geometry
 
@@ -218,6 +218,16 @@ def _forward(
     """z (n, *out, Cout) of a convolution, all channels last: x (n, *spatial, Cin),
     w (*kernel, Cin/g, Cout), bias (Cout,) or None."""
     z = np.empty(geometry.out_shape, dtype=x.dtype)
+    if is_pointwise(geometry) and x.flags.c_contiguous:  # one GEMM, no scratch
+        with _blas_limited(_worker_count(threads)):
+            np.matmul(
+                x.reshape(-1, geometry.cin),
+                w.reshape(geometry.cin, -1),
+                out=z.reshape(-1, geometry.cout),
+            )
+        if bias is not None:
+            z += bias
+        return z
     w_groups = weights_by_group(w, geometry)
     w_rows = w.reshape(-1, geometry.kernel[-1] * w.shape[-2], geometry.cout)  # for shifted tiles
 
@@ -252,6 +262,8 @@ def _gradients(
     None. The dtype is dz's."""
     dtype = dz.dtype
     x_shape = (geometry.n, *geometry.in_sizes, geometry.cin)
+    if is_pointwise(geometry) and dz.flags.c_contiguous and (x is None or x.flags.c_contiguous):
+        return _pointwise_gradients(x if need_dw else None, w, dz, need_dx, threads)
     # dx as a convolution of dz, when it is one
     transposed = transposed_conv(geometry, w) if need_dx else None
     dx = np.zeros(x_shape, dtype=dtype) if need_dx and transposed is None else None
@@ -279,6 +291,25 @@ def _gradients(
     if transposed is not None:
         w_flipped, spec_t = transposed
         dx, _ = conv_forward(dz, w_flipped, None, spec_t, workspace=workspace, threads=threads)
+    return dx, dw
+
+
+def _pointwise_gradients(
+    x: np.ndarray | None, w: np.ndarray, dz: np.ndarray, need_dx: bool, threads: int | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(dx, dw) of a pointwise layer (:func:`~convcli.engine.tiling.is_pointwise`), one GEMM
+    each on the C-contiguous x (n, *spatial, Cin) and dz (n, *spatial, Cout) as matrices of
+    pixels; dw is skipped when x is None, dx unless ``need_dx``. w is (1, ..., 1, Cin, Cout)."""
+    cin, cout = w.shape[-2], w.shape[-1]
+    dz_matrix = dz.reshape(-1, cout)
+    w_matrix = w.reshape(cin, cout).astype(dz.dtype, copy=False)
+    dx = dw = None
+    with _blas_limited(_worker_count(threads)):
+        if need_dx:
+            dx = np.empty((*dz.shape[:-1], cin), dtype=dz.dtype)
+            np.matmul(dz_matrix, w_matrix.T, out=dx.reshape(-1, cin))
+        if x is not None:
+            dw = np.matmul(x.reshape(-1, cin).T, dz_matrix).reshape(w.shape)
     return dx, dw
 
 
@@ -482,7 +513,7 @@ def _for_each_tile(
     """
     workers = _worker_count(threads)
     plans = [
-        Plan(geometry, dtype, max(1, workspace // workers), backward=backward)
+        Plan(geometry, dtype, max(1, workspace // workers), backward=backward, workers=workers)
         for _ in range(workers)
     ]
     with _SCRATCH.lend(plans):
@@ -507,9 +538,10 @@ def _run_plans(
             plan.dw = np.zeros(dw_shape, dtype=dtype)
     waves = plans[0].waves()
     if workers == 1 or max(len(wave) for wave in waves) < 2:
-        for wave in waves:
-            for tile in wave:
-                work(plans[0], tile)
+        with _blas_limited(workers):
+            for wave in waves:
+                for tile in wave:
+                    work(plans[0], tile)
         return plans
 
     def run(plan: Plan, share: list[Tile]) -> None:
@@ -519,7 +551,20 @@ def _run_plans(
     executor = _executor(workers)
     with _PARALLEL, _blas_controller().limit(limits=1, user_api="blas"):
         for wave in waves:  # a wave ends before the next begins: its tiles own their writes
-            futures = [executor.submit(run, plans[k], wave[k::workers]) for k in range(workers)]
+            shares = deal(wave, workers)
+            futures = [executor.submit(run, plans[k], shares[k]) for k in range(workers)]
             for future in futures:
                 future.result()
     return plans
+
+
+@contextlib.contextmanager
+def _blas_limited(threads: int) -> Iterator[None]:
+    """BLAS on at most ``threads`` threads for the block, when it uses more now (one such
+    block at a time, see ``_PARALLEL``): one worker means one core, not one worker calling
+    a multi-threaded BLAS on small tiles."""
+    if blas_threads() <= threads:
+        yield
+        return
+    with _PARALLEL, _blas_controller().limit(limits=threads, user_api="blas"):
+        yield

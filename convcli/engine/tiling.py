@@ -41,6 +41,9 @@ from convcli.engine.operands import Index
 from convcli.spec import Geometry, padding_source
 
 TILE_BYTES = 4 * 2**20  # target scratch per tile: patch matrices that stay in L2/L3
+# below this much scratch for the whole call, one tile on one worker is quicker than handing
+# pieces to threads (gradient checks make thousands of such calls)
+SPLIT_BYTES = 2**20
 
 
 class Tile:
@@ -77,11 +80,18 @@ class Plan:
     backward : bool
         Size tiles for the backward pass (patch gradients and a dx buffer besides the
         forward scratch) and colour them into waves.
+    workers : int
+        How many workers share the tiles (each with a plan of its own); the number of
+        blocks of whole images is made a multiple of it.
 
     Attributes
     ----------
+    image_blocks, row_blocks : int
+        How many blocks the batch and each image's output rows are cut into (row blocks
+        only with one image per block).
     images_per_tile, rows_per_tile : int
-        The tile size chosen: whole images (``rows_per_tile`` = output rows) or one image.
+        The largest block of each kind: whole images (``rows_per_tile`` = output rows) or
+        one image.
     depthwise : bool
         One input channel per group (groups > 1): per-tap kernels instead of a GEMM.
     pointwise : bool
@@ -97,7 +107,15 @@ class Plan:
         This worker's dw accumulator in the backward pass.
     """
 
-    def __init__(self, geometry: Geometry, dtype: npt.DTypeLike, workspace: int, *, backward: bool):
+    def __init__(
+        self,
+        geometry: Geometry,
+        dtype: npt.DTypeLike,
+        workspace: int,
+        *,
+        backward: bool,
+        workers: int = 1,
+    ):
         self.geometry = geometry
         self.dtype = np.dtype(dtype)
         g = geometry.groups
@@ -114,9 +132,7 @@ class Plan:
             for o, s, span in zip(geometry.out_sizes, geometry.stride, self.spans, strict=True)
         ]
         self.padded = any(lo or hi for lo, hi in geometry.pads)
-        self.pointwise = (
-            self.taps == 1 and set(geometry.stride) == {1} and not self.padded and g == 1
-        )
+        self.pointwise = is_pointwise(geometry)
         # the kw-copy saves (taps - kw)·Cin copied values per output and costs about three
         # passes over Cout per further kernel row (GEMM product out, read, accumulate): it
         # pays when kw·Cin >= 3·Cout, and not once a patch row of 1024 values makes the
@@ -132,7 +148,9 @@ class Plan:
             and self.k_group < 1024
         )
         self.backward = backward
-        self.rows_per_tile, self.images_per_tile = self._choose_tiles(workspace)
+        self.image_blocks, self.row_blocks = self._choose_tiles(workspace, workers)
+        self.images_per_tile = -(-geometry.n // self.image_blocks)
+        self.rows_per_tile = -(-geometry.out_sizes[0] // self.row_blocks)
         self.offsets = list(itertools.product(*(range(k) for k in geometry.kernel)))
         self.buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
         self.dw: np.ndarray | None = None
@@ -165,15 +183,31 @@ class Plan:
             elements += elements  # dcols / dx buffer mirror the forward ones
         return elements * self.dtype.itemsize
 
-    def _choose_tiles(self, workspace: int) -> tuple[int, int]:
-        """(rows, images) per tile: whole images when one fits the cache target, else rows."""
+    def _choose_tiles(self, workspace: int, workers: int) -> tuple[int, int]:
+        """How many blocks of images and of output rows per image: (image_blocks, row_blocks).
+
+        Whole images when one fits the cache target, in near-equal blocks whose number is a
+        multiple of ``workers`` when there are enough images, so that each worker, dealt
+        consecutive blocks (:func:`deal`), gets the same number of images to one. A forward
+        pass of fewer images than workers also cuts each image into row blocks, so that no
+        worker idles. A call under ``SPLIT_BYTES`` of scratch in all is not split further. When one image does not fit, near-equal blocks of output rows (this
+        does not depend on ``workers``: the backward pass's dx is the same bit for bit for
+        the same tiles).
+        """
         geometry = self.geometry
-        out_rows = geometry.out_sizes[0]
+        n, out_rows = geometry.n, geometry.out_sizes[0]
         budget = min(workspace, TILE_BYTES)
         per_image = max(1, self.tile_bytes(1, out_rows))
-        if per_image <= budget:
-            return out_rows, max(1, min(geometry.n, budget // per_image))
-        return self._rows_fitting(budget), 1
+        if per_image > budget:
+            return n, -(-out_rows // self._rows_fitting(budget))
+        blocks = -(-n // max(1, min(n, budget // per_image)))
+        if n * per_image < SPLIT_BYTES:
+            return blocks, 1
+        if n >= workers:
+            return min(n, -(-blocks // workers) * workers), 1
+        if self.backward:
+            return blocks, 1
+        return n, min(out_rows, workers // math.gcd(n, workers))
 
     def _rows_fitting(self, budget: int) -> int:
         rows = self.geometry.out_sizes[0]
@@ -184,16 +218,14 @@ class Plan:
         return guess
 
     def tiles(self) -> Iterator[Tile]:
-        """Every tile, image by image and row block by row block."""
-        geometry = self.geometry
-        out_rows = geometry.out_sizes[0]
-        if self.rows_per_tile == out_rows:
-            for n0 in range(0, geometry.n, self.images_per_tile):
-                yield Tile(n0, min(n0 + self.images_per_tile, geometry.n), 0, out_rows)
-        else:
-            for n0 in range(geometry.n):
-                for r0 in range(0, out_rows, self.rows_per_tile):
-                    yield Tile(n0, n0 + 1, r0, min(r0 + self.rows_per_tile, out_rows))
+        """Every tile, image block by image block and row block by row block; blocks of one
+        kind differ in size by one at most."""
+        n, out_rows = self.geometry.n, self.geometry.out_sizes[0]
+        images = [k * n // self.image_blocks for k in range(self.image_blocks + 1)]
+        rows = [k * out_rows // self.row_blocks for k in range(self.row_blocks + 1)]
+        for n0, n1 in itertools.pairwise(images):
+            for r0, r1 in itertools.pairwise(rows):
+                yield Tile(n0, n1, r0, r1)
 
     # -- ownership ---------------------------------------------------------------------------
 
@@ -208,7 +240,7 @@ class Plan:
         images per tile, no two tiles write the same memory: one wave.
         """
         tiles = list(self.tiles())
-        if not self.backward or self.rows_per_tile == self.geometry.out_sizes[0]:
+        if not self.backward or self.row_blocks == 1:
             return [tiles]
         occupied: list[np.ndarray] = []  # per wave, the dx rows its blocks fold into
         colour: dict[int, int] = {}  # first output row of a block -> its wave
@@ -409,6 +441,16 @@ class Plan:
         ]
 
 
+def is_pointwise(geometry: Geometry) -> bool:
+    """1x1 kernel, stride 1, no padding, one group: x itself is the patch matrix."""
+    return (
+        math.prod(geometry.kernel) == 1
+        and set(geometry.stride) == {1}
+        and not any(lo or hi for lo, hi in geometry.pads)
+        and geometry.groups == 1
+    )
+
+
 def scratch_bound(
     geometry: Geometry,
     dtype: npt.DTypeLike,
@@ -426,7 +468,7 @@ def scratch_bound(
     share = max(1, workspace // workers)
     one_tile = 0
     for backward in passes:
-        plan = Plan(geometry, dtype, share, backward=backward)
+        plan = Plan(geometry, dtype, share, backward=backward, workers=workers)
         one_tile = max(one_tile, plan.tile_bytes(plan.images_per_tile, plan.rows_per_tile))
     return workers * one_tile
 
@@ -466,3 +508,10 @@ def _outside(inner: tuple[slice, ...], lengths: Sequence[int]) -> list[Index]:
         if sl.stop < length:
             regions.append((*before, slice(sl.stop, length), *after))
     return regions
+
+
+def deal(wave: Sequence[Tile], workers: int) -> list[list[Tile]]:
+    """The tiles of one wave shared out to ``workers`` workers: consecutive runs of near-equal
+    length, so that equal blocks (:meth:`Plan.tiles`) give each worker equal work."""
+    bounds = [k * len(wave) // workers for k in range(workers + 1)]
+    return [list(wave[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
