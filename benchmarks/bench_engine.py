@@ -12,8 +12,12 @@ re-executes itself once without them and says so; ``--keep-blas-env`` keeps the 
 as it is (the test suite does). It prints the BLAS library threadpoolctl reports.
 
 In one run, on one machine and thread count, it measures
-- NumPy matrix-multiply throughput (2048 x 2048 operands) per dtype: the practical ceiling
-  of an im2col + GEMM engine;
+- NumPy matrix-multiply throughput (2048 x 2048 operands) per dtype;
+- each layer's GEMMs alone, at the shapes its im2col formulation needs (patches @ weights
+  forward; patchesᵀ @ dz and dz @ weightsᵀ backward), on ready operands with BLAS on every
+  thread: no im2col + GEMM engine is faster than these calls, so with PyTorch's times they
+  give the best ratio to PyTorch such an engine could reach (not for depthwise layers, whose
+  per-group products are too small to be GEMMs);
 - convcli's forward, backward (dx + dw + db) and forward + backward on the layers below
   (NHWC, 3x3 unless stated): GFLOP/s (forward 2·n·Ho·Wo·Cout·kh·kw·Cin/groups, backward
   twice that), the ratio to GEMM of the same dtype, the median of the repeats, and the peak
@@ -217,8 +221,56 @@ def torch_operations(x, w, b, z, dz, spec: ConvSpec, threads: int) -> dict:
     return operations
 
 
+def gemm_shapes(x, w, spec: ConvSpec) -> dict | None:
+    """The matrix products of the layer written as im2col + GEMM, each ``[M, K, N]`` for
+    ``groups`` products of (M, K) @ (K, N): ``forward`` patches @ weights (P, K, N), ``dw``
+    patchesᵀ @ dz (K, P, N), ``dx`` dz @ weightsᵀ (P, N, K), with P output pixels, K =
+    taps·Cin/groups, N = Cout/groups. A transposed layer's are its adjoint convolution's,
+    its forward being that convolution's dx product. None for a depthwise layer (K = taps,
+    N = 1 per group: its bound is memory traffic, not a GEMM)."""
+    geometry = spec.geometry(x.shape, w.shape)
+    if geometry.transposed:
+        geometry = geometry.adjoint()
+    g = geometry.groups
+    if geometry.cin == g and g > 1:
+        return None
+    p = geometry.n * int(np.prod(geometry.out_sizes))
+    k = int(np.prod(geometry.kernel)) * geometry.cin // g
+    n = geometry.cout // g
+    forward, dx = [p, k, n], [p, n, k]
+    if spec.transposed:
+        forward, dx = dx, forward
+    return {"groups": g, "forward": forward, "dw": [k, p, n], "dx": dx}
+
+
+def gemm_operations(shapes: dict, dtype) -> dict:
+    """The products of :func:`gemm_shapes` on random operands, BLAS on all its threads:
+    ``gemms_forward`` (the forward's) and ``gemms_fwd_bwd`` (all three). No patch matrix is
+    built: an im2col + GEMM engine cannot be faster than these calls."""
+    rng = np.random.default_rng(2)
+    g = shapes["groups"]
+
+    def product(m, k, n):
+        a = rng.standard_normal((g, m, k)).astype(dtype)
+        b = rng.standard_normal((g, k, n)).astype(dtype)
+        out = np.empty((g, m, n), dtype=dtype)
+        if g == 1:
+            a, b, out = a[0], b[0], out[0]
+        return lambda: np.matmul(a, b, out=out)
+
+    forward, dw, dx = (product(*shapes[key]) for key in ("forward", "dw", "dx"))
+
+    def all_three():
+        forward()
+        dw()
+        dx()
+
+    return {"gemms_forward": forward, "gemms_fwd_bwd": all_three}
+
+
 def bench_layer(name, layer, dtype, gemm, torch_threads: int | None) -> dict:
-    """A layer's timed operations (convcli's, a per-group GEMM's, PyTorch's when asked)."""
+    """A layer's timed operations (convcli's, its GEMMs alone, a per-group GEMM's, PyTorch's
+    when asked)."""
     x, w, b, spec, flops = make_layer(layer, dtype)
     z, cache = conv_forward(x, w, b, spec)
     dz = np.random.default_rng(1).standard_normal(z.shape).astype(dtype)
@@ -227,6 +279,9 @@ def bench_layer(name, layer, dtype, gemm, torch_threads: int | None) -> dict:
         "backward": lambda: conv_backward(dz, cache),
         "fwd_bwd": lambda: conv_backward(dz, conv_forward(x, w, b, spec)[1]),
     }
+    shapes = gemm_shapes(x, w, spec)
+    if shapes is not None:
+        operations.update(gemm_operations(shapes, dtype))
     if not spec.transposed and (spec.groups > 1 or set(w.shape[:-2]) == {1}):
         operations["per_group_gemm_forward"] = per_group_gemm(x, w, b, spec)
     if torch_threads is not None:
@@ -240,6 +295,7 @@ def bench_layer(name, layer, dtype, gemm, torch_threads: int | None) -> dict:
         "cout": layer[2],
         "flops": flops,
         "gemm": gemm,
+        "gemm_shapes": shapes,
         "operations": operations,
         "rounds": [],
         "peaks": (
@@ -274,6 +330,11 @@ def layer_row(case: dict) -> dict:
     }
     for key in ("forward", "backward", "fwd_bwd"):
         row[f"{key}_vs_gemm"] = row[f"{key}_gflops"] / gemm
+    if "gemms_forward" in seconds:
+        row["gemm_shapes"] = case["gemm_shapes"]
+        row["gemms_forward_s"] = seconds["gemms_forward"]
+        row["gemms_fwd_bwd_s"] = seconds["gemms_fwd_bwd"]
+        row["gemms_forward_vs_gemm"] = flops / seconds["gemms_forward"] / 1e9 / gemm
     if "per_group_gemm_forward" in seconds:
         row["per_group_gemm_forward_s"] = seconds["per_group_gemm_forward"]
         row["speedup_vs_per_group_gemm"] = seconds["per_group_gemm_forward"] / seconds["forward"]
@@ -286,6 +347,8 @@ def layer_row(case: dict) -> dict:
             row[f"torch_{key}_s"] = formats[best]
             row[f"torch_{key}_format"] = best
             row[f"{key}_vs_torch"] = formats[best] / seconds[key]
+            if f"gemms_{key}" in seconds:  # the best ratio an im2col + GEMM engine can reach
+                row[f"gemms_{key}_vs_torch"] = formats[best] / seconds[f"gemms_{key}"]
     return row
 
 
@@ -493,6 +556,33 @@ def markdown_table(results: dict) -> str:
                 f"{r['fwd_bwd_vs_torch']:.2f}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + gemms_table(results, torch_found)
+
+
+def gemms_table(results: dict, torch_found: bool) -> str:
+    """The layers' GEMMs alone (:func:`gemm_operations`): their time, their rate as a
+    fraction of the 2048² GEMM's, convcli's time as a multiple of theirs and, with PyTorch,
+    the best ratio to it an im2col + GEMM engine could reach."""
+    header = ["layer", "dtype", "GEMMs fwd ms", "GEMMs f+b ms", "GEMM rate fwd"]
+    header += ["convcli fwd ÷ GEMMs", "convcli f+b ÷ GEMMs"]
+    if torch_found:
+        header += ["best fwd ÷ torch", "best f+b ÷ torch"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for r in results["layers"]:
+        if "gemms_forward_s" not in r:
+            continue
+        cells = [
+            r["layer"],
+            r["dtype"],
+            f"{r['gemms_forward_s'] * 1e3:.2f}",
+            f"{r['gemms_fwd_bwd_s'] * 1e3:.2f}",
+            f"{r['gemms_forward_vs_gemm']:.2f}",
+            f"{r['forward_s'] / r['gemms_forward_s']:.2f}",
+            f"{r['fwd_bwd_s'] / r['gemms_fwd_bwd_s']:.2f}",
+        ]
+        if torch_found:
+            cells += [f"{r['gemms_forward_vs_torch']:.2f}", f"{r['gemms_fwd_bwd_vs_torch']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -544,6 +634,20 @@ def print_table(results: dict) -> None:
         table.add_row(*cells)
     console = Console(width=170)
     console.print(table)
+    for r in results["layers"]:
+        if "gemms_forward_s" in r:
+            best = (
+                f"; best ratio to PyTorch an im2col + GEMM engine could reach "
+                f"{r['gemms_forward_vs_torch']:.2f} / {r['gemms_fwd_bwd_vs_torch']:.2f}"
+                if "gemms_forward_vs_torch" in r
+                else ""
+            )
+            console.print(
+                f"{r['layer']} {r['dtype']}: its GEMMs alone take {r['gemms_forward_s'] * 1e3:.2f}"
+                f" ms forward, {r['gemms_fwd_bwd_s'] * 1e3:.2f} ms f+b (convcli "
+                f"{r['forward_s'] / r['gemms_forward_s']:.2f}x / "
+                f"{r['fwd_bwd_s'] / r['gemms_fwd_bwd_s']:.2f}x that){best}"
+            )
     for r in results["layers"]:
         if "speedup_vs_per_group_gemm" in r:
             ours, plain = r["forward_s"] * 1e3, r["per_group_gemm_forward_s"] * 1e3

@@ -36,6 +36,14 @@ def test_engine_benchmark_smoke(tmp_path):
     for key in ("forward_gflops", "backward_vs_gemm", "fwd_bwd_s", "forward_peak_mib"):
         assert row[key] > 0
     assert results["reference"]["forward_speedup"] > 1
+    # the layer's GEMMs alone, at its im2col shapes: what an im2col + BLAS engine cannot beat
+    for row in results["layers"]:
+        if row["layer"] == "depthwise":  # no GEMM worth the name: K = 9, N = 1 per group
+            assert "gemms_forward_s" not in row
+        else:
+            assert 0 < row["gemms_forward_s"] < row["gemms_fwd_bwd_s"], row["layer"]
+            forward, dx = row["gemm_shapes"]["forward"], row["gemm_shapes"]["dx"]
+            assert forward == [dx[0], dx[2], dx[1]]  # (P, K, N) and (P, N, K)
 
 
 def test_memory_benchmark_smoke(tmp_path):
@@ -116,6 +124,10 @@ def test_engine_benchmark_full_path_on_one_small_layer(tmp_path):
     table = run_script("bench_engine.py", "--table-from", out).stdout.splitlines()
     assert table[0].startswith("| layer | dtype | fwd ms")
     assert table[2].startswith("| classic | float64 |")
+    heads = [k for k, line in enumerate(table) if line.startswith("| layer | dtype | GEMMs fwd")]
+    assert len(heads) == 1, "a second table: the layers' GEMMs alone"
+    gemms = heads[0]
+    assert table[gemms + 2].startswith("| classic | float64 |")
 
 
 def test_engine_benchmark_against_torch(tmp_path):
@@ -137,4 +149,6 @@ def test_engine_benchmark_against_torch(tmp_path):
     for row in rows:
         assert row["forward_vs_torch"] > 0
         assert row["fwd_bwd_vs_torch"] > 0
+        assert row["gemms_forward_vs_torch"] > 0
+        assert row["gemms_fwd_bwd_vs_torch"] > 0
     assert {row["torch_forward_format"] for row in rows} <= {"nchw", "cl"}
