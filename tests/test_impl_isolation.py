@@ -349,3 +349,36 @@ def test_an_interrupted_suite_leaves_no_child_process(monkeypatch):
         check_impl(impl, SUITE[:4], progress=progress)
     assert len(started) == 3  # configurations 1 and 2, and 3 launched ahead
     assert all(process._process is None for process in started)
+
+
+def test_a_failure_of_the_checker_after_the_users_function_returned_is_not_blamed_on_it(
+    tmp_path,
+):
+    """conv_forward returned; the child's own code then failed (here because the file broke a
+    NumPy function the checker uses, with no frame of the file in the traceback): an internal
+    error (exit 70) that says what may have caused it, not "conv_forward raised"."""
+    path = variant(tmp_path, [], prefix="import numpy\nnumpy.array_equal = None\n")
+    result = runner.invoke(app, ["gradcheck", "--impl", str(path), *ONE])
+    assert result.exit_code == 70, (result.exit_code, result.stderr)
+    assert "conv_forward raised" not in result.stderr
+    assert "after conv_forward returned" in result.stderr
+    assert "impl_worker.py line" in result.stderr
+    assert "if impl.py changes NumPy or Python itself, that is the cause" in result.stderr
+
+
+def test_users_code_called_by_the_checker_is_still_blamed_on_the_user(tmp_path):
+    """A NumPy function the file replaced raises inside the checker's own call: the user's
+    line is named, and the configuration fails (exit 1), as for any error in their code."""
+    patch = (
+        "import numpy\n"
+        "def _broken(*args, **kwargs):\n"
+        "    raise ValueError('patched')\n"
+        "numpy.array_equal = _broken\n"
+    )
+    path = variant(tmp_path, [], prefix=patch)
+    result, doc = run_json(path, *ONE)
+    assert result.exit_code == 1
+    (entry,) = doc["results"]
+    assert "ValueError: patched (impl.py line 3)" in entry["error"], entry["error"]
+    assert "after conv_forward returned" in entry["error"]
+    assert not entry["error"].startswith("conv_forward raised")

@@ -104,6 +104,21 @@ def describe(error: BaseException, path: Path) -> str:
     return f"{type(error).__name__}{': ' + message if message else ''}{where}"
 
 
+def describe_internal(error: BaseException) -> str:
+    """``TypeError: message (impl_worker.py line 262)``, citing the deepest frame of
+    convcli's own code."""
+    package = Path(__file__).resolve().parent.parent
+    line = None
+    for frame in traceback.extract_tb(error.__traceback__):
+        with contextlib.suppress(OSError, ValueError):
+            if Path(frame.filename).resolve().is_relative_to(package):
+                line = f"{Path(frame.filename).name} line {frame.lineno}"
+    text = str(error).strip()
+    message = text.splitlines()[0][:300] if text else ""
+    where = f" ({line})" if line else ""
+    return f"{type(error).__name__}{': ' + message if message else ''}{where}"
+
+
 class _Pipe:
     """Length-prefixed messages over two file descriptors (blocking; the child's side)."""
 
@@ -135,6 +150,7 @@ class _Child:
         self.conn, self.path, self.fault = conn, path, fault
         self.functions: dict = {}
         self.in_user_code = False
+        self.raised_in_call = False  # the exception being handled came out of self.call
         self.current = "conv_forward"
         self.names: dict[str, str] = {}  # the user's names of z, dx, dw, db
 
@@ -186,6 +202,9 @@ class _Child:
         self.in_user_code = True
         try:
             return self.functions[name](*args, **kwargs)
+        except BaseException:
+            self.raised_in_call = True
+            raise
         finally:
             self.in_user_code = False
 
@@ -197,15 +216,38 @@ class _Child:
                 return
             if header.get("op") == "stop":
                 return
+            self.raised_in_call = False
             try:
                 answer = self.answer(header, arrays)
             except _Failure as failure:
                 self.send({"error": str(failure)})
             except BaseException as error:
-                self.send({"error": f"{self.current} raised {describe(error, self.path)}"})
+                self.send(self.blame(error))
             else:
                 dtypes, repeat, arrays = answer
                 self.send({"ok": True, "dtypes": dtypes, "repeat": repeat}, arrays)
+
+    def blame(self, error: BaseException) -> dict:
+        """The answer for an exception out of :meth:`answer`: ``{"error": ...}`` when the
+        user's code raised it (their function, or code of their file the checker called
+        after it returned, e.g. a NumPy function they replaced) or memory ran out;
+        ``{"internal": ...}`` when convcli's own code failed with no frame of theirs."""
+        name = self.path.name
+        if self.raised_in_call:
+            return {"error": f"{self.current} raised {describe(error, self.path)}"}
+        frames = [(f.filename, f.lineno) for f in traceback.extract_tb(error.__traceback__)]
+        if user_line(self.path, frames) is not None:
+            return {
+                "error": f"code in {name} raised {describe(error, self.path)} when the "
+                f"checker called it after {self.current} returned (does {name} change NumPy?)"
+            }
+        if isinstance(error, MemoryError):
+            return {"error": f"MemoryError after {self.current} returned (its memory limit)"}
+        return {
+            "internal": f"the checker failed in the process running {name} after "
+            f"{self.current} returned: {describe_internal(error)}; if {name} changes NumPy "
+            "or Python itself, that is the cause, else it is a bug in convcli"
+        }
 
     def answer(self, header: dict, arrays: dict) -> tuple[dict, dict, dict]:
         """The user's results for one request: (their own dtype names, the largest difference

@@ -47,6 +47,11 @@ class UserCodeError(Exception):
     """The user's code failed (raised, crashed, hung, exited, returned junk); one-line message."""
 
 
+class CheckerError(RuntimeError):
+    """convcli's own code failed in the child, outside the user's functions (not a verdict on
+    them: an internal error); one-line message."""
+
+
 def _environment() -> dict:
     environment = dict(os.environ)
     environment.update(dict.fromkeys(_SINGLE_THREAD, "1"))
@@ -216,6 +221,8 @@ class UserProcess:
         answer, received = self._receive(function, limit)
         if "error" in answer:
             raise UserCodeError(str(answer["error"])[:1000].splitlines()[0])
+        if "internal" in answer:
+            raise CheckerError(str(answer["internal"])[:1000].splitlines()[0])
         dtypes = answer.get("dtypes")
         self.dtypes = (
             {str(k): str(v) for k, v in dtypes.items()} if isinstance(dtypes, dict) else {}
