@@ -17,7 +17,7 @@ from convcli import (
     conv_forward_reference,
 )
 from convcli.engine.tiling import Plan
-from tests.strategies import conv_cases, nd_conv_cases
+from tests.strategies import conv_cases, depthwise_cases, nd_conv_cases
 
 ENGINES = [
     pytest.param((conv_forward, conv_backward), id="fast"),
@@ -244,6 +244,49 @@ def test_depthwise_groups_equal_cin():
     z1, _ = conv_forward(x[..., 1:2], w[..., 2:4], None, ConvSpec(padding=1))
     np.testing.assert_allclose(z[..., 2:4], z1, rtol=1e-12)
 
+
+
+@given(
+    case=depthwise_cases(),
+    workspace=st.sampled_from([1, 4096, 256 * 2**20]),
+    threads=st.sampled_from([1, 2, 4]),
+)
+def test_depthwise_layers_match_reference(case, workspace, threads):
+    """Depthwise layers (per-tap kernels, dx as a flipped depthwise correlation at stride 1)
+    against the reference: multipliers 1-3, strides, dilations, padding modes, 1-3 spatial
+    axes, row tiles and waves (tiny workspaces), several threads."""
+    x, w, b, spec = case
+    z, cache = conv_forward(x, w, b, spec, workspace=workspace, threads=threads)
+    z_ref, cache_ref = conv_forward_reference(x, w, b, spec)
+    assert z.dtype == x.dtype
+    np.testing.assert_allclose(z, z_ref, **_tolerance(x.dtype))
+    dz = np.random.default_rng(2).standard_normal(z.shape).astype(x.dtype)
+    for got, want in zip(conv_backward(dz, cache), conv_backward_reference(dz, cache_ref)):
+        if want is None:
+            continue
+        assert got.dtype == x.dtype
+        np.testing.assert_allclose(got, want, **_tolerance(x.dtype))
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_depthwise_dx_at_stride_1_is_a_flipped_correlation(rank, monkeypatch):
+    """Multiplier 1, stride 1, zero padding: dx is a depthwise correlation of dz with the
+    flipped weights, with no padded dx buffer to scatter into (and so no waves)."""
+
+    def no_scatter(self, tile):
+        raise AssertionError("dx scattered into a padded buffer")
+
+    monkeypatch.setattr(Plan, "dx_buffer", no_scatter)
+    rng = np.random.default_rng(rank)
+    x = rng.standard_normal((2, *(5,) * rank, 3))
+    w = rng.standard_normal((*(3,) * rank, 1, 3))
+    spec = ConvSpec(padding=((1, 2), *((1, 0),) * (rank - 1)), dilation=2, groups=3)
+    for workspace in (1, 256 * 2**20):
+        z, cache = conv_forward(x, w, None, spec, workspace=workspace, threads=2)
+        z_ref, cache_ref = conv_forward_reference(x, w, None, spec)
+        dz = rng.standard_normal(z.shape)
+        for got, want in zip(conv_backward(dz, cache)[:2], conv_backward_reference(dz, cache_ref)):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 def test_engine_has_no_python_loop_over_batch_or_pixels(monkeypatch):
     """Doubling n and H x W must not multiply the number of Python-level copies."""

@@ -63,6 +63,7 @@ import numpy.typing as npt
 from convcli.engine.kernels import (
     depthwise_backward,
     depthwise_forward,
+    depthwise_row_weights,
     dx_convolution,
     grouped_matmul,
     is_depthwise,
@@ -220,11 +221,12 @@ def _forward(
     z = np.empty(geometry.out_shape, dtype=x.dtype)
     w_groups = weights_by_group(w, geometry)
     w_rows = w.reshape(-1, geometry.kernel[-1] * w.shape[-2], geometry.cout)  # for shifted tiles
+    row_weights = depthwise_row_weights(geometry, w) if is_depthwise(geometry) else None
 
     def work(plan: Plan, tile: Tile) -> None:
         z_tile = plan.output_rows(z, tile)
         if plan.depthwise:
-            depthwise_forward(plan, x, w, tile, z_tile)
+            depthwise_forward(plan, x, w, tile, z_tile, row_weights)
         elif plan.shifted:
             shifted_forward(plan, x, w_rows, tile, z_tile)
         else:

@@ -1,5 +1,5 @@
 """The arithmetic of the fast engine: weights laid out for a GEMM, the grouped matrix product,
-the per-tap kernels of depthwise layers, and dx as a transposed convolution.
+the einsum kernels of depthwise layers, and dx as a transposed convolution.
 
 Arrays are channels last: x ``(n, *spatial, Cin)``, w ``(*kernel, Cin/groups, Cout)``; a tile's
 outputs are ``(pixels, Cout)`` views from :meth:`~convcli.engine.tiling.Plan.output_rows`,
@@ -83,7 +83,7 @@ def shifted_forward(
 
 
 def transposed_conv(geometry: Geometry, w: np.ndarray) -> tuple[np.ndarray, ConvSpec] | None:
-    """dx as a convolution of dz, when it is one (stride 1, zero padding, not depthwise).
+    """dx as a convolution of dz, when it is one (stride 1, zero padding, :func:`dx_convolution`).
 
     dx[h] = Σ_i dz[h + pad_top - i·d] · w[i], i.e. with i' = k - 1 - i a correlation of dz
     with w[k - 1 - i'] and padding ``d·(k - 1) - pad_top`` on top (likewise bottom, per
@@ -118,8 +118,12 @@ def transposed_conv(geometry: Geometry, w: np.ndarray) -> tuple[np.ndarray, Conv
 
 def dx_convolution(geometry: Geometry) -> ConvSpec | None:
     """The spec of the convolution of dz that gives dx (see :func:`transposed_conv`), or None
-    when dx is not one (stride above 1, depthwise, other padding modes, negative padding)."""
-    if set(geometry.stride) != {1} or is_depthwise(geometry) or geometry.padding_mode != "zeros":
+    when dx is not one (stride above 1, other padding modes, negative padding) or not a
+    cheap one (depthwise with a channel multiplier above 1: a grouped GEMM of inner
+    dimension m). Depthwise with multiplier 1 gives a depthwise correlation."""
+    if set(geometry.stride) != {1} or geometry.padding_mode != "zeros":
+        return None
+    if is_depthwise(geometry) and geometry.cout != geometry.cin:
         return None
     pads = tuple(
         (d * (k - 1) - lo, d * (k - 1) - hi)
@@ -133,33 +137,97 @@ def dx_convolution(geometry: Geometry) -> ConvSpec | None:
 
 
 # -- depthwise (one input channel per group) ----------------------------------------------------
+#
+# One einsum per tile and pass: NumPy's sum-of-products loops multiply and accumulate in one
+# sweep over the tile's strided receptive-field view, without a temporary per tap (measured
+# about 1.6x / 2x faster in float32 / float64 than a multiply then an add per tap).
+
+
+def _depthwise_subscripts(plan: Plan) -> tuple[str, str, str]:
+    """einsum letters of the batch and output axes, the kernel axes, and the channel axes
+    (``c``, or ``cm`` when each input channel has a multiplier m > 1 of outputs)."""
+    nd = len(plan.geometry.kernel)
+    channels = "c" if plan.multiplier == 1 else "cm"
+    return "n" + "opq"[:nd], "ijk"[:nd], channels
 
 
 def _depthwise_weights(plan: Plan, w: np.ndarray) -> np.ndarray:
-    """(*kernel, 1, Cout) -> (taps, Cin, multiplier): output channel c*m + j reads input c."""
-    g = plan.geometry.groups
-    return w.reshape(plan.taps, g, plan.geometry.cout // g)
+    """(*kernel, 1, Cout) -> (*kernel, Cin) or, with a multiplier m > 1, (*kernel, Cin, m):
+    output channel c*m + j reads input channel c."""
+    geometry = plan.geometry
+    if plan.multiplier == 1:
+        return w.reshape(*geometry.kernel, geometry.groups)
+    return w.reshape(*geometry.kernel, geometry.groups, plan.multiplier)
+
+
+def _by_channel(plan: Plan, rows: np.ndarray, tile: Tile) -> np.ndarray:
+    """A tile's z or dz rows (pixels, Cout) as (images, *out_tile, Cin[, m])."""
+    geometry = plan.geometry
+    channels = (geometry.groups,) if plan.multiplier == 1 else (geometry.groups, plan.multiplier)
+    return rows.reshape(tile.n_images, tile.n_rows, *geometry.out_sizes[1:], *channels)
+
+
+#: output positions of the last spatial axis per einsum row in :func:`depthwise_forward`,
+#: as many as make about this many values with the channels (long inner loops, and tiled
+#: weights that stay small)
+ROW_BLOCK_VALUES = 4096
+
+
+def depthwise_row_weights(geometry: Geometry, w: np.ndarray) -> np.ndarray | None:
+    """The weights of a multiplier-1 depthwise layer tiled along a block of the last output
+    axis, (*kernel, block·Cin) with block·Cin about :data:`ROW_BLOCK_VALUES`: the second
+    operand of :func:`depthwise_forward`'s merged einsum (None for a multiplier above 1)."""
+    cin = geometry.cin
+    if geometry.cout != cin:
+        return None
+    block = max(1, min(geometry.out_sizes[-1], ROW_BLOCK_VALUES // cin))
+    per_tap = w.reshape(*geometry.kernel, 1, cin)
+    return np.ascontiguousarray(
+        np.broadcast_to(per_tap, (*geometry.kernel, block, cin))
+    ).reshape(*geometry.kernel, block * cin)
 
 
 def depthwise_forward(
-    plan: Plan, x: np.ndarray, w: np.ndarray, tile: Tile, out: np.ndarray
+    plan: Plan,
+    x: np.ndarray,
+    w: np.ndarray,
+    tile: Tile,
+    out: np.ndarray,
+    row_weights: np.ndarray | None = None,
 ) -> None:
     """out (pixels, Cout) = Σ over taps of window(tap) ⊙ w(tap), per channel.
 
-    x is (n, *spatial, Cin), w (*kernel, 1, Cout); per-tap multiply-adds on the strided view
-    of the tile's receptive fields (a GEMM would have an inner dimension of 1).
+    x is (n, *spatial, Cin), w (*kernel, 1, Cout); one einsum over the strided view of the
+    tile's receptive fields (a GEMM would have an inner dimension of 1). With
+    ``row_weights`` from :func:`depthwise_row_weights` (multiplier 1) and stride 1 along
+    the last spatial axis, the einsum runs over :meth:`~convcli.engine.tiling.Plan.row_windows`,
+    whose inner loop is a block of output positions times the channels instead of the
+    channels alone (measured 2.7x / 1.4x faster in float32 / float64 on 56 x 64 rows).
     """
-    g = plan.geometry.groups
-    windows = plan.windows(plan.padded_input(x, tile), tile)
-    weights = _depthwise_weights(plan, w)
-    acc = out.reshape(*windows.shape[: 1 + len(plan.geometry.kernel)], g, -1)
-    product = plan.buffer("product", acc.shape)
-    acc[...] = 0
-    for tap, offset in enumerate(plan.offsets):
-        index: Index = (Ellipsis, *offset, slice(None))
-        source = windows[index][..., None]
-        np.multiply(source, weights[tap], out=product)
-        acc += product
+    padded = plan.padded_input(x, tile)
+    pixels, taps, channels = _depthwise_subscripts(plan)
+    if row_weights is not None:
+        block = row_weights.shape[-1] // plan.geometry.cin
+        views = plan.row_windows(padded, tile, block)
+        if views is not None:
+            out_tile = (tile.n_rows, *plan.geometry.out_sizes[1:])
+            rows = out.reshape(tile.n_images, *out_tile[:-1], -1)  # a view: out is contiguous
+            for view, part in views:
+                target = rows[..., part].reshape(view.shape[: len(pixels)] + (-1,))
+                length = view.shape[-1]
+                np.einsum(
+                    f"{pixels}{taps}x,{taps}x->{pixels}x",
+                    view,
+                    row_weights[..., :length],
+                    out=target,
+                )
+            return
+    np.einsum(
+        f"{pixels}{taps}c,{taps}{channels}->{pixels}{channels}",
+        plan.windows(padded, tile),
+        _depthwise_weights(plan, w),
+        out=_by_channel(plan, out, tile),
+    )
 
 
 def depthwise_backward(
@@ -175,24 +243,28 @@ def depthwise_backward(
     layer, given the tile's dz rows ``dz_tile`` (pixels, Cout).
 
     Either gradient may be skipped: ``dw`` None (then ``x`` may be None too) or ``dx`` None.
+    dw is one einsum; dx is scattered tap by tap into a padded buffer (at stride 1 with zero
+    padding and multiplier 1 the caller gets dx as a convolution instead, see
+    :func:`dx_convolution`).
     """
-    g = plan.geometry.groups
-    shape = (tile.n_images, tile.n_rows, *plan.geometry.out_sizes[1:], g, -1)
-    dz_view = dz_tile.reshape(shape)
-    weights = _depthwise_weights(plan, w)
-    windows = None if dw is None or x is None else plan.windows(plan.padded_input(x, tile), tile)
-    dx_padded = None if dx is None else plan.dx_buffer(tile)
-    dx_windows = None if dx_padded is None else plan.writable_windows(dx_padded, tile)
-    dw_taps = None if dw is None else dw.reshape(plan.taps, g, -1)
-    product = plan.buffer("product", dz_view.shape)
-    spatial = tuple(range(1 + len(plan.geometry.kernel)))
+    dz_view = _by_channel(plan, dz_tile, tile)
+    pixels, taps, channels = _depthwise_subscripts(plan)
+    if dw is not None and x is not None:
+        windows = plan.windows(plan.padded_input(x, tile), tile)
+        dw.reshape(_depthwise_weights(plan, dw).shape)[...] += np.einsum(
+            f"{pixels}{taps}c,{pixels}{channels}->{taps}{channels}", windows, dz_view
+        )
+    if dx is None:
+        return
+    weights = _depthwise_weights(plan, w).reshape(plan.taps, *dz_view.shape[1 + len(taps) :])
+    dx_padded = plan.dx_buffer(tile)
+    dx_windows = plan.writable_windows(dx_padded, tile)
+    product = plan.buffer("product", dz_view.shape[: 2 + len(taps)])
     for tap, offset in enumerate(plan.offsets):
-        index: Index = (Ellipsis, *offset, slice(None))
-        if windows is not None and dw_taps is not None:
-            np.multiply(windows[index][..., None], dz_view, out=product)
-            dw_taps[tap] += product.sum(axis=spatial)
-        if dx_windows is not None:
+        if plan.multiplier == 1:
             np.multiply(dz_view, weights[tap], out=product)
-            dx_windows[index] += product.sum(axis=-1)
-    if dx_padded is not None and dx is not None:
-        plan.add_interior(dx_padded, dx, tile)
+        else:
+            np.einsum(f"{pixels}cm,cm->{pixels}c", dz_view, weights[tap], out=product)
+        index: Index = (Ellipsis, *offset, slice(None))
+        dx_windows[index] += product
+    plan.add_interior(dx_padded, dx, tile)
