@@ -245,7 +245,6 @@ def test_depthwise_groups_equal_cin():
     np.testing.assert_allclose(z[..., 2:4], z1, rtol=1e-12)
 
 
-
 @given(
     case=depthwise_cases(),
     workspace=st.sampled_from([1, 4096, 256 * 2**20]),
@@ -261,7 +260,9 @@ def test_depthwise_layers_match_reference(case, workspace, threads):
     assert z.dtype == x.dtype
     np.testing.assert_allclose(z, z_ref, **_tolerance(x.dtype))
     dz = np.random.default_rng(2).standard_normal(z.shape).astype(x.dtype)
-    for got, want in zip(conv_backward(dz, cache), conv_backward_reference(dz, cache_ref)):
+    for got, want in zip(
+        conv_backward(dz, cache), conv_backward_reference(dz, cache_ref), strict=True
+    ):
         if want is None:
             continue
         assert got.dtype == x.dtype
@@ -284,9 +285,13 @@ def test_depthwise_dx_at_stride_1_is_a_flipped_correlation(rank, monkeypatch):
     for workspace in (1, 256 * 2**20):
         z, cache = conv_forward(x, w, None, spec, workspace=workspace, threads=2)
         z_ref, cache_ref = conv_forward_reference(x, w, None, spec)
+        np.testing.assert_allclose(z, z_ref, rtol=1e-12, atol=1e-12)
         dz = rng.standard_normal(z.shape)
-        for got, want in zip(conv_backward(dz, cache)[:2], conv_backward_reference(dz, cache_ref)):
+        got_dx, got_dw, _ = conv_backward(dz, cache)
+        want_dx, want_dw, _ = conv_backward_reference(dz, cache_ref)
+        for got, want in ((got_dx, want_dx), (got_dw, want_dw)):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
 
 def test_engine_has_no_python_loop_over_batch_or_pixels(monkeypatch):
     """Doubling n and H x W must not multiply the number of Python-level copies."""

@@ -182,9 +182,9 @@ def depthwise_row_weights(geometry: Geometry, w: np.ndarray) -> np.ndarray | Non
         return None
     block = max(1, min(geometry.out_sizes[-1], ROW_BLOCK_VALUES // cin))
     per_tap = w.reshape(*geometry.kernel, 1, cin)
-    return np.ascontiguousarray(
-        np.broadcast_to(per_tap, (*geometry.kernel, block, cin))
-    ).reshape(*geometry.kernel, block * cin)
+    return np.ascontiguousarray(np.broadcast_to(per_tap, (*geometry.kernel, block, cin))).reshape(
+        *geometry.kernel, block * cin
+    )
 
 
 def depthwise_forward(
@@ -213,7 +213,7 @@ def depthwise_forward(
             out_tile = (tile.n_rows, *plan.geometry.out_sizes[1:])
             rows = out.reshape(tile.n_images, *out_tile[:-1], -1)  # a view: out is contiguous
             for view, part in views:
-                target = rows[..., part].reshape(view.shape[: len(pixels)] + (-1,))
+                target = rows[..., part].reshape(*view.shape[: len(pixels)], -1)
                 length = view.shape[-1]
                 np.einsum(
                     f"{pixels}{taps}x,{taps}x->{pixels}x",
