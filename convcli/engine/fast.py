@@ -61,6 +61,7 @@ import numpy as np
 import numpy.typing as npt
 
 from convcli.engine.kernels import (
+    channel_sums,
     depthwise_backward,
     depthwise_forward,
     depthwise_row_weights,
@@ -194,7 +195,7 @@ def conv_backward(
         dx, dw = _gradients(x, w, dz_last, geometry, cache.workspace, cache.threads)
     assert dx is not None  # both asked for
     assert dw is not None
-    db = dz_last.sum(axis=tuple(range(dz_last.ndim - 1))) if cache.b_shape is not None else None
+    db = channel_sums(dz_last) if cache.b_shape is not None else None
     return finish_gradients(dx, dw, db, cache)
 
 

@@ -28,6 +28,25 @@ def is_depthwise(geometry: Geometry) -> bool:
     return geometry.cin == geometry.groups and geometry.groups > 1
 
 
+#: values per inner loop of the merged depthwise einsums (a block of output positions of the
+#: last spatial axis times the channels; long inner loops, and tiled weights that stay
+#: small) and of :func:`channel_sums`
+ROW_BLOCK_VALUES = 4096
+
+
+def channel_sums(a: np.ndarray) -> np.ndarray:
+    """Σ of a (..., C) over every axis but the last (db from dz), as sums over blocks of whole
+    rows of about :data:`ROW_BLOCK_VALUES` values, then over the block: long inner loops
+    (NumPy's reduction over the leading axes of a (pixels, C) array loops over C alone; 2 to
+    3 times slower, measured) and shorter chains of additions."""
+    channels = a.shape[-1]
+    rows = a.reshape(-1, channels)
+    block = max(1, ROW_BLOCK_VALUES // max(1, channels))
+    whole = rows.shape[0] // block * block
+    sums = rows[:whole].reshape(-1, block * channels).sum(axis=0).reshape(block, channels)
+    return sums.sum(axis=0) + rows[whole:].sum(axis=0)
+
+
 # -- GEMM --------------------------------------------------------------------------------------
 
 
@@ -167,10 +186,9 @@ def _by_channel(plan: Plan, rows: np.ndarray, tile: Tile) -> np.ndarray:
     return rows.reshape(tile.n_images, tile.n_rows, *geometry.out_sizes[1:], *channels)
 
 
-#: output positions of the last spatial axis per einsum row in :func:`depthwise_forward`,
-#: as many as make about this many values with the channels (long inner loops, and tiled
-#: weights that stay small)
-ROW_BLOCK_VALUES = 4096
+def row_block(geometry: Geometry) -> int:
+    """Output positions of the last spatial axis per merged einsum row (at least 1)."""
+    return max(1, min(geometry.out_sizes[-1], ROW_BLOCK_VALUES // geometry.cin))
 
 
 def depthwise_row_weights(geometry: Geometry, w: np.ndarray) -> np.ndarray | None:
@@ -180,7 +198,7 @@ def depthwise_row_weights(geometry: Geometry, w: np.ndarray) -> np.ndarray | Non
     cin = geometry.cin
     if geometry.cout != cin:
         return None
-    block = max(1, min(geometry.out_sizes[-1], ROW_BLOCK_VALUES // cin))
+    block = row_block(geometry)
     per_tap = w.reshape(*geometry.kernel, 1, cin)
     return np.ascontiguousarray(np.broadcast_to(per_tap, (*geometry.kernel, block, cin))).reshape(
         *geometry.kernel, block * cin
@@ -250,10 +268,31 @@ def depthwise_backward(
     dz_view = _by_channel(plan, dz_tile, tile)
     pixels, taps, channels = _depthwise_subscripts(plan)
     if dw is not None and x is not None:
-        windows = plan.windows(plan.padded_input(x, tile), tile)
-        dw.reshape(_depthwise_weights(plan, dw).shape)[...] += np.einsum(
-            f"{pixels}{taps}c,{pixels}{channels}->{taps}{channels}", windows, dz_view
+        padded = plan.padded_input(x, tile)
+        dw_view = dw.reshape(_depthwise_weights(plan, dw).shape)
+        views = (
+            None
+            if plan.multiplier > 1
+            else plan.row_windows(padded, tile, row_block(plan.geometry))
         )
+        if views is None:
+            dw_view += np.einsum(
+                f"{pixels}{taps}c,{pixels}{channels}->{taps}{channels}",
+                plan.windows(padded, tile),
+                dz_view,
+            )
+        else:  # long inner loops: sums per (last-axis position, channel), folded afterwards
+            out_tile = (tile.n_rows, *plan.geometry.out_sizes[1:])
+            rows = dz_tile.reshape(tile.n_images, *out_tile[:-1], -1)
+            head = len(pixels) - 1  # the axis of the blocks, one einsum each (not reduced
+            for view, part in views:  # by the einsum: its loops got slower, measured)
+                dz_rows = rows[..., part].reshape(*view.shape[: len(pixels)], -1)
+                for k in range(view.shape[head]):
+                    block: Index = (*(slice(None),) * head, k)
+                    sums = np.einsum(
+                        f"{pixels[:-1]}{taps}x,{pixels[:-1]}x->{taps}x", view[block], dz_rows[block]
+                    )
+                    dw_view += sums.reshape(*sums.shape[:-1], -1, plan.geometry.cin).sum(axis=-2)
     if dx is None:
         return
     weights = _depthwise_weights(plan, w).reshape(plan.taps, *dz_view.shape[1 + len(taps) :])
