@@ -269,10 +269,11 @@ def test_depthwise_layers_match_reference(case, workspace, threads):
         np.testing.assert_allclose(got, want, **_tolerance(x.dtype))
 
 
-@pytest.mark.parametrize("rank", [1, 2, 3])
-def test_depthwise_dx_at_stride_1_is_a_flipped_correlation(rank, monkeypatch):
-    """Multiplier 1, stride 1, zero padding: dx is a depthwise correlation of dz with the
-    flipped weights, with no padded dx buffer to scatter into (and so no waves)."""
+@pytest.mark.parametrize(("rank", "stride"), [(1, 1), (2, 1), (3, 1), (1, 3), (2, (2, 3)), (3, 2)])
+def test_depthwise_dx_is_correlations_by_phase(rank, stride, monkeypatch):
+    """Multiplier 1, zero padding: dx is depthwise correlations of dz with the flipped
+    weights, one per residue of the stride (one at stride 1), with no padded dx buffer to
+    scatter into (and so no waves)."""
 
     def no_scatter(self, tile):
         raise AssertionError("dx scattered into a padded buffer")
@@ -281,7 +282,7 @@ def test_depthwise_dx_at_stride_1_is_a_flipped_correlation(rank, monkeypatch):
     rng = np.random.default_rng(rank)
     x = rng.standard_normal((2, *(5,) * rank, 3))
     w = rng.standard_normal((*(3,) * rank, 1, 3))
-    spec = ConvSpec(padding=((1, 2), *((1, 0),) * (rank - 1)), dilation=2, groups=3)
+    spec = ConvSpec(stride=stride, padding=((1, 2), *((1, 0),) * (rank - 1)), dilation=2, groups=3)
     for workspace in (1, 256 * 2**20):
         z, cache = conv_forward(x, w, None, spec, workspace=workspace, threads=2)
         z_ref, cache_ref = conv_forward_reference(x, w, None, spec)

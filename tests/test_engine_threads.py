@@ -290,6 +290,7 @@ def test_shifted_kernel_rows_match_reference(
         ((2, 20, 18, 4), (3, 3, 4, 16), ConvSpec(padding=1)),  # im2col (kw·Cin < 3·Cout)
         ((2, 20, 18, 8), (3, 3, 8, 8), ConvSpec(stride=2, padding=1)),  # im2col
         ((2, 20, 18, 8), (3, 3, 1, 8), ConvSpec(padding=1, groups=8)),  # depthwise, dx as conv
+        ((2, 20, 18, 8), (3, 3, 1, 8), ConvSpec(stride=2, padding=1, groups=8)),  # dx by phase
         ((2, 20, 18, 4), (3, 3, 1, 8), ConvSpec(stride=2, padding=1, groups=4)),  # scatter, m=2
         ((2, 20, 18, 4), (3, 3, 1, 4), ConvSpec(padding=1, groups=4, padding_mode="reflect")),
     ],

@@ -16,6 +16,9 @@ gradient of a convolution with respect to its input is a (transposed) convolutio
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import numpy as np
 
 from convcli.engine.operands import Index
@@ -137,12 +140,9 @@ def transposed_conv(geometry: Geometry, w: np.ndarray) -> tuple[np.ndarray, Conv
 
 def dx_convolution(geometry: Geometry) -> ConvSpec | None:
     """The spec of the convolution of dz that gives dx (see :func:`transposed_conv`), or None
-    when dx is not one (stride above 1, other padding modes, negative padding) or not a
-    cheap one (depthwise with a channel multiplier above 1: a grouped GEMM of inner
-    dimension m). Depthwise with multiplier 1 gives a depthwise correlation."""
-    if set(geometry.stride) != {1} or geometry.padding_mode != "zeros":
-        return None
-    if is_depthwise(geometry) and geometry.cout != geometry.cin:
+    when dx is not one (stride above 1, other padding modes, negative padding) or is not
+    done this way (depthwise: see :func:`dx_phases`)."""
+    if set(geometry.stride) != {1} or is_depthwise(geometry) or geometry.padding_mode != "zeros":
         return None
     pads = tuple(
         (d * (k - 1) - lo, d * (k - 1) - hi)
@@ -153,6 +153,78 @@ def dx_convolution(geometry: Geometry) -> ConvSpec | None:
     return ConvSpec(
         stride=geometry.stride, padding=pads, dilation=geometry.dilation, groups=geometry.groups
     )
+
+
+# -- dx of a depthwise layer by phases ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Phase:
+    """The dx positions of one residue of the stride per spatial axis, as a stride-1
+    depthwise correlation of a slice of dz (see :func:`dx_phases`).
+
+    Attributes
+    ----------
+    dx : per spatial axis of dx, every s-th position from the residue
+    dz : per spatial axis of dz, the positions this phase reads (explicit start and stop)
+    taps : per spatial axis, the kernel positions that reach these dx positions, in reverse
+        order (the flip of the adjoint); ``w[np.ix_(*taps)]`` is the phase's kernel
+    spec : stride 1, the padding and dilation that give exactly the phase's dx positions
+    """
+
+    dx: tuple[slice, ...]
+    dz: tuple[slice, ...]
+    taps: tuple[list[int], ...]
+    spec: ConvSpec
+
+
+def dx_phases(geometry: Geometry) -> list[Phase] | None:
+    """dx of a depthwise layer with multiplier 1 and zero padding as stride-1 depthwise
+    correlations of dz, one per residue of the stride (s^d phases), or None for other layers.
+
+    Per axis (stride s, dilation d, padding lo before): dx[r + t·s] = Σ w[i]·dz[t + δ_i]
+    over the taps i with (r + lo - i·d) divisible by s, δ_i = (r + lo - i·d) / s. Those taps
+    are equally spaced and δ falls by d / gcd(d, s) from one to the next, so with the taps in
+    reverse order this is a correlation of dz with dilation d / gcd(d, s), padded (or
+    sliced) so that it has exactly the phase's positions. Residues that no tap reaches keep
+    dx zero and have no phase. At stride 1 there is one phase: the flipped-kernel
+    correlation of :func:`transposed_conv`. Each phase runs through the merged-row forward
+    kernel instead of a scatter per tap into a padded dx buffer.
+    """
+    if not is_depthwise(geometry) or geometry.cout != geometry.cin:
+        return None
+    if geometry.padding_mode != "zeros":
+        return None
+    per_axis = []
+    for size, out, k, s, d, (lo, _) in zip(
+        geometry.in_sizes,
+        geometry.out_sizes,
+        geometry.kernel,
+        geometry.stride,
+        geometry.dilation,
+        geometry.pads,
+        strict=True,
+    ):
+        options = []
+        for r in range(min(s, size)):
+            count = -(-(size - r) // s)  # dx positions r, r + s, ... of this residue
+            taps = [i for i in range(k) if (r + lo - i * d) % s == 0]
+            if not taps:
+                continue
+            deltas = [(r + lo - i * d) // s for i in taps]  # falling
+            first, last = max(0, deltas[-1]), min(out - 1, count - 1 + deltas[0])
+            if first > last:
+                continue
+            pads = (first - deltas[-1], count - 1 + deltas[0] - last)
+            step = deltas[0] - deltas[1] if len(taps) > 1 else 1
+            options.append((slice(r, None, s), slice(first, last + 1), taps[::-1], pads, step))
+        per_axis.append(options)
+    phases = []
+    for combination in itertools.product(*per_axis):
+        dx_slices, dz_slices, taps, pads, steps = zip(*combination, strict=True)
+        spec = ConvSpec(padding=pads, dilation=steps, groups=geometry.groups)
+        phases.append(Phase(dx_slices, dz_slices, taps, spec))
+    return phases
 
 
 # -- depthwise (one input channel per group) ----------------------------------------------------
@@ -261,9 +333,8 @@ def depthwise_backward(
     layer, given the tile's dz rows ``dz_tile`` (pixels, Cout).
 
     Either gradient may be skipped: ``dw`` None (then ``x`` may be None too) or ``dx`` None.
-    dw is one einsum; dx is scattered tap by tap into a padded buffer (at stride 1 with zero
-    padding and multiplier 1 the caller gets dx as a convolution instead, see
-    :func:`dx_convolution`).
+    dw is one einsum; dx is scattered tap by tap into a padded buffer (with zero padding and
+    multiplier 1 the caller gets dx by :func:`dx_phases` instead).
     """
     dz_view = _by_channel(plan, dz_tile, tile)
     pixels, taps, channels = _depthwise_subscripts(plan)
