@@ -14,8 +14,11 @@ tile forward (at stride 1 where it pays, :attr:`~convcli.engine.tiling.Plan.shif
 GEMM per kernel row on shifted views of a copy along kw only, accumulated in the tile);
 backward, one GEMM per tile for dw and ``dcols = dz @ wᵀ`` scattered back into dx, or, at
 stride 1 with zero padding, dx as a convolution of dz with the flipped weights. Depthwise
-layers use per-tap multiply-adds instead of a GEMM. There is no Python loop over images,
-output pixels or channels: the loops are over tiles and kernel taps. Scratch memory
+layers use one einsum per tile instead of a GEMM (forward and dw), and, with zero padding
+and one output channel per input channel, get dx as depthwise correlations of dz, one per
+residue of the stride (:func:`~convcli.engine.kernels.dx_phases`). There is no Python loop
+over images, output pixels or channels: the loops are over tiles, kernel taps, phases and
+blocks of a row. Scratch memory
 (patch matrices, padded buffers, group transposes) stays under ``workspace`` bytes, except
 that one output row of one image is the smallest tile. This module drives the tiles: the
 two public calls, the worker threads, and BLAS's own threads.
@@ -26,7 +29,9 @@ time ever write the same memory:
 - every worker has its own :class:`~convcli.engine.tiling.Plan`, with its own scratch
   buffers (lent by ``_SCRATCH``, never shared) and, in the backward pass, its own dw
   accumulator; the accumulators are summed once, after all tiles;
-- a forward tile writes only its own output rows of z (tiles partition the output);
+- a forward tile writes only its own output rows of z (tiles partition the output); a
+  depthwise dx phase is such a forward pass, whose output rows are its own residue's
+  positions of dx (phases partition dx and run one after another);
 - a backward tile first adds its patch gradients into its own padded buffer, then folds that
   buffer into dx (:meth:`~convcli.engine.tiling.Plan.add_interior`): into the input rows
   under its receptive fields and, for reflect/replicate/circular padding, the rows its border
