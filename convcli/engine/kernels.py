@@ -17,6 +17,7 @@ gradient of a convolution with respect to its input is a (transposed) convolutio
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,11 @@ def is_depthwise(geometry: Geometry) -> bool:
 #: last spatial axis times the channels; long inner loops, and tiled weights that stay
 #: small) and of :func:`channel_sums`
 ROW_BLOCK_VALUES = 4096
+
+
+#: rows (images times output positions but the last axis) a tile needs before dw takes the
+#: merged rows of :func:`depthwise_backward`
+MERGED_DW_LINES = 16
 
 
 def channel_sums(a: np.ndarray) -> np.ndarray:
@@ -341,11 +347,11 @@ def depthwise_backward(
     if dw is not None and x is not None:
         padded = plan.padded_input(x, tile)
         dw_view = dw.reshape(_depthwise_weights(plan, dw).shape)
-        views = (
-            None
-            if plan.multiplier > 1
-            else plan.row_windows(padded, tile, row_block(plan.geometry))
-        )
+        # one einsum per block of a row: worth its call when it covers enough rows (1-D
+        # layers have one row per image: the plain einsum, measured)
+        lines = tile.n_images * math.prod((tile.n_rows, *plan.geometry.out_sizes[1:])[:-1])
+        merge = plan.multiplier == 1 and lines >= MERGED_DW_LINES
+        views = plan.row_windows(padded, tile, row_block(plan.geometry)) if merge else None
         if views is None:
             dw_view += np.einsum(
                 f"{pixels}{taps}c,{pixels}{channels}->{taps}{channels}",
@@ -356,14 +362,20 @@ def depthwise_backward(
             out_tile = (tile.n_rows, *plan.geometry.out_sizes[1:])
             rows = dz_tile.reshape(tile.n_images, *out_tile[:-1], -1)
             head = len(pixels) - 1  # the axis of the blocks, one einsum each (not reduced
-            for view, part in views:  # by the einsum: its loops got slower, measured)
+            merged = None  # by the einsum: its loops got slower, measured); (*kernel, block·Cin)
+            for view, part in views:  # weight-sized sums, folded over the block once per tile
                 dz_rows = rows[..., part].reshape(*view.shape[: len(pixels)], -1)
                 for k in range(view.shape[head]):
                     block: Index = (*(slice(None),) * head, k)
                     sums = np.einsum(
                         f"{pixels[:-1]}{taps}x,{pixels[:-1]}x->{taps}x", view[block], dz_rows[block]
                     )
-                    dw_view += sums.reshape(*sums.shape[:-1], -1, plan.geometry.cin).sum(axis=-2)
+                    if merged is None:
+                        merged = sums  # the first view has the longest rows
+                    else:
+                        merged[..., : sums.shape[-1]] += sums
+            assert merged is not None  # a tile has at least one output
+            dw_view += merged.reshape(*merged.shape[:-1], -1, plan.geometry.cin).sum(axis=-2)
     if dx is None:
         return
     weights = _depthwise_weights(plan, w).reshape(plan.taps, *dz_view.shape[1 + len(taps) :])
