@@ -16,6 +16,7 @@ from convcli import (
     conv_forward,
     conv_forward_reference,
 )
+from convcli.engine import kernels
 from convcli.engine.tiling import Plan
 from tests.strategies import conv_cases, depthwise_cases, nd_conv_cases
 
@@ -249,20 +250,26 @@ def test_depthwise_groups_equal_cin():
     case=depthwise_cases(),
     workspace=st.sampled_from([1, 4096, 256 * 2**20]),
     threads=st.sampled_from([1, 2, 4]),
+    row_block=st.sampled_from([None, 1, 2, 3]),
 )
-def test_depthwise_layers_match_reference(case, workspace, threads):
-    """Depthwise layers (per-tap kernels, dx as a flipped depthwise correlation at stride 1)
-    against the reference: multipliers 1-3, strides, dilations, padding modes, 1-3 spatial
-    axes, row tiles and waves (tiny workspaces), several threads."""
+def test_depthwise_layers_match_reference(case, workspace, threads, row_block):
+    """Depthwise layers (einsums, dx by phases of the stride) against the reference:
+    multipliers 1-3, strides, dilations, padding modes, 1-3 spatial axes, row tiles and waves
+    (tiny workspaces), several threads; ``row_block`` output positions per merged row (with
+    dw merged from one row on), so that tiny layers have several blocks and a rest."""
     x, w, b, spec = case
-    z, cache = conv_forward(x, w, b, spec, workspace=workspace, threads=threads)
+    with pytest.MonkeyPatch.context() as patch:
+        if row_block is not None:
+            channels = x.shape[1] if spec.layout == "nchw" else x.shape[-1]
+            patch.setattr(kernels, "ROW_BLOCK_VALUES", row_block * channels)
+            patch.setattr(kernels, "MERGED_DW_LINES", 1)
+        z, cache = conv_forward(x, w, b, spec, workspace=workspace, threads=threads)
+        dz = np.random.default_rng(2).standard_normal(z.shape).astype(x.dtype)
+        gradients = conv_backward(dz, cache)
     z_ref, cache_ref = conv_forward_reference(x, w, b, spec)
     assert z.dtype == x.dtype
     np.testing.assert_allclose(z, z_ref, **_tolerance(x.dtype))
-    dz = np.random.default_rng(2).standard_normal(z.shape).astype(x.dtype)
-    for got, want in zip(
-        conv_backward(dz, cache), conv_backward_reference(dz, cache_ref), strict=True
-    ):
+    for got, want in zip(gradients, conv_backward_reference(dz, cache_ref), strict=True):
         if want is None:
             continue
         assert got.dtype == x.dtype
