@@ -83,7 +83,9 @@ class Plan:
     images_per_tile, rows_per_tile : int
         The tile size chosen: whole images (``rows_per_tile`` = output rows) or one image.
     depthwise : bool
-        One input channel per group (groups > 1): per-tap kernels instead of a GEMM.
+        One input channel per group (groups > 1): einsums instead of a GEMM.
+    multiplier : int
+        Output channels per group (per input channel when depthwise).
     pointwise : bool
         1x1 kernel, stride 1, no padding, one group: x itself is the patch matrix.
     shifted : bool
