@@ -143,3 +143,36 @@ def _arrays(draw, spec, x_last, w_last, cout, dtypes):
     w = rng.standard_normal(w_shape).astype(dtype)
     b = rng.standard_normal(cout).astype(dtype) if draw(st.booleans()) else None
     return x, w, b, spec
+
+
+@st.composite
+def depthwise_cases(draw, dtypes=(np.float64, np.float32), ranks=(1, 2, 3)):
+    """(x, w, b, spec) of a depthwise layer (groups = Cin > 1, channel multiplier 1 to 3) of
+    any rank, stride, dilation, padding mode and layout; arrays in the spec's layout."""
+    rank = draw(st.sampled_from(ranks))
+    max_size = {1: 12, 2: 7, 3: 4}[rank]
+    groups = draw(st.integers(2, 4))
+    multiplier = draw(st.sampled_from([1, 1, 2, 3]))
+    n = draw(st.integers(1, 2))
+    sizes = [draw(st.integers(1, max_size)) for _ in range(rank)]
+    kernel = [draw(st.integers(1, 3)) for _ in range(rank)]
+    padding = draw(
+        st.one_of(
+            st.integers(0, 2),
+            st.lists(
+                st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=rank, max_size=rank
+            ).map(tuple),
+            st.sampled_from(["same", "valid"]),
+        )
+    )
+    stride = st.sampled_from([1, 1, 2])  # stride 1 with zero padding: dx as a correlation
+    spec = ConvSpec(
+        stride=tuple(draw(stride) for _ in range(rank)),
+        padding=padding,
+        dilation=tuple(draw(st.integers(1, 2)) for _ in range(rank)),
+        groups=groups,
+        padding_mode=draw(st.sampled_from(["zeros"] * 3 + ["reflect", "replicate", "circular"])),
+        layout=draw(st.sampled_from(["nhwc", "nchw"])),
+    )
+    cout = groups * multiplier
+    return _arrays(draw, spec, (n, *sizes, groups), (*kernel, 1, cout), cout, dtypes)

@@ -16,8 +16,9 @@ from convcli import (
     conv_forward,
     conv_forward_reference,
 )
+from convcli.engine import kernels
 from convcli.engine.tiling import Plan
-from tests.strategies import conv_cases, nd_conv_cases
+from tests.strategies import conv_cases, depthwise_cases, nd_conv_cases
 
 ENGINES = [
     pytest.param((conv_forward, conv_backward), id="fast"),
@@ -243,6 +244,61 @@ def test_depthwise_groups_equal_cin():
     # output channel 3 belongs to group 1 (channels 2,3 of z use input channel 1)
     z1, _ = conv_forward(x[..., 1:2], w[..., 2:4], None, ConvSpec(padding=1))
     np.testing.assert_allclose(z[..., 2:4], z1, rtol=1e-12)
+
+
+@given(
+    case=depthwise_cases(),
+    workspace=st.sampled_from([1, 4096, 256 * 2**20]),
+    threads=st.sampled_from([1, 2, 4]),
+    row_block=st.sampled_from([None, 1, 2, 3]),
+)
+def test_depthwise_layers_match_reference(case, workspace, threads, row_block):
+    """Depthwise layers (einsums, dx by phases of the stride) against the reference:
+    multipliers 1-3, strides, dilations, padding modes, 1-3 spatial axes, row tiles and waves
+    (tiny workspaces), several threads; ``row_block`` output positions per merged row (with
+    dw merged from one row on), so that tiny layers have several blocks and a rest."""
+    x, w, b, spec = case
+    with pytest.MonkeyPatch.context() as patch:
+        if row_block is not None:
+            channels = x.shape[1] if spec.layout == "nchw" else x.shape[-1]
+            patch.setattr(kernels, "ROW_BLOCK_VALUES", row_block * channels)
+            patch.setattr(kernels, "MERGED_DW_LINES", 1)
+        z, cache = conv_forward(x, w, b, spec, workspace=workspace, threads=threads)
+        dz = np.random.default_rng(2).standard_normal(z.shape).astype(x.dtype)
+        gradients = conv_backward(dz, cache)
+    z_ref, cache_ref = conv_forward_reference(x, w, b, spec)
+    assert z.dtype == x.dtype
+    np.testing.assert_allclose(z, z_ref, **_tolerance(x.dtype))
+    for got, want in zip(gradients, conv_backward_reference(dz, cache_ref), strict=True):
+        if want is None:
+            continue
+        assert got.dtype == x.dtype
+        np.testing.assert_allclose(got, want, **_tolerance(x.dtype))
+
+
+@pytest.mark.parametrize(("rank", "stride"), [(1, 1), (2, 1), (3, 1), (1, 3), (2, (2, 3)), (3, 2)])
+def test_depthwise_dx_is_correlations_by_phase(rank, stride, monkeypatch):
+    """Multiplier 1, zero padding: dx is depthwise correlations of dz with the flipped
+    weights, one per residue of the stride (one at stride 1), with no padded dx buffer to
+    scatter into (and so no waves)."""
+
+    def no_scatter(self, tile):
+        raise AssertionError("dx scattered into a padded buffer")
+
+    monkeypatch.setattr(Plan, "dx_buffer", no_scatter)
+    rng = np.random.default_rng(rank)
+    x = rng.standard_normal((2, *(5,) * rank, 3))
+    w = rng.standard_normal((*(3,) * rank, 1, 3))
+    spec = ConvSpec(stride=stride, padding=((1, 2), *((1, 0),) * (rank - 1)), dilation=2, groups=3)
+    for workspace in (1, 256 * 2**20):
+        z, cache = conv_forward(x, w, None, spec, workspace=workspace, threads=2)
+        z_ref, cache_ref = conv_forward_reference(x, w, None, spec)
+        np.testing.assert_allclose(z, z_ref, rtol=1e-12, atol=1e-12)
+        dz = rng.standard_normal(z.shape)
+        got_dx, got_dw, _ = conv_backward(dz, cache)
+        want_dx, want_dw, _ = conv_backward_reference(dz, cache_ref)
+        for got, want in ((got_dx, want_dx), (got_dw, want_dw)):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_engine_has_no_python_loop_over_batch_or_pixels(monkeypatch):

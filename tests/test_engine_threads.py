@@ -289,6 +289,10 @@ def test_shifted_kernel_rows_match_reference(
         ((1, 6, 7, 8, 8), (3, 3, 3, 8, 8), ConvSpec(padding=1)),  # 3-D, shifted
         ((2, 20, 18, 4), (3, 3, 4, 16), ConvSpec(padding=1)),  # im2col (kw·Cin < 3·Cout)
         ((2, 20, 18, 8), (3, 3, 8, 8), ConvSpec(stride=2, padding=1)),  # im2col
+        ((2, 20, 18, 8), (3, 3, 1, 8), ConvSpec(padding=1, groups=8)),  # depthwise, dx as conv
+        ((2, 20, 18, 8), (3, 3, 1, 8), ConvSpec(stride=2, padding=1, groups=8)),  # dx by phase
+        ((2, 20, 18, 4), (3, 3, 1, 8), ConvSpec(stride=2, padding=1, groups=4)),  # scatter, m=2
+        ((2, 20, 18, 4), (3, 3, 1, 4), ConvSpec(padding=1, groups=4, padding_mode="reflect")),
     ],
 )
 @pytest.mark.parametrize("workspace", [1500, 20_000, DEFAULT_WORKSPACE])
@@ -342,8 +346,10 @@ def test_whole_image_tiles_are_dealt_evenly(workers, n):
     plan = Plan(geometry, np.float32, share, backward=False, workers=workers)
     tiles = list(plan.tiles())
     starts = [tile.images.start for tile in tiles]
-    assert starts == sorted(starts) and starts[0] == 0
-    assert [t.images.stop for t in tiles[:-1]] == starts[1:] and tiles[-1].images.stop == n
+    assert starts == sorted(starts)
+    assert starts[0] == 0
+    assert [t.images.stop for t in tiles[:-1]] == starts[1:]
+    assert tiles[-1].images.stop == n
     assert max(t.n_images for t in tiles) == plan.images_per_tile
     images = [load // geometry.out_sizes[0] for load in _loads(plan, workers)]
     assert sum(images) == n
@@ -368,7 +374,8 @@ def test_one_image_forward_is_split_between_the_workers(workers):
     geometry = ConvSpec(padding=1).geometry((1, 64, 64, 16), (3, 3, 16, 16))
     plan = Plan(geometry, np.float32, DEFAULT_WORKSPACE // workers, backward=False, workers=workers)
     loads = _loads(plan, workers)
-    assert min(loads) > 0 and max(loads) - min(loads) <= 1, loads
+    assert min(loads) > 0, loads
+    assert max(loads) - min(loads) <= 1, loads
 
 
 def test_one_worker_runs_blas_on_one_thread():
@@ -385,7 +392,8 @@ def test_one_worker_runs_blas_on_one_thread():
         backward=False,
         work=lambda plan, tile: seen.append(blas_threads()),
     )
-    assert seen and set(seen) == {1}
+    assert seen
+    assert set(seen) == {1}
     assert blas_threads() >= 2, "BLAS gets its threads back"
 
 

@@ -10,8 +10,8 @@ Cout/groups, Cin)`` for a transposed convolution), float32 or float64.
   parallel tiles stay race-free), the scratch kept between calls.
 - :mod:`convcli.engine.tiling`: how a call is cut into cache-sized tiles under the workspace,
   each tile's patch matrix and padded buffers, the waves of tiles that may run together.
-- :mod:`convcli.engine.kernels`: the arithmetic of a tile: grouped GEMM, depthwise per-tap
-  kernels, dx as a transposed convolution.
+- :mod:`convcli.engine.kernels`: the arithmetic of a tile: grouped GEMM, depthwise einsum
+  kernels, dx as a transposed convolution (or, depthwise, one per phase of the stride).
 - :mod:`convcli.engine.reference`: one loop per output element; the readable oracle.
 """
 

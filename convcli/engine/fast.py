@@ -14,8 +14,11 @@ tile forward (at stride 1 where it pays, :attr:`~convcli.engine.tiling.Plan.shif
 GEMM per kernel row on shifted views of a copy along kw only, accumulated in the tile);
 backward, one GEMM per tile for dw and ``dcols = dz @ wᵀ`` scattered back into dx, or, at
 stride 1 with zero padding, dx as a convolution of dz with the flipped weights. Depthwise
-layers use per-tap multiply-adds instead of a GEMM. There is no Python loop over images,
-output pixels or channels: the loops are over tiles and kernel taps. Scratch memory
+layers use one einsum per tile instead of a GEMM (forward and dw), and, with zero padding
+and one output channel per input channel, get dx as depthwise correlations of dz, one per
+residue of the stride (:func:`~convcli.engine.kernels.dx_phases`). There is no Python loop
+over images, output pixels or channels: the loops are over tiles, kernel taps, phases and
+blocks of a row. Scratch memory
 (patch matrices, padded buffers, group transposes) stays under ``workspace`` bytes, except
 that one output row of one image is the smallest tile. This module drives the tiles: the
 two public calls, the worker threads, and BLAS's own threads.
@@ -26,7 +29,9 @@ time ever write the same memory:
 - every worker has its own :class:`~convcli.engine.tiling.Plan`, with its own scratch
   buffers (lent by ``_SCRATCH``, never shared) and, in the backward pass, its own dw
   accumulator; the accumulators are summed once, after all tiles;
-- a forward tile writes only its own output rows of z (tiles partition the output);
+- a forward tile writes only its own output rows of z (tiles partition the output); a
+  depthwise dx phase is such a forward pass, whose output rows are its own residue's
+  positions of dx (phases partition dx and run one after another);
 - a backward tile first adds its patch gradients into its own padded buffer, then folds that
   buffer into dx (:meth:`~convcli.engine.tiling.Plan.add_interior`): into the input rows
   under its receptive fields and, for reflect/replicate/circular padding, the rows its border
@@ -61,9 +66,12 @@ import numpy as np
 import numpy.typing as npt
 
 from convcli.engine.kernels import (
+    channel_sums,
     depthwise_backward,
     depthwise_forward,
+    depthwise_row_weights,
     dx_convolution,
+    dx_phases,
     grouped_matmul,
     is_depthwise,
     shifted_forward,
@@ -193,7 +201,7 @@ def conv_backward(
         dx, dw = _gradients(x, w, dz_last, geometry, cache.workspace, cache.threads)
     assert dx is not None  # both asked for
     assert dw is not None
-    db = dz_last.sum(axis=tuple(range(dz_last.ndim - 1))) if cache.b_shape is not None else None
+    db = channel_sums(dz_last) if cache.b_shape is not None else None
     return finish_gradients(dx, dw, db, cache)
 
 
@@ -214,10 +222,16 @@ def _forward(
     geometry: Geometry,
     workspace: int,
     threads: int | None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """z (n, *out, Cout) of a convolution, all channels last: x (n, *spatial, Cin),
-    w (*kernel, Cin/g, Cout), bias (Cout,) or None."""
-    z = np.empty(geometry.out_shape, dtype=x.dtype)
+    w (*kernel, Cin/g, Cout), bias (Cout,) or None.
+
+    ``out``, for depthwise layers only: a writable (possibly strided) view of that shape
+    to write z into; each tile computes its rows in a scratch tile (counted by
+    :meth:`~convcli.engine.tiling.Plan.tile_bytes`) and copies them there."""
+    assert out is None or is_depthwise(geometry)
+    z = np.empty(geometry.out_shape, dtype=x.dtype) if out is None else out
     if is_pointwise(geometry) and x.flags.c_contiguous:  # one GEMM, no scratch
         with _blas_limited(_worker_count(threads)):
             np.matmul(
@@ -230,17 +244,24 @@ def _forward(
         return z
     w_groups = weights_by_group(w, geometry)
     w_rows = w.reshape(-1, geometry.kernel[-1] * w.shape[-2], geometry.cout)  # for shifted tiles
+    row_weights = depthwise_row_weights(geometry, w) if is_depthwise(geometry) else None
 
     def work(plan: Plan, tile: Tile) -> None:
-        z_tile = plan.output_rows(z, tile)
+        if out is None:
+            z_tile = plan.output_rows(z, tile)
+        else:
+            target = z[tile.images, tile.rows]
+            z_tile = plan.buffer("z_tile", (target.size // geometry.cout, geometry.cout))
         if plan.depthwise:
-            depthwise_forward(plan, x, w, tile, z_tile)
+            depthwise_forward(plan, x, w, tile, z_tile, row_weights)
         elif plan.shifted:
             shifted_forward(plan, x, w_rows, tile, z_tile)
         else:
             grouped_matmul(plan.im2col(x, tile), w_groups, z_tile)
         if bias is not None:
             z_tile += bias  # while the tile is in cache
+        if out is not None:
+            target[...] = z_tile.reshape(target.shape)
 
     _for_each_tile(geometry, x.dtype, workspace, threads, backward=False, work=work)
     return z
@@ -264,23 +285,27 @@ def _gradients(
     x_shape = (geometry.n, *geometry.in_sizes, geometry.cin)
     if is_pointwise(geometry) and dz.flags.c_contiguous and (x is None or x.flags.c_contiguous):
         return _pointwise_gradients(x if need_dw else None, w, dz, need_dx, threads)
-    # dx as a convolution of dz, when it is one
-    transposed = transposed_conv(geometry, w) if need_dx else None
-    dx = np.zeros(x_shape, dtype=dtype) if need_dx and transposed is None else None
+    # dx as convolutions of dz, when it is: one (stride 1), or one per phase (depthwise)
+    phases = dx_phases(geometry) if need_dx else None
+    transposed = transposed_conv(geometry, w) if need_dx and phases is None else None
+    # stride 1: one phase, whose output is dx; else each phase's output is copied in
+    whole = phases is not None and len(phases) == 1 and {s.step for s in phases[0].dx} == {1}
+    dx = np.zeros(x_shape, dtype=dtype) if need_dx and transposed is None and not whole else None
+    scatter = dx if phases is None else None  # dx from patch gradients, tile by tile
     source = x if need_dw else None
     if is_depthwise(geometry):
-        work, dw_shape = _depthwise_backward_work(source, w, dz, dx), w.shape
+        work, dw_shape = _depthwise_backward_work(source, w, dz, scatter), w.shape
     else:
         w_groups = weights_by_group(w, geometry)
-        work, dw_shape = _gemm_backward_work(source, w_groups, dz, dx), w_groups.shape
+        work, dw_shape = _gemm_backward_work(source, w_groups, dz, scatter), w_groups.shape
     dw = None
-    if need_dw or dx is not None:
+    if need_dw or scatter is not None:
         plans = _for_each_tile(
             geometry,
             dtype,
             workspace,
             threads,
-            backward=dx is not None,
+            backward=scatter is not None,
             work=work,
             dw_shape=dw_shape if need_dw else None,
         )
@@ -291,6 +316,16 @@ def _gradients(
     if transposed is not None:
         w_flipped, spec_t = transposed
         dx, _ = conv_forward(dz, w_flipped, None, spec_t, workspace=workspace, threads=threads)
+    for phase in phases or ():
+        rows: Index = (slice(None), *phase.dz)
+        w_phase = w[np.ix_(*phase.taps)]
+        phase_geometry = phase.spec.geometry(dz[rows].shape, w_phase.shape)
+        if whole:
+            dx = _forward(dz[rows], w_phase, None, phase_geometry, workspace, threads)
+        else:
+            assert dx is not None  # need_dx
+            into: Index = (slice(None), *phase.dx)
+            _forward(dz[rows], w_phase, None, phase_geometry, workspace, threads, out=dx[into])
     return dx, dw
 
 
@@ -385,13 +420,19 @@ def scratch_bytes(
         geometry = geometry.adjoint()
     workers = _worker_count(threads)
     bound = scratch_bound(geometry, dtype, workspace, workers)
+    g = geometry.groups
     spec = dx_convolution(geometry)
     if spec is not None:
-        g = geometry.groups
         dz_shape = (geometry.n, *geometry.out_sizes, geometry.cout)
         dx_geometry = spec.geometry(dz_shape, (*geometry.kernel, geometry.cout // g, geometry.cin))
         dx_bound = scratch_bound(dx_geometry, dtype, workspace, workers, passes=(False,))
         bound = max(bound, dx_bound)
+    for phase in dx_phases(geometry) or ():
+        dz_sizes = [rows.stop - rows.start for rows in phase.dz]
+        w_shape = (*(len(taps) for taps in phase.taps), 1, geometry.cin)
+        phase_geometry = phase.spec.geometry((geometry.n, *dz_sizes, geometry.cout), w_shape)
+        phase_bound = scratch_bound(phase_geometry, dtype, workspace, workers, passes=(False,))
+        bound = max(bound, phase_bound)
     return bound
 
 

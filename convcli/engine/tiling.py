@@ -93,7 +93,9 @@ class Plan:
         The largest block of each kind: whole images (``rows_per_tile`` = output rows) or
         one image.
     depthwise : bool
-        One input channel per group (groups > 1): per-tap kernels instead of a GEMM.
+        One input channel per group (groups > 1): einsums instead of a GEMM.
+    multiplier : int
+        Output channels per group (per input channel when depthwise).
     pointwise : bool
         1x1 kernel, stride 1, no padding, one group: x itself is the patch matrix.
     shifted : bool
@@ -121,6 +123,7 @@ class Plan:
         g = geometry.groups
         self.cin_group = geometry.cin // g
         self.depthwise = self.cin_group == 1 and g > 1
+        self.multiplier = geometry.cout // g  # outputs per group; per input channel if depthwise
         self.taps = int(np.prod(geometry.kernel))
         self.k_group = self.taps * self.cin_group
         self.spans = [
@@ -175,11 +178,13 @@ class Plan:
             elements += pixels * geometry.groups * self.k_group  # cols
             if geometry.groups > 1:
                 elements += pixels * geometry.cout  # group transpose temporary
-        else:
-            elements += 2 * pixels * geometry.cout  # per-tap product and accumulator
+        else:  # einsums need no scratch; the z tile counts, so that tiles stay cache-sized
+            elements += pixels * geometry.cout
+            if self.backward:  # a padded dx buffer and a per-tap product to scatter
+                elements += padded_input + pixels * geometry.cin
         if self.padded or self.depthwise:
             elements += padded_input
-        if self.backward:
+        if self.backward and not self.depthwise:
             elements += elements  # dcols / dx buffer mirror the forward ones
         return elements * self.dtype.itemsize
 
@@ -190,9 +195,9 @@ class Plan:
         multiple of ``workers`` when there are enough images, so that each worker, dealt
         consecutive blocks (:func:`deal`), gets the same number of images to one. A forward
         pass of fewer images than workers also cuts each image into row blocks, so that no
-        worker idles. A call under ``SPLIT_BYTES`` of scratch in all is not split further. When one image does not fit, near-equal blocks of output rows (this
-        does not depend on ``workers``: the backward pass's dx is the same bit for bit for
-        the same tiles).
+        worker idles. A call under ``SPLIT_BYTES`` of scratch in all is not split further.
+        When one image does not fit, near-equal blocks of output rows (this does not depend
+        on ``workers``: the backward pass's dx is the same bit for bit for the same tiles).
         """
         geometry = self.geometry
         n, out_rows = geometry.n, geometry.out_sizes[0]
@@ -335,6 +340,47 @@ class Plan:
             strides[-1],
         )
         return as_strided(padded, shape=shape, strides=view_strides, writeable=False)
+
+    def row_windows(
+        self, padded: np.ndarray, tile: Tile, block: int
+    ) -> list[tuple[np.ndarray, slice]] | None:
+        """:meth:`windows` with the last output axis and the channels merged into one
+        contiguous axis, for long inner loops: ``block`` output positions of the last
+        spatial axis at a time.
+
+        Possible when the last spatial axis has stride 1 and ``padded``'s last spatial axis
+        and channels are contiguous (else None). Returns up to two read-only views: the
+        whole blocks ``(images, *out_tile[:-1], blocks, *kernel, block·Cin)`` and the rest
+        ``(images, *out_tile[:-1], 1, *kernel, rest·Cin)``, each with the slice of the
+        merged last-axis-and-channels output positions it covers.
+        """
+        geometry = self.geometry
+        item, cin = padded.itemsize, padded.shape[-1]
+        if geometry.stride[-1] != 1 or padded.strides[-2:] != (cin * item, item):
+            return None
+        strides = padded.strides
+        spatial = strides[1:-1]
+        out_tile = (tile.n_rows, *geometry.out_sizes[1:])
+        head = (padded.shape[0], *out_tile[:-1])
+        head_strides = (
+            strides[0],
+            *(st * s for st, s in zip(spatial[:-1], geometry.stride[:-1], strict=True)),
+        )
+        kernel_strides = tuple(st * d for st, d in zip(spatial, geometry.dilation, strict=True))
+        whole, rest = divmod(out_tile[-1], block)
+        views = []
+        for start, count, length in ((0, whole, block), (whole * block, 1 if rest else 0, rest)):
+            if count == 0:
+                continue
+            base = padded[(Ellipsis, slice(start, None), slice(None))]
+            view = as_strided(
+                base,
+                shape=(*head, count, *geometry.kernel, length * cin),
+                strides=(*head_strides, block * spatial[-1], *kernel_strides, item),
+                writeable=False,
+            )
+            views.append((view, slice(start * cin, (start + count * length) * cin)))
+        return views
 
     def writable_windows(self, padded: np.ndarray, tile: Tile) -> np.ndarray:
         """:meth:`windows`, writable: for adding patch gradients into a padded dx buffer."""
