@@ -24,9 +24,11 @@ In one run, on one machine and thread count, it measures
   memory NumPy allocated during one call (tracemalloc);
 - when ``import torch`` works: PyTorch's conv1d/2d/3d (or conv_transpose) forward and
   forward + backward on the same data, with ``torch.set_num_threads`` equal to convcli's
-  threads, the better of NCHW and channels_last; its calls alternate with convcli's, repeat
-  by repeat, so that changes in load hit both. Ratios are PyTorch's time over convcli's
-  (> 1: convcli faster);
+  threads, the better of NCHW and channels_last. Every operation is timed in a block of its
+  own (a 0.2 s warm-up, then the repeats back to back; :func:`block_medians` says why not
+  call by call), the blocks of convcli, its GEMMs and PyTorch in turn, layer after layer,
+  round after round, so that changes in load hit all of them. Ratios are PyTorch's time
+  over convcli's (> 1: convcli faster);
 - the reference engine on a small layer, for the speed-up.
 Results go to a JSON file and a Rich table. ``--smoke`` runs tiny sizes once (the test suite
 does, so the script cannot rot); ``--quick`` one round of 3 repeats.
@@ -80,7 +82,7 @@ SMOKE_LAYERS = {
     "decoder": ((2, 4, 4, 4), (3, 3), 4, LAYERS["decoder"][-1]),
 }
 REFERENCE_LAYER = ((2, 8, 8, 4), (3, 3), 8, {"padding": 1})
-WARM_UP_SECONDS = 0.3
+WARM_UP_SECONDS = 0.2  # per block: longer than OpenBLAS's idle threads spin (about 0.1 s)
 
 #: Variables that pin OpenBLAS to other kernels than it would pick on this CPU.
 BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -111,29 +113,36 @@ def blas_environment(keep: bool) -> dict:
 
 
 def median_seconds(function, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls, after calling it for WARM_UP_SECONDS.
+    """Median wall time of ``repeats`` consecutive calls, after calling it for
+    WARM_UP_SECONDS (see :func:`block_medians`)."""
+    return block_medians({"f": function}, repeats)["f"]
 
-    The first calls after other work run slower here (allocator and page state, thread
-    pools, clocks); a time-based warm-up makes the medians repeatable.
+
+def block_medians(functions: dict, repeats: int) -> dict[str, float]:
+    """Median wall time per function, each timed in a block of its own: calls for
+    WARM_UP_SECONDS, then ``repeats`` timed calls back to back; the functions in turn.
+
+    Not call by call: measured here, alternating single calls of PyTorch and convcli slowed
+    both (cifar forward: convcli 3.3 -> 5.9 ms, PyTorch 0.98 -> 1.27 ms), because each one's
+    idle threads keep spinning for a while after a call (OpenBLAS's for about 0.1 s) and take
+    a core from the other; and a call after a pause runs cold (several times slower on this
+    machine). A block's warm-up outlasts the previous block's spinning threads, so each
+    function is timed as a loop of its own calls runs. Rounds (the caller's loop over
+    layers) still spread slow spells of a shared machine over all of them.
     """
-    return interleaved_medians({"f": function}, repeats)["f"]
-
-
-def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
-    """Median wall time per function; after a warm-up of each, every repeat calls each
-    function once, in turn, so that slow spells of a shared machine hit all of them."""
-    for function in functions.values():
+    medians = {}
+    for name, function in functions.items():
         start = time.perf_counter()
         function()
         while time.perf_counter() - start < WARM_UP_SECONDS:
             function()
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
+        times = []
+        for _ in range(repeats):
             start = time.perf_counter()
             function()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            times.append(time.perf_counter() - start)
+        medians[name] = statistics.median(times)
+    return medians
 
 
 def peak_bytes(function) -> int:
@@ -306,7 +315,7 @@ def bench_layer(name, layer, dtype, gemm, torch_threads: int | None) -> dict:
 
 
 def measure_round(case: dict, repeats: int) -> None:
-    case["rounds"].append(interleaved_medians(case["operations"], repeats))
+    case["rounds"].append(block_medians(case["operations"], repeats))
 
 
 def layer_row(case: dict) -> dict:
@@ -473,7 +482,7 @@ def main(argv=None) -> dict:
     repeats = 1 if args.smoke else args.repeats
     args.rounds = 1 if args.smoke else args.rounds
     global WARM_UP_SECONDS
-    WARM_UP_SECONDS = 0.0 if args.smoke else 0.1 if args.quick else WARM_UP_SECONDS
+    WARM_UP_SECONDS = 0.0 if args.smoke else WARM_UP_SECONDS
     gemm_size = 256 if args.smoke else 2048
     environment = blas_environment(args.keep_blas_env)
     torch_found = torch_version(not args.no_torch)
@@ -488,7 +497,7 @@ def main(argv=None) -> dict:
         threads = blas_threads()  # convcli's default worker count
         print(describe_blas(info, environment), flush=True)
         print(
-            f"PyTorch {torch_found}, {threads} threads, interleaved with convcli"
+            f"PyTorch {torch_found}, {threads} threads, timed in blocks alternating with convcli's"
             if torch_found
             else "PyTorch: not importable (or --no-torch); convcli and GEMM only",
             flush=True,
