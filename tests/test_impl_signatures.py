@@ -425,3 +425,24 @@ def test_the_bundled_numpy_kernel_takes_per_axis_strides_and_padding_pairs():
     assert result.exit_code == 0, result.output
     (entry,) = json.loads(result.stdout)["results"]
     assert entry["config"]["pad"] == [[1, 0], [0, 2]]
+
+
+def test_a_files_hyperparameter_the_signature_cannot_take_names_the_file_not_a_flag(tmp_path):
+    """classic takes one integer pad; a data file holding per-side padding is bad data from
+    that file (exit 65, naming its entry), not a `--pad` the user never typed (exit 2)."""
+    data = dict(np.load(ROOT / "sample_data" / "conv_example.npz"))
+    data["pad"] = np.array([[1, 0], [1, 0]])
+    path = tmp_path / "asym.npz"
+    np.savez(path, **data)
+    impl = ROOT / "sample_data" / "classic_conv.py"
+    result = CliRunner().invoke(app, ["gradcheck", "--impl", str(impl), str(path)])
+    assert result.exit_code == 65, result.stderr
+    assert "--pad" not in result.stderr
+    assert f"padding from {path} entry 'pad' ((1, 0), (1, 0))" in result.stderr
+    assert "one integer" in result.stderr
+    # the same value typed as a flag is still a usage error naming the flag
+    flagged = CliRunner().invoke(
+        app, ["gradcheck", "--impl", str(impl), str(path), "--pad", "1,0,1,0"]
+    )
+    assert flagged.exit_code == 2, flagged.stderr
+    assert "--pad" in flagged.stderr

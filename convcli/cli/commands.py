@@ -39,6 +39,7 @@ from convcli.errors import (
     EXIT_USAGE,
     ConvcliError,
     ConvcliNotice,
+    HyperparameterError,
     Terminated,
     UsageError,
 )
@@ -1013,6 +1014,7 @@ def _impl_check(impl, data, refs, layer, flags, options: ImplFlags, progress) ->
             "file; it does not use " + ", ".join(unused)
         )
     impl_layer = None
+    origins: dict[str, str] = {}
     layout = build_spec({}, flags, None).spec.layout
     if layer is not None:
         spec = build_spec({}, flags, len(layer.shape) - 2).spec
@@ -1032,20 +1034,30 @@ def _impl_check(impl, data, refs, layer, flags, options: ImplFlags, progress) ->
         )
         impl_layer = ImplLayer(spec=spec, inputs=RunInputs.of(loaded.arrays))
         layout = spec.layout
-    return run_impl_check(
-        impl,
-        seed=options.seed,
-        tolerance=options.tolerance,
-        progress=progress,
-        timeout=options.timeout,
-        max_memory=options.memory,
-        signature=options.signature,
-        layout=layout,
-        layer=impl_layer,
-        mode=options.mode or "auto",
-        nondet_tol=options.nondet_tol,
-        samples=options.samples,
-    )
+        x = loaded.arrays["x"]
+        origins = build_spec(loaded.hparams, flags, len(x.shape) - 2).origins
+    try:
+        return run_impl_check(
+            impl,
+            seed=options.seed,
+            tolerance=options.tolerance,
+            progress=progress,
+            timeout=options.timeout,
+            max_memory=options.memory,
+            signature=options.signature,
+            layout=layout,
+            layer=impl_layer,
+            mode=options.mode or "auto",
+            nondet_tol=options.nondet_tol,
+            samples=options.samples,
+        )
+    except UsageError as error:
+        # a hyperparameter the signature cannot take, read from the data file: bad data
+        # from that file, not a flag the user typed
+        origin = origins.get(error.param or "", "flag")
+        if origin in ("flag", "default"):
+            raise
+        raise HyperparameterError(error.describe(f"{error.param} from {origin}")) from None
 
 
 def _result_ref(name: str, shape: str):
