@@ -324,6 +324,33 @@ def test_real_scratch_stays_under_the_bound(
     assert worst * threads <= bound, (worst, threads, bound)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_depthwise_merged_rows_stay_under_the_bound_with_a_long_kernel(threads):
+    """A 1-D depthwise layer with a long kernel and few channels: the merged-row weights and
+    dw sums (kernel taps times a block of the row) are bounded and counted by scratch_bytes
+    (they were taps x 4096 values each, 13 MB here, against a bound of under 1 MB)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((16, 1200, 2)), rng.standard_normal((401, 1, 2))
+    spec = ConvSpec(groups=2, padding=200)
+    workspace = 2**20
+    bound = scratch_bytes(spec.geometry(x.shape, w.shape), np.float64, workspace, threads)
+    tracemalloc.start()
+    try:
+        z, cache = conv_forward(x, w, None, spec, workspace=workspace, threads=threads)
+        forward = tracemalloc.get_traced_memory()[1] - z.nbytes
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        dx, dw, _ = conv_backward(z, cache)
+        backward = tracemalloc.get_traced_memory()[1] - start - dx.nbytes - dw.nbytes
+    finally:
+        tracemalloc.stop()
+    slack = 2**16  # small temporaries (index arrays, einsum's own buffers)
+    assert forward <= bound + slack, (forward, bound)
+    assert backward <= bound + slack, (backward, bound)
+
+
 # -- how tiles are cut and dealt to the workers -------------------------------------------------
 
 

@@ -74,6 +74,7 @@ from convcli.engine.kernels import (
     dx_phases,
     grouped_matmul,
     is_depthwise,
+    merged_row_bytes,
     shifted_forward,
     transposed_conv,
     weights_by_group,
@@ -420,6 +421,7 @@ def scratch_bytes(
         geometry = geometry.adjoint()
     workers = _worker_count(threads)
     bound = scratch_bound(geometry, dtype, workspace, workers)
+    bound += merged_row_bytes(geometry, np.dtype(dtype), workers)
     g = geometry.groups
     spec = dx_convolution(geometry)
     if spec is not None:
@@ -432,6 +434,7 @@ def scratch_bytes(
         w_shape = (*(len(taps) for taps in phase.taps), 1, geometry.cin)
         phase_geometry = phase.spec.geometry((geometry.n, *dz_sizes, geometry.cout), w_shape)
         phase_bound = scratch_bound(phase_geometry, dtype, workspace, workers, passes=(False,))
+        phase_bound += merged_row_bytes(phase_geometry, np.dtype(dtype), workers)
         bound = max(bound, phase_bound)
     return bound
 
