@@ -191,6 +191,44 @@ def test_concurrent_calls_from_user_threads_with_different_thread_counts():
     assert blas_threads() == before
 
 
+def test_a_failing_tile_stops_the_call_only_after_every_worker_has_stopped(monkeypatch):
+    """A tile that raises (MemoryError, or KeyboardInterrupt while the caller waits): the
+    call raises only once no other worker runs a tile of it, so that its scratch buffers,
+    given back for the next call to reuse, are no longer written (the other workers went on
+    with their tiles after the call had raised), and BLAS's thread count is back."""
+    from convcli.engine import fast
+
+    submitted = []
+    real_executor = fast._executor
+
+    class Recording:
+        def __init__(self, executor):
+            self.executor = executor
+
+        def submit(self, *args):
+            future = self.executor.submit(*args)
+            submitted.append(future)
+            return future
+
+    monkeypatch.setattr(fast, "_executor", lambda workers: Recording(real_executor(workers)))
+    real_im2col = Plan.im2col
+
+    def im2col(self, x, tile):
+        if tile.images.start == 0 and tile.rows.start == 0:
+            raise MemoryError("the first tile")
+        return real_im2col(self, x, tile)
+
+    monkeypatch.setattr(Plan, "im2col", im2col)
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((64, 6, 6, 3)), rng.standard_normal((3, 3, 3, 2))
+    before = blas_threads()
+    with pytest.raises(MemoryError, match="the first tile"):
+        conv_forward(x, w, None, ConvSpec(stride=2), workspace=2000, threads=2)
+    assert submitted
+    assert all(future.done() for future in submitted)
+    assert blas_threads() == before
+
+
 @given(
     n=st.integers(1, 2),
     size=st.integers(1, 6),
