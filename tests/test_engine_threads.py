@@ -331,6 +331,8 @@ def test_shifted_kernel_rows_match_reference(
         ((2, 20, 18, 8), (3, 3, 1, 8), ConvSpec(stride=2, padding=1, groups=8)),  # dx by phase
         ((2, 20, 18, 4), (3, 3, 1, 8), ConvSpec(stride=2, padding=1, groups=4)),  # scatter, m=2
         ((2, 20, 18, 4), (3, 3, 1, 4), ConvSpec(padding=1, groups=4, padding_mode="reflect")),
+        ((3, 5, 5, 4), (1, 1, 2, 4), ConvSpec(stride=(3, 2), groups=2)),  # dx buffer > dcols
+        ((2, 9, 4), (2, 4, 4), ConvSpec(stride=3)),  # 1-D, stride above the kernel
     ],
 )
 @pytest.mark.parametrize("workspace", [1500, 20_000, DEFAULT_WORKSPACE])
