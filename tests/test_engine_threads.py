@@ -24,6 +24,7 @@ from convcli.engine.fast import DEFAULT_WORKSPACE, _for_each_tile, blas_threads,
 from convcli.engine.tiling import Plan, deal
 from convcli.errors import MemoryLimitError
 from convcli.run import RunInputs, RunOptions, run_forward
+from tests.strategies import depthwise_cases, nd_conv_cases, transposed_cases
 
 REPEATS = 12
 TOO_BIG_FOR_THE_LOOPS = 200_000  # elements of x; the reference engine is one Python step per output
@@ -191,6 +192,44 @@ def test_concurrent_calls_from_user_threads_with_different_thread_counts():
     assert blas_threads() == before
 
 
+def test_a_failing_tile_stops_the_call_only_after_every_worker_has_stopped(monkeypatch):
+    """A tile that raises (MemoryError, or KeyboardInterrupt while the caller waits): the
+    call raises only once no other worker runs a tile of it, so that its scratch buffers,
+    given back for the next call to reuse, are no longer written (the other workers went on
+    with their tiles after the call had raised), and BLAS's thread count is back."""
+    from convcli.engine import fast
+
+    submitted = []
+    real_executor = fast._executor
+
+    class Recording:
+        def __init__(self, executor):
+            self.executor = executor
+
+        def submit(self, *args):
+            future = self.executor.submit(*args)
+            submitted.append(future)
+            return future
+
+    monkeypatch.setattr(fast, "_executor", lambda workers: Recording(real_executor(workers)))
+    real_im2col = Plan.im2col
+
+    def im2col(self, x, tile):
+        if tile.images.start == 0 and tile.rows.start == 0:
+            raise MemoryError("the first tile")
+        return real_im2col(self, x, tile)
+
+    monkeypatch.setattr(Plan, "im2col", im2col)
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((64, 6, 6, 3)), rng.standard_normal((3, 3, 3, 2))
+    before = blas_threads()
+    with pytest.raises(MemoryError, match="the first tile"):
+        conv_forward(x, w, None, ConvSpec(stride=2), workspace=2000, threads=2)
+    assert submitted
+    assert all(future.done() for future in submitted)
+    assert blas_threads() == before
+
+
 @given(
     n=st.integers(1, 2),
     size=st.integers(1, 6),
@@ -293,6 +332,8 @@ def test_shifted_kernel_rows_match_reference(
         ((2, 20, 18, 8), (3, 3, 1, 8), ConvSpec(stride=2, padding=1, groups=8)),  # dx by phase
         ((2, 20, 18, 4), (3, 3, 1, 8), ConvSpec(stride=2, padding=1, groups=4)),  # scatter, m=2
         ((2, 20, 18, 4), (3, 3, 1, 4), ConvSpec(padding=1, groups=4, padding_mode="reflect")),
+        ((3, 5, 5, 4), (1, 1, 2, 4), ConvSpec(stride=(3, 2), groups=2)),  # dx buffer > dcols
+        ((2, 9, 4), (2, 4, 4), ConvSpec(stride=3)),  # 1-D, stride above the kernel
     ],
 )
 @pytest.mark.parametrize("workspace", [1500, 20_000, DEFAULT_WORKSPACE])
@@ -322,6 +363,61 @@ def test_real_scratch_stays_under_the_bound(
     assert needs
     worst = max(sum(sizes.values()) for sizes in needs.values())
     assert worst * threads <= bound, (worst, threads, bound)
+
+
+@given(
+    case=st.one_of(nd_conv_cases(), transposed_cases(), depthwise_cases()),
+    workspace=st.sampled_from([1, 3000, DEFAULT_WORKSPACE]),
+    threads=st.sampled_from([1, 2, 3]),
+)
+def test_real_scratch_stays_under_the_bound_for_any_layer(case, workspace, threads):
+    """The scratch-bound check above on random layers of every rank, layout, padding mode,
+    transposed and depthwise (found the dx buffer of unpadded strided layers uncounted)."""
+    x, w, b, spec = case
+    needs: dict[int, dict[str, int]] = {}
+    alive: list[Plan] = []
+    original = Plan.buffer
+
+    def counting(self, name, shape):
+        alive.append(self)
+        sizes = needs.setdefault(id(self), {})
+        sizes[name] = max(sizes.get(name, 0), int(np.prod(shape)) * self.dtype.itemsize)
+        return original(self, name, shape)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Plan, "buffer", counting)
+        z, cache = conv_forward(x, w, b, spec, workspace=workspace, threads=threads)
+        conv_backward(z, cache)
+    bound = scratch_bytes(cache.geometry, cache.dtype, workspace, threads)
+    worst = max((sum(sizes.values()) for sizes in needs.values()), default=0)
+    assert worst * threads <= bound, (worst, threads, bound)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_depthwise_merged_rows_stay_under_the_bound_with_a_long_kernel(threads):
+    """A 1-D depthwise layer with a long kernel and few channels: the merged-row weights and
+    dw sums (kernel taps times a block of the row) are bounded and counted by scratch_bytes
+    (they were taps x 4096 values each, 13 MB here, against a bound of under 1 MB)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((16, 1200, 2)), rng.standard_normal((401, 1, 2))
+    spec = ConvSpec(groups=2, padding=200)
+    workspace = 2**20
+    bound = scratch_bytes(spec.geometry(x.shape, w.shape), np.float64, workspace, threads)
+    tracemalloc.start()
+    try:
+        z, cache = conv_forward(x, w, None, spec, workspace=workspace, threads=threads)
+        forward = tracemalloc.get_traced_memory()[1] - z.nbytes
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        dx, dw, _ = conv_backward(z, cache)
+        backward = tracemalloc.get_traced_memory()[1] - start - dx.nbytes - dw.nbytes
+    finally:
+        tracemalloc.stop()
+    slack = 2**16  # small temporaries (index arrays, einsum's own buffers)
+    assert forward <= bound + slack, (forward, bound)
+    assert backward <= bound + slack, (backward, bound)
 
 
 # -- how tiles are cut and dealt to the workers -------------------------------------------------

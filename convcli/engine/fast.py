@@ -59,7 +59,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -74,6 +74,7 @@ from convcli.engine.kernels import (
     dx_phases,
     grouped_matmul,
     is_depthwise,
+    merged_row_bytes,
     shifted_forward,
     transposed_conv,
     weights_by_group,
@@ -420,6 +421,7 @@ def scratch_bytes(
         geometry = geometry.adjoint()
     workers = _worker_count(threads)
     bound = scratch_bound(geometry, dtype, workspace, workers)
+    bound += merged_row_bytes(geometry, np.dtype(dtype), workers)
     g = geometry.groups
     spec = dx_convolution(geometry)
     if spec is not None:
@@ -432,6 +434,7 @@ def scratch_bytes(
         w_shape = (*(len(taps) for taps in phase.taps), 1, geometry.cin)
         phase_geometry = phase.spec.geometry((geometry.n, *dz_sizes, geometry.cout), w_shape)
         phase_bound = scratch_bound(phase_geometry, dtype, workspace, workers, passes=(False,))
+        phase_bound += merged_row_bytes(phase_geometry, np.dtype(dtype), workers)
         bound = max(bound, phase_bound)
     return bound
 
@@ -568,10 +571,12 @@ def _run_plans(
     dtype: npt.DTypeLike,
 ) -> list[Plan]:
     """Run the tiles wave by wave (:meth:`~convcli.engine.tiling.Plan.waves`), one plan per
-    worker; inside a wave the tiles are dealt round-robin to the workers.
+    worker; inside a wave the tiles are dealt to the workers in consecutive runs
+    (:func:`~convcli.engine.tiling.deal`).
 
     With several workers, BLAS runs one thread per worker for the duration, so the cores are
-    not oversubscribed.
+    not oversubscribed. When a tile raises (or the caller is interrupted), the other workers
+    stop after their current tile and the call raises once they all have.
     """
     workers = len(plans)
     if dw_shape is not None:
@@ -585,17 +590,30 @@ def _run_plans(
                     work(plans[0], tile)
         return plans
 
+    failed = threading.Event()  # a tile raised, or the caller was interrupted: stop early
+
     def run(plan: Plan, share: list[Tile]) -> None:
         for tile in share:
-            work(plan, tile)
+            if failed.is_set():
+                return
+            try:
+                work(plan, tile)
+            except BaseException:
+                failed.set()
+                raise
 
     executor = _executor(workers)
     with _PARALLEL, _blas_controller().limit(limits=1, user_api="blas"):
         for wave in waves:  # a wave ends before the next begins: its tiles own their writes
             shares = deal(wave, workers)
             futures = [executor.submit(run, plans[k], shares[k]) for k in range(workers)]
-            for future in futures:
-                future.result()
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:  # the others stop after their tile, and are waited for:
+                failed.set()  # none may write the buffers given back, or run on BLAS
+                wait(futures)  # threads restored, after the call has raised
+                raise
     return plans
 
 

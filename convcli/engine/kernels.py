@@ -38,6 +38,12 @@ def is_depthwise(geometry: Geometry) -> bool:
 ROW_BLOCK_VALUES = 4096
 
 
+#: values of the merged-row weights and dw sums at most (kernel taps times a block of the
+#: row): a long kernel gets shorter blocks, so that they stay small; counted by
+#: :func:`merged_row_bytes`
+ROW_WEIGHT_VALUES = 2**18
+
+
 #: rows (images times output positions but the last axis) a tile needs before dw takes the
 #: merged rows of :func:`depthwise_backward`
 MERGED_DW_LINES = 16
@@ -265,8 +271,27 @@ def _by_channel(plan: Plan, rows: np.ndarray, tile: Tile) -> np.ndarray:
 
 
 def row_block(geometry: Geometry) -> int:
-    """Output positions of the last spatial axis per merged einsum row (at least 1)."""
-    return max(1, min(geometry.out_sizes[-1], ROW_BLOCK_VALUES // geometry.cin))
+    """Output positions of the last spatial axis per merged einsum row (at least 1), with
+    the merged weights (taps, block·Cin) under :data:`ROW_WEIGHT_VALUES` values."""
+    taps_cin = math.prod(geometry.kernel) * geometry.cin
+    return max(
+        1,
+        min(
+            geometry.out_sizes[-1],
+            ROW_BLOCK_VALUES // geometry.cin,
+            ROW_WEIGHT_VALUES // taps_cin,
+        ),
+    )
+
+
+def merged_row_bytes(geometry: Geometry, dtype: np.dtype, workers: int) -> int:
+    """Bytes outside the tiles' scratch that the merged rows of a multiplier-1 depthwise
+    layer take at once, at most: the weights tiled along a block of the row (forward), or
+    per worker a tile's dw sums and their running total (backward); 0 for other layers."""
+    if not is_depthwise(geometry) or geometry.cout != geometry.cin:
+        return 0
+    values = math.prod(geometry.kernel) * row_block(geometry) * geometry.cin
+    return 2 * workers * values * np.dtype(dtype).itemsize
 
 
 def depthwise_row_weights(geometry: Geometry, w: np.ndarray) -> np.ndarray | None:
@@ -374,6 +399,7 @@ def depthwise_backward(
                         merged = sums  # the first view has the longest rows
                     else:
                         merged[..., : sums.shape[-1]] += sums
+                    del sums  # not alive beside the next one (merged_row_bytes counts two)
             assert merged is not None  # a tile has at least one output
             dw_view += merged.reshape(*merged.shape[:-1], -1, plan.geometry.cin).sum(axis=-2)
     if dx is None:

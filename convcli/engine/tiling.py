@@ -186,6 +186,8 @@ class Plan:
             elements += padded_input
         if self.backward and not self.depthwise:
             elements += elements  # dcols / dx buffer mirror the forward ones
+            if not self.padded:  # the dx buffer, which no padded input mirrors
+                elements += padded_input
         return elements * self.dtype.itemsize
 
     def _choose_tiles(self, workspace: int, workers: int) -> tuple[int, int]:
