@@ -517,3 +517,14 @@ def test_pointwise_layers_are_one_gemm_without_tiles(monkeypatch, threads, dtype
     assert z.dtype == dx.dtype == dw.dtype == dtype
     for got, want in ((z, z_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref)):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bad", [0, -2, True, 1.5, "2"])
+def test_threads_must_be_a_positive_int_or_none(bad):
+    """A bad thread count is refused with the parameter's name (it was taken as 1)."""
+    from convcli.errors import UsageError
+
+    x, w = np.ones((1, 4, 4, 2)), np.ones((3, 3, 2, 2))
+    with pytest.raises(UsageError) as caught:
+        conv_forward(x, w, None, ConvSpec(), threads=bad)
+    assert caught.value.param == "threads"

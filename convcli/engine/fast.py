@@ -134,6 +134,7 @@ def conv_forward(
     operands = prepare(x, w, b, spec)
     x_last, w_last, bias, geometry = operands.x, operands.w, operands.b, operands.geometry
     workspace = check_workspace(workspace)
+    threads = check_threads(threads)
     if geometry.transposed:
         # the adjoint convolution's dx, with x as its upstream gradient
         adjoint = geometry.adjoint()
@@ -405,6 +406,24 @@ def check_workspace(workspace: object) -> int:
             f"{{param}} must be a positive number of bytes, got {workspace!r}", param="workspace"
         )
     return int(workspace)
+
+
+def check_threads(threads: object) -> int | None:
+    """Validate a worker count: None (as many as BLAS threads) or a positive int.
+
+    Raises
+    ------
+    UsageError
+        With ``param="threads"``.
+    """
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise UsageError(
+            f"{{param}} must be a positive number of workers or None, got {threads!r}",
+            param="threads",
+        )
+    return int(threads)
 
 
 def scratch_bytes(
