@@ -104,15 +104,7 @@ def transposed_cases(draw, dtypes=(np.float64, np.float32), ranks=(1, 2, 3)):
         draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True)
     )
     layout = draw(st.sampled_from(["nhwc", "nchw"]))
-    padding = draw(
-        st.one_of(
-            st.integers(0, 2),
-            st.lists(
-                st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=rank, max_size=rank
-            ).map(tuple),
-            st.sampled_from(["same", "same_lower"]),
-        )
-    )
+    padding = draw(axis_paddings(rank, ["same", "same_lower"]))
     spec = ConvSpec(
         stride=stride,
         padding=padding,
@@ -124,6 +116,17 @@ def transposed_cases(draw, dtypes=(np.float64, np.float32), ranks=(1, 2, 3)):
     )
     w_last = (*kernel, cout // groups, cin)
     return _arrays(draw, spec, (n, *sizes, cin), w_last, cout, dtypes)
+
+
+def axis_paddings(rank, words):
+    """A padding of ``rank`` axes: one int, a (before, after) pair per axis, or one of
+    ``words``."""
+    pairs = st.tuples(st.integers(0, 2), st.integers(0, 2))
+    return st.one_of(
+        st.integers(0, 2),
+        st.lists(pairs, min_size=rank, max_size=rank).map(tuple),
+        st.sampled_from(words),
+    )
 
 
 def _arrays(draw, spec, x_last, w_last, cout, dtypes):
@@ -156,15 +159,7 @@ def depthwise_cases(draw, dtypes=(np.float64, np.float32), ranks=(1, 2, 3)):
     n = draw(st.integers(1, 2))
     sizes = [draw(st.integers(1, max_size)) for _ in range(rank)]
     kernel = [draw(st.integers(1, 3)) for _ in range(rank)]
-    padding = draw(
-        st.one_of(
-            st.integers(0, 2),
-            st.lists(
-                st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=rank, max_size=rank
-            ).map(tuple),
-            st.sampled_from(["same", "valid"]),
-        )
-    )
+    padding = draw(axis_paddings(rank, ["same", "valid"]))
     stride = st.sampled_from([1, 1, 2])  # stride 1 with zero padding: dx as a correlation
     spec = ConvSpec(
         stride=tuple(draw(stride) for _ in range(rank)),
