@@ -301,3 +301,16 @@ def test_file_name_with_a_colon(tmp_path):
         2,
         2,
     ]
+
+
+def test_a_header_whose_parse_would_take_hundreds_of_megabytes_is_refused(tmp_path):
+    """Parsing JSON takes about 14 bytes per header byte: a 20 MiB header (valid, one tensor and
+    a long metadata string) is refused by its length before it is parsed, with the limit."""
+    from tests.test_hostile_safetensors import GOOD
+
+    header = {"__metadata__": {"note": "x" * (20 * 2**20)}, **GOOD}
+    path = raw_safetensors(tmp_path / "big_header.safetensors", header, b"\0" * 16)
+    result = runner.invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 65, result.stderr
+    assert "header length" in result.stderr
+    assert "16 MiB limit" in result.stderr
