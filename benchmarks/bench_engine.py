@@ -541,13 +541,22 @@ def main(argv=None) -> dict:
     return results
 
 
+def markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_head(header: list[str]) -> list[str]:
+    """A table's header row and alignment row: two text columns, the rest numbers."""
+    return [markdown_row(header), "|---|---|" + "---:|" * (len(header) - 2)]
+
+
 def markdown_table(results: dict) -> str:
     """The README's table: convcli's times, ratio to GEMM, and PyTorch's when measured."""
     torch_found = any("torch_forward_s" in r for r in results["layers"])
     header = ["layer", "dtype", "fwd ms", "fwd / GEMM", "f+b ms", "f+b / GEMM"]
     if torch_found:
         header += ["torch fwd ms", "torch f+b ms", "fwd ÷ torch", "f+b ÷ torch"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    lines = markdown_head(header)
     for r in results["layers"]:
         cells = [
             r["layer"],
@@ -564,7 +573,7 @@ def markdown_table(results: dict) -> str:
                 f"{r['forward_vs_torch']:.2f}",
                 f"{r['fwd_bwd_vs_torch']:.2f}",
             ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     return "\n".join(lines) + "\n\n" + gemms_table(results, torch_found)
 
 
@@ -576,7 +585,7 @@ def gemms_table(results: dict, torch_found: bool) -> str:
     header += ["convcli fwd ÷ GEMMs", "convcli f+b ÷ GEMMs"]
     if torch_found:
         header += ["best fwd ÷ torch", "best f+b ÷ torch"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    lines = markdown_head(header)
     for r in results["layers"]:
         if "gemms_forward_s" not in r:
             continue
@@ -591,7 +600,7 @@ def gemms_table(results: dict, torch_found: bool) -> str:
         ]
         if torch_found:
             cells += [f"{r['gemms_forward_vs_torch']:.2f}", f"{r['gemms_fwd_bwd_vs_torch']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     return "\n".join(lines)
 
 
