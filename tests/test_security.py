@@ -768,7 +768,7 @@ def test_ctrl_c_during_start_up_always_exits_130(tmp_path):
     (about one run in ten), after convcli had printed its line. Every run must exit 130."""
     data = tmp_path / "layer.npz"
     np.savez(data, x=np.ones((2, 8, 8, 3)), w=np.ones((3, 3, 3, 4)))
-    codes = []
+    codes, odd = [], []
     for attempt in range(16):
         proc = start_forward(data, tmp_path / "z.npz")
         try:
@@ -779,5 +779,8 @@ def test_ctrl_c_during_start_up_always_exits_130(tmp_path):
         finally:
             stop(proc)
         codes.append(proc.returncode)
-        assert "Traceback" not in stderr.decode(errors="replace")
-    assert all(code in (0, 130) for code in codes), codes
+        text = stderr.decode(errors="replace")
+        assert "Traceback" not in text
+        if proc.returncode not in (0, 130):  # say everything: this has been rare and timing-bound
+            odd.append(f"attempt {attempt}: exit {proc.returncode}, stderr {text!r}")
+    assert not odd, f"exit codes {codes}; " + "; ".join(odd)
